@@ -1,0 +1,28 @@
+//! Builds the eBPF programs (ebpf/programs) for bpfel-unknown-none with aya-build, from source,
+//! as part of the normal `cargo build`. Needs bpf-linker (installed by scripts/setup.sh).
+use anyhow::{anyhow, Context as _};
+
+fn main() -> anyhow::Result<()> {
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = manifest
+        .parent()
+        .context("accelerator/ has a parent")?
+        .join("ebpf/programs");
+    let root = root
+        .to_str()
+        .ok_or_else(|| anyhow!("non-UTF-8 path {}", root.display()))?;
+    println!("cargo:rerun-if-changed={root}/../common/src");
+    // The eBPF crate needs -Z build-std=core. RUSTC_BOOTSTRAP is set for that sub-build only:
+    // aya-build reads it from this build script's environment and passes it to the child cargo.
+    // SAFETY: build scripts are single-threaded at this point.
+    unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "1") };
+    let toolchain = std::env::var("MESHLANE_EBPF_TOOLCHAIN").unwrap_or_else(|_| "1.95.0".into());
+    aya_build::build_ebpf(
+        [aya_build::Package {
+            name: "meshlane-ebpf",
+            root_dir: root,
+            ..Default::default()
+        }],
+        aya_build::Toolchain::Custom(&toolchain),
+    )
+}

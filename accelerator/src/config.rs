@@ -1,0 +1,230 @@
+//! The local pod list: a TOML file naming pods by network-namespace path, used until (and
+//! alongside) discovery. Every field but `name` and `netns` has Istio's default.
+//!
+//! ```toml
+//! [[pod]]
+//! name = "default/client"            # namespace/name, for logs and status
+//! netns = "/run/netns/client"        # or /proc/<pid>/ns/net
+//! # proxy_uid = 1337                 # istio-init -u
+//! # proxy_gid = 1337                 # istio-init -g
+//! # outbound_port = 15001            # istio-init -p
+//! # inbound_port = 15006             # istio-init -z
+//! # inbound_bind = "127.0.0.6"       # the sidecar's inbound source address
+//! # exclude_outbound_ports = [9000]  # traffic.sidecar.istio.io/excludeOutboundPorts
+//! # exclude_inbound_ports = []       # traffic.sidecar.istio.io/excludeInboundPorts
+//! # exclude_outbound_cidrs = []      # traffic.sidecar.istio.io/excludeOutboundIPRanges
+//! # include_outbound_cidrs = ["*"]   # traffic.sidecar.istio.io/includeOutboundIPRanges
+//! # accelerate = true                # false: leave this pod alone
+//! # accelerate_outbound = true
+//! # accelerate_inbound = true
+//! ```
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use crate::model::{Cidr, OutboundRanges, Pod};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: pod[{index}] ({name}): field `{field}`: {message}")]
+    Field {
+        path: PathBuf,
+        index: usize,
+        name: String,
+        field: &'static str,
+        message: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    pod: Vec<PodEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PodEntry {
+    name: String,
+    netns: PathBuf,
+    #[serde(default = "d_uid")]
+    proxy_uid: u32,
+    #[serde(default = "d_uid")]
+    proxy_gid: u32,
+    #[serde(default = "d_out")]
+    outbound_port: u16,
+    #[serde(default = "d_in")]
+    inbound_port: u16,
+    #[serde(default = "d_bind")]
+    inbound_bind: String,
+    #[serde(default)]
+    exclude_outbound_ports: Vec<u16>,
+    #[serde(default)]
+    exclude_inbound_ports: Vec<u16>,
+    #[serde(default)]
+    exclude_outbound_cidrs: Vec<String>,
+    #[serde(default)]
+    include_outbound_cidrs: Option<Vec<String>>,
+    #[serde(default = "d_true")]
+    accelerate: bool,
+    #[serde(default = "d_true")]
+    accelerate_outbound: bool,
+    #[serde(default = "d_true")]
+    accelerate_inbound: bool,
+}
+
+fn d_uid() -> u32 {
+    1337
+}
+fn d_out() -> u16 {
+    15001
+}
+fn d_in() -> u16 {
+    15006
+}
+fn d_bind() -> String {
+    "127.0.0.6".into()
+}
+fn d_true() -> bool {
+    true
+}
+
+/// Reads and validates the file; pods with `accelerate = false` are left out.
+pub fn load(path: &Path) -> Result<Vec<Pod>, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.into(),
+        source,
+    })?;
+    parse(path, &text)
+}
+
+pub fn parse(path: &Path, text: &str) -> Result<Vec<Pod>, Error> {
+    let file: File = toml::from_str(text).map_err(|e| Error::Parse {
+        path: path.into(),
+        message: e.to_string(),
+    })?;
+    let mut pods = Vec::new();
+    for (index, e) in file.pod.into_iter().enumerate() {
+        let field_err = |field: &'static str, message: String| Error::Field {
+            path: path.into(),
+            index,
+            name: e.name.clone(),
+            field,
+            message,
+        };
+        if e.name.trim().is_empty() {
+            return Err(field_err("name", "must not be empty".into()));
+        }
+        if !e.netns.is_absolute() {
+            return Err(field_err(
+                "netns",
+                format!("{} is not an absolute path", e.netns.display()),
+            ));
+        }
+        let inbound_bind: Ipv4Addr = e.inbound_bind.parse().map_err(|_| {
+            field_err(
+                "inbound_bind",
+                format!("{:?} is not an IPv4 address", e.inbound_bind),
+            )
+        })?;
+        if e.outbound_port == 0 {
+            return Err(field_err("outbound_port", "must not be 0".into()));
+        }
+        if e.inbound_port == 0 {
+            return Err(field_err("inbound_port", "must not be 0".into()));
+        }
+        let cidrs = |field: &'static str, list: &[String]| -> Result<Vec<Cidr>, Error> {
+            list.iter()
+                .map(|s| s.parse().map_err(|m| field_err(field, m)))
+                .collect()
+        };
+        let exclude_outbound_cidrs = cidrs("exclude_outbound_cidrs", &e.exclude_outbound_cidrs)?;
+        let include_outbound = match &e.include_outbound_cidrs {
+            None => OutboundRanges::All,
+            Some(list) if list.iter().any(|s| s.trim() == "*") => OutboundRanges::All,
+            Some(list) => OutboundRanges::Only(cidrs("include_outbound_cidrs", list)?),
+        };
+        if !e.accelerate {
+            tracing::info!(pod = %e.name, "accelerate = false; leaving the pod alone");
+            continue;
+        }
+        pods.push(Pod {
+            name: e.name,
+            netns: e.netns,
+            proxy_uid: e.proxy_uid,
+            proxy_gid: e.proxy_gid,
+            outbound_port: e.outbound_port,
+            inbound_port: e.inbound_port,
+            inbound_bind,
+            exclude_outbound_ports: e.exclude_outbound_ports,
+            exclude_inbound_ports: e.exclude_inbound_ports,
+            exclude_outbound_cidrs,
+            include_outbound,
+            accelerate_outbound: e.accelerate_outbound,
+            accelerate_inbound: e.accelerate_inbound,
+        });
+    }
+    Ok(pods)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_istios() {
+        let pods = parse(
+            Path::new("t.toml"),
+            "[[pod]]\nname = \"a/b\"\nnetns = \"/run/netns/x\"\n",
+        )
+        .unwrap();
+        assert_eq!(pods.len(), 1);
+        assert_eq!(pods[0].proxy_uid, 1337);
+        assert_eq!(pods[0].outbound_port, 15001);
+        assert_eq!(pods[0].inbound_bind, Ipv4Addr::new(127, 0, 0, 6));
+        assert_eq!(pods[0].include_outbound, OutboundRanges::All);
+    }
+
+    #[test]
+    fn bad_field_is_named() {
+        let err = parse(
+            Path::new("t.toml"),
+            "[[pod]]\nname = \"a/b\"\nnetns = \"/run/netns/x\"\nexclude_outbound_cidrs = [\"10.0.0.0/40\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("exclude_outbound_cidrs") && err.contains("a/b"),
+            "{err}"
+        );
+        let err = parse(
+            Path::new("t.toml"),
+            "[[pod]]\nname = \"a/b\"\nnetns = \"/x\"\nbogus = 1\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn opted_out_pods_are_skipped() {
+        let pods = parse(
+            Path::new("t.toml"),
+            "[[pod]]\nname = \"a/b\"\nnetns = \"/x\"\naccelerate = false\n",
+        )
+        .unwrap();
+        assert!(pods.is_empty());
+    }
+}

@@ -1,0 +1,473 @@
+//! The only module that touches the kernel's BPF objects: loads the programs, attaches them, pins
+//! everything under one bpffs directory, adopts those pins after a restart, updates the policy map,
+//! reads the counters, and detaches without a trace.
+//!
+//! Pins are what keep accelerated connections alive while the daemon is stopped, restarting or
+//! crashed (invariant 6): the sockhash, its sk_msg program and the sock_ops link live on in the
+//! kernel, and the next daemon adopts them instead of loading a second copy.
+
+mod fs;
+mod sys;
+
+use std::{
+    collections::BTreeMap,
+    fs as stdfs, io,
+    path::{Path, PathBuf},
+    thread,
+    time::{Duration, Instant},
+};
+
+use aya::{
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, SockHash},
+    programs::{links::FdLink, CgroupAttachMode, SkMsg, SockOps},
+    Ebpf, EbpfLoader,
+};
+pub use fs::{cgroup2_root, ensure_bpffs};
+use meshlane_common::{counter, maps, programs, PodPolicy, CONTROL_DRAIN, CONTROL_FLAGS};
+
+/// The eBPF object, built from ebpf/programs by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshlane-ebpf"));
+
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/meshlane";
+const PIN_PROG_SOCK_OPS: &str = "prog_sockops";
+const PIN_PROG_SK_MSG: &str = "prog_sk_msg";
+const PIN_LINK_SOCK_OPS: &str = "link_sockops";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("meshlane must run as root (or with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN): {0}")]
+    Privilege(String),
+    #[error(
+        "no cgroup v2 hierarchy is mounted; mount one (mount -t cgroup2 none /sys/fs/cgroup) or pass --cgroup"
+    )]
+    NoCgroup2,
+    #[error("cgroup {0} does not exist; pass an existing cgroup v2 directory with --cgroup")]
+    NoCgroup(PathBuf),
+    #[error("{0} is not on a bpffs and is not under /sys/fs/bpf; choose a --pin-dir on a bpffs")]
+    NoBpffs(PathBuf),
+    #[error(
+        "could not mount bpffs at /sys/fs/bpf ({0}); mount it with: mount -t bpf bpf /sys/fs/bpf"
+    )]
+    MountBpffs(String),
+    #[error(
+        "this kernel cannot run meshlane's programs ({0}); it needs BPF sock_ops with TCP header options, sockhash and sk_msg, socket storage (Linux 5.10 or newer with CONFIG_BPF_SYSCALL, CONFIG_CGROUP_BPF, CONFIG_NET_SOCK_MSG)"
+    )]
+    Kernel(String),
+    #[error("{0}: {1}")]
+    Io(String, #[source] io::Error),
+    #[error("bpf map {0}: {1}")]
+    Map(&'static str, String),
+}
+
+impl Error {
+    fn from_load(e: impl std::error::Error) -> Error {
+        // aya's errors put the errno in their source chain; show all of it.
+        let mut msg = e.to_string();
+        let mut src = e.source();
+        while let Some(s) = src {
+            msg.push_str(": ");
+            msg.push_str(&s.to_string());
+            src = s.source();
+        }
+        if msg.contains("Operation not permitted") || msg.contains("EPERM") {
+            Error::Privilege(msg)
+        } else {
+            Error::Kernel(msg)
+        }
+    }
+}
+
+/// Where the datapath lives and what it hooks.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// bpffs directory holding every pin (default /sys/fs/bpf/meshlane).
+    pub pin_dir: PathBuf,
+    /// cgroup v2 directory sock_ops attaches to (default: the unified root).
+    pub cgroup: PathBuf,
+}
+
+impl Options {
+    pub fn with_defaults(pin_dir: Option<PathBuf>, cgroup: Option<PathBuf>) -> Result<Self, Error> {
+        let cgroup = match cgroup {
+            Some(c) => c,
+            None => cgroup2_root()?,
+        };
+        Ok(Options {
+            pin_dir: pin_dir.unwrap_or_else(|| DEFAULT_PIN_DIR.into()),
+            cgroup,
+        })
+    }
+}
+
+/// How the datapath came to be in this process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// Loaded and attached now.
+    Loaded,
+    /// Found complete in the pin directory and adopted; nothing was reloaded.
+    Adopted,
+}
+
+/// Per-counter totals summed over CPUs, by name (see `meshlane_common::counter::NAMES`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counters(pub BTreeMap<&'static str, u64>);
+
+impl Counters {
+    pub fn get(&self, name: &str) -> u64 {
+        self.0.get(name).copied().unwrap_or(0)
+    }
+    pub fn pairs(&self) -> u64 {
+        self.get("pairs_outbound") + self.get("pairs_inbound")
+    }
+    pub fn redirected_bytes(&self) -> u64 {
+        self.0
+            .iter()
+            .filter(|(k, _)| k.starts_with("bytes_redirected"))
+            .map(|(_, v)| v)
+            .sum()
+    }
+    pub fn redirected_msgs(&self) -> u64 {
+        self.0
+            .iter()
+            .filter(|(k, _)| k.starts_with("msgs_redirected"))
+            .map(|(_, v)| v)
+            .sum()
+    }
+}
+
+/// The live datapath: typed handles on the pinned maps.
+pub struct Datapath {
+    opts: Options,
+    origin: Origin,
+    policy: HashMap<MapData, u64, PodPolicy>,
+    counters: PerCpuArray<MapData, u64>,
+    control: Array<MapData, u32>,
+}
+
+impl Datapath {
+    /// Adopts a complete set of pins under `opts.pin_dir`, or loads, attaches and pins afresh.
+    /// A partial set (an earlier start that died half-way) is removed first. On any error nothing
+    /// this call created stays attached or pinned.
+    pub fn open(opts: &Options) -> Result<Datapath, Error> {
+        preflight(opts)?;
+        ensure_bpffs(&opts.pin_dir)?;
+        match pin_state(&opts.pin_dir) {
+            PinState::Complete => return Self::adopt(opts),
+            PinState::Partial => {
+                tracing::warn!(pin_dir = %opts.pin_dir.display(), "incomplete pins from an earlier start; removing them");
+                remove_pins(&opts.pin_dir)?;
+            }
+            PinState::Absent => {}
+        }
+        let result = Self::load(opts);
+        if result.is_err() {
+            // Leave nothing behind from a failed start.
+            let _ = remove_pins(&opts.pin_dir);
+        }
+        result
+    }
+
+    fn load(opts: &Options) -> Result<Datapath, Error> {
+        let cgroup =
+            stdfs::File::open(&opts.cgroup).map_err(|_| Error::NoCgroup(opts.cgroup.clone()))?;
+        stdfs::create_dir_all(&opts.pin_dir).map_err(|e| {
+            Error::Io(
+                format!("create pin directory {}", opts.pin_dir.display()),
+                e,
+            )
+        })?;
+        let mut ebpf: Ebpf = EbpfLoader::new().load(OBJECT).map_err(Error::from_load)?;
+
+        for name in maps::ALL {
+            let map = ebpf
+                .map(name)
+                .ok_or_else(|| Error::Map(name, "missing from the object".into()))?;
+            map.pin(opts.pin_dir.join(name))
+                .map_err(|e| Error::Map(name, format!("pin: {e}")))?;
+        }
+
+        // sk_msg first: a socket takes the sockhash's programs when it is inserted, so the
+        // program must be on the map before sock_ops can insert anything.
+        let socks: SockHash<MapData, u64> = SockHash::try_from(
+            ebpf.take_map(maps::SOCKS)
+                .ok_or(Error::Map(maps::SOCKS, "missing".into()))?,
+        )
+        .map_err(|e| Error::Map(maps::SOCKS, e.to_string()))?;
+        let sk_msg: &mut SkMsg = program(&mut ebpf, programs::SK_MSG)?;
+        sk_msg.load().map_err(Error::from_load)?;
+        let link = sk_msg.attach(socks.fd()).map_err(Error::from_load)?;
+        // The attachment belongs to the map, not to this process: keep aya from detaching it
+        // when this handle drops.
+        std::mem::forget(sk_msg.take_link(link).map_err(Error::from_load)?);
+        sk_msg
+            .pin(opts.pin_dir.join(PIN_PROG_SK_MSG))
+            .map_err(|e| Error::Map(maps::SOCKS, format!("pin sk_msg: {e}")))?;
+
+        let sock_ops: &mut SockOps = program(&mut ebpf, programs::SOCK_OPS)?;
+        sock_ops.load().map_err(Error::from_load)?;
+        sock_ops
+            .pin(opts.pin_dir.join(PIN_PROG_SOCK_OPS))
+            .map_err(|e| Error::Kernel(format!("pin sock_ops: {e}")))?;
+        // With a bpf_link (kernel 5.7+) the attachment coexists with other programs on the cgroup;
+        // the kernel rejects explicit multi flags on link_create.
+        let link = sock_ops
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(Error::from_load)?;
+        let link: FdLink = sock_ops
+            .take_link(link)
+            .map_err(Error::from_load)?
+            .try_into()
+            .map_err(|e| Error::Kernel(format!("sock_ops link is not a bpf_link: {e}")))?;
+        link.pin(opts.pin_dir.join(PIN_LINK_SOCK_OPS))
+            .map_err(|e| Error::Kernel(format!("pin sock_ops link: {e}")))?;
+        drop(socks);
+        tracing::info!(pin_dir = %opts.pin_dir.display(), cgroup = %opts.cgroup.display(), "datapath loaded and attached");
+        let mut dp = Self::adopt(opts)?;
+        dp.origin = Origin::Loaded;
+        Ok(dp)
+    }
+
+    fn adopt(opts: &Options) -> Result<Datapath, Error> {
+        let dp = Datapath {
+            opts: opts.clone(),
+            origin: Origin::Adopted,
+            policy: typed(&opts.pin_dir, maps::POLICY)?,
+            counters: typed(&opts.pin_dir, maps::COUNTERS)?,
+            control: typed(&opts.pin_dir, maps::CONTROL)?,
+        };
+        tracing::info!(pin_dir = %opts.pin_dir.display(), "datapath pins opened");
+        Ok(dp)
+    }
+
+    pub fn origin(&self) -> Origin {
+        self.origin
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.opts
+    }
+
+    /// Inserts or replaces one pod's policy.
+    pub fn set_pod(&mut self, netns_cookie: u64, policy: &PodPolicy) -> Result<(), Error> {
+        self.policy
+            .insert(netns_cookie, policy, 0)
+            .map_err(|e| Error::Map(maps::POLICY, e.to_string()))
+    }
+
+    /// Removes one pod; removing an absent pod is success. Its live pairs keep flowing; new
+    /// connections in that namespace are no longer touched.
+    pub fn remove_pod(&mut self, netns_cookie: u64) -> Result<(), Error> {
+        match self.policy.remove(&netns_cookie) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(Error::Map(maps::POLICY, e.to_string())),
+        }
+    }
+
+    /// The pods in the policy map, by namespace cookie.
+    pub fn pods(&self) -> Result<BTreeMap<u64, PodPolicy>, Error> {
+        self.policy
+            .iter()
+            .map(|r| r.map_err(|e| Error::Map(maps::POLICY, e.to_string())))
+            .collect()
+    }
+
+    pub fn counters(&self) -> Result<Counters, Error> {
+        read_counters(&self.counters)
+    }
+
+    /// Stops new redirects and pairs; each direction finishes on TCP (see `sk_msg.rs`).
+    pub fn set_draining(&mut self, on: bool) -> Result<(), Error> {
+        self.control
+            .set(CONTROL_FLAGS, if on { CONTROL_DRAIN } else { 0 }, 0)
+            .map_err(|e| Error::Map(maps::CONTROL, e.to_string()))
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program>,
+{
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or_else(|| Error::Kernel(format!("program {name} missing from the object")))?;
+    prog.try_into()
+        .map_err(|_| Error::Kernel(format!("program {name} has an unexpected type")))
+}
+
+fn typed<T>(pin_dir: &Path, name: &'static str) -> Result<T, Error>
+where
+    T: TryFrom<Map>,
+    <T as TryFrom<Map>>::Error: std::fmt::Display,
+{
+    let data = MapData::from_pin(pin_dir.join(name))
+        .map_err(|e| Error::Map(name, format!("open pin: {e}")))?;
+    let map = Map::from_map_data(data).map_err(|e| Error::Map(name, e.to_string()))?;
+    T::try_from(map).map_err(|e| Error::Map(name, e.to_string()))
+}
+
+fn read_counters(map: &PerCpuArray<MapData, u64>) -> Result<Counters, Error> {
+    let mut out = BTreeMap::new();
+    for (i, name) in counter::NAMES.iter().enumerate() {
+        let values = map
+            .get(&(i as u32), 0)
+            .map_err(|e| Error::Map(maps::COUNTERS, e.to_string()))?;
+        out.insert(*name, values.iter().sum());
+    }
+    Ok(Counters(out))
+}
+
+/// Reads the counters of a pinned datapath without adopting it (for `meshlane status`).
+pub fn pinned_counters(pin_dir: &Path) -> Result<Counters, Error> {
+    read_counters(&typed(pin_dir, maps::COUNTERS)?)
+}
+
+/// Pods of a pinned datapath, by namespace cookie.
+pub fn pinned_pods(pin_dir: &Path) -> Result<BTreeMap<u64, PodPolicy>, Error> {
+    let policy: HashMap<MapData, u64, PodPolicy> = typed(pin_dir, maps::POLICY)?;
+    policy
+        .iter()
+        .map(|r| r.map_err(|e| Error::Map(maps::POLICY, e.to_string())))
+        .collect()
+}
+
+fn preflight(opts: &Options) -> Result<(), Error> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(Error::Privilege(format!(
+            "running as uid {}",
+            nix::unistd::geteuid()
+        )));
+    }
+    let magic =
+        nix::sys::statfs::statfs(&opts.cgroup).map_err(|_| Error::NoCgroup(opts.cgroup.clone()))?;
+    if magic.filesystem_type() != nix::sys::statfs::CGROUP2_SUPER_MAGIC {
+        return Err(Error::NoCgroup(opts.cgroup.clone()));
+    }
+    Ok(())
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum PinState {
+    Absent,
+    Partial,
+    Complete,
+}
+
+fn pin_names() -> impl Iterator<Item = &'static str> {
+    maps::ALL
+        .into_iter()
+        .chain([PIN_PROG_SOCK_OPS, PIN_PROG_SK_MSG, PIN_LINK_SOCK_OPS])
+}
+
+fn pin_state(dir: &Path) -> PinState {
+    let present = pin_names().filter(|n| dir.join(n).exists()).count();
+    match present {
+        0 => PinState::Absent,
+        n if n == pin_names().count() => PinState::Complete,
+        _ => PinState::Partial,
+    }
+}
+
+/// What `detach` did.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct DetachReport {
+    pub found: bool,
+    pub drained_for_ms: u64,
+    pub removed_pins: Vec<String>,
+}
+
+/// Detaches and removes everything under `pin_dir`, gently:
+/// 1. drain: sk_msg stops redirecting, so every direction continues on TCP after the bytes it
+///    already queued (the receiver reads those first);
+/// 2. sock_ops comes off the cgroup, so no new socket is tracked;
+/// 3. wait until no message has been redirected for a quiet period (readers drain their queues),
+///    at most `drain_timeout`;
+/// 4. sk_msg comes off the sockhash, and every pin is removed; the kernel frees the maps when the
+///    last reference goes, restoring each socket's plain TCP.
+/// Idempotent: with nothing pinned it reports `found: false` and succeeds.
+pub fn detach(pin_dir: &Path, drain_timeout: Duration) -> Result<DetachReport, Error> {
+    let mut report = DetachReport::default();
+    if pin_state(pin_dir) == PinState::Absent {
+        if pin_dir.exists() {
+            let _ = stdfs::remove_dir(pin_dir);
+        }
+        return Ok(report);
+    }
+    report.found = true;
+    let start = Instant::now();
+    let control: Option<Array<MapData, u32>> = typed(pin_dir, maps::CONTROL).ok();
+    if let Some(mut control) = control {
+        control
+            .set(CONTROL_FLAGS, CONTROL_DRAIN, 0)
+            .map_err(|e| Error::Map(maps::CONTROL, e.to_string()))?;
+    }
+    let link_pin = pin_dir.join(PIN_LINK_SOCK_OPS);
+    if let Ok(link) = sys::obj_get(&link_pin) {
+        if let Err(e) = sys::link_detach(&link) {
+            tracing::warn!(error = %e, "sock_ops link detach");
+        }
+    }
+    if let Ok(counters) = typed::<PerCpuArray<MapData, u64>>(pin_dir, maps::COUNTERS) {
+        wait_quiet(&counters, drain_timeout)?;
+    }
+    report.drained_for_ms = start.elapsed().as_millis() as u64;
+    if let (Ok(prog), Ok(socks)) = (
+        aya::programs::SkMsg::from_pin(pin_dir.join(PIN_PROG_SK_MSG)),
+        MapData::from_pin(pin_dir.join(maps::SOCKS)),
+    ) {
+        if let Ok(fd) = prog.fd() {
+            use std::os::fd::AsFd as _;
+            if let Err(e) =
+                sys::prog_detach(&socks.fd().as_fd(), &fd.as_fd(), sys::BPF_SK_MSG_VERDICT)
+            {
+                tracing::debug!(error = %e, "sk_msg already detached");
+            }
+        }
+    }
+    report.removed_pins.extend(remove_pins(pin_dir)?);
+    tracing::info!(pin_dir = %pin_dir.display(), drained_ms = report.drained_for_ms, "datapath detached");
+    Ok(report)
+}
+
+/// Waits until the redirect counters have not moved for a quiet period, or `timeout`.
+fn wait_quiet(counters: &PerCpuArray<MapData, u64>, timeout: Duration) -> Result<(), Error> {
+    const QUIET: Duration = Duration::from_millis(200);
+    let deadline = Instant::now() + timeout;
+    let mut last = read_counters(counters)?.redirected_msgs();
+    let mut still_since = Instant::now();
+    while Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+        let now = read_counters(counters)?.redirected_msgs();
+        if now != last {
+            last = now;
+            still_since = Instant::now();
+        } else if still_since.elapsed() >= QUIET {
+            return Ok(());
+        }
+    }
+    tracing::warn!("redirects still moving at the drain timeout; detaching anyway");
+    Ok(())
+}
+
+fn remove_pins(dir: &Path) -> Result<Vec<String>, Error> {
+    let mut removed = Vec::new();
+    for name in pin_names() {
+        let p = dir.join(name);
+        match stdfs::remove_file(&p) {
+            Ok(()) => removed.push(name.to_string()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::Io(format!("remove {}", p.display()), e)),
+        }
+    }
+    match stdfs::remove_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::Io(format!("remove {}", dir.display()), e)),
+    }
+    Ok(removed)
+}

@@ -1,0 +1,203 @@
+//! The `meshlane` command line.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use meshlane::{daemon, datapath};
+
+/// meshlane: kernel fast lane for Istio sidecar traffic.
+///
+/// Pairs the two ends of each localhost hop between an app and its sidecar (app -> sidecar after
+/// istio-init's REDIRECT, sidecar -> app from 127.0.0.6) and hands bytes straight from one socket
+/// to the other with eBPF sock_ops + sk_msg. Where connections go is still decided by Istio.
+#[derive(Parser)]
+#[command(name = "meshlane", version, propagate_version = true)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    /// Log filter (tracing EnvFilter syntax), e.g. "info" or "meshlane=debug".
+    #[arg(long, global = true, env = "MESHLANE_LOG", default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load (or adopt) the datapath and keep it in step with the pod list until stopped.
+    ///
+    /// Mounts bpffs if needed, loads the programs, attaches sock_ops to the cgroup and sk_msg to
+    /// the sockhash, and pins everything under --pin-dir. If a complete set of pins is already
+    /// there (a previous daemon), it is adopted without reloading, so accelerated connections keep
+    /// flowing across restarts and crashes. On SIGTERM the datapath stays in place unless
+    /// --detach-on-exit is given; `meshlane detach` removes it.
+    Run {
+        #[command(flatten)]
+        dp: DatapathArgs,
+        /// Pod list (TOML; see the README). Re-read every --resync and on SIGHUP.
+        #[arg(long, env = "MESHLANE_CONFIG")]
+        config: Option<PathBuf>,
+        /// How often the pod list is re-read and the policy map reconciled.
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        resync: Duration,
+        /// Detach everything on SIGTERM/SIGINT instead of leaving it pinned.
+        #[arg(long)]
+        detach_on_exit: bool,
+        /// With --detach-on-exit: how long to drain before removing the maps.
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        drain_timeout: Duration,
+    },
+    /// Remove every meshlane program, link, pin and map. Live connections keep working.
+    ///
+    /// First stops new redirects (each accelerated direction continues on plain TCP after the
+    /// bytes it already handed over), detaches sock_ops, waits for redirects to settle, then
+    /// detaches sk_msg and removes all pins. Safe to run when nothing is attached.
+    Detach {
+        /// bpffs directory of the pins.
+        #[arg(long, default_value = datapath::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Upper bound on the drain wait.
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        drain_timeout: Duration,
+    },
+    /// Show the pinned datapath: pods and counters.
+    Status {
+        /// bpffs directory of the pins.
+        #[arg(long, default_value = datapath::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct DatapathArgs {
+    /// bpffs directory for pins (mounted at /sys/fs/bpf if missing).
+    #[arg(long, default_value = datapath::DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// cgroup v2 directory to attach sock_ops to (default: the unified root, detected).
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.trim().split_at(
+        s.trim()
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(s.trim().len()),
+    );
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a duration like 500ms, 2s, 1m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs(&cli.log_format, &cli.log_level);
+    let result = match cli.command {
+        Command::Run {
+            dp,
+            config,
+            resync,
+            detach_on_exit,
+            drain_timeout,
+        } => datapath::Options::with_defaults(Some(dp.pin_dir), dp.cgroup)
+            .map_err(anyhow::Error::from)
+            .and_then(|datapath| {
+                daemon::run(daemon::RunOptions {
+                    datapath,
+                    config,
+                    resync,
+                    detach_on_exit,
+                    drain_timeout,
+                })
+            }),
+        Command::Detach {
+            pin_dir,
+            drain_timeout,
+        } => detach(&pin_dir, drain_timeout),
+        Command::Status { pin_dir, json } => status(&pin_dir, json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshlane: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn detach(pin_dir: &std::path::Path, drain: Duration) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!(
+            "detach must run as root (it removes pins under {})",
+            pin_dir.display()
+        );
+    }
+    let report = datapath::detach(pin_dir, drain)?;
+    if report.found {
+        println!(
+            "detached: removed {} pins from {} after {} ms of drain",
+            report.removed_pins.len(),
+            pin_dir.display(),
+            report.drained_for_ms
+        );
+    } else {
+        println!("nothing to detach at {}", pin_dir.display());
+    }
+    Ok(())
+}
+
+fn status(pin_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let counters = datapath::pinned_counters(pin_dir).map_err(|e| {
+        anyhow::anyhow!(
+            "no meshlane datapath at {} ({e}); is `meshlane run` started?",
+            pin_dir.display()
+        )
+    })?;
+    let pods = datapath::pinned_pods(pin_dir)?;
+    if json {
+        let pods: Vec<_> = pods
+            .iter()
+            .map(|(cookie, p)| serde_json::json!({"netns_cookie": cookie, "proxy_uid": p.proxy_uid, "outbound_port": p.outbound_port, "inbound_port": p.inbound_port}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"pods": pods, "counters": counters})
+        );
+    } else {
+        println!("pods: {}", pods.len());
+        for (cookie, p) in &pods {
+            println!(
+                "  netns_cookie={cookie} proxy_uid={} outbound={} inbound={}",
+                p.proxy_uid, p.outbound_port, p.inbound_port
+            );
+        }
+        println!("counters:");
+        for (name, v) in &counters.0 {
+            println!("  {name:<44} {v}");
+        }
+    }
+    Ok(())
+}
+
+fn init_logs(format: &str, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

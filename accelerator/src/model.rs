@@ -1,0 +1,57 @@
+//! The daemon's picture of the pods on this node: the single input to policy.
+
+use std::{net::Ipv4Addr, path::PathBuf};
+
+/// An IPv4 prefix as written by Istio (`10.0.0.0/8`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, prefix) = s.split_once('/').unwrap_or((s, "32"));
+        let addr: Ipv4Addr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IPv4 CIDR"))?;
+        let prefix: u8 = prefix
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} has a bad prefix length"))?;
+        if prefix > 32 {
+            return Err(format!("{s:?} has a prefix length over 32"));
+        }
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+/// Istio's includeOutboundIPRanges: everything (`*`, the default) or a list.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum OutboundRanges {
+    #[default]
+    All,
+    Only(Vec<Cidr>),
+}
+
+/// One meshed pod and how its sidecar captures traffic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pod {
+    /// namespace/name, for logs and status.
+    pub name: String,
+    /// Path of the pod's network namespace (`/run/netns/X`, `/proc/PID/ns/net`).
+    pub netns: PathBuf,
+    pub proxy_uid: u32,
+    pub proxy_gid: u32,
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+    pub inbound_bind: Ipv4Addr,
+    pub exclude_outbound_ports: Vec<u16>,
+    pub exclude_inbound_ports: Vec<u16>,
+    pub exclude_outbound_cidrs: Vec<Cidr>,
+    pub include_outbound: OutboundRanges,
+    pub accelerate_outbound: bool,
+    pub accelerate_inbound: bool,
+}

@@ -1,0 +1,201 @@
+//! Model -> map entries: a pod becomes a `PodPolicy` keyed by its namespace cookie; a desired set
+//! is diffed against what the map holds so a reconcile writes only what changed.
+
+use std::collections::BTreeMap;
+
+use meshlane_common::{
+    Cidr4, PodPolicy, MAX_CIDRS, MAX_PORTS, POLICY_INBOUND, POLICY_INCLUDE_CIDRS, POLICY_OUTBOUND,
+};
+
+use crate::model::{Cidr, OutboundRanges, Pod};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    #[error("pod {pod}: {field} lists {n} entries; at most {max} fit the datapath")]
+    TooMany {
+        pod: String,
+        field: &'static str,
+        n: usize,
+        max: usize,
+    },
+    #[error("pod {pod}: {field} contains port 0")]
+    PortZero { pod: String, field: &'static str },
+}
+
+/// The datapath entry for `pod`.
+pub fn pod_policy(pod: &Pod) -> Result<PodPolicy, Error> {
+    let mut p = PodPolicy::istio_default();
+    p.proxy_uid = pod.proxy_uid;
+    p.proxy_gid = pod.proxy_gid;
+    p.outbound_port = pod.outbound_port;
+    p.inbound_port = pod.inbound_port;
+    p.inbound_bind_ip4 = u32::from_ne_bytes(pod.inbound_bind.octets());
+    p.flags = 0;
+    if pod.accelerate_outbound {
+        p.flags |= POLICY_OUTBOUND;
+    }
+    if pod.accelerate_inbound {
+        p.flags |= POLICY_INBOUND;
+    }
+    fill_ports(
+        &mut p.exclude_outbound_ports,
+        &pod.exclude_outbound_ports,
+        pod,
+        "excludeOutboundPorts",
+    )?;
+    fill_ports(
+        &mut p.exclude_inbound_ports,
+        &pod.exclude_inbound_ports,
+        pod,
+        "excludeInboundPorts",
+    )?;
+    p.n_exclude_cidrs = fill_cidrs(
+        &mut p.exclude_outbound_cidrs,
+        &pod.exclude_outbound_cidrs,
+        pod,
+        "excludeOutboundIPRanges",
+    )?;
+    if let OutboundRanges::Only(list) = &pod.include_outbound {
+        p.flags |= POLICY_INCLUDE_CIDRS;
+        p.n_include_cidrs = fill_cidrs(
+            &mut p.include_outbound_cidrs,
+            list,
+            pod,
+            "includeOutboundIPRanges",
+        )?;
+    }
+    Ok(p)
+}
+
+fn fill_ports(
+    dst: &mut [u16; MAX_PORTS],
+    src: &[u16],
+    pod: &Pod,
+    field: &'static str,
+) -> Result<(), Error> {
+    if src.len() > MAX_PORTS {
+        return Err(Error::TooMany {
+            pod: pod.name.clone(),
+            field,
+            n: src.len(),
+            max: MAX_PORTS,
+        });
+    }
+    for (slot, port) in dst.iter_mut().zip(src) {
+        if *port == 0 {
+            return Err(Error::PortZero {
+                pod: pod.name.clone(),
+                field,
+            });
+        }
+        *slot = *port;
+    }
+    Ok(())
+}
+
+fn fill_cidrs(
+    dst: &mut [Cidr4; MAX_CIDRS],
+    src: &[Cidr],
+    pod: &Pod,
+    field: &'static str,
+) -> Result<u16, Error> {
+    if src.len() > MAX_CIDRS {
+        return Err(Error::TooMany {
+            pod: pod.name.clone(),
+            field,
+            n: src.len(),
+            max: MAX_CIDRS,
+        });
+    }
+    for (slot, c) in dst.iter_mut().zip(src) {
+        let mask: u32 = if c.prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - c.prefix)
+        };
+        *slot = Cidr4 {
+            addr: u32::from_ne_bytes(c.addr.octets()),
+            mask: u32::from_ne_bytes(mask.to_be_bytes()),
+        };
+    }
+    Ok(src.len() as u16)
+}
+
+/// What a reconcile must write and remove to turn `current` into `desired`.
+#[derive(Debug, Default, PartialEq)]
+pub struct Diff {
+    pub upsert: Vec<(u64, PodPolicy)>,
+    pub remove: Vec<u64>,
+}
+
+pub fn diff(current: &BTreeMap<u64, PodPolicy>, desired: &BTreeMap<u64, PodPolicy>) -> Diff {
+    let mut d = Diff::default();
+    for (k, v) in desired {
+        if current.get(k) != Some(v) {
+            d.upsert.push((*k, *v));
+        }
+    }
+    d.remove = current
+        .keys()
+        .filter(|k| !desired.contains_key(k))
+        .copied()
+        .collect();
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn pod() -> Pod {
+        Pod {
+            name: "ns/p".into(),
+            netns: "/run/netns/x".into(),
+            proxy_uid: 1337,
+            proxy_gid: 1337,
+            outbound_port: 15001,
+            inbound_port: 15006,
+            inbound_bind: Ipv4Addr::new(127, 0, 0, 6),
+            exclude_outbound_ports: vec![9000],
+            exclude_inbound_ports: vec![],
+            exclude_outbound_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+            include_outbound: OutboundRanges::All,
+            accelerate_outbound: true,
+            accelerate_inbound: true,
+        }
+    }
+
+    #[test]
+    fn cidrs_match_like_the_kernel_sees_addresses() {
+        let p = pod_policy(&pod()).unwrap();
+        assert_eq!(p.n_exclude_cidrs, 1);
+        let inside = u32::from_ne_bytes([10, 1, 2, 3]);
+        let outside = u32::from_ne_bytes([11, 1, 2, 3]);
+        assert!(p.exclude_outbound_cidrs[0].contains(inside));
+        assert!(!p.exclude_outbound_cidrs[0].contains(outside));
+        assert_eq!(p.exclude_outbound_ports[0], 9000);
+        assert_eq!(p.flags & POLICY_INCLUDE_CIDRS, 0);
+    }
+
+    #[test]
+    fn too_many_ports_names_the_field() {
+        let mut p = pod();
+        p.exclude_outbound_ports = (1..=40).collect();
+        let err = pod_policy(&p).unwrap_err();
+        assert!(err.to_string().contains("excludeOutboundPorts"), "{err}");
+    }
+
+    #[test]
+    fn diff_writes_only_changes() {
+        let a = pod_policy(&pod()).unwrap();
+        let mut b = a;
+        b.proxy_uid = 1;
+        let current = BTreeMap::from([(1, a), (2, a)]);
+        let desired = BTreeMap::from([(1, a), (3, b)]);
+        let d = diff(&current, &desired);
+        assert_eq!(d.remove, vec![2]);
+        assert_eq!(d.upsert.len(), 1);
+        assert_eq!(d.upsert[0].0, 3);
+    }
+}

@@ -1,0 +1,304 @@
+//! Types shared by meshlane's eBPF programs and its daemon: map keys, map values, counter indices.
+//!
+//! Every type here crosses the kernel/user boundary byte for byte, so each is `#[repr(C)]`, `Copy`,
+//! has no `bool` and no implicit padding (padding is a named field), and has its size pinned by a
+//! `const` assertion. IPv4 addresses are kept exactly as the kernel hands them to BPF: the four
+//! address bytes in network order, read as a native `u32` (`u32::from_ne_bytes(ip.octets())`).
+//! Ports are host order unless a field says otherwise.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Experimental TCP option kind (RFC 6994) that carries the connecting socket's cookie.
+pub const TCP_OPT_KIND: u8 = 253;
+/// The option's ExID, "ML" — lets the kernel's option search skip other users of kind 253.
+pub const TCP_OPT_EXID: u16 = 0x4d4c;
+/// kind + length + ExID (2) + socket cookie (8).
+pub const TCP_OPT_LEN: u8 = 12;
+
+/// Maximum excluded ports per direction in a [`PodPolicy`].
+pub const MAX_PORTS: usize = 32;
+/// Maximum CIDRs per list in a [`PodPolicy`].
+pub const MAX_CIDRS: usize = 16;
+
+/// [`PodPolicy::flags`]: pair the outbound hop (app -> iptables REDIRECT -> sidecar).
+pub const POLICY_OUTBOUND: u32 = 1;
+/// [`PodPolicy::flags`]: pair the inbound hop (sidecar from `inbound_bind_ip4` -> app).
+pub const POLICY_INBOUND: u32 = 2;
+/// [`PodPolicy::flags`]: `include_outbound_cidrs` is a real list (absent means Istio's `*`).
+pub const POLICY_INCLUDE_CIDRS: u32 = 4;
+
+/// An IPv4 prefix, both fields in network byte order as the kernel stores addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cidr4 {
+    pub addr: u32,
+    pub mask: u32,
+}
+
+impl Cidr4 {
+    #[inline(always)]
+    pub fn contains(&self, ip: u32) -> bool {
+        ip & self.mask == self.addr & self.mask
+    }
+}
+
+/// What meshlane knows about one pod, keyed in the policy map by its network-namespace cookie.
+///
+/// It mirrors the pod's istio-init capture rules so that sock_ops can predict, at connect time,
+/// which connections iptables will REDIRECT to the sidecar. Only those are stamped (PAIRING.md).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodPolicy {
+    /// The sidecar's uid (Istio: 1337). Its own connections are never stamped.
+    pub proxy_uid: u32,
+    /// The sidecar's gid (Istio: 1337); Istio exempts it as well as the uid.
+    pub proxy_gid: u32,
+    /// The port the REDIRECT rule sends outbound traffic to (Istio: 15001).
+    pub outbound_port: u16,
+    /// The port inbound traffic is redirected to (Istio: 15006).
+    pub inbound_port: u16,
+    /// `POLICY_*` bits.
+    pub flags: u32,
+    /// Source address the sidecar binds for its inbound hop (Istio: 127.0.0.6), network order.
+    pub inbound_bind_ip4: u32,
+    pub n_exclude_cidrs: u16,
+    pub n_include_cidrs: u16,
+    /// Destination ports Istio does not capture (excludeOutboundPorts); 0 marks an empty slot.
+    pub exclude_outbound_ports: [u16; MAX_PORTS],
+    /// App ports Istio does not capture inbound (excludeInboundPorts); 0 marks an empty slot.
+    pub exclude_inbound_ports: [u16; MAX_PORTS],
+    /// excludeOutboundIPRanges; the first `n_exclude_cidrs` are valid.
+    pub exclude_outbound_cidrs: [Cidr4; MAX_CIDRS],
+    /// includeOutboundIPRanges when `POLICY_INCLUDE_CIDRS` is set; the first `n_include_cidrs`.
+    pub include_outbound_cidrs: [Cidr4; MAX_CIDRS],
+}
+const _: () = assert!(size_of::<PodPolicy>() == 24 + 2 * 2 * MAX_PORTS + 2 * 8 * MAX_CIDRS);
+
+impl PodPolicy {
+    /// Istio's defaults: uid/gid 1337, 15001/15006, 127.0.0.6, both hops, nothing excluded.
+    pub const fn istio_default() -> Self {
+        PodPolicy {
+            proxy_uid: 1337,
+            proxy_gid: 1337,
+            outbound_port: 15001,
+            inbound_port: 15006,
+            flags: POLICY_OUTBOUND | POLICY_INBOUND,
+            inbound_bind_ip4: u32::from_ne_bytes([127, 0, 0, 6]),
+            n_exclude_cidrs: 0,
+            n_include_cidrs: 0,
+            exclude_outbound_ports: [0; MAX_PORTS],
+            exclude_inbound_ports: [0; MAX_PORTS],
+            exclude_outbound_cidrs: [Cidr4 { addr: 0, mask: 0 }; MAX_CIDRS],
+            include_outbound_cidrs: [Cidr4 { addr: 0, mask: 0 }; MAX_CIDRS],
+        }
+    }
+}
+
+/// [`PairKey::kind`]: outbound hop, rendezvous on the app socket's cookie carried in the SYN.
+pub const PAIR_TOKEN: u32 = 1;
+/// [`PairKey::kind`]: inbound hop, rendezvous on the connection's unordered 4-tuple.
+pub const PAIR_TUPLE: u32 = 2;
+
+/// Where the two ends of one local hop meet. Both ends compute the same key independently.
+///
+/// Token: `a`/`b` are the low/high halves of the app socket's cookie, `ports` is 0.
+/// Tuple: the two endpoints sorted, `a`/`b` their addresses, `ports` = lo_port << 16 | hi_port.
+/// Inside one network namespace the kernel keeps 4-tuples unique, so the unordered tuple names
+/// exactly one connection; the namespace cookie keeps pods apart (invariant 3).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PairKey {
+    pub netns: u64,
+    pub kind: u32,
+    pub ports: u32,
+    pub a: u32,
+    pub b: u32,
+}
+const _: () = assert!(size_of::<PairKey>() == 24);
+
+impl PairKey {
+    #[inline(always)]
+    pub fn token(netns: u64, token: u64) -> Self {
+        PairKey {
+            netns,
+            kind: PAIR_TOKEN,
+            ports: 0,
+            a: token as u32,
+            b: (token >> 32) as u32,
+        }
+    }
+
+    /// `ip`s in network order as the kernel gives them, ports in host order.
+    #[inline(always)]
+    pub fn tuple(netns: u64, ip1: u32, port1: u16, ip2: u32, port2: u16) -> Self {
+        // Sort on (address, port) so both ends agree; byte order does not matter for a total order.
+        let e1 = ((ip1 as u64) << 16) | port1 as u64;
+        let e2 = ((ip2 as u64) << 16) | port2 as u64;
+        let (lo_ip, lo_port, hi_ip, hi_port) = if e1 <= e2 {
+            (ip1, port1, ip2, port2)
+        } else {
+            (ip2, port2, ip1, port1)
+        };
+        PairKey {
+            netns,
+            kind: PAIR_TUPLE,
+            ports: ((lo_port as u32) << 16) | hi_port as u32,
+            a: lo_ip,
+            b: hi_ip,
+        }
+    }
+}
+
+/// Socket roles. A role is also the "direction" of the bytes that socket sends.
+pub const ROLE_NONE: u8 = 0;
+/// The app's socket on the outbound hop (connects; bytes go app -> sidecar).
+pub const ROLE_OUT_APP: u8 = 1;
+/// The sidecar's accepted socket on the outbound capture port (bytes go sidecar -> app).
+pub const ROLE_OUT_PROXY: u8 = 2;
+/// The sidecar's socket on the inbound hop (connects from 127.0.0.6; bytes go sidecar -> app).
+pub const ROLE_IN_PROXY: u8 = 3;
+/// The app's accepted socket on the inbound hop (bytes go app -> sidecar).
+pub const ROLE_IN_APP: u8 = 4;
+pub const ROLES: usize = 4;
+
+/// The role that completes a pair with `role`, or `ROLE_NONE`.
+#[inline(always)]
+pub fn partner_role(role: u8) -> u8 {
+    match role {
+        ROLE_OUT_APP => ROLE_OUT_PROXY,
+        ROLE_OUT_PROXY => ROLE_OUT_APP,
+        ROLE_IN_PROXY => ROLE_IN_APP,
+        ROLE_IN_APP => ROLE_IN_PROXY,
+        _ => ROLE_NONE,
+    }
+}
+
+/// Value of the rendezvous map: the first end to arrive.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Waiter {
+    pub cookie: u64,
+    pub role: u8,
+    pub _pad: [u8; 7],
+}
+const _: () = assert!(size_of::<Waiter>() == 16);
+
+/// [`SockState::flags`]: this socket's SYN carries the token option.
+pub const SOCK_STAMPED: u8 = 1;
+/// [`SockState::flags`]: this socket owns the rendezvous entry under `pair_key`.
+pub const SOCK_WAITING: u8 = 2;
+/// [`SockState::flags`]: bytes from this socket once took the TCP path; they stay there
+/// (invariant 2, first byte or never).
+pub const SOCK_TCP_PINNED: u8 = 4;
+/// [`SockState::flags`]: the socket is in the sockhash.
+pub const SOCK_IN_MAP: u8 = 8;
+
+/// Per-socket state in socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`), freed with the socket.
+/// sk_msg may not call `bpf_get_socket_cookie`, so the cookie is kept here by sock_ops.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SockState {
+    pub cookie: u64,
+    pub pair_key: PairKey,
+    pub role: u8,
+    pub flags: u8,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(size_of::<SockState>() == 40);
+
+/// Index 0 of the control array: bits the daemon sets to steer the programs.
+pub const CONTROL_FLAGS: u32 = 0;
+/// Control bit: stop redirecting and pairing (detach in progress). Each direction that was
+/// redirecting moves to TCP for good; the receiver still reads its queued redirected bytes first.
+pub const CONTROL_DRAIN: u32 = 1;
+pub const CONTROL_ENTRIES: u32 = 1;
+
+/// Counter indices of the per-CPU counter array.
+pub mod counter {
+    pub const PAIRS_OUTBOUND: u32 = 0;
+    pub const PAIRS_INBOUND: u32 = 1;
+    /// `MSGS_REDIRECTED + role - 1`: messages redirected, by sending role.
+    pub const MSGS_REDIRECTED: u32 = 2;
+    /// `BYTES_REDIRECTED + role - 1`: bytes redirected, by sending role.
+    pub const BYTES_REDIRECTED: u32 = 6;
+    pub const PASS_UNTRACKED: u32 = 10;
+    pub const PASS_NO_PEER: u32 = 11;
+    pub const PASS_TCP_PINNED: u32 = 12;
+    pub const PASS_PEER_GONE: u32 = 13;
+    pub const PASS_DRAINING: u32 = 14;
+    pub const STAMPS_WRITTEN: u32 = 15;
+    pub const STAMPS_FOUND: u32 = 16;
+    pub const STAMPS_MISSING: u32 = 17;
+    pub const LISTENERS_SAVE_SYN: u32 = 18;
+    pub const SOCKHASH_FULL: u32 = 19;
+    pub const RENDEZVOUS_FULL: u32 = 20;
+    pub const PEERS_FULL: u32 = 21;
+    pub const SKIP_EARLY_DATA: u32 = 22;
+    pub const PAIR_REJECTED: u32 = 23;
+    pub const CONNECT_NOT_CAPTURED: u32 = 24;
+    pub const COUNT: u32 = 25;
+
+    /// Names for userspace, indexed by counter.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "pairs_outbound",
+        "pairs_inbound",
+        "msgs_redirected_outbound_app_to_sidecar",
+        "msgs_redirected_outbound_sidecar_to_app",
+        "msgs_redirected_inbound_sidecar_to_app",
+        "msgs_redirected_inbound_app_to_sidecar",
+        "bytes_redirected_outbound_app_to_sidecar",
+        "bytes_redirected_outbound_sidecar_to_app",
+        "bytes_redirected_inbound_sidecar_to_app",
+        "bytes_redirected_inbound_app_to_sidecar",
+        "pass_untracked",
+        "pass_no_peer",
+        "pass_tcp_pinned",
+        "pass_peer_gone",
+        "pass_draining",
+        "stamps_written",
+        "stamps_found",
+        "stamps_missing",
+        "listeners_save_syn",
+        "sockhash_full",
+        "rendezvous_full",
+        "peers_full",
+        "skip_early_data",
+        "pair_rejected",
+        "connect_not_captured",
+    ];
+}
+
+/// Map names, shared so the loader and the programs cannot drift apart.
+pub mod maps {
+    pub const POLICY: &str = "ML_POLICY";
+    pub const SOCKS: &str = "ML_SOCKS";
+    pub const RENDEZVOUS: &str = "ML_RENDEZVOUS";
+    pub const PEERS: &str = "ML_PEERS";
+    pub const SOCK_STATE: &str = "ML_SOCK_STATE";
+    pub const COUNTERS: &str = "ML_COUNTERS";
+    pub const CONTROL: &str = "ML_CONTROL";
+    pub const ALL: [&str; 7] = [
+        POLICY, SOCKS, RENDEZVOUS, PEERS, SOCK_STATE, COUNTERS, CONTROL,
+    ];
+    pub const POLICY_MAX: u32 = 4096;
+    pub const SOCKS_MAX: u32 = 65536;
+    pub const RENDEZVOUS_MAX: u32 = 65536;
+    pub const PEERS_MAX: u32 = 131072;
+}
+
+/// Program names in the object file.
+pub mod programs {
+    pub const SOCK_OPS: &str = "meshlane_sockops";
+    pub const SK_MSG: &str = "meshlane_sk_msg";
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: plain-old-data, repr(C), no padding, every bit pattern valid.
+    unsafe impl aya::Pod for PodPolicy {}
+    unsafe impl aya::Pod for PairKey {}
+    unsafe impl aya::Pod for Waiter {}
+    unsafe impl aya::Pod for SockState {}
+}

@@ -1,0 +1,47 @@
+//! Every map of the datapath. Names come from `meshlane_common::maps` (the loader pins them there).
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, PerCpuArray, SkStorage, SockHash},
+    macros::btf_map,
+};
+use meshlane_common::{
+    counter::COUNT,
+    maps::{PEERS_MAX, POLICY_MAX, RENDEZVOUS_MAX, SOCKS_MAX},
+    PairKey, PodPolicy, SockState, Waiter,
+};
+
+/// Pods meshlane accelerates. Key: network-namespace cookie. Value: [`PodPolicy`].
+/// Writer: the daemon (policy reconcile). Reader: sock_ops. Max: POLICY_MAX pods per node.
+/// A socket whose namespace is absent here is never touched.
+#[btf_map]
+pub static ML_POLICY: HashMap<u64, PodPolicy, { POLICY_MAX as usize }> = HashMap::new();
+
+/// The sockets of hops being paired or paired. Key: socket cookie. Value: the socket.
+/// Writer: sock_ops (insert at establishment); the kernel removes a socket when it closes.
+/// Reader: sk_msg (`bpf_msg_redirect_hash`). Max: SOCKS_MAX sockets; when full, new hops stay on TCP.
+#[btf_map]
+pub static ML_SOCKS: SockHash<u64, { SOCKS_MAX as usize }> = SockHash::new();
+
+/// Where the two ends of a hop meet. Key: [`PairKey`]. Value: the first end to arrive ([`Waiter`]).
+/// Writer/reader: sock_ops; the second end removes the entry, a closing first end removes its own.
+/// Max: RENDEZVOUS_MAX waiting ends.
+#[btf_map]
+pub static ML_RENDEZVOUS: HashMap<PairKey, Waiter, { RENDEZVOUS_MAX as usize }> = HashMap::new();
+
+/// Proven pairs, both ways. Key: socket cookie. Value: the peer's socket cookie.
+/// Writer: sock_ops (at pairing, removed at close). Reader: sk_msg. Max: PEERS_MAX (two per pair).
+#[btf_map]
+pub static ML_PEERS: HashMap<u64, u64, { PEERS_MAX as usize }> = HashMap::new();
+
+/// Per-socket state ([`SockState`]), freed by the kernel with the socket.
+/// Writer: sock_ops (create, role, pairing), sk_msg (the TCP pin). Reader: both.
+#[btf_map]
+pub static ML_SOCK_STATE: SkStorage<SockState> = SkStorage::new();
+
+/// Per-CPU counters, indexed by `meshlane_common::counter`. Writer: both programs. Reader: daemon.
+#[btf_map]
+pub static ML_COUNTERS: PerCpuArray<u64, { COUNT as usize }> = PerCpuArray::new();
+
+/// Control words from the daemon (`CONTROL_FLAGS`: `CONTROL_DRAIN`). Writer: daemon. Reader: both.
+#[btf_map]
+pub static ML_CONTROL: Array<u32, 1> = Array::new();

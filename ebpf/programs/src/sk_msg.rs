@@ -1,0 +1,80 @@
+//! sk_msg: redirect a paired socket's bytes to its peer's receive queue, or pass them to TCP.
+//!
+//! Invariant 2 (first byte or never): the first message that passes pins the socket's direction
+//! to TCP for good. The reverse move (redirect, then TCP) is safe because the receiver always
+//! drains redirected bytes before its TCP queue, so only that move is ever made.
+
+use core::ptr;
+
+use aya_ebpf::{
+    bindings::{sk_action::SK_PASS, BPF_F_INGRESS},
+    helpers::generated::bpf_sk_storage_get,
+    programs::SkMsgContext,
+};
+use meshlane_common::{
+    counter, SockState, CONTROL_DRAIN, CONTROL_FLAGS, ROLE_IN_APP, ROLE_OUT_APP, SOCK_TCP_PINNED,
+};
+
+use crate::{
+    counters::{add, inc},
+    maps::{ML_CONTROL, ML_PEERS, ML_SOCKS, ML_SOCK_STATE},
+};
+
+pub fn verdict(ctx: &SkMsgContext) -> u32 {
+    // Every path returns SK_PASS: either the redirect set by the helper takes effect, or the
+    // message continues on TCP. Nothing is ever dropped here (invariant 4, fail open).
+    let Some(st) = state(ctx) else {
+        inc(counter::PASS_UNTRACKED);
+        return SK_PASS;
+    };
+    if st.flags & SOCK_TCP_PINNED != 0 {
+        inc(counter::PASS_TCP_PINNED);
+        return SK_PASS;
+    }
+    if ML_CONTROL
+        .get(CONTROL_FLAGS)
+        .is_some_and(|f| *f & CONTROL_DRAIN != 0)
+    {
+        st.flags |= SOCK_TCP_PINNED;
+        inc(counter::PASS_DRAINING);
+        return SK_PASS;
+    }
+    // SAFETY: read-only view of a hash map value, copied out at once.
+    let Some(mut peer) = (unsafe { ML_PEERS.get(&st.cookie) }).copied() else {
+        st.flags |= SOCK_TCP_PINNED;
+        inc(counter::PASS_NO_PEER);
+        return SK_PASS;
+    };
+    if ML_SOCKS.redirect_msg(ctx, &mut peer, BPF_F_INGRESS as u64) != SK_PASS as i64 {
+        // The peer left the sockhash (it closed): this direction continues on TCP.
+        st.flags |= SOCK_TCP_PINNED;
+        inc(counter::PASS_PEER_GONE);
+        return SK_PASS;
+    }
+    let role = st.role;
+    if (ROLE_OUT_APP..=ROLE_IN_APP).contains(&role) {
+        let dir = (role - ROLE_OUT_APP) as u32;
+        inc(counter::MSGS_REDIRECTED + dir);
+        add(counter::BYTES_REDIRECTED + dir, ctx.size() as u64);
+    }
+    SK_PASS
+}
+
+fn state(ctx: &SkMsgContext) -> Option<&'static mut SockState> {
+    // SAFETY: msg->sk is the sending socket, a full TCP socket in the sockhash.
+    let sk = unsafe { (*ctx.msg).__bindgen_anon_3.sk };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: see sockops::state; no create flag, so only sockets sock_ops tracked are found.
+    let p = unsafe {
+        bpf_sk_storage_get(
+            ptr::from_ref(&ML_SOCK_STATE).cast_mut().cast(),
+            sk.cast(),
+            ptr::null_mut(),
+            0,
+        )
+    } as *mut SockState;
+    // SAFETY: storage or null, valid for this run.
+    unsafe { p.as_mut() }
+}

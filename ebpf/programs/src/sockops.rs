@@ -1,0 +1,451 @@
+//! sock_ops: decide which sockets belong to a local hop, stamp the outbound app's SYN with its
+//! cookie, and pair the two ends of each hop exactly (DESIGN.md invariant 1, PAIRING.md).
+//!
+//! Outbound hop: the app connects to some service; istio-init's REDIRECT sends it to the sidecar's
+//! capture port. NAT runs after the SYN is built, so at connect time we only *predict* capture from
+//! the pod's mirrored Istio settings and stamp the SYN with the app socket's cookie. The sidecar's
+//! accepted socket reads the stamp back from its saved SYN. The two ends meet on that token, so
+//! pairing is independent of addresses, port reuse and conntrack remaps. A stamped connection that
+//! never reaches the sidecar simply never finds its partner and stays on TCP.
+//!
+//! Inbound hop: the sidecar connects from 127.0.0.6 to the app inside the same namespace, without
+//! NAT, so the two sockets are mirror 4-tuples and meet on the unordered tuple.
+
+use core::ptr;
+
+use aya_ebpf::{
+    bindings::{
+        BPF_ANY, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB,
+        BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
+    },
+    helpers::generated::{
+        bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_load_hdr_opt,
+        bpf_reserve_hdr_opt, bpf_setsockopt, bpf_sk_storage_get, bpf_store_hdr_opt,
+    },
+    programs::SockOpsContext,
+};
+use meshlane_common::{
+    counter, partner_role, PairKey, PodPolicy, SockState, Waiter, CONTROL_DRAIN, CONTROL_FLAGS,
+    MAX_CIDRS, MAX_PORTS, POLICY_INBOUND, POLICY_INCLUDE_CIDRS, POLICY_OUTBOUND, ROLE_IN_APP,
+    ROLE_IN_PROXY, ROLE_OUT_APP, ROLE_OUT_PROXY, SOCK_IN_MAP, SOCK_STAMPED, SOCK_WAITING,
+    TCP_OPT_EXID, TCP_OPT_KIND, TCP_OPT_LEN,
+};
+
+use crate::{
+    counters::inc,
+    maps::{ML_CONTROL, ML_PEERS, ML_POLICY, ML_RENDEZVOUS, ML_SOCKS, ML_SOCK_STATE},
+};
+
+const AF_INET: u32 = 2;
+const SOL_TCP: i32 = 6;
+const TCP_SAVE_SYN: i32 = 27;
+const TCP_CLOSE: u32 = 7;
+const TCPHDR_SYN: u32 = 0x02;
+const TCPHDR_ACK: u32 = 0x10;
+const EEXIST: i32 = 17;
+const BPF_SK_STORAGE_GET_F_CREATE: u64 = 1;
+const BPF_LOAD_HDR_OPT_TCP_SYN: u64 = 1;
+
+pub fn handle(ctx: &SockOpsContext) {
+    // IPv6 and v4-mapped sockets are left on TCP for now (fail open).
+    if ctx.family() != AF_INET {
+        return;
+    }
+    // SAFETY: ctx.ops is the kernel's sock_ops context for this call.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
+    // SAFETY: read-only view of a hash map value; the daemon replaces values whole.
+    let Some(policy) = (unsafe { ML_POLICY.get(&netns) }) else {
+        return;
+    };
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(ctx, policy),
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB => on_hdr_opt_len(ctx),
+        BPF_SOCK_OPS_WRITE_HDR_OPT_CB => on_write_hdr_opt(ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(ctx, netns),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(ctx, netns, policy),
+        BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(ctx, policy),
+        BPF_SOCK_OPS_STATE_CB => on_state(ctx),
+        _ => {}
+    }
+}
+
+/// Active open, in the connecting process's context: who connects decides the role.
+fn on_connect(ctx: &SockOpsContext, policy: &PodPolicy) {
+    // SAFETY: plain helper; in TCP_CONNECT_CB `current` is the process calling connect().
+    let uid_gid = unsafe { bpf_get_current_uid_gid() };
+    let (uid, gid) = (uid_gid as u32, (uid_gid >> 32) as u32);
+    let dport = remote_port(ctx);
+    if uid == policy.proxy_uid || gid == policy.proxy_gid {
+        // The sidecar's own connections: Istio never captures them, and we never stamp them.
+        // The one we pair is its inbound hop to the app, made from the inbound bind address.
+        if policy.flags & POLICY_INBOUND != 0
+            && ctx.local_ip4() == policy.inbound_bind_ip4
+            && !port_listed(&policy.exclude_inbound_ports, dport)
+        {
+            if let Some(st) = state(ctx, true) {
+                st.role = ROLE_IN_PROXY;
+                st.cookie = cookie(ctx);
+            }
+        }
+        return;
+    }
+    if policy.flags & POLICY_OUTBOUND == 0 {
+        return;
+    }
+    if !predict_captured(ctx, policy, dport) {
+        inc(counter::CONNECT_NOT_CAPTURED);
+        return;
+    }
+    let Some(st) = state(ctx, true) else { return };
+    st.role = ROLE_OUT_APP;
+    st.flags |= SOCK_STAMPED;
+    st.cookie = cookie(ctx);
+    // The SYN is built right after this callback returns; the flag makes the kernel ask us for
+    // option space (HDR_OPT_LEN) and then for the bytes (WRITE_HDR_OPT).
+    let _ = ctx.set_cb_flags(
+        (ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG | BPF_SOCK_OPS_STATE_CB_FLAG) as i32,
+    );
+}
+
+/// Mirrors istio-init's ISTIO_OUTPUT for a non-proxy process: loopback and the pod's own address
+/// leave through `lo` and RETURN; excluded ports and CIDRs RETURN; with includeOutboundIPRanges
+/// only those ranges are captured; everything else is REDIRECTed to the outbound capture port.
+fn predict_captured(ctx: &SockOpsContext, policy: &PodPolicy, dport: u16) -> bool {
+    let dst = ctx.remote_ip4();
+    // Addresses are network order; the first octet is the lowest byte in memory.
+    if dst.to_ne_bytes()[0] == 127 || dst == ctx.local_ip4() {
+        return false;
+    }
+    if port_listed(&policy.exclude_outbound_ports, dport) {
+        return false;
+    }
+    let n = policy.n_exclude_cidrs as usize;
+    for i in 0..MAX_CIDRS {
+        if i >= n {
+            break;
+        }
+        if policy.exclude_outbound_cidrs[i].contains(dst) {
+            return false;
+        }
+    }
+    if policy.flags & POLICY_INCLUDE_CIDRS != 0 {
+        let n = policy.n_include_cidrs as usize;
+        for i in 0..MAX_CIDRS {
+            if i >= n {
+                break;
+            }
+            if policy.include_outbound_cidrs[i].contains(dst) {
+                return true;
+            }
+        }
+        return false;
+    }
+    true
+}
+
+fn on_hdr_opt_len(ctx: &SockOpsContext) {
+    if !is_syn(ctx) {
+        return;
+    }
+    let Some(st) = state(ctx, false) else { return };
+    if st.flags & SOCK_STAMPED != 0 {
+        // SAFETY: allowed in HDR_OPT_LEN_CB; the kernel checks the room left in the header.
+        unsafe { bpf_reserve_hdr_opt(ctx.ops, TCP_OPT_LEN as u32, 0) };
+    }
+}
+
+fn on_write_hdr_opt(ctx: &SockOpsContext) {
+    if !is_syn(ctx) {
+        return;
+    }
+    let Some(st) = state(ctx, false) else { return };
+    if st.flags & SOCK_STAMPED == 0 {
+        return;
+    }
+    let exid = TCP_OPT_EXID.to_be_bytes();
+    let c = st.cookie.to_ne_bytes();
+    let opt: [u8; TCP_OPT_LEN as usize] = [
+        TCP_OPT_KIND,
+        TCP_OPT_LEN,
+        exid[0],
+        exid[1],
+        c[0],
+        c[1],
+        c[2],
+        c[3],
+        c[4],
+        c[5],
+        c[6],
+        c[7],
+    ];
+    // SAFETY: opt lives on the stack for the call; length matches the reservation.
+    let ret = unsafe {
+        bpf_store_hdr_opt(
+            ctx.ops,
+            ptr::from_ref(&opt).cast_mut().cast(),
+            TCP_OPT_LEN as u32,
+            0,
+        )
+    };
+    if ret == 0 {
+        inc(counter::STAMPS_WRITTEN);
+    }
+}
+
+fn on_active_established(ctx: &SockOpsContext, netns: u64) {
+    // Stop the per-packet header callbacks once the handshake is done.
+    let flags = ctx.cb_flags();
+    if flags & BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG != 0 {
+        let _ = ctx.set_cb_flags((flags & !BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
+    }
+    let Some(st) = state(ctx, false) else { return };
+    let key = match st.role {
+        ROLE_OUT_APP => PairKey::token(netns, st.cookie),
+        ROLE_IN_PROXY => tuple_key(ctx, netns),
+        _ => return,
+    };
+    // SAFETY: reading a u32 field of the live context.
+    if unsafe { (*ctx.ops).data_segs_out } != 0 {
+        // TCP Fast Open data already left on TCP: redirecting later bytes would reorder them.
+        inc(counter::SKIP_EARLY_DATA);
+        return;
+    }
+    join(ctx, st, key);
+}
+
+fn on_passive_established(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy) {
+    let lport = ctx.local_port() as u16;
+    let (role, key) = if policy.flags & POLICY_OUTBOUND != 0 && lport == policy.outbound_port {
+        // The sidecar accepted a captured connection. Only a stamped SYN names its app socket;
+        // unstamped ones (the sidecar's own upstreams captured back, conntrack surprises, SYN
+        // cookies) are left alone.
+        let Some(token) = load_token(ctx) else {
+            inc(counter::STAMPS_MISSING);
+            return;
+        };
+        inc(counter::STAMPS_FOUND);
+        (ROLE_OUT_PROXY, PairKey::token(netns, token))
+    } else if policy.flags & POLICY_INBOUND != 0
+        && ctx.remote_ip4() == policy.inbound_bind_ip4
+        && !port_listed(&policy.exclude_inbound_ports, lport)
+    {
+        (ROLE_IN_APP, tuple_key(ctx, netns))
+    } else {
+        return;
+    };
+    // SAFETY: reading a u64 field of the live context.
+    if unsafe { (*ctx.ops).bytes_received } != 0 {
+        inc(counter::SKIP_EARLY_DATA);
+        return;
+    }
+    let Some(st) = state(ctx, true) else { return };
+    st.role = role;
+    st.cookie = cookie(ctx);
+    join(ctx, st, key);
+}
+
+fn on_listen(ctx: &SockOpsContext, policy: &PodPolicy) {
+    if policy.flags & POLICY_OUTBOUND == 0 || ctx.local_port() as u16 != policy.outbound_port {
+        return;
+    }
+    // Keep the SYN of every connection the capture listener accepts, so the passive side can
+    // read the app socket's stamp at establishment.
+    let one: i32 = 1;
+    // SAFETY: allowed in TCP_LISTEN_CB; optval points at 4 readable bytes.
+    let ret = unsafe {
+        bpf_setsockopt(
+            ctx.ops.cast(),
+            SOL_TCP,
+            TCP_SAVE_SYN,
+            ptr::from_ref(&one).cast_mut().cast(),
+            4,
+        )
+    };
+    if ret == 0 {
+        inc(counter::LISTENERS_SAVE_SYN);
+    }
+}
+
+/// A tracked socket closes: drop what it left in the pairing maps. The sockhash forgets it on its own.
+fn on_state(ctx: &SockOpsContext) {
+    if ctx.arg(1) != TCP_CLOSE {
+        return;
+    }
+    let Some(st) = state(ctx, false) else { return };
+    if st.flags & SOCK_WAITING != 0 {
+        // SAFETY: read-only view of a hash map value.
+        if let Some(w) = unsafe { ML_RENDEZVOUS.get(&st.pair_key) } {
+            if w.cookie == st.cookie {
+                let _ = ML_RENDEZVOUS.remove(&st.pair_key);
+            }
+        }
+    }
+    // SAFETY: read-only view of a hash map value.
+    if let Some(peer) = unsafe { ML_PEERS.get(&st.cookie) } {
+        let peer = *peer;
+        // The peer's next message finds no partner and moves to TCP for good, which is safe:
+        // nothing it sends can overtake bytes already queued for us (we are closing anyway).
+        let _ = ML_PEERS.remove(&peer);
+        let _ = ML_PEERS.remove(&st.cookie);
+    }
+}
+
+/// Put this end in the sockhash, then meet the other end at `key`. The second end to arrive
+/// writes the pair both ways, so whoever sees a peer knows both are already in the sockhash.
+fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey) {
+    if draining() {
+        return;
+    }
+    let mut sock_key = st.cookie;
+    // SAFETY: ctx.ops is the live context of an established callback, where sockhash updates
+    // are allowed.
+    if ML_SOCKS
+        .update(&mut sock_key, unsafe { &mut *ctx.ops }, BPF_NOEXIST as u64)
+        .is_err()
+    {
+        inc(counter::SOCKHASH_FULL);
+        return;
+    }
+    st.flags |= SOCK_IN_MAP;
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+
+    let me = Waiter {
+        cookie: st.cookie,
+        role: st.role,
+        _pad: [0; 7],
+    };
+    match ML_RENDEZVOUS.insert(&key, &me, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            st.pair_key = key;
+            st.flags |= SOCK_WAITING;
+        }
+        Err(e) if e == -EEXIST => {
+            // SAFETY: read-only view of a hash map value, copied out at once.
+            let Some(other) = (unsafe { ML_RENDEZVOUS.get(&key) }).copied() else {
+                inc(counter::PAIR_REJECTED);
+                return;
+            };
+            // Exactly one app end and one sidecar end of the same hop kind may meet.
+            if other.role != partner_role(st.role) || other.cookie == st.cookie {
+                inc(counter::PAIR_REJECTED);
+                return;
+            }
+            if ML_PEERS
+                .insert(&st.cookie, &other.cookie, BPF_ANY as u64)
+                .is_err()
+            {
+                inc(counter::PEERS_FULL);
+                return;
+            }
+            if ML_PEERS
+                .insert(&other.cookie, &st.cookie, BPF_ANY as u64)
+                .is_err()
+            {
+                let _ = ML_PEERS.remove(&st.cookie);
+                inc(counter::PEERS_FULL);
+                return;
+            }
+            let _ = ML_RENDEZVOUS.remove(&key);
+            inc(if st.role == ROLE_OUT_APP || st.role == ROLE_OUT_PROXY {
+                counter::PAIRS_OUTBOUND
+            } else {
+                counter::PAIRS_INBOUND
+            });
+        }
+        Err(_) => inc(counter::RENDEZVOUS_FULL),
+    }
+}
+
+/// The app socket's cookie from the stamp in the saved SYN.
+fn load_token(ctx: &SockOpsContext) -> Option<u64> {
+    let exid = TCP_OPT_EXID.to_be_bytes();
+    // Search key for an experimental option: kind, then a "length" of 4 meaning kind+len+ExID.
+    let mut buf: [u8; TCP_OPT_LEN as usize] =
+        [TCP_OPT_KIND, 4, exid[0], exid[1], 0, 0, 0, 0, 0, 0, 0, 0];
+    // SAFETY: buf is writable for its full length; the helper copies at most that much.
+    let ret = unsafe {
+        bpf_load_hdr_opt(
+            ctx.ops,
+            ptr::from_mut(&mut buf).cast(),
+            TCP_OPT_LEN as u32,
+            BPF_LOAD_HDR_OPT_TCP_SYN,
+        )
+    };
+    if ret != TCP_OPT_LEN as i64 || buf[1] != TCP_OPT_LEN {
+        return None;
+    }
+    Some(u64::from_ne_bytes([
+        buf[4], buf[5], buf[6], buf[7], buf[8], buf[9], buf[10], buf[11],
+    ]))
+}
+
+fn tuple_key(ctx: &SockOpsContext, netns: u64) -> PairKey {
+    PairKey::tuple(
+        netns,
+        ctx.local_ip4(),
+        ctx.local_port() as u16,
+        ctx.remote_ip4(),
+        remote_port(ctx),
+    )
+}
+
+/// `remote_port` is the network-order port in the upper 16 bits on little-endian hosts.
+fn remote_port(ctx: &SockOpsContext) -> u16 {
+    u32::from_be(ctx.remote_port()) as u16
+}
+
+fn port_listed(ports: &[u16; MAX_PORTS], port: u16) -> bool {
+    for p in ports.iter() {
+        if *p == 0 {
+            return false;
+        }
+        if *p == port {
+            return true;
+        }
+    }
+    false
+}
+
+fn is_syn(ctx: &SockOpsContext) -> bool {
+    // SAFETY: reading a u32 field of the live context.
+    let f = unsafe { (*ctx.ops).skb_tcp_flags };
+    f & TCPHDR_SYN != 0 && f & TCPHDR_ACK == 0
+}
+
+fn cookie(ctx: &SockOpsContext) -> u64 {
+    // SAFETY: plain helper on the live context.
+    unsafe { bpf_get_socket_cookie(ctx.ops.cast()) }
+}
+
+fn draining() -> bool {
+    ML_CONTROL
+        .get(CONTROL_FLAGS)
+        .is_some_and(|f| *f & CONTROL_DRAIN != 0)
+}
+
+/// This socket's [`SockState`], created zeroed when `create` is set.
+fn state(ctx: &SockOpsContext, create: bool) -> Option<&'static mut SockState> {
+    // SAFETY: `sk` may be null (request sockets); checked before use.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    let flags = if create {
+        BPF_SK_STORAGE_GET_F_CREATE
+    } else {
+        0
+    };
+    // SAFETY: the map pointer is the BTF map definition the loader relocates; sk is a full socket.
+    let p = unsafe {
+        bpf_sk_storage_get(
+            ptr::from_ref(&ML_SOCK_STATE).cast_mut().cast(),
+            sk.cast(),
+            ptr::null_mut(),
+            flags,
+        )
+    } as *mut SockState;
+    // SAFETY: the kernel returns the socket's storage or null; it outlives this program run.
+    unsafe { p.as_mut() }
+}
