@@ -1,0 +1,75 @@
+//! Small socket helpers the relay and the apps share: listeners with
+//! SO_REUSEADDR, upstream connects with an optional source bind, abortive
+//! close (RST) and the NAT's original destination.
+
+use anyhow::{Context, Result};
+use nix::sys::socket::{
+    bind, connect, getsockopt, listen, setsockopt, socket, sockopt, AddressFamily, Backlog,
+    SockFlag, SockType, SockaddrIn,
+};
+use nix::sys::time::{TimeVal, TimeValLike};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::time::Duration;
+
+/// Bounds a connect to an original destination, so a black-holed upstream
+/// cannot pin a relay thread for the kernel's ~2 minute SYN retry budget.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn tcp_socket() -> Result<OwnedFd> {
+    socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .context("socket(AF_INET, SOCK_STREAM)")
+}
+
+/// A listening socket on `addr` with SO_REUSEADDR, in the calling thread's
+/// network namespace.
+pub(crate) fn listen_reuseaddr(addr: SocketAddrV4) -> Result<TcpListener> {
+    let fd = tcp_socket()?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)
+        .with_context(|| format!("SO_REUSEADDR for listener {addr}"))?;
+    bind(fd.as_raw_fd(), &SockaddrIn::from(addr)).with_context(|| format!("bind {addr}"))?;
+    listen(&fd, Backlog::MAXCONN).with_context(|| format!("listen on {addr}"))?;
+    Ok(TcpListener::from(fd))
+}
+
+/// Connects to `dst`, from `src:0` when given (Envoy's inbound passthrough
+/// binds 127.0.0.6 so the capture rules can tell its connections apart).
+pub(crate) fn connect_from(src: Option<Ipv4Addr>, dst: SocketAddrV4) -> Result<TcpStream> {
+    let fd = tcp_socket()?;
+    if let Some(src) = src {
+        bind(fd.as_raw_fd(), &SockaddrIn::from(SocketAddrV4::new(src, 0)))
+            .with_context(|| format!("bind {src}:0 before connecting to {dst}"))?;
+    }
+    // A blocking connect honours SO_SNDTIMEO on Linux.
+    let timeout = TimeVal::milliseconds(CONNECT_TIMEOUT.as_millis() as i64);
+    setsockopt(&fd, sockopt::SendTimeout, &timeout).context("SO_SNDTIMEO for connect")?;
+    connect(fd.as_raw_fd(), &SockaddrIn::from(dst)).with_context(|| format!("connect to {dst}"))?;
+    setsockopt(&fd, sockopt::SendTimeout, &TimeVal::zero()).context("clearing SO_SNDTIMEO")?;
+    Ok(TcpStream::from(fd))
+}
+
+/// SO_LINGER {on, 0}: the next close of the socket sends RST instead of FIN.
+pub(crate) fn set_linger_zero(fd: &impl AsFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // Only fails on a dead fd, where there is nothing left to reset.
+    let _ = setsockopt(fd, sockopt::Linger, &linger);
+}
+
+/// The destination the client dialled before REDIRECT rewrote it
+/// (`getsockopt(SOL_IP, SO_ORIGINAL_DST)`, answered from conntrack).
+pub(crate) fn original_dst(stream: &TcpStream) -> Result<SocketAddrV4> {
+    let sa =
+        getsockopt(stream, sockopt::OriginalDst).context("getsockopt(SOL_IP, SO_ORIGINAL_DST)")?;
+    Ok(SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
+        u16::from_be(sa.sin_port),
+    ))
+}
