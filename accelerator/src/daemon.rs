@@ -27,7 +27,6 @@ pub struct RunOptions {
     pub config: Option<PathBuf>,
     pub resync: Duration,
     pub detach_on_exit: bool,
-    pub drain_timeout: Duration,
 }
 
 pub fn run(opts: RunOptions) -> anyhow::Result<()> {
@@ -55,7 +54,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
     }
     if opts.detach_on_exit {
         tracing::info!("stopping: detaching the datapath (--detach-on-exit)");
-        datapath::detach(&opts.datapath.pin_dir, opts.drain_timeout)?;
+        datapath::detach(&opts.datapath.pin_dir)?;
     } else {
         tracing::info!(
             "stopping; the datapath stays pinned and accelerated connections keep flowing"

@@ -13,8 +13,6 @@ use std::{
     collections::BTreeMap,
     fs as stdfs, io,
     path::{Path, PathBuf},
-    thread,
-    time::{Duration, Instant},
 };
 
 use aya::{
@@ -336,6 +334,13 @@ pub fn pinned_pods(pin_dir: &Path) -> Result<BTreeMap<u64, PodPolicy>, Error> {
         .collect()
 }
 
+/// How many sock_ops programs (meshlane's or anyone's) are attached directly to `cgroup`.
+pub fn sock_ops_attached(cgroup: &Path) -> Result<u32, Error> {
+    let fd = stdfs::File::open(cgroup).map_err(|_| Error::NoCgroup(cgroup.to_path_buf()))?;
+    sys::prog_count(&fd, sys::BPF_CGROUP_SOCK_OPS)
+        .map_err(|e| Error::Io(format!("query {}", cgroup.display()), e))
+}
+
 fn preflight(opts: &Options) -> Result<(), Error> {
     if !nix::unistd::geteuid().is_root() {
         return Err(Error::Privilege(format!(
@@ -377,20 +382,21 @@ fn pin_state(dir: &Path) -> PinState {
 #[derive(Debug, Default, serde::Serialize)]
 pub struct DetachReport {
     pub found: bool,
-    pub drained_for_ms: u64,
     pub removed_pins: Vec<String>,
 }
 
-/// Detaches and removes everything under `pin_dir`, gently:
-/// 1. drain: sk_msg stops redirecting, so every direction continues on TCP after the bytes it
-///    already queued (the receiver reads those first);
-/// 2. sock_ops comes off the cgroup, so no new socket is tracked;
-/// 3. wait until no message has been redirected for a quiet period (readers drain their queues),
-///    at most `drain_timeout`;
-/// 4. sk_msg comes off the sockhash, and every pin is removed; the kernel frees the maps when the
-///    last reference goes, restoring each socket's plain TCP.
+/// Detaches and removes everything under `pin_dir`:
+/// 1. drain: sk_msg stops redirecting, so every accelerated direction continues on TCP after the
+///    bytes it already handed over (the receiver reads those first, so order holds);
+/// 2. sock_ops comes off the cgroup, so no new socket is tracked or stamped;
+/// 3. sk_msg comes off the sockhash and every pin is removed.
+///
+/// Nothing is deleted from the sockhash: deleting a socket purges redirected bytes it has not
+/// read yet. Sockets already in the map keep their psock (and its queue) until they close; the
+/// kernel frees the map and programs when the last of them does. So detach never cuts or
+/// truncates a live connection, and leaves nothing pinned or attached.
 /// Idempotent: with nothing pinned it reports `found: false` and succeeds.
-pub fn detach(pin_dir: &Path, drain_timeout: Duration) -> Result<DetachReport, Error> {
+pub fn detach(pin_dir: &Path) -> Result<DetachReport, Error> {
     let mut report = DetachReport::default();
     if pin_state(pin_dir) == PinState::Absent {
         if pin_dir.exists() {
@@ -399,59 +405,27 @@ pub fn detach(pin_dir: &Path, drain_timeout: Duration) -> Result<DetachReport, E
         return Ok(report);
     }
     report.found = true;
-    let start = Instant::now();
-    let control: Option<Array<MapData, u32>> = typed(pin_dir, maps::CONTROL).ok();
-    if let Some(mut control) = control {
+    if let Ok(mut control) = typed::<Array<MapData, u32>>(pin_dir, maps::CONTROL) {
         control
             .set(CONTROL_FLAGS, CONTROL_DRAIN, 0)
             .map_err(|e| Error::Map(maps::CONTROL, e.to_string()))?;
     }
-    let link_pin = pin_dir.join(PIN_LINK_SOCK_OPS);
-    if let Ok(link) = sys::obj_get(&link_pin) {
+    if let Ok(link) = sys::obj_get(&pin_dir.join(PIN_LINK_SOCK_OPS)) {
         if let Err(e) = sys::link_detach(&link) {
             tracing::warn!(error = %e, "sock_ops link detach");
         }
     }
-    if let Ok(counters) = typed::<PerCpuArray<MapData, u64>>(pin_dir, maps::COUNTERS) {
-        wait_quiet(&counters, drain_timeout)?;
-    }
-    report.drained_for_ms = start.elapsed().as_millis() as u64;
     if let (Ok(prog), Ok(socks)) = (
-        aya::programs::SkMsg::from_pin(pin_dir.join(PIN_PROG_SK_MSG)),
-        MapData::from_pin(pin_dir.join(maps::SOCKS)),
+        sys::obj_get(&pin_dir.join(PIN_PROG_SK_MSG)),
+        sys::obj_get(&pin_dir.join(maps::SOCKS)),
     ) {
-        if let Ok(fd) = prog.fd() {
-            use std::os::fd::AsFd as _;
-            if let Err(e) =
-                sys::prog_detach(&socks.fd().as_fd(), &fd.as_fd(), sys::BPF_SK_MSG_VERDICT)
-            {
-                tracing::debug!(error = %e, "sk_msg already detached");
-            }
+        if let Err(e) = sys::prog_detach(&socks, &prog, sys::BPF_SK_MSG_VERDICT) {
+            tracing::debug!(error = %e, "sk_msg already detached");
         }
     }
-    report.removed_pins.extend(remove_pins(pin_dir)?);
-    tracing::info!(pin_dir = %pin_dir.display(), drained_ms = report.drained_for_ms, "datapath detached");
+    report.removed_pins = remove_pins(pin_dir)?;
+    tracing::info!(pin_dir = %pin_dir.display(), pins = report.removed_pins.len(), "datapath detached");
     Ok(report)
-}
-
-/// Waits until the redirect counters have not moved for a quiet period, or `timeout`.
-fn wait_quiet(counters: &PerCpuArray<MapData, u64>, timeout: Duration) -> Result<(), Error> {
-    const QUIET: Duration = Duration::from_millis(200);
-    let deadline = Instant::now() + timeout;
-    let mut last = read_counters(counters)?.redirected_msgs();
-    let mut still_since = Instant::now();
-    while Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(50));
-        let now = read_counters(counters)?.redirected_msgs();
-        if now != last {
-            last = now;
-            still_since = Instant::now();
-        } else if still_since.elapsed() >= QUIET {
-            return Ok(());
-        }
-    }
-    tracing::warn!("redirects still moving at the drain timeout; detaching anyway");
-    Ok(())
 }
 
 fn remove_pins(dir: &Path) -> Result<Vec<String>, Error> {

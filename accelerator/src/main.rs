@@ -44,22 +44,18 @@ enum Command {
         /// Detach everything on SIGTERM/SIGINT instead of leaving it pinned.
         #[arg(long)]
         detach_on_exit: bool,
-        /// With --detach-on-exit: how long to drain before removing the maps.
-        #[arg(long, default_value = "2s", value_parser = parse_duration)]
-        drain_timeout: Duration,
     },
     /// Remove every meshlane program, link, pin and map. Live connections keep working.
     ///
-    /// First stops new redirects (each accelerated direction continues on plain TCP after the
-    /// bytes it already handed over), detaches sock_ops, waits for redirects to settle, then
-    /// detaches sk_msg and removes all pins. Safe to run when nothing is attached.
+    /// Stops new redirects (each accelerated direction continues on plain TCP after the bytes it
+    /// already handed over, which its reader gets first), detaches sock_ops from the cgroup and
+    /// sk_msg from the sockhash, and removes all pins. No socket is pulled out of the sockhash, so
+    /// no queued byte is lost; the kernel frees the maps when the last accelerated connection
+    /// closes. Safe to run when nothing is attached.
     Detach {
         /// bpffs directory of the pins.
         #[arg(long, default_value = datapath::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
-        /// Upper bound on the drain wait.
-        #[arg(long, default_value = "2s", value_parser = parse_duration)]
-        drain_timeout: Duration,
     },
     /// Show the pinned datapath: pods and counters.
     Status {
@@ -108,7 +104,6 @@ fn main() -> ExitCode {
             config,
             resync,
             detach_on_exit,
-            drain_timeout,
         } => datapath::Options::with_defaults(Some(dp.pin_dir), dp.cgroup)
             .map_err(anyhow::Error::from)
             .and_then(|datapath| {
@@ -117,13 +112,9 @@ fn main() -> ExitCode {
                     config,
                     resync,
                     detach_on_exit,
-                    drain_timeout,
                 })
             }),
-        Command::Detach {
-            pin_dir,
-            drain_timeout,
-        } => detach(&pin_dir, drain_timeout),
+        Command::Detach { pin_dir } => detach(&pin_dir),
         Command::Status { pin_dir, json } => status(&pin_dir, json),
     };
     match result {
@@ -135,20 +126,19 @@ fn main() -> ExitCode {
     }
 }
 
-fn detach(pin_dir: &std::path::Path, drain: Duration) -> anyhow::Result<()> {
+fn detach(pin_dir: &std::path::Path) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         anyhow::bail!(
             "detach must run as root (it removes pins under {})",
             pin_dir.display()
         );
     }
-    let report = datapath::detach(pin_dir, drain)?;
+    let report = datapath::detach(pin_dir)?;
     if report.found {
         println!(
-            "detached: removed {} pins from {} after {} ms of drain",
+            "detached: removed {} pins from {}",
             report.removed_pins.len(),
             pin_dir.display(),
-            report.drained_for_ms
         );
     } else {
         println!("nothing to detach at {}", pin_dir.display());

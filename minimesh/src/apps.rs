@@ -20,8 +20,17 @@ pub struct EchoServer {
     listener: Arc<TcpListener>,
     addr: SocketAddrV4,
     accepted: Arc<AtomicU64>,
+    misrouted: Arc<AtomicU64>,
     stopping: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// The 6-byte header a client of [`EchoServer::spawn_checked`] sends first: the destination it
+/// meant to reach (IPv4 address and port, network order).
+pub fn dest_header(dst: SocketAddrV4) -> [u8; 6] {
+    let o = dst.ip().octets();
+    let p = dst.port().to_be_bytes();
+    [o[0], o[1], o[2], o[3], p[0], p[1]]
 }
 
 impl EchoServer {
@@ -29,11 +38,24 @@ impl EchoServer {
     /// stays there whichever thread accepts on it) and echoes every
     /// connection on its own thread.
     pub fn spawn(ns: &Netns, addr: SocketAddrV4) -> Result<EchoServer> {
+        Self::start(ns, addr, false)
+    }
+
+    /// Like [`EchoServer::spawn`], but every connection must start with [`dest_header`] naming
+    /// this server. A stream that arrives here although it was meant for another destination
+    /// (bytes handed to the wrong socket somewhere on the way) is counted in
+    /// [`EchoServer::misrouted`] and reset, so the client sees it too. The header is echoed.
+    pub fn spawn_checked(ns: &Netns, addr: SocketAddrV4) -> Result<EchoServer> {
+        Self::start(ns, addr, true)
+    }
+
+    fn start(ns: &Netns, addr: SocketAddrV4, checked: bool) -> Result<EchoServer> {
         let listener = Arc::new(
             ns.run(|| sock::listen_reuseaddr(addr))?
                 .with_context(|| format!("echo server on {addr} in {}", ns.name()))?,
         );
         let accepted = Arc::new(AtomicU64::new(0));
+        let misrouted = Arc::new(AtomicU64::new(0));
         let stopping = Arc::new(AtomicBool::new(false));
         let thread = {
             let (listener, accepted, stopping) = (
@@ -41,15 +63,17 @@ impl EchoServer {
                 Arc::clone(&accepted),
                 Arc::clone(&stopping),
             );
+            let check = checked.then(|| (addr, Arc::clone(&misrouted)));
             std::thread::Builder::new()
                 .name(format!("echo-{}", addr.port()))
-                .spawn(move || accept_loop(&listener, &accepted, &stopping))
+                .spawn(move || accept_loop(&listener, &accepted, &stopping, check))
                 .context("spawning the echo accept thread")?
         };
         Ok(EchoServer {
             listener,
             addr,
             accepted,
+            misrouted,
             stopping,
             thread: Some(thread),
         })
@@ -58,6 +82,11 @@ impl EchoServer {
     /// Connections accepted so far.
     pub fn accepted(&self) -> u64 {
         self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Connections whose header named another destination (see [`EchoServer::spawn_checked`]).
+    pub fn misrouted(&self) -> u64 {
+        self.misrouted.load(Ordering::SeqCst)
     }
 
     /// The address it listens on.
@@ -78,7 +107,12 @@ impl Drop for EchoServer {
     }
 }
 
-fn accept_loop(listener: &TcpListener, accepted: &AtomicU64, stopping: &AtomicBool) {
+/// Spurious EAGAINs seen by echo servers in this process (see `sock::read_like_epoll`).
+pub static SPURIOUS_EAGAIN: AtomicU64 = AtomicU64::new(0);
+
+type Check = Option<(SocketAddrV4, Arc<AtomicU64>)>;
+
+fn accept_loop(listener: &TcpListener, accepted: &AtomicU64, stopping: &AtomicBool, check: Check) {
     loop {
         let result = listener.accept();
         if stopping.load(Ordering::SeqCst) {
@@ -87,9 +121,20 @@ fn accept_loop(listener: &TcpListener, accepted: &AtomicU64, stopping: &AtomicBo
         match result {
             Ok((stream, _)) => {
                 accepted.fetch_add(1, Ordering::SeqCst);
-                if let Err(e) = std::thread::Builder::new()
-                    .name("echo-conn".into())
-                    .spawn(move || echo(stream))
+                let check = check.clone();
+                if let Err(e) =
+                    std::thread::Builder::new()
+                        .name("echo-conn".into())
+                        .spawn(move || {
+                            if let Some((addr, misrouted)) = check {
+                                if !header_matches(&stream, addr) {
+                                    misrouted.fetch_add(1, Ordering::SeqCst);
+                                    sock::set_linger_zero(&stream);
+                                    return;
+                                }
+                            }
+                            echo(stream)
+                        })
                 {
                     eprintln!("minimesh echo: spawning a connection thread: {e}");
                 }
@@ -106,6 +151,15 @@ fn accept_loop(listener: &TcpListener, accepted: &AtomicU64, stopping: &AtomicBo
     }
 }
 
+/// Reads the 6-byte destination header and echoes it back when it names `addr`.
+fn header_matches(mut stream: &TcpStream, addr: SocketAddrV4) -> bool {
+    let mut h = [0u8; 6];
+    if stream.read_exact(&mut h).is_err() || h != dest_header(addr) {
+        return false;
+    }
+    stream.write_all(&h).is_ok()
+}
+
 /// Echoes until the client half-closes, then half-closes back (after
 /// everything read was written). A reset from the client is passed on as a
 /// reset, an abortive close.
@@ -113,7 +167,7 @@ fn echo(mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        match stream.read(&mut buf) {
+        match sock::read_like_epoll(&stream, &mut buf, &SPURIOUS_EAGAIN) {
             Ok(0) => {
                 let _ = stream.shutdown(Shutdown::Write);
                 return;

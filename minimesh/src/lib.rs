@@ -31,15 +31,17 @@ pub mod netns;
 pub mod relay;
 mod sock;
 pub mod syncap;
+pub mod topology;
 pub mod veth;
 
-pub use apps::EchoServer;
+pub use apps::{dest_header, EchoServer};
 pub use capture::{capture_rules, install_istio_capture, CaptureConfig, InboundPorts};
 pub use cgroup::{cgroup2_root, Cgroup, CgroupGuard};
 pub use creds::become_thread_uid_gid;
 pub use netns::{enter_netns_current_thread, Netns};
 pub use relay::{Relay, RelayConfig, RelayStats};
 pub use syncap::{SynCapture, SynRecord};
+pub use topology::{Pod, TwoPods};
 pub use veth::{add_addr, veth_link};
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -12,7 +12,7 @@ use crate::creds::become_thread_uid_gid;
 use crate::netns::{enter_netns_current_thread, Netns};
 use crate::sock;
 use anyhow::{anyhow, Context, Result};
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -61,6 +61,8 @@ pub struct RelayStats {
     /// Accepted connections whose original destination could not be dialled
     /// (the client got a RST).
     pub upstream_connect_failures: u64,
+    /// Reads that returned EAGAIN although the socket is blocking (see `sock::read_like_epoll`).
+    pub spurious_eagain: u64,
 }
 
 #[derive(Debug, Default)]
@@ -68,6 +70,7 @@ struct Counters {
     outbound_accepted: AtomicU64,
     inbound_accepted: AtomicU64,
     upstream_connect_failures: AtomicU64,
+    spurious_eagain: Arc<AtomicU64>,
 }
 
 /// Which listener a connection came in on.
@@ -145,6 +148,7 @@ impl Relay {
                 .counters
                 .upstream_connect_failures
                 .load(Ordering::SeqCst),
+            spurious_eagain: self.counters.spurious_eagain.load(Ordering::SeqCst),
         }
     }
 }
@@ -242,6 +246,7 @@ fn handle_connection(client: TcpStream, side: Side, counters: &Counters) {
         client,
         upstream,
         aborted: AtomicBool::new(false),
+        spurious_eagain: Arc::clone(&counters.spurious_eagain),
     });
     let reverse = Arc::clone(&conn);
     let spawned = std::thread::Builder::new()
@@ -270,6 +275,8 @@ struct Connection {
     /// Set when one side was reset: the other pump must then not turn the
     /// wake-up below into a FIN, which the peer would take as a clean EOF.
     aborted: AtomicBool,
+    /// Shared with the relay's counters.
+    spurious_eagain: Arc<AtomicU64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -280,13 +287,13 @@ enum Dir {
 
 impl Connection {
     fn pump(&self, dir: Dir) {
-        let (mut from, mut to) = match dir {
+        let (from, mut to) = match dir {
             Dir::ClientToUpstream => (&self.client, &self.upstream),
             Dir::UpstreamToClient => (&self.upstream, &self.client),
         };
         let mut buf = vec![0u8; BUF_SIZE];
         loop {
-            match from.read(&mut buf) {
+            match sock::read_like_epoll(from, &mut buf, &self.spurious_eagain) {
                 Ok(0) => {
                     // EOF from `from`'s peer: half-close towards `to`'s peer,
                     // unless this EOF is our own wake-up after a reset.

@@ -73,3 +73,34 @@ pub(crate) fn original_dst(stream: &TcpStream) -> Result<SocketAddrV4> {
         u16::from_be(sa.sin_port),
     ))
 }
+
+/// Reads like an event-driven server (Envoy, nginx) does: an EAGAIN on this blocking socket
+/// means "not readable yet", so wait for readability and read again. Blocking reads on sockets
+/// in a sockmap can return a spurious EAGAIN (tcp_bpf_recvmsg turns an empty wake-up into
+/// EAGAIN); Envoy never blocks in read(), so it never sees that as an error, and neither must
+/// the stand-ins here. Each spurious EAGAIN is counted in `eagain`.
+pub(crate) fn read_like_epoll(
+    mut stream: &TcpStream,
+    buf: &mut [u8],
+    eagain: &std::sync::atomic::AtomicU64,
+) -> std::io::Result<usize> {
+    use std::io::{ErrorKind, Read};
+    loop {
+        match stream.read(buf) {
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                eagain.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let mut pfd = libc::pollfd {
+                    fd: stream.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd for the duration of the call.
+                let r = unsafe { libc::poll(&mut pfd, 1, 30_000) };
+                if r == 0 {
+                    return Err(std::io::Error::new(ErrorKind::TimedOut, "no data for 30 s"));
+                }
+            }
+            other => return other,
+        }
+    }
+}

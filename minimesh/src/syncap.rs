@@ -21,9 +21,12 @@ const TCP_FLAG_ACK: u8 = 0x10;
 /// How often the reader looks at the stop flag.
 const POLL: Duration = Duration::from_millis(50);
 
-/// One captured SYN (SYN set, ACK clear).
+/// One captured segment: a SYN (SYN set, ACK clear), or any segment that carries an
+/// experimental TCP option (kind 253 or 254), which is where meshlane's stamp would show.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SynRecord {
+    /// SYN set and ACK clear (a connection opening); false for other stamped segments.
+    pub syn: bool,
     /// Connecting side.
     pub src: SocketAddrV4,
     /// Destination as it appeared on the wire (after any NAT on the sender).
@@ -204,15 +207,18 @@ fn parse_syn(frame: &[u8]) -> Result<Option<SynRecord>> {
         bail!("truncated TCP header");
     }
     let flags = tcp[13];
-    if flags & TCP_FLAG_SYN == 0 || flags & TCP_FLAG_ACK != 0 {
-        return Ok(None);
-    }
+    let syn = flags & TCP_FLAG_SYN != 0 && flags & TCP_FLAG_ACK == 0;
     let data_offset = usize::from(tcp[12] >> 4) * 4;
     let opts = tcp.get(20..data_offset).context("truncated TCP options")?;
+    let options = parse_options(opts)?;
+    if !syn && !options.iter().any(|(k, _)| *k == 253 || *k == 254) {
+        return Ok(None);
+    }
     Ok(Some(SynRecord {
+        syn,
         src: SocketAddrV4::new(src_ip, be16(tcp, 0)?),
         dst: SocketAddrV4::new(dst_ip, be16(tcp, 2)?),
-        options: parse_options(opts)?,
+        options,
     }))
 }
 

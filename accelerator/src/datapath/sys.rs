@@ -98,3 +98,34 @@ pub fn obj_get(path: &std::path::Path) -> io::Result<std::os::fd::OwnedFd> {
     // SAFETY: the kernel returned a fresh descriptor we now own.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(ret as i32) })
 }
+
+const BPF_PROG_QUERY: libc::c_long = 16;
+/// `enum bpf_attach_type`: BPF_CGROUP_SOCK_OPS.
+pub const BPF_CGROUP_SOCK_OPS: u32 = 3;
+
+#[repr(C)]
+#[derive(Default)]
+struct ProgQueryAttr {
+    target_fd: u32,
+    attach_type: u32,
+    query_flags: u32,
+    attach_flags: u32,
+    prog_ids: u64,
+    prog_cnt: u32,
+    _pad0: u32,
+    prog_attach_flags: u64,
+    link_ids: u64,
+    link_attach_flags: u64,
+    revision: u64,
+}
+
+/// How many programs of `attach_type` are attached directly to the cgroup `target`.
+pub fn prog_count(target: &impl AsRawFd, attach_type: u32) -> io::Result<u32> {
+    let mut attr = ProgQueryAttr {
+        target_fd: target.as_raw_fd() as u32,
+        attach_type,
+        ..Default::default()
+    };
+    bpf(BPF_PROG_QUERY, &mut attr)?;
+    Ok(attr.prog_cnt)
+}

@@ -11,7 +11,7 @@ use core::mem::size_of;
 
 /// Experimental TCP option kind (RFC 6994) that carries the connecting socket's cookie.
 pub const TCP_OPT_KIND: u8 = 253;
-/// The option's ExID, "ML" — lets the kernel's option search skip other users of kind 253.
+/// The option's ExID, "ML": lets the kernel's option search skip other users of kind 253.
 pub const TCP_OPT_EXID: u16 = 0x4d4c;
 /// kind + length + ExID (2) + socket cookie (8).
 pub const TCP_OPT_LEN: u8 = 12;
@@ -184,8 +184,8 @@ pub struct Waiter {
 }
 const _: () = assert!(size_of::<Waiter>() == 16);
 
-/// [`SockState::flags`]: this socket's SYN carries the token option.
-pub const SOCK_STAMPED: u8 = 1;
+/// [`SockState::flags`]: the next non-SYN segment this socket sends carries the token option.
+pub const SOCK_STAMP_PENDING: u8 = 1;
 /// [`SockState::flags`]: this socket owns the rendezvous entry under `pair_key`.
 pub const SOCK_WAITING: u8 = 2;
 /// [`SockState::flags`]: bytes from this socket once took the TCP path; they stay there
@@ -230,14 +230,13 @@ pub mod counter {
     pub const STAMPS_WRITTEN: u32 = 15;
     pub const STAMPS_FOUND: u32 = 16;
     pub const STAMPS_MISSING: u32 = 17;
-    pub const LISTENERS_SAVE_SYN: u32 = 18;
-    pub const SOCKHASH_FULL: u32 = 19;
-    pub const RENDEZVOUS_FULL: u32 = 20;
-    pub const PEERS_FULL: u32 = 21;
-    pub const SKIP_EARLY_DATA: u32 = 22;
-    pub const PAIR_REJECTED: u32 = 23;
-    pub const CONNECT_NOT_CAPTURED: u32 = 24;
-    pub const COUNT: u32 = 25;
+    pub const SOCKHASH_FULL: u32 = 18;
+    pub const RENDEZVOUS_FULL: u32 = 19;
+    pub const PEERS_FULL: u32 = 20;
+    pub const SKIP_EARLY_DATA: u32 = 21;
+    pub const PAIR_REJECTED: u32 = 22;
+    pub const CONNECT_NOT_CAPTURED: u32 = 23;
+    pub const COUNT: u32 = 24;
 
     /// Names for userspace, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -259,7 +258,6 @@ pub mod counter {
         "stamps_written",
         "stamps_found",
         "stamps_missing",
-        "listeners_save_syn",
         "sockhash_full",
         "rendezvous_full",
         "peers_full",

@@ -2,11 +2,14 @@
 //! cookie, and pair the two ends of each hop exactly (DESIGN.md invariant 1, PAIRING.md).
 //!
 //! Outbound hop: the app connects to some service; istio-init's REDIRECT sends it to the sidecar's
-//! capture port. NAT runs after the SYN is built, so at connect time we only *predict* capture from
-//! the pod's mirrored Istio settings and stamp the SYN with the app socket's cookie. The sidecar's
-//! accepted socket reads the stamp back from its saved SYN. The two ends meet on that token, so
-//! pairing is independent of addresses, port reuse and conntrack remaps. A stamped connection that
-//! never reaches the sidecar simply never finds its partner and stays on TCP.
+//! capture port. NAT runs after the packets are built, so at connect time we only *predict* capture
+//! from the pod's mirrored Istio settings. For a predicted capture, the ACK that completes the
+//! handshake carries the app socket's cookie in an experimental TCP option; the sidecar's socket
+//! reads it from that very ACK when it becomes established. The ACK rather than the SYN: it needs
+//! no TCP_SAVE_SYN on the listener, so sidecars that were listening before meshlane started (and
+//! SYN-cookie handshakes) pair too, and no saved SYN is kept per connection. The two ends meet on
+//! that token, so pairing is independent of addresses, port reuse and conntrack remaps. A stamped
+//! connection that never reaches the sidecar simply never finds its partner and stays on TCP.
 //!
 //! Inbound hop: the sidecar connects from 127.0.0.6 to the app inside the same namespace, without
 //! NAT, so the two sockets are mirror 4-tuples and meet on the unordered tuple.
@@ -17,19 +20,19 @@ use aya_ebpf::{
     bindings::{
         BPF_ANY, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB,
         BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
     },
     helpers::generated::{
         bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_load_hdr_opt,
-        bpf_reserve_hdr_opt, bpf_setsockopt, bpf_sk_storage_get, bpf_store_hdr_opt,
+        bpf_reserve_hdr_opt, bpf_sk_storage_get, bpf_store_hdr_opt,
     },
     programs::SockOpsContext,
 };
 use meshlane_common::{
     counter, partner_role, PairKey, PodPolicy, SockState, Waiter, CONTROL_DRAIN, CONTROL_FLAGS,
     MAX_CIDRS, MAX_PORTS, POLICY_INBOUND, POLICY_INCLUDE_CIDRS, POLICY_OUTBOUND, ROLE_IN_APP,
-    ROLE_IN_PROXY, ROLE_OUT_APP, ROLE_OUT_PROXY, SOCK_IN_MAP, SOCK_STAMPED, SOCK_WAITING,
+    ROLE_IN_PROXY, ROLE_OUT_APP, ROLE_OUT_PROXY, SOCK_IN_MAP, SOCK_STAMP_PENDING, SOCK_WAITING,
     TCP_OPT_EXID, TCP_OPT_KIND, TCP_OPT_LEN,
 };
 
@@ -39,14 +42,10 @@ use crate::{
 };
 
 const AF_INET: u32 = 2;
-const SOL_TCP: i32 = 6;
-const TCP_SAVE_SYN: i32 = 27;
 const TCP_CLOSE: u32 = 7;
 const TCPHDR_SYN: u32 = 0x02;
-const TCPHDR_ACK: u32 = 0x10;
 const EEXIST: i32 = 17;
 const BPF_SK_STORAGE_GET_F_CREATE: u64 = 1;
-const BPF_LOAD_HDR_OPT_TCP_SYN: u64 = 1;
 
 pub fn handle(ctx: &SockOpsContext) {
     // IPv6 and v4-mapped sockets are left on TCP for now (fail open).
@@ -65,7 +64,6 @@ pub fn handle(ctx: &SockOpsContext) {
         BPF_SOCK_OPS_WRITE_HDR_OPT_CB => on_write_hdr_opt(ctx),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(ctx, netns),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(ctx, netns, policy),
-        BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(ctx, policy),
         BPF_SOCK_OPS_STATE_CB => on_state(ctx),
         _ => {}
     }
@@ -100,13 +98,7 @@ fn on_connect(ctx: &SockOpsContext, policy: &PodPolicy) {
     }
     let Some(st) = state(ctx, true) else { return };
     st.role = ROLE_OUT_APP;
-    st.flags |= SOCK_STAMPED;
     st.cookie = cookie(ctx);
-    // The SYN is built right after this callback returns; the flag makes the kernel ask us for
-    // option space (HDR_OPT_LEN) and then for the bytes (WRITE_HDR_OPT).
-    let _ = ctx.set_cb_flags(
-        (ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG | BPF_SOCK_OPS_STATE_CB_FLAG) as i32,
-    );
 }
 
 /// Mirrors istio-init's ISTIO_OUTPUT for a non-proxy process: loopback and the pod's own address
@@ -146,24 +138,28 @@ fn predict_captured(ctx: &SockOpsContext, policy: &PodPolicy, dport: u16) -> boo
 }
 
 fn on_hdr_opt_len(ctx: &SockOpsContext) {
-    if !is_syn(ctx) {
+    if is_syn(ctx) {
         return;
     }
     let Some(st) = state(ctx, false) else { return };
-    if st.flags & SOCK_STAMPED != 0 {
+    if st.flags & SOCK_STAMP_PENDING != 0 {
         // SAFETY: allowed in HDR_OPT_LEN_CB; the kernel checks the room left in the header.
         unsafe { bpf_reserve_hdr_opt(ctx.ops, TCP_OPT_LEN as u32, 0) };
     }
 }
 
 fn on_write_hdr_opt(ctx: &SockOpsContext) {
-    if !is_syn(ctx) {
+    if is_syn(ctx) {
         return;
     }
     let Some(st) = state(ctx, false) else { return };
-    if st.flags & SOCK_STAMPED == 0 {
+    if st.flags & SOCK_STAMP_PENDING == 0 {
         return;
     }
+    // One stamp, on the first segment after the handshake (the ACK that completes it on the
+    // sidecar's side); then the per-packet header callbacks go off again.
+    st.flags &= !SOCK_STAMP_PENDING;
+    let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
     let exid = TCP_OPT_EXID.to_be_bytes();
     let c = st.cookie.to_ne_bytes();
     let opt: [u8; TCP_OPT_LEN as usize] = [
@@ -195,11 +191,6 @@ fn on_write_hdr_opt(ctx: &SockOpsContext) {
 }
 
 fn on_active_established(ctx: &SockOpsContext, netns: u64) {
-    // Stop the per-packet header callbacks once the handshake is done.
-    let flags = ctx.cb_flags();
-    if flags & BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG != 0 {
-        let _ = ctx.set_cb_flags((flags & !BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
-    }
     let Some(st) = state(ctx, false) else { return };
     let key = match st.role {
         ROLE_OUT_APP => PairKey::token(netns, st.cookie),
@@ -212,15 +203,21 @@ fn on_active_established(ctx: &SockOpsContext, netns: u64) {
         inc(counter::SKIP_EARLY_DATA);
         return;
     }
+    if st.role == ROLE_OUT_APP {
+        // The kernel sends the handshake's final ACK right after this callback; the flag makes it
+        // ask us for option space (HDR_OPT_LEN) and then for the bytes (WRITE_HDR_OPT).
+        st.flags |= SOCK_STAMP_PENDING;
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
+    }
     join(ctx, st, key);
 }
 
 fn on_passive_established(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy) {
     let lport = ctx.local_port() as u16;
     let (role, key) = if policy.flags & POLICY_OUTBOUND != 0 && lport == policy.outbound_port {
-        // The sidecar accepted a captured connection. Only a stamped SYN names its app socket;
-        // unstamped ones (the sidecar's own upstreams captured back, conntrack surprises, SYN
-        // cookies) are left alone.
+        // The sidecar accepted a captured connection. Only a stamped handshake names its app
+        // socket; unstamped ones (the sidecar's own upstreams captured back, conntrack surprises,
+        // apps in other pods) are left alone.
         let Some(token) = load_token(ctx) else {
             inc(counter::STAMPS_MISSING);
             return;
@@ -244,28 +241,6 @@ fn on_passive_established(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy) 
     st.role = role;
     st.cookie = cookie(ctx);
     join(ctx, st, key);
-}
-
-fn on_listen(ctx: &SockOpsContext, policy: &PodPolicy) {
-    if policy.flags & POLICY_OUTBOUND == 0 || ctx.local_port() as u16 != policy.outbound_port {
-        return;
-    }
-    // Keep the SYN of every connection the capture listener accepts, so the passive side can
-    // read the app socket's stamp at establishment.
-    let one: i32 = 1;
-    // SAFETY: allowed in TCP_LISTEN_CB; optval points at 4 readable bytes.
-    let ret = unsafe {
-        bpf_setsockopt(
-            ctx.ops.cast(),
-            SOL_TCP,
-            TCP_SAVE_SYN,
-            ptr::from_ref(&one).cast_mut().cast(),
-            4,
-        )
-    };
-    if ret == 0 {
-        inc(counter::LISTENERS_SAVE_SYN);
-    }
 }
 
 /// A tracked socket closes: drop what it left in the pairing maps. The sockhash forgets it on its own.
@@ -358,7 +333,7 @@ fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey) {
     }
 }
 
-/// The app socket's cookie from the stamp in the saved SYN.
+/// The app socket's cookie from the stamp on the segment that completed the handshake.
 fn load_token(ctx: &SockOpsContext) -> Option<u64> {
     let exid = TCP_OPT_EXID.to_be_bytes();
     // Search key for an experimental option: kind, then a "length" of 4 meaning kind+len+ExID.
@@ -370,7 +345,7 @@ fn load_token(ctx: &SockOpsContext) -> Option<u64> {
             ctx.ops,
             ptr::from_mut(&mut buf).cast(),
             TCP_OPT_LEN as u32,
-            BPF_LOAD_HDR_OPT_TCP_SYN,
+            0,
         )
     };
     if ret != TCP_OPT_LEN as i64 || buf[1] != TCP_OPT_LEN {
@@ -410,8 +385,8 @@ fn port_listed(ports: &[u16; MAX_PORTS], port: u16) -> bool {
 
 fn is_syn(ctx: &SockOpsContext) -> bool {
     // SAFETY: reading a u32 field of the live context.
-    let f = unsafe { (*ctx.ops).skb_tcp_flags };
-    f & TCPHDR_SYN != 0 && f & TCPHDR_ACK == 0
+    let flags = unsafe { (*ctx.ops).skb_tcp_flags };
+    flags & TCPHDR_SYN != 0
 }
 
 fn cookie(ctx: &SockOpsContext) -> u64 {

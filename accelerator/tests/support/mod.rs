@@ -1,0 +1,223 @@
+//! Shared scaffolding of the privileged datapath tests: a fresh meshlane datapath per test, pinned
+//! in its own bpffs directory and attached to its own cgroup (which this process joins while the
+//! test runs), plus stream helpers that check every byte.
+//!
+//! Tests in one binary run on parallel threads, but cgroup membership is per process, so the
+//! fixture holds a process-wide lock: privileged tests run one at a time.
+#![allow(dead_code)]
+
+use std::{
+    io::{self, ErrorKind, Read, Write},
+    net::{Shutdown, SocketAddrV4, TcpStream},
+    path::PathBuf,
+    sync::{Mutex, MutexGuard},
+    time::Duration,
+};
+
+use meshlane::{
+    datapath::{self, Counters, Datapath, Options},
+    model::{Cidr, OutboundRanges, Pod},
+    policy,
+};
+use minimesh::{CaptureConfig, Cgroup, CgroupGuard, Netns};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+static PIN_SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// A loaded, attached datapath scoped to this test. Drop detaches it and removes the cgroup.
+pub struct Accel {
+    // Field order is drop order.
+    pub dp: Option<Datapath>,
+    pub pin_dir: PathBuf,
+    _in_cgroup: CgroupGuard,
+    pub cgroup: Cgroup,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl Accel {
+    /// `None` when privileged tests cannot run here (and CI is not set: under CI=true that panics).
+    pub fn new(test: &str) -> Option<Accel> {
+        let mut a = Self::cgroup_only(test)?;
+        a.dp = Some(Datapath::open(&a.options()).expect("load the datapath"));
+        Some(a)
+    }
+
+    /// The test cgroup and a pin directory name, but nothing loaded (for tests that run the daemon).
+    pub fn cgroup_only(test: &str) -> Option<Accel> {
+        let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        if !minimesh::privileged_or_skip(test) {
+            return None;
+        }
+        let cgroup = Cgroup::new("dp").expect("test cgroup");
+        let in_cgroup = cgroup.enter().expect("join the test cgroup");
+        let n = PIN_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pin_dir = PathBuf::from(format!(
+            "/sys/fs/bpf/meshlane-test-{}-{n}",
+            std::process::id()
+        ));
+        Some(Accel {
+            dp: None,
+            pin_dir,
+            _in_cgroup: in_cgroup,
+            cgroup,
+            _serial: serial,
+        })
+    }
+
+    pub fn options(&self) -> Options {
+        Options {
+            pin_dir: self.pin_dir.clone(),
+            cgroup: self.cgroup.path().to_path_buf(),
+        }
+    }
+
+    pub fn dp(&mut self) -> &mut Datapath {
+        self.dp.as_mut().expect("datapath open")
+    }
+
+    /// Registers a pod whose sidecar captures as `capture` says.
+    pub fn add_pod(&mut self, ns: &Netns, capture: &CaptureConfig) {
+        let pod = pod_model(ns, capture);
+        let cookie = ns.cookie().expect("netns cookie");
+        let p = policy::pod_policy(&pod).expect("policy");
+        self.dp().set_pod(cookie, &p).expect("policy write");
+    }
+
+    pub fn remove_pod(&mut self, ns: &Netns) {
+        let cookie = ns.cookie().expect("netns cookie");
+        self.dp().remove_pod(cookie).expect("policy removal");
+    }
+
+    pub fn counters(&self) -> Counters {
+        datapath::pinned_counters(&self.pin_dir).expect("counters")
+    }
+
+    /// Detaches everything now (the test goes on without programs).
+    pub fn detach(&mut self) {
+        self.dp = None;
+        datapath::detach(&self.pin_dir).expect("detach");
+    }
+}
+
+impl Drop for Accel {
+    fn drop(&mut self) {
+        self.dp = None;
+        if let Err(e) = datapath::detach(&self.pin_dir) {
+            eprintln!("test cleanup: detach {}: {e}", self.pin_dir.display());
+        }
+    }
+}
+
+/// The model of a pod whose istio-init ran with `capture`.
+pub fn pod_model(ns: &Netns, capture: &CaptureConfig) -> Pod {
+    Pod {
+        name: format!("test/{}", ns.name()),
+        netns: ns.path(),
+        proxy_uid: capture.proxy_uid,
+        proxy_gid: capture.proxy_gid,
+        outbound_port: capture.outbound_port,
+        inbound_port: capture.inbound_port,
+        inbound_bind: std::net::Ipv4Addr::new(127, 0, 0, 6),
+        exclude_outbound_ports: capture.exclude_outbound_ports.clone(),
+        exclude_inbound_ports: capture.exclude_inbound_ports.clone(),
+        exclude_outbound_cidrs: capture
+            .exclude_outbound_cidrs
+            .iter()
+            .map(|(addr, prefix)| Cidr {
+                addr: *addr,
+                prefix: *prefix,
+            })
+            .collect(),
+        include_outbound: OutboundRanges::All,
+        accelerate_outbound: true,
+        accelerate_inbound: true,
+    }
+}
+
+/// Connects from inside `ns` (the socket lives there, and in this process's cgroup).
+pub fn connect(ns: &Netns, dst: SocketAddrV4) -> io::Result<TcpStream> {
+    let s = ns
+        .run(|| TcpStream::connect_timeout(&dst.into(), Duration::from_secs(10)))
+        .map_err(io::Error::other)??;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.set_write_timeout(Some(Duration::from_secs(30)))?;
+    Ok(s)
+}
+
+/// Deterministic, connection-specific bytes, so a byte delivered to the wrong stream shows.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// What a blocking reader saw: the bytes, and how many times the kernel said EAGAIN on a
+/// blocking socket (the tcp_bpf_recvmsg hazard; 0 on plain TCP).
+#[derive(Debug, Default)]
+pub struct ReadOutcome {
+    pub bytes: Vec<u8>,
+    pub spurious_eagain: u32,
+}
+
+/// Reads to end of stream on a blocking socket. An EAGAIN before the read timeout is the kernel
+/// hazard; it is counted and the read retried, as a careful app would.
+pub fn read_to_end(mut s: &TcpStream) -> io::Result<ReadOutcome> {
+    let mut out = ReadOutcome::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    let timeout = s.read_timeout()?.unwrap_or(Duration::from_secs(30));
+    loop {
+        let started = std::time::Instant::now();
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(out),
+            Ok(n) => out.bytes.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock && started.elapsed() < timeout => {
+                out.spurious_eagain += 1;
+                if out.spurious_eagain > 1000 {
+                    return Err(e);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Full-duplex exchange with an echo peer: a writer thread sends `payload` in `chunk`-sized
+/// writes and half-closes; this thread reads everything back to end of stream.
+pub fn echo_exchange(s: TcpStream, payload: &[u8], chunk: usize) -> io::Result<ReadOutcome> {
+    std::thread::scope(|scope| {
+        let w = scope.spawn(|| -> io::Result<()> {
+            let mut ws = &s;
+            for c in payload.chunks(chunk.max(1)) {
+                ws.write_all(c)?;
+            }
+            s.shutdown(Shutdown::Write)
+        });
+        let r = read_to_end(&s);
+        w.join().expect("writer thread")?;
+        r
+    })
+}
+
+/// Asserts two byte streams are identical, reporting the first difference instead of dumping MiBs.
+pub fn assert_same(what: &str, got: &[u8], want: &[u8]) {
+    if got == want {
+        return;
+    }
+    let first = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a != b)
+        .unwrap_or(got.len().min(want.len()));
+    panic!(
+        "{what}: got {} bytes, want {}; first difference at byte {first}",
+        got.len(),
+        want.len()
+    );
+}

@@ -1,0 +1,76 @@
+//! Ready-made node shapes built from the pieces of this crate, so tests, benchmarks and the demo
+//! build the same thing: a client pod and a server pod, each with istio-init's capture rules and a
+//! sidecar stand-in, joined by a veth pair.
+//!
+//! ```text
+//!  client pod (10.<n>.0.1)                      server pod (10.<n>.0.2)
+//!  app --REDIRECT 15001--> relay --veth--> REDIRECT 15006 --> relay --127.0.0.6--> app
+//! ```
+//! Each `TwoPods` lives in its own pair of namespaces, so two of them may use the same addresses.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context, Result};
+
+use crate::{install_istio_capture, veth_link, CaptureConfig, Netns, Relay, RelayConfig};
+
+/// One pod: its namespace, address, capture rules and sidecar.
+#[derive(Debug)]
+pub struct Pod {
+    // Field order is drop order: the sidecar's threads stop before the namespace goes.
+    pub relay: Option<Relay>,
+    pub capture: CaptureConfig,
+    pub ip: Ipv4Addr,
+    pub ns: Netns,
+}
+
+/// A client pod and a server pod linked by `eth0` on both sides.
+#[derive(Debug)]
+pub struct TwoPods {
+    pub client: Pod,
+    pub server: Pod,
+}
+
+impl TwoPods {
+    /// Builds both pods on subnet `10.<subnet>.0.0/24` with the given capture rules and a relay in
+    /// each, running as the proxy uid/gid of its capture config.
+    pub fn new(subnet: u8, client: CaptureConfig, server: CaptureConfig) -> Result<TwoPods> {
+        let client_ns = Netns::new("cli")?;
+        let server_ns = Netns::new("srv")?;
+        let (cip, sip) = (
+            Ipv4Addr::new(10, subnet, 0, 1),
+            Ipv4Addr::new(10, subnet, 0, 2),
+        );
+        veth_link(&client_ns, "eth0", cip, &server_ns, "eth0", sip, 24).context("pod link")?;
+        let client = Pod::start(client_ns, cip, client)?;
+        let server = Pod::start(server_ns, sip, server)?;
+        Ok(TwoPods { client, server })
+    }
+}
+
+impl Pod {
+    fn start(ns: Netns, ip: Ipv4Addr, capture: CaptureConfig) -> Result<Pod> {
+        install_istio_capture(&ns, &capture)?;
+        let relay = Relay::spawn(
+            &ns,
+            RelayConfig {
+                uid: capture.proxy_uid,
+                gid: capture.proxy_gid,
+                outbound_port: capture.outbound_port,
+                inbound_port: capture.inbound_port,
+                ..RelayConfig::default()
+            },
+        )?;
+        Ok(Pod {
+            relay: Some(relay),
+            capture,
+            ip,
+            ns,
+        })
+    }
+
+    /// The pod's sidecar statistics.
+    pub fn relay_stats(&self) -> crate::RelayStats {
+        self.relay.as_ref().map(Relay::stats).unwrap_or_default()
+    }
+}
