@@ -6,7 +6,7 @@
 mod support;
 
 use std::{
-    io::{ErrorKind, Read, Write},
+    io::{Read, Write},
     net::{Ipv4Addr, Shutdown, SocketAddrV4},
 };
 
@@ -93,4 +93,214 @@ fn streams_are_byte_exact_through_both_hops_and_counters_prove_the_redirect() {
     assert!(!accel.pin_dir.exists(), "detach removed the pins");
     exchanges(&mesh, N, SIZE);
     assert_eq!(mesh.client.relay_stats().outbound_accepted, 3 * N);
+}
+
+/// Port reuse and NAT remaps: 500 concurrent connections from one pod through a 64-port range to
+/// 20 destinations (half captured, half excluded by port), plus five connections sharing one bound
+/// port. Every stream must come back whole from the destination it named, every captured one must
+/// be paired exactly once, and no segment leaving the pod may carry meshlane's option.
+#[test]
+fn port_reuse_and_nat_remaps_never_cross_streams() {
+    let Some(mut accel) = Accel::new("port_reuse_and_nat_remaps") else {
+        return;
+    };
+    let client_capture = CaptureConfig {
+        exclude_outbound_ports: vec![9000],
+        ..CaptureConfig::default()
+    };
+    let mesh = TwoPods::new(73, client_capture, CaptureConfig::default()).unwrap();
+    let status = mesh
+        .client
+        .ns
+        .cmd("sysctl")
+        .args(["-qw", "net.ipv4.ip_local_port_range=40000 40063"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "narrow the client pod's port range");
+    let mut servers = Vec::new();
+    let mut dsts = Vec::new();
+    for k in 0..10u8 {
+        let ip = Ipv4Addr::new(10, 73, 0, 10 + k);
+        minimesh::add_addr(&mesh.server.ns, "eth0", ip, 24).unwrap();
+        for port in [80, 9000] {
+            let addr = SocketAddrV4::new(ip, port);
+            servers.push(EchoServer::spawn_checked(&mesh.server.ns, addr).unwrap());
+            dsts.push(addr);
+        }
+    }
+    accel.add_pod(&mesh.client.ns, &mesh.client.capture);
+    accel.add_pod(&mesh.server.ns, &mesh.server.capture);
+    let tap = minimesh::SynCapture::start(&mesh.client.ns, "eth0").unwrap();
+
+    // All connections are open at once, so local ports are shared across destinations.
+    let mut conns = Vec::new();
+    for i in 0..500usize {
+        let dst = dsts[i % dsts.len()];
+        conns.push((
+            i as u64,
+            dst,
+            connect(&mesh.client.ns, dst).expect("connect"),
+        ));
+    }
+    let shared = SocketAddrV4::new(mesh.client.ip, 41000);
+    for k in 0..5usize {
+        let dst = dsts[2 * k]; // port 80: captured, so all five NAT to the same 127.0.0.1:15001 tuple
+        conns.push((
+            1000 + k as u64,
+            dst,
+            connect_from(&mesh.client.ns, shared, dst).expect("bound connect"),
+        ));
+    }
+    let captured = conns.iter().filter(|(_, d, _)| d.port() == 80).count() as u64;
+    par_each(conns, 12, |(seed, dst, s)| {
+        checked_echo(s, dst, seed, 32 * 1024)
+    });
+
+    let segments = tap.stop();
+    let stamped: Vec<_> = segments
+        .iter()
+        .filter(|r| r.has_option(meshlane_common::TCP_OPT_KIND))
+        .collect();
+    assert!(
+        stamped.is_empty(),
+        "segments left the pod carrying meshlane's option: {stamped:?}"
+    );
+    let excluded_syns = segments
+        .iter()
+        .filter(|r| r.syn && r.src.ip() == &mesh.client.ip && r.dst.port() == 9000)
+        .count();
+    assert_eq!(
+        excluded_syns, 250,
+        "every excluded connection went straight out, unstamped"
+    );
+
+    let misrouted: u64 = servers.iter().map(EchoServer::misrouted).sum();
+    assert_eq!(
+        misrouted, 0,
+        "bytes reached a destination their stream did not name"
+    );
+    let c = accel.counters();
+    eprintln!("counters: {c:?}");
+    assert_eq!(
+        c.get("stamps_written"),
+        captured,
+        "only captured connections are stamped"
+    );
+    assert_eq!(c.get("stamps_found"), captured);
+    assert_eq!(
+        c.get("pairs_outbound"),
+        captured,
+        "each captured connection paired once"
+    );
+    assert_eq!(
+        c.get("pairs_inbound"),
+        505,
+        "each connection's inbound hop paired once"
+    );
+    assert_eq!(c.get("pair_rejected"), 0);
+    assert_eq!(
+        c.get("bytes_redirected_outbound_app_to_sidecar"),
+        captured * (6 + 32 * 1024),
+        "every captured byte went through the sockhash"
+    );
+    assert_eq!(mesh.client.relay_stats().outbound_accepted, captured);
+}
+
+/// Two pods with identical addresses in separate namespaces, driven at the same time, with the
+/// inbound hop's 4-tuple identical in both: no pair may span them (invariant 3).
+#[test]
+fn identical_addresses_in_two_pods_never_pair_across() {
+    let Some(mut accel) = Accel::new("identical_addresses") else {
+        return;
+    };
+    let meshes = [mesh(74), mesh(74)];
+    let mut apps = Vec::new();
+    for m in &meshes {
+        accel.add_pod(&m.client.ns, &m.client.capture);
+        accel.add_pod(&m.server.ns, &m.server.capture);
+        apps.push(
+            EchoServer::spawn_checked(&m.server.ns, SocketAddrV4::new(m.server.ip, APP_PORT))
+                .unwrap(),
+        );
+    }
+    const N: u64 = 30;
+    std::thread::scope(|s| {
+        for (which, m) in meshes.iter().enumerate() {
+            s.spawn(move || {
+                let dst = SocketAddrV4::new(m.server.ip, APP_PORT);
+                for i in 0..N {
+                    let seed = (which as u64 + 1) * 10_000 + i;
+                    checked_echo(connect(&m.client.ns, dst).unwrap(), dst, seed, 64 * 1024);
+                }
+            });
+        }
+    });
+    // The sidecar's inbound hop with the very same tuple in both pods, opened concurrently.
+    let app_addr = SocketAddrV4::new(meshes[0].server.ip, 7000);
+    let listeners: Vec<_> = meshes
+        .iter()
+        .map(|m| {
+            m.server
+                .ns
+                .run(|| std::net::TcpListener::bind(app_addr))
+                .unwrap()
+                .unwrap()
+        })
+        .collect();
+    let barrier = std::sync::Barrier::new(2);
+    for round in 0..20u16 {
+        // Below the ephemeral range, so no relay connection holds the port.
+        let src = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 6), 20000 + round);
+        std::thread::scope(|s| {
+            for (which, (m, l)) in meshes.iter().zip(&listeners).enumerate() {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    let payload = pattern(u64::from(round) * 2 + which as u64, 8 * 1024);
+                    let mut c = m
+                        .server
+                        .ns
+                        .run(|| {
+                            minimesh::become_thread_uid_gid(1337, 1337).unwrap();
+                            barrier.wait();
+                            connect_from_here(src, app_addr)
+                        })
+                        .unwrap();
+                    let (mut a, _) = l.accept().unwrap();
+                    c.write_all(&payload).unwrap();
+                    c.shutdown(Shutdown::Write).unwrap();
+                    let mut got = Vec::new();
+                    a.read_to_end(&mut got).unwrap();
+                    assert_same(&format!("pod {which} round {round}"), &got, &payload);
+                });
+            }
+        });
+    }
+    assert_eq!(apps.iter().map(EchoServer::misrouted).sum::<u64>(), 0);
+    let c = accel.counters();
+    assert_eq!(c.get("pairs_outbound"), 2 * N);
+    assert_eq!(
+        c.get("pairs_inbound"),
+        2 * N + 40,
+        "every inbound hop paired inside its own pod"
+    );
+    assert_eq!(c.get("pair_rejected"), 0);
+}
+
+/// Bound to `src` (SO_REUSEADDR) and connected to `dst`, in the calling thread's namespace.
+fn connect_from_here(src: SocketAddrV4, dst: SocketAddrV4) -> std::net::TcpStream {
+    use nix::sys::socket::{
+        bind, connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn,
+    };
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    setsockopt(&fd, sockopt::ReuseAddr, &true).unwrap();
+    bind(fd.as_raw_fd(), &SockaddrIn::from(src)).unwrap();
+    connect(fd.as_raw_fd(), &SockaddrIn::from(dst)).unwrap();
+    std::net::TcpStream::from(fd)
 }

@@ -221,3 +221,53 @@ pub fn assert_same(what: &str, got: &[u8], want: &[u8]) {
         want.len()
     );
 }
+
+/// Sends `payload` to `s` and collects everything echoed back (see [`echo_exchange`]), for an
+/// [`minimesh::EchoServer::spawn_checked`] peer: the stream starts with the destination header.
+pub fn checked_echo(s: TcpStream, dst: SocketAddrV4, seed: u64, size: usize) {
+    let mut payload = minimesh::dest_header(dst).to_vec();
+    payload.extend(pattern(seed, size));
+    let out = echo_exchange(s, &payload, 16 * 1024)
+        .unwrap_or_else(|e| panic!("stream {seed} to {dst}: {e}"));
+    assert_same(&format!("stream {seed} to {dst}"), &out.bytes, &payload);
+}
+
+/// A TCP socket bound to `src` with SO_REUSEADDR (so several may share one local port), connected
+/// to `dst` from inside `ns`.
+pub fn connect_from(ns: &Netns, src: SocketAddrV4, dst: SocketAddrV4) -> io::Result<TcpStream> {
+    use nix::sys::socket::{
+        bind, connect as nconnect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType,
+        SockaddrIn,
+    };
+    use std::os::fd::AsRawFd;
+    ns.run(|| -> io::Result<TcpStream> {
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+        bind(fd.as_raw_fd(), &SockaddrIn::from(src))?;
+        nconnect(fd.as_raw_fd(), &SockaddrIn::from(dst))?;
+        let s = TcpStream::from(fd);
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        Ok(s)
+    })
+    .map_err(io::Error::other)?
+}
+
+/// Runs `work` over `items` on `threads` threads and waits for all of them.
+pub fn par_each<T: Send>(items: Vec<T>, threads: usize, work: impl Fn(T) + Sync) {
+    let queue = Mutex::new(items);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let Some(item) = queue.lock().unwrap_or_else(|p| p.into_inner()).pop() else {
+                    return;
+                };
+                work(item);
+            });
+        }
+    });
+}
