@@ -41,6 +41,10 @@ pub enum Error {
     NoCgroup2,
     #[error("cgroup {0} does not exist; pass an existing cgroup v2 directory with --cgroup")]
     NoCgroup(PathBuf),
+    #[error(
+        "{0} is not a cgroup v2 directory; pass one with --cgroup (the unified hierarchy is mounted at /sys/fs/cgroup or /sys/fs/cgroup/unified)"
+    )]
+    NotCgroup2(PathBuf),
     #[error("{0} is not on a bpffs and is not under /sys/fs/bpf; choose a --pin-dir on a bpffs")]
     NoBpffs(PathBuf),
     #[error(
@@ -351,7 +355,7 @@ fn preflight(opts: &Options) -> Result<(), Error> {
     let magic =
         nix::sys::statfs::statfs(&opts.cgroup).map_err(|_| Error::NoCgroup(opts.cgroup.clone()))?;
     if magic.filesystem_type() != nix::sys::statfs::CGROUP2_SUPER_MAGIC {
-        return Err(Error::NoCgroup(opts.cgroup.clone()));
+        return Err(Error::NotCgroup2(opts.cgroup.clone()));
     }
     Ok(())
 }

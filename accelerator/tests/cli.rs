@@ -1,0 +1,181 @@
+//! The command line as an operator meets it: help that explains, one clear sentence for each
+//! missing prerequisite with nothing left behind, and a bad pod list that is refused by field
+//! while the daemon keeps serving.
+
+mod support;
+
+use std::{
+    os::unix::process::CommandExt,
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use meshlane::datapath;
+use support::*;
+
+fn meshlane() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_meshlane"))
+}
+
+fn run_err(cmd: &mut Command) -> String {
+    let out = cmd.stdin(Stdio::null()).output().expect("run meshlane");
+    assert!(
+        !out.status.success(),
+        "expected failure, got success: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn help_explains_every_command() {
+    let out = meshlane().arg("--help").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for cmd in ["run", "detach", "status"] {
+        assert!(text.contains(cmd), "--help lacks {cmd}:\n{text}");
+    }
+    let out = meshlane().args(["run", "--help"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for word in [
+        "--pin-dir",
+        "--cgroup",
+        "--config",
+        "adopted",
+        "--detach-on-exit",
+    ] {
+        assert!(text.contains(word), "run --help lacks {word}:\n{text}");
+    }
+    let out = meshlane().args(["detach", "--help"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Live connections keep working"));
+}
+
+#[test]
+fn missing_prerequisites_are_named_and_leave_nothing() {
+    let Some(accel) = Accel::cgroup_only("missing_prerequisites") else {
+        return;
+    };
+    let pin_dir = accel.pin_dir.clone();
+
+    // Not a cgroup v2 directory.
+    let plain_dir =
+        std::env::temp_dir().join(format!("meshlane-not-a-cgroup-{}", std::process::id()));
+    std::fs::create_dir_all(&plain_dir).unwrap();
+    let err = run_err(
+        meshlane()
+            .args(["run", "--pin-dir"])
+            .arg(&pin_dir)
+            .arg("--cgroup")
+            .arg(&plain_dir),
+    );
+    assert!(err.contains("is not a cgroup v2 directory"), "{err}");
+    assert!(
+        !pin_dir.exists(),
+        "nothing may be pinned after a refused start"
+    );
+
+    // A pin directory that is not on a bpffs.
+    let err = run_err(
+        meshlane()
+            .args(["run", "--pin-dir"])
+            .arg(plain_dir.join("pins"))
+            .arg("--cgroup")
+            .arg(accel.cgroup.path()),
+    );
+    assert!(err.contains("not on a bpffs"), "{err}");
+    assert_eq!(datapath::sock_ops_attached(accel.cgroup.path()).unwrap(), 0);
+
+    // No privilege: run from a copy any user may execute, as nobody.
+    let exe_dir = std::env::temp_dir().join(format!("meshlane-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&exe_dir).unwrap();
+    let exe = exe_dir.join("meshlane");
+    std::fs::copy(env!("CARGO_BIN_EXE_meshlane"), &exe).unwrap();
+    for d in [&exe_dir] {
+        std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let err = run_err(
+        Command::new(&exe)
+            .args(["run", "--pin-dir"])
+            .arg(&pin_dir)
+            .arg("--cgroup")
+            .arg(accel.cgroup.path())
+            .uid(65534)
+            .gid(65534),
+    );
+    assert!(err.contains("must run as root"), "{err}");
+    assert!(!pin_dir.exists());
+    assert_eq!(datapath::sock_ops_attached(accel.cgroup.path()).unwrap(), 0);
+    let _ = std::fs::remove_dir_all(&exe_dir);
+    let _ = std::fs::remove_dir_all(&plain_dir);
+}
+
+#[test]
+fn a_bad_pod_list_is_refused_by_field_and_the_last_good_state_kept() {
+    let Some(accel) = Accel::cgroup_only("bad_pod_list") else {
+        return;
+    };
+    let ns = minimesh::Netns::new("cfg").unwrap();
+    let dir = std::env::temp_dir().join(format!("meshlane-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config: PathBuf = dir.join("pods.toml");
+    let good = format!(
+        "[[pod]]\nname = \"demo/a\"\nnetns = \"{}\"\n",
+        ns.path().display()
+    );
+    std::fs::write(&config, &good).unwrap();
+    let log = dir.join("log");
+    let mut daemon = meshlane()
+        .args(["run", "--resync", "100ms", "--pin-dir"])
+        .arg(&accel.pin_dir)
+        .arg("--cgroup")
+        .arg(accel.cgroup.path())
+        .arg("--config")
+        .arg(&config)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let wait = |what: &str, ok: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ok() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let pods = || {
+        datapath::pinned_pods(&accel.pin_dir)
+            .map(|p| p.len())
+            .unwrap_or(usize::MAX)
+    };
+    wait("the pod to be listed", &|| pods() == 1);
+
+    std::fs::write(
+        &config,
+        format!("{good}exclude_outbound_cidrs = [\"10.0.0.0/99\"]\n"),
+    )
+    .unwrap();
+    wait("the rejection to be logged", &|| {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("field `exclude_outbound_cidrs`")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        daemon.try_wait().unwrap().is_none(),
+        "the daemon must keep running"
+    );
+    assert_eq!(pods(), 1, "the last good state stays in the map");
+
+    std::fs::write(&config, "").unwrap();
+    wait("the pod to be removed", &|| pods() == 0);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(daemon.wait().unwrap().success(), "SIGTERM is a clean stop");
+    assert!(
+        accel.pin_dir.exists(),
+        "without --detach-on-exit the datapath stays pinned"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
