@@ -90,9 +90,11 @@ fn missing_prerequisites_are_named_and_leave_nothing() {
     std::fs::create_dir_all(&exe_dir).unwrap();
     let exe = exe_dir.join("meshlane");
     std::fs::copy(env!("CARGO_BIN_EXE_meshlane"), &exe).unwrap();
-    for d in [&exe_dir] {
-        std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    }
+    std::fs::set_permissions(
+        &exe_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let err = run_err(
         Command::new(&exe)
             .args(["run", "--pin-dir"])

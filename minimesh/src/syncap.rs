@@ -290,12 +290,26 @@ mod tests {
     }
 
     #[test]
-    fn ignores_syn_ack_and_non_syn() {
-        assert_eq!(
-            parse_syn(&syn_frame(TCP_FLAG_SYN | TCP_FLAG_ACK)).expect("parse"),
-            None
+    fn keeps_other_segments_only_when_they_carry_an_experimental_option() {
+        // The test frame carries option 253: a stamped ACK is kept, marked as not a SYN.
+        let ack = parse_syn(&syn_frame(TCP_FLAG_ACK))
+            .expect("parse")
+            .expect("stamped ACK kept");
+        assert!(!ack.syn && ack.has_option(253));
+        assert!(
+            parse_syn(&syn_frame(TCP_FLAG_SYN))
+                .expect("parse")
+                .expect("SYN")
+                .syn
         );
-        assert_eq!(parse_syn(&syn_frame(TCP_FLAG_ACK)).expect("parse"), None);
+        // Without it, SYN-ACKs and ACKs are ignored.
+        let mut plain = syn_frame(TCP_FLAG_SYN | TCP_FLAG_ACK);
+        let opt = plain.len() - 8;
+        plain[opt] = 1; // turn kind 253 into NOPs and end-of-list
+        plain[opt + 1..].fill(0);
+        assert_eq!(parse_syn(&plain).expect("parse"), None);
+        plain[14 + 20 + 13] = TCP_FLAG_ACK; // Ethernet + IPv4 headers, then TCP's flags byte
+        assert_eq!(parse_syn(&plain).expect("parse"), None);
         let mut arp = syn_frame(TCP_FLAG_SYN);
         arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
         assert_eq!(parse_syn(&arp).expect("parse"), None);

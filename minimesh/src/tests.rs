@@ -181,7 +181,8 @@ fn outbound_capture_relays_captured_port_and_bypasses_excluded_port() -> Result<
         RelayStats {
             outbound_accepted: 1,
             inbound_accepted: 0,
-            upstream_connect_failures: 0
+            upstream_connect_failures: 0,
+            spurious_eagain: 0
         }
     );
     assert_eq!(captured.accepted(), 1);

@@ -7,7 +7,7 @@ use std::{
 
 use super::Error;
 
-const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+const BPF_FS_MAGIC: nix::sys::statfs::FsType = nix::sys::statfs::BPF_FS_MAGIC;
 
 /// Mounts a bpffs at `/sys/fs/bpf` when `dir` lives under it and nothing is mounted there yet.
 pub fn ensure_bpffs(dir: &Path) -> Result<(), Error> {
@@ -40,7 +40,7 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), Error> {
 }
 
 fn is_bpffs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC)
 }
 
 /// The root of the cgroup v2 (unified) hierarchy: `/sys/fs/cgroup` on pure v2 hosts,

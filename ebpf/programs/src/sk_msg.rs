@@ -40,7 +40,7 @@ pub fn verdict(ctx: &SkMsgContext) -> u32 {
         return SK_PASS;
     }
     // SAFETY: read-only view of a hash map value, copied out at once.
-    let Some(mut peer) = (unsafe { ML_PEERS.get(&st.cookie) }).copied() else {
+    let Some(mut peer) = (unsafe { ML_PEERS.get(st.cookie) }).copied() else {
         st.flags |= SOCK_TCP_PINNED;
         inc(counter::PASS_NO_PEER);
         return SK_PASS;

@@ -55,7 +55,7 @@ pub fn handle(ctx: &SockOpsContext) {
     // SAFETY: ctx.ops is the kernel's sock_ops context for this call.
     let netns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
     // SAFETY: read-only view of a hash map value; the daemon replaces values whole.
-    let Some(policy) = (unsafe { ML_POLICY.get(&netns) }) else {
+    let Some(policy) = (unsafe { ML_POLICY.get(netns) }) else {
         return;
     };
     match ctx.op() {
@@ -251,19 +251,19 @@ fn on_state(ctx: &SockOpsContext) {
     let Some(st) = state(ctx, false) else { return };
     if st.flags & SOCK_WAITING != 0 {
         // SAFETY: read-only view of a hash map value.
-        if let Some(w) = unsafe { ML_RENDEZVOUS.get(&st.pair_key) } {
+        if let Some(w) = unsafe { ML_RENDEZVOUS.get(st.pair_key) } {
             if w.cookie == st.cookie {
-                let _ = ML_RENDEZVOUS.remove(&st.pair_key);
+                let _ = ML_RENDEZVOUS.remove(st.pair_key);
             }
         }
     }
     // SAFETY: read-only view of a hash map value.
-    if let Some(peer) = unsafe { ML_PEERS.get(&st.cookie) } {
+    if let Some(peer) = unsafe { ML_PEERS.get(st.cookie) } {
         let peer = *peer;
         // The peer's next message finds no partner and moves to TCP for good, which is safe:
         // nothing it sends can overtake bytes already queued for us (we are closing anyway).
-        let _ = ML_PEERS.remove(&peer);
-        let _ = ML_PEERS.remove(&st.cookie);
+        let _ = ML_PEERS.remove(peer);
+        let _ = ML_PEERS.remove(st.cookie);
     }
 }
 
@@ -291,14 +291,14 @@ fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey) {
         role: st.role,
         _pad: [0; 7],
     };
-    match ML_RENDEZVOUS.insert(&key, &me, BPF_NOEXIST as u64) {
+    match ML_RENDEZVOUS.insert(key, me, BPF_NOEXIST as u64) {
         Ok(()) => {
             st.pair_key = key;
             st.flags |= SOCK_WAITING;
         }
         Err(e) if e == -EEXIST => {
             // SAFETY: read-only view of a hash map value, copied out at once.
-            let Some(other) = (unsafe { ML_RENDEZVOUS.get(&key) }).copied() else {
+            let Some(other) = (unsafe { ML_RENDEZVOUS.get(key) }).copied() else {
                 inc(counter::PAIR_REJECTED);
                 return;
             };
@@ -308,21 +308,21 @@ fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey) {
                 return;
             }
             if ML_PEERS
-                .insert(&st.cookie, &other.cookie, BPF_ANY as u64)
+                .insert(st.cookie, other.cookie, BPF_ANY as u64)
                 .is_err()
             {
                 inc(counter::PEERS_FULL);
                 return;
             }
             if ML_PEERS
-                .insert(&other.cookie, &st.cookie, BPF_ANY as u64)
+                .insert(other.cookie, st.cookie, BPF_ANY as u64)
                 .is_err()
             {
-                let _ = ML_PEERS.remove(&st.cookie);
+                let _ = ML_PEERS.remove(st.cookie);
                 inc(counter::PEERS_FULL);
                 return;
             }
-            let _ = ML_RENDEZVOUS.remove(&key);
+            let _ = ML_RENDEZVOUS.remove(key);
             inc(if st.role == ROLE_OUT_APP || st.role == ROLE_OUT_PROXY {
                 counter::PAIRS_OUTBOUND
             } else {

@@ -1,0 +1,102 @@
+//! Medians over rounds with min..max spread, the meshlane/plain ratio, as a table, JSON and
+//! Markdown.
+
+use std::fmt::Write as _;
+
+use anyhow::Result;
+
+use crate::{Args, Round, SCENARIOS};
+
+/// Median and range of one metric over the rounds of one scenario.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+fn spread(mut v: Vec<f64>) -> Spread {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    Spread {
+        median,
+        min: v.first().copied().unwrap_or(0.0),
+        max: v.last().copied().unwrap_or(0.0),
+    }
+}
+
+type Metric = (&'static str, fn(&Round) -> f64);
+
+const METRICS: [Metric; 6] = [
+    ("rtt p50 (us)", |r| r.rtt.p50_us),
+    ("rtt p90 (us)", |r| r.rtt.p90_us),
+    ("rtt p99 (us)", |r| r.rtt.p99_us),
+    ("rtt p99.9 (us)", |r| r.rtt.p999_us),
+    ("connect p50 (us)", |r| r.connect.p50_us),
+    ("connect p99 (us)", |r| r.connect.p99_us),
+];
+
+fn summary(results: &[Round]) -> Vec<(&'static str, Spread, Spread)> {
+    METRICS
+        .iter()
+        .map(|(name, f)| {
+            let of = |s: &str| spread(results.iter().filter(|r| r.scenario == s).map(f).collect());
+            (*name, of(SCENARIOS[0]), of(SCENARIOS[1]))
+        })
+        .collect()
+}
+
+fn table(args: &Args, results: &[Round]) -> String {
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "relay chain, {} B ping-pong x {} per round, {} connects per round, {} interleaved rounds per scenario",
+        args.size, args.pingpongs, args.connects, args.rounds
+    );
+    let _ = writeln!(
+        t,
+        "median over rounds [min..max]; ratio = meshlane / plain (below 1 is faster)\n"
+    );
+    let _ = writeln!(t, "| metric | plain | meshlane | ratio |");
+    let _ = writeln!(t, "|---|---|---|---|");
+    for (name, plain, fast) in summary(results) {
+        let ratio = if plain.median > 0.0 {
+            fast.median / plain.median
+        } else {
+            f64::NAN
+        };
+        let _ = writeln!(
+            t,
+            "| {name} | {:.1} [{:.1}..{:.1}] | {:.1} [{:.1}..{:.1}] | {ratio:.2} |",
+            plain.median, plain.min, plain.max, fast.median, fast.min, fast.max
+        );
+    }
+    t
+}
+
+pub fn print(args: &Args, results: &[Round]) {
+    println!("{}", table(args, results));
+}
+
+pub fn write(args: &Args, results: &[Round]) -> Result<()> {
+    std::fs::create_dir_all(&args.out)?;
+    let json = serde_json::json!({
+        "args": {"rounds": args.rounds, "pingpongs": args.pingpongs, "size": args.size, "connects": args.connects},
+        "rounds": results,
+        "summary": summary(results).iter().map(|(n, p, f)| serde_json::json!({"metric": n, "plain": p, "meshlane": f})).collect::<Vec<_>>(),
+    });
+    std::fs::write(
+        args.out.join("results.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
+    std::fs::write(args.out.join("results.md"), table(args, results))?;
+    eprintln!("wrote {}/results.json and results.md", args.out.display());
+    Ok(())
+}

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Runs every test of meshlane: formatting and lints, unit tests, and the privileged tests on the
+# real kernel (network namespaces, iptables, cgroups, BPF), then a smoke run of the benchmark and
+# a check that nothing was left on the machine. Run as root on Debian bookworm; installs what it
+# needs first (scripts/setup.sh). With CI=true a privileged test that cannot run fails loudly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+
+step() { printf '\n== %s\n' "$*" >&2; }
+
+step "format"
+cargo fmt --all --check
+
+step "lints (host crates, then the eBPF programs for their own target)"
+cargo clippy --workspace --all-targets --exclude meshlane-ebpf --locked -- -D warnings
+RUSTC_BOOTSTRAP=1 cargo clippy -p meshlane-ebpf --target bpfel-unknown-none -Z build-std=core \
+  --release --locked -- -D warnings
+
+step "tests (unit + privileged, real kernel)"
+cargo test --locked
+
+step "benchmark smoke run (tiny counts; proves the harness, measures nothing)"
+cargo build --locked -p meshlane-benchmarks
+./target/debug/meshlane-bench --smoke --out target/bench-smoke
+
+step "nothing left behind"
+./scripts/leftovers.sh
