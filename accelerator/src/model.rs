@@ -55,3 +55,25 @@ pub struct Pod {
     pub accelerate_outbound: bool,
     pub accelerate_inbound: bool,
 }
+
+impl Pod {
+    /// A pod whose sidecar was injected with Istio's defaults: uid/gid 1337, 15001/15006,
+    /// inbound from 127.0.0.6, nothing excluded, both hops accelerated.
+    pub fn with_istio_defaults(name: impl Into<String>, netns: impl Into<PathBuf>) -> Pod {
+        Pod {
+            name: name.into(),
+            netns: netns.into(),
+            proxy_uid: 1337,
+            proxy_gid: 1337,
+            outbound_port: 15001,
+            inbound_port: 15006,
+            inbound_bind: Ipv4Addr::new(127, 0, 0, 6),
+            exclude_outbound_ports: Vec::new(),
+            exclude_inbound_ports: Vec::new(),
+            exclude_outbound_cidrs: Vec::new(),
+            include_outbound: OutboundRanges::All,
+            accelerate_outbound: true,
+            accelerate_inbound: true,
+        }
+    }
+}

@@ -153,21 +153,8 @@ fn run(args: &Args, stop: &AtomicBool) -> Result<Vec<Round>> {
 fn attach(opts: &Options, mesh: &TwoPods) -> Result<Datapath> {
     let mut dp = Datapath::open(opts).context("load meshlane")?;
     for pod in [&mesh.client, &mesh.server] {
-        let model = meshlane::model::Pod {
-            name: pod.ns.name().to_string(),
-            netns: pod.ns.path(),
-            proxy_uid: pod.capture.proxy_uid,
-            proxy_gid: pod.capture.proxy_gid,
-            outbound_port: pod.capture.outbound_port,
-            inbound_port: pod.capture.inbound_port,
-            inbound_bind: std::net::Ipv4Addr::new(127, 0, 0, 6),
-            exclude_outbound_ports: pod.capture.exclude_outbound_ports.clone(),
-            exclude_inbound_ports: pod.capture.exclude_inbound_ports.clone(),
-            exclude_outbound_cidrs: Vec::new(),
-            include_outbound: meshlane::model::OutboundRanges::All,
-            accelerate_outbound: true,
-            accelerate_inbound: true,
-        };
+        // minimesh installs istio-init's default capture, so the model is Istio's defaults.
+        let model = meshlane::model::Pod::with_istio_defaults(pod.ns.name(), pod.ns.path());
         dp.set_pod(pod.ns.cookie()?, &meshlane::policy::pod_policy(&model)?)?;
     }
     Ok(dp)

@@ -16,7 +16,7 @@ use std::{
 
 use meshlane::{
     datapath::{self, Counters, Datapath, Options},
-    model::{Cidr, OutboundRanges, Pod},
+    model::{Cidr, Pod},
     policy,
 };
 use minimesh::{CaptureConfig, Cgroup, CgroupGuard, Netns};
@@ -111,13 +111,10 @@ impl Drop for Accel {
 /// The model of a pod whose istio-init ran with `capture`.
 pub fn pod_model(ns: &Netns, capture: &CaptureConfig) -> Pod {
     Pod {
-        name: format!("test/{}", ns.name()),
-        netns: ns.path(),
         proxy_uid: capture.proxy_uid,
         proxy_gid: capture.proxy_gid,
         outbound_port: capture.outbound_port,
         inbound_port: capture.inbound_port,
-        inbound_bind: std::net::Ipv4Addr::new(127, 0, 0, 6),
         exclude_outbound_ports: capture.exclude_outbound_ports.clone(),
         exclude_inbound_ports: capture.exclude_inbound_ports.clone(),
         exclude_outbound_cidrs: capture
@@ -128,9 +125,7 @@ pub fn pod_model(ns: &Netns, capture: &CaptureConfig) -> Pod {
                 prefix: *prefix,
             })
             .collect(),
-        include_outbound: OutboundRanges::All,
-        accelerate_outbound: true,
-        accelerate_inbound: true,
+        ..Pod::with_istio_defaults(format!("test/{}", ns.name()), ns.path())
     }
 }
 
