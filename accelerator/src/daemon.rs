@@ -27,14 +27,11 @@ pub struct RunOptions {
     pub config: Option<PathBuf>,
     pub resync: Duration,
     pub detach_on_exit: bool,
+    /// Skip the start-up safety probe (break-glass).
+    pub force: bool,
 }
 
 pub fn run(opts: RunOptions) -> anyhow::Result<()> {
-    let mut dp = Datapath::open(&opts.datapath)?;
-    tracing::info!(origin = ?dp.origin(), pin_dir = %opts.datapath.pin_dir.display(), cgroup = %opts.datapath.cgroup.display(), "datapath ready");
-    // A daemon that adopts pins left in drain mode by an interrupted detach resumes service.
-    dp.set_draining(false)?;
-
     let stop = Arc::new(AtomicBool::new(false));
     let hup = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -42,6 +39,25 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
     }
     signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hup))
         .context("install SIGHUP handler")?;
+
+    // Configuration errors (privilege, cgroup, bpffs) end the daemon with one clear sentence;
+    // only the kernel's behaviour is left to the probe.
+    datapath::check(&opts.datapath)?;
+    if opts.force {
+        tracing::warn!("--force: the start-up safety probe is skipped");
+    } else if !probe_passes() {
+        // Stay up and say why, instead of crash-looping: nothing is loaded or attached, so all
+        // traffic takes the normal TCP path.
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        return Ok(());
+    }
+
+    let mut dp = Datapath::open(&opts.datapath)?;
+    tracing::info!(origin = ?dp.origin(), pin_dir = %opts.datapath.pin_dir.display(), cgroup = %opts.datapath.cgroup.display(), "datapath ready");
+    // A daemon that adopts pins left in drain mode by an interrupted detach resumes service.
+    dp.set_draining(false)?;
 
     let mut last_good: Option<Vec<Pod>> = None;
     let mut next = Instant::now();
@@ -61,6 +77,32 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Runs `meshlane probe` in-process and logs its verdict, check by check.
+fn probe_passes() -> bool {
+    let report = crate::probe::run(None);
+    for c in &report.checks {
+        match c.status {
+            crate::probe::Status::Fail => {
+                tracing::error!(check = c.name, detail = %c.detail, "probe check failed")
+            }
+            crate::probe::Status::Warn => {
+                tracing::warn!(check = c.name, detail = %c.detail, "probe warning")
+            }
+            _ => tracing::debug!(check = c.name, detail = %c.detail, "probe check passed"),
+        }
+    }
+    if report.ok {
+        tracing::info!(kernel = %report.kernel, "safety probe passed");
+    } else {
+        tracing::error!(
+            kernel = %report.kernel,
+            reasons = %report.reasons(),
+            "not accelerating: the safety probe found this kernel unsafe; traffic stays on plain TCP (fix the cause, or pass --force to override)"
+        );
+    }
+    report.ok
 }
 
 /// One pass: pod list -> policies by namespace cookie -> diff -> map writes.

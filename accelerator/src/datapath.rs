@@ -151,8 +151,7 @@ impl Datapath {
     /// A partial set (an earlier start that died half-way) is removed first. On any error nothing
     /// this call created stays attached or pinned.
     pub fn open(opts: &Options) -> Result<Datapath, Error> {
-        preflight(opts)?;
-        ensure_bpffs(&opts.pin_dir)?;
+        check(opts)?;
         match pin_state(&opts.pin_dir) {
             PinState::Complete => return Self::adopt(opts),
             PinState::Partial => {
@@ -170,59 +169,17 @@ impl Datapath {
     }
 
     fn load(opts: &Options) -> Result<Datapath, Error> {
-        let cgroup =
-            stdfs::File::open(&opts.cgroup).map_err(|_| Error::NoCgroup(opts.cgroup.clone()))?;
         stdfs::create_dir_all(&opts.pin_dir).map_err(|e| {
             Error::Io(
                 format!("create pin directory {}", opts.pin_dir.display()),
                 e,
             )
         })?;
-        let mut ebpf: Ebpf = EbpfLoader::new().load(OBJECT).map_err(Error::from_load)?;
-
-        for name in maps::ALL {
-            let map = ebpf
-                .map(name)
-                .ok_or_else(|| Error::Map(name, "missing from the object".into()))?;
-            map.pin(opts.pin_dir.join(name))
-                .map_err(|e| Error::Map(name, format!("pin: {e}")))?;
-        }
-
-        // sk_msg first: a socket takes the sockhash's programs when it is inserted, so the
-        // program must be on the map before sock_ops can insert anything.
-        let socks: SockHash<MapData, u64> = SockHash::try_from(
-            ebpf.take_map(maps::SOCKS)
-                .ok_or(Error::Map(maps::SOCKS, "missing".into()))?,
-        )
-        .map_err(|e| Error::Map(maps::SOCKS, e.to_string()))?;
-        let sk_msg: &mut SkMsg = program(&mut ebpf, programs::SK_MSG)?;
-        sk_msg.load().map_err(Error::from_load)?;
-        let link = sk_msg.attach(socks.fd()).map_err(Error::from_load)?;
-        // The attachment belongs to the map, not to this process: keep aya from detaching it
-        // when this handle drops.
-        std::mem::forget(sk_msg.take_link(link).map_err(Error::from_load)?);
-        sk_msg
-            .pin(opts.pin_dir.join(PIN_PROG_SK_MSG))
-            .map_err(|e| Error::Map(maps::SOCKS, format!("pin sk_msg: {e}")))?;
-
-        let sock_ops: &mut SockOps = program(&mut ebpf, programs::SOCK_OPS)?;
-        sock_ops.load().map_err(Error::from_load)?;
-        sock_ops
-            .pin(opts.pin_dir.join(PIN_PROG_SOCK_OPS))
-            .map_err(|e| Error::Kernel(format!("pin sock_ops: {e}")))?;
-        // With a bpf_link (kernel 5.7+) the attachment coexists with other programs on the cgroup;
-        // the kernel rejects explicit multi flags on link_create.
-        let link = sock_ops
-            .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(Error::from_load)?;
-        let link: FdLink = sock_ops
-            .take_link(link)
-            .map_err(Error::from_load)?
-            .try_into()
-            .map_err(|e| Error::Kernel(format!("sock_ops link is not a bpf_link: {e}")))?;
-        link.pin(opts.pin_dir.join(PIN_LINK_SOCK_OPS))
+        let attached = load_and_attach(&opts.cgroup, Some(&opts.pin_dir))?;
+        attached
+            .sock_ops_link
+            .pin(opts.pin_dir.join(PIN_LINK_SOCK_OPS))
             .map_err(|e| Error::Kernel(format!("pin sock_ops link: {e}")))?;
-        drop(socks);
         tracing::info!(pin_dir = %opts.pin_dir.display(), cgroup = %opts.cgroup.display(), "datapath loaded and attached");
         let mut dp = Self::adopt(opts)?;
         dp.origin = Origin::Loaded;
@@ -291,6 +248,111 @@ impl Datapath {
     }
 }
 
+/// The programs loaded into the kernel and attached, still held by this process.
+struct Attached {
+    ebpf: Ebpf,
+    sock_ops_link: FdLink,
+}
+
+/// Loads the object, attaches sk_msg to the sockhash and sock_ops to `cgroup`. With `pin_dir`,
+/// maps and programs are pinned there before anything is attached (the caller pins the link).
+fn load_and_attach(cgroup: &Path, pin_dir: Option<&Path>) -> Result<Attached, Error> {
+    let cgroup_fd = stdfs::File::open(cgroup).map_err(|_| Error::NoCgroup(cgroup.to_path_buf()))?;
+    let mut ebpf: Ebpf = EbpfLoader::new().load(OBJECT).map_err(Error::from_load)?;
+    if let Some(dir) = pin_dir {
+        for name in maps::ALL {
+            let map = ebpf
+                .map(name)
+                .ok_or_else(|| Error::Map(name, "missing from the object".into()))?;
+            map.pin(dir.join(name))
+                .map_err(|e| Error::Map(name, format!("pin: {e}")))?;
+        }
+    }
+
+    // sk_msg first: a socket takes the sockhash's programs when it is inserted, so the program
+    // must be on the map before sock_ops can insert anything.
+    let socks: SockHash<&MapData, u64> = SockHash::try_from(
+        ebpf.map(maps::SOCKS)
+            .ok_or(Error::Map(maps::SOCKS, "missing".into()))?,
+    )
+    .map_err(|e| Error::Map(maps::SOCKS, e.to_string()))?;
+    let socks_fd = socks
+        .fd()
+        .try_clone()
+        .map_err(|e| Error::Map(maps::SOCKS, e.to_string()))?;
+    let sk_msg: &mut SkMsg = program(&mut ebpf, programs::SK_MSG)?;
+    sk_msg.load().map_err(Error::from_load)?;
+    let link = sk_msg.attach(&socks_fd).map_err(Error::from_load)?;
+    if let Some(dir) = pin_dir {
+        // The attachment belongs to the map, not to this process: keep aya from detaching it
+        // when this handle drops.
+        std::mem::forget(sk_msg.take_link(link).map_err(Error::from_load)?);
+        sk_msg
+            .pin(dir.join(PIN_PROG_SK_MSG))
+            .map_err(|e| Error::Map(maps::SOCKS, format!("pin sk_msg: {e}")))?;
+    }
+
+    let sock_ops: &mut SockOps = program(&mut ebpf, programs::SOCK_OPS)?;
+    sock_ops.load().map_err(Error::from_load)?;
+    if let Some(dir) = pin_dir {
+        sock_ops
+            .pin(dir.join(PIN_PROG_SOCK_OPS))
+            .map_err(|e| Error::Kernel(format!("pin sock_ops: {e}")))?;
+    }
+    // With a bpf_link (kernel 5.7+) the attachment coexists with other programs on the cgroup;
+    // the kernel rejects explicit multi flags on link_create.
+    let link = sock_ops
+        .attach(&cgroup_fd, CgroupAttachMode::Single)
+        .map_err(Error::from_load)?;
+    let sock_ops_link: FdLink = sock_ops
+        .take_link(link)
+        .map_err(Error::from_load)?
+        .try_into()
+        .map_err(|e| Error::Kernel(format!("sock_ops link is not a bpf_link: {e}")))?;
+    Ok(Attached {
+        ebpf,
+        sock_ops_link,
+    })
+}
+
+/// A private, unpinned copy of the datapath for `meshlane probe`: attached to `cgroup` while
+/// this value lives, gone (link closed, maps freed) when it drops. It acts only on the pods put
+/// in its own policy map, so it cannot touch the live datapath's pods or any other socket.
+pub struct Scratch {
+    policy: HashMap<MapData, u64, PodPolicy>,
+    counters: PerCpuArray<MapData, u64>,
+    _attached: Attached,
+}
+
+impl Scratch {
+    pub fn load(cgroup: &Path) -> Result<Scratch, Error> {
+        let mut attached = load_and_attach(cgroup, None)?;
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name)
+                .ok_or(Error::Map(name, "missing".into()))
+        };
+        let policy = HashMap::try_from(take(&mut attached.ebpf, maps::POLICY)?)
+            .map_err(|e| Error::Map(maps::POLICY, e.to_string()))?;
+        let counters = PerCpuArray::try_from(take(&mut attached.ebpf, maps::COUNTERS)?)
+            .map_err(|e| Error::Map(maps::COUNTERS, e.to_string()))?;
+        Ok(Scratch {
+            policy,
+            counters,
+            _attached: attached,
+        })
+    }
+
+    pub fn set_pod(&mut self, netns_cookie: u64, policy: &PodPolicy) -> Result<(), Error> {
+        self.policy
+            .insert(netns_cookie, policy, 0)
+            .map_err(|e| Error::Map(maps::POLICY, e.to_string()))
+    }
+
+    pub fn counters(&self) -> Result<Counters, Error> {
+        read_counters(&self.counters)
+    }
+}
+
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program>,
@@ -343,6 +405,13 @@ pub fn sock_ops_attached(cgroup: &Path) -> Result<u32, Error> {
     let fd = stdfs::File::open(cgroup).map_err(|_| Error::NoCgroup(cgroup.to_path_buf()))?;
     sys::prog_count(&fd, sys::BPF_CGROUP_SOCK_OPS)
         .map_err(|e| Error::Io(format!("query {}", cgroup.display()), e))
+}
+
+/// The prerequisites `open` needs, checked without loading anything: privilege, a cgroup v2
+/// directory, a bpffs for the pins (mounted at /sys/fs/bpf if missing).
+pub fn check(opts: &Options) -> Result<(), Error> {
+    preflight(opts)?;
+    ensure_bpffs(&opts.pin_dir)
 }
 
 fn preflight(opts: &Options) -> Result<(), Error> {

@@ -11,3 +11,4 @@ pub mod datapath;
 pub mod model;
 pub mod node;
 pub mod policy;
+pub mod probe;

@@ -32,6 +32,9 @@ enum Command {
     /// there (a previous daemon), it is adopted without reloading, so accelerated connections keep
     /// flowing across restarts and crashes. On SIGTERM the datapath stays in place unless
     /// --detach-on-exit is given; `meshlane detach` removes it.
+    ///
+    /// Before loading anything it runs the safety probe (`meshlane probe`). If a check fails, the
+    /// daemon stays up, logs why, and accelerates nothing, unless --force is given.
     Run {
         #[command(flatten)]
         dp: DatapathArgs,
@@ -44,6 +47,10 @@ enum Command {
         /// Detach everything on SIGTERM/SIGINT instead of leaving it pinned.
         #[arg(long)]
         detach_on_exit: bool,
+        /// Break-glass: accelerate without running the start-up safety probe (`meshlane probe`).
+        /// Without it, a failed probe keeps the daemon up but accelerating nothing.
+        #[arg(long)]
+        force: bool,
     },
     /// Remove every meshlane program, link, pin and map. Live connections keep working.
     ///
@@ -56,6 +63,21 @@ enum Command {
         /// bpffs directory of the pins.
         #[arg(long, default_value = datapath::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+    },
+    /// Check whether this node's kernel may be accelerated, and report why.
+    ///
+    /// Loads a private copy of the programs on this process's cgroup, acting only on a throw-away
+    /// network namespace, and runs the quick subset of the hazard matrix there: both hops paired
+    /// and byte-exact with the redirect proven by counters, end of stream, MSG_PEEK, FIONREAD,
+    /// ordering of tiny writes, the half-close EAGAIN quirk, survival across detach. Exits 1 when
+    /// a check fails (acceleration unsafe), 0 otherwise (warnings included). Leaves nothing.
+    Probe {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// cgroup v2 directory to attach the private copy to (default: this process's own).
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
     },
     /// Show the pinned datapath: pods and counters.
     Status {
@@ -104,6 +126,7 @@ fn main() -> ExitCode {
             config,
             resync,
             detach_on_exit,
+            force,
         } => datapath::Options::with_defaults(Some(dp.pin_dir), dp.cgroup)
             .map_err(anyhow::Error::from)
             .and_then(|datapath| {
@@ -112,10 +135,12 @@ fn main() -> ExitCode {
                     config,
                     resync,
                     detach_on_exit,
+                    force,
                 })
             }),
         Command::Detach { pin_dir } => detach(&pin_dir),
         Command::Status { pin_dir, json } => status(&pin_dir, json),
+        Command::Probe { json, cgroup } => return probe(json, cgroup.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -144,6 +169,23 @@ fn detach(pin_dir: &std::path::Path) -> anyhow::Result<()> {
         println!("nothing to detach at {}", pin_dir.display());
     }
     Ok(())
+}
+
+fn probe(json: bool, cgroup: Option<&std::path::Path>) -> ExitCode {
+    let report = meshlane::probe::run(cgroup);
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(j) => println!("{j}"),
+            Err(e) => eprintln!("meshlane: {e}"),
+        }
+    } else {
+        print!("{}", report.render());
+    }
+    if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 fn status(pin_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {

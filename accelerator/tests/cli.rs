@@ -19,7 +19,25 @@ fn meshlane() -> Command {
 }
 
 fn run_err(cmd: &mut Command) -> String {
-    let out = cmd.stdin(Stdio::null()).output().expect("run meshlane");
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run meshlane");
+    // A refused start must end by itself; never let a test hang on a daemon that stayed up.
+    let mut daemon = Daemon(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while daemon.0.try_wait().expect("wait").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "meshlane kept running instead of refusing to start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = std::mem::replace(&mut daemon.0, Command::new("true").spawn().expect("true"))
+        .wait_with_output()
+        .expect("output");
     assert!(
         !out.status.success(),
         "expected failure, got success: {}",
@@ -126,16 +144,18 @@ fn a_bad_pod_list_is_refused_by_field_and_the_last_good_state_kept() {
     );
     std::fs::write(&config, &good).unwrap();
     let log = dir.join("log");
-    let mut daemon = meshlane()
-        .args(["run", "--resync", "100ms", "--pin-dir"])
-        .arg(&accel.pin_dir)
-        .arg("--cgroup")
-        .arg(accel.cgroup.path())
-        .arg("--config")
-        .arg(&config)
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut daemon = Daemon(
+        meshlane()
+            .args(["run", "--resync", "100ms", "--pin-dir"])
+            .arg(&accel.pin_dir)
+            .arg("--cgroup")
+            .arg(accel.cgroup.path())
+            .arg("--config")
+            .arg(&config)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let wait = |what: &str, ok: &dyn Fn() -> bool| {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !ok() {
@@ -162,19 +182,14 @@ fn a_bad_pod_list_is_refused_by_field_and_the_last_good_state_kept() {
     });
     std::thread::sleep(Duration::from_millis(300));
     assert!(
-        daemon.try_wait().unwrap().is_none(),
+        daemon.0.try_wait().unwrap().is_none(),
         "the daemon must keep running"
     );
     assert_eq!(pods(), 1, "the last good state stays in the map");
 
     std::fs::write(&config, "").unwrap();
     wait("the pod to be removed", &|| pods() == 0);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert!(daemon.wait().unwrap().success(), "SIGTERM is a clean stop");
+    assert!(daemon.terminate().success(), "SIGTERM is a clean stop");
     assert!(
         accel.pin_dir.exists(),
         "without --detach-on-exit the datapath stays pinned"

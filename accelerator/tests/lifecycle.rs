@@ -8,7 +8,7 @@ use std::{
     io::Write,
     net::{Shutdown, SocketAddrV4},
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -16,13 +16,13 @@ use meshlane::datapath;
 use minimesh::{CaptureConfig, EchoServer, TwoPods};
 use support::*;
 
-fn start_daemon(accel: &Accel, config: &Path, log: &Path) -> Child {
+fn start_daemon(accel: &Accel, config: &Path, log: &Path) -> Daemon {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .unwrap();
-    Command::new(env!("CARGO_BIN_EXE_meshlane"))
+    let child = Command::new(env!("CARGO_BIN_EXE_meshlane"))
         .args(["run", "--resync", "200ms", "--pin-dir"])
         .arg(&accel.pin_dir)
         .arg("--cgroup")
@@ -33,7 +33,8 @@ fn start_daemon(accel: &Accel, config: &Path, log: &Path) -> Child {
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
-        .expect("start meshlane run")
+        .expect("start meshlane run");
+    Daemon(child)
 }
 
 fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
@@ -44,14 +45,10 @@ fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
     }
 }
 
-/// Kills `child` with SIGKILL (no cleanup of any kind runs) and reaps it.
-fn kill9(child: &mut Child) {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    child.wait().unwrap();
+/// Kills the daemon with SIGKILL (no cleanup of any kind runs) and reaps it.
+fn kill9(daemon: &mut Daemon) {
+    nix::sys::signal::kill(daemon.pid(), nix::sys::signal::Signal::SIGKILL).unwrap();
+    daemon.0.wait().unwrap();
 }
 
 #[test]
@@ -160,8 +157,7 @@ fn streams_survive_daemon_sigkill_restart_and_detach() {
     assert!(marks[0] > 0, "accelerated before the kill");
     assert!(marks[1] > marks[0], "still accelerated while no daemon ran");
     assert!(marks[3] > marks[2], "accelerated after the restart");
-    let _ = daemon.kill();
-    let _ = daemon.wait();
+    drop(daemon);
     // The daemon (stopped by now) must not have logged an error.
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!text.contains("ERROR"), "daemon log:\n{text}");

@@ -49,6 +49,18 @@ impl TwoPods {
 }
 
 impl Pod {
+    /// A pod with istio-init's capture rules but no sidecar process: for callers that run their
+    /// own (a real Envoy, see [`crate::envoy::EnvoyPods`]).
+    pub fn without_sidecar(ns: Netns, ip: Ipv4Addr, capture: CaptureConfig) -> Result<Pod> {
+        install_istio_capture(&ns, &capture)?;
+        Ok(Pod {
+            relay: None,
+            capture,
+            ip,
+            ns,
+        })
+    }
+
     fn start(ns: Netns, ip: Ipv4Addr, capture: CaptureConfig) -> Result<Pod> {
         install_istio_capture(&ns, &capture)?;
         let relay = Relay::spawn(

@@ -266,3 +266,27 @@ pub fn par_each<T: Send>(items: Vec<T>, threads: usize, work: impl Fn(T) + Sync)
         }
     });
 }
+
+/// A `meshlane run` child that is killed and reaped when dropped, also when a test panics.
+pub struct Daemon(pub std::process::Child);
+
+impl Daemon {
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.0.id() as i32)
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGTERM);
+        self.0.wait().expect("reap meshlane run")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! `meshlane probe`: may this node's kernel be accelerated?
+//!
+//! Runs the quick subset of the hazard matrix on the node's own kernel: a private, unpinned copy
+//! of the datapath attached to this process's own cgroup, acting only on a throw-away network
+//! namespace, with a uid-1337 "sidecar" and an app on both hops. Each check looks at what an app
+//! would see (bytes, EOF, EAGAIN, MSG_PEEK, FIONREAD) and at the counters that prove the redirect
+//! happened. A failed check means acceleration is unsafe here; a warning names a caveat that does
+//! not hurt event-driven sidecars such as Envoy. Nothing outlives the probe.
+
+mod checks;
+mod scratch;
+mod sys;
+
+use std::{
+    net::{SocketAddrV4, TcpListener},
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use meshlane_common::PodPolicy;
+use serde::Serialize;
+
+use crate::datapath::{self, Scratch};
+use checks::Verdict;
+use scratch::ScratchNs;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Pass,
+    Warn,
+    Fail,
+    Skip,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub status: Status,
+    pub detail: String,
+    pub ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub kernel: String,
+    /// No check failed: acceleration is safe on this kernel.
+    pub ok: bool,
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    /// The failed checks, as one sentence for logs.
+    pub fn reasons(&self) -> String {
+        self.checks
+            .iter()
+            .filter(|c| c.status == Status::Fail)
+            .map(|c| format!("{}: {}", c.name, c.detail))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = format!("meshlane probe on Linux {}\n", self.kernel);
+        for c in &self.checks {
+            let tag = match c.status {
+                Status::Pass => "PASS",
+                Status::Warn => "WARN",
+                Status::Fail => "FAIL",
+                Status::Skip => "SKIP",
+            };
+            out.push_str(&format!(
+                "  {tag}  {:<22} {:>5} ms  {}\n",
+                c.name, c.ms, c.detail
+            ));
+        }
+        out.push_str(if self.ok {
+            "result: acceleration is safe on this kernel\n"
+        } else {
+            "result: acceleration is NOT safe on this kernel; meshlane will not accelerate\n"
+        });
+        out
+    }
+}
+
+struct Recorder {
+    checks: Vec<Check>,
+}
+
+impl Recorder {
+    fn record(&mut self, name: &'static str, run: impl FnOnce() -> checks::Outcome) -> bool {
+        let t = Instant::now();
+        let (status, detail) = match run() {
+            Ok(Verdict::Pass(d)) => (Status::Pass, d),
+            Ok(Verdict::Warn(d)) => (Status::Warn, d),
+            Err(d) => (Status::Fail, d),
+        };
+        self.checks.push(Check {
+            name,
+            status,
+            detail,
+            ms: t.elapsed().as_millis() as u64,
+        });
+        status != Status::Fail
+    }
+
+    fn skip(&mut self, name: &'static str, why: String) {
+        self.checks.push(Check {
+            name,
+            status: Status::Skip,
+            detail: why,
+            ms: 0,
+        });
+    }
+}
+
+/// The cgroup v2 directory this process is in (where the probe attaches its private copy).
+pub fn own_cgroup() -> Result<PathBuf, String> {
+    let root = datapath::cgroup2_root().map_err(|e| e.to_string())?;
+    let me = std::fs::read_to_string("/proc/self/cgroup")
+        .map_err(|e| format!("read /proc/self/cgroup: {e}"))?;
+    let rel = me
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or("no cgroup v2 entry in /proc/self/cgroup")?;
+    Ok(root.join(rel.trim_start_matches('/')))
+}
+
+/// Runs every check. `cgroup` overrides where the private copy attaches (default: own cgroup).
+pub fn run(cgroup: Option<&Path>) -> Report {
+    let mut r = Recorder { checks: Vec::new() };
+    let kernel = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ok = run_checks(&mut r, cgroup);
+    let ok = ok && r.checks.iter().all(|c| c.status != Status::Fail);
+    Report {
+        kernel,
+        ok,
+        checks: r.checks,
+    }
+}
+
+fn run_checks(r: &mut Recorder, cgroup: Option<&Path>) -> bool {
+    let mut cg = PathBuf::new();
+    let prereq = r.record("privilege and cgroup", || {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(format!(
+                "running as uid {}; meshlane needs root (or CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)",
+                nix::unistd::geteuid()
+            ));
+        }
+        cg = match cgroup {
+            Some(c) => c.to_path_buf(),
+            None => own_cgroup()?,
+        };
+        Ok(Verdict::Pass(format!(
+            "root; cgroup v2 at {}",
+            cg.display()
+        )))
+    });
+    if !prereq {
+        return false;
+    }
+    let mut dp = None;
+    if !r.record("load and attach", || {
+        let d = Scratch::load(&cg).map_err(|e| e.to_string())?;
+        dp = Some(d);
+        Ok(Verdict::Pass(
+            "sock_ops (header options, socket storage), sockhash, sk_msg".into(),
+        ))
+    }) {
+        return false;
+    }
+    let Some(mut dp) = dp else { return false };
+    let ns = match ScratchNs::new() {
+        Ok(ns) => ns,
+        Err(e) => {
+            r.record("scratch namespace", || {
+                Err(format!("cannot create a network namespace: {e}"))
+            });
+            return false;
+        }
+    };
+    let cookie = match ns.cookie() {
+        Ok(c) => c,
+        Err(e) => {
+            r.record("scratch namespace", || {
+                Err(format!("SO_NETNS_COOKIE (Linux 5.14+): {e}"))
+            });
+            return false;
+        }
+    };
+    if let Err(e) = dp.set_pod(cookie, &PodPolicy::istio_default()) {
+        r.record("policy", || Err(e.to_string()));
+        return false;
+    }
+
+    r.record("inbound hop", || checks::inbound_hop(&ns, &dp));
+    r.record("end of stream", || checks::end_of_stream(&ns));
+    r.record("MSG_PEEK", || checks::msg_peek(&ns));
+    r.record("FIONREAD", || checks::fionread(&ns));
+
+    // The outbound hop needs istio-init's REDIRECT, which needs iptables in the namespace.
+    match outbound_setup(&ns) {
+        Ok(sidecar) => {
+            r.record("outbound hop", || checks::outbound_hop(&ns, &dp, &sidecar));
+            r.record("first byte order", || {
+                checks::first_byte_order(&ns, &sidecar)
+            });
+            r.record("half-close then read", || {
+                checks::half_close_then_read(&ns, &sidecar)
+            });
+        }
+        Err(e) => {
+            for name in ["outbound hop", "first byte order", "half-close then read"] {
+                r.skip(name, format!("no REDIRECT in the scratch namespace ({e})"));
+            }
+        }
+    }
+    r.record("survives detach", || checks::survives_detach(&ns, dp));
+    true
+}
+
+/// istio-init's REDIRECT for TEST-NET-1 in the scratch namespace, and a uid-1337 listener on the
+/// capture port standing in for the sidecar.
+fn outbound_setup(ns: &ScratchNs) -> Result<TcpListener, String> {
+    ns.command("ip", &["addr", "add", "192.0.2.1/24", "dev", "lo"], "")
+        .map_err(|e| e.to_string())?;
+    let rules = format!(
+        "*nat\n:OUTPUT ACCEPT [0:0]\n\
+         -A OUTPUT -p tcp -m owner --uid-owner {uid} -j RETURN\n\
+         -A OUTPUT -p tcp -d 192.0.2.0/24 -j REDIRECT --to-ports {port}\n\
+         COMMIT\n",
+        uid = scratch::PROXY_UID,
+        port = checks::CAPTURE_PORT
+    );
+    ns.command("iptables-restore", &["--noflush"], &rules)
+        .map_err(|e| e.to_string())?;
+    ns.run(true, || {
+        TcpListener::bind(SocketAddrV4::new(
+            std::net::Ipv4Addr::UNSPECIFIED,
+            checks::CAPTURE_PORT,
+        ))
+    })
+    .map_err(|e| format!("sidecar listener: {e}"))
+}
