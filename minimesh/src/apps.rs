@@ -5,7 +5,7 @@
 use crate::netns::Netns;
 use crate::sock;
 use anyhow::{Context, Result};
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::net::{Shutdown, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -154,7 +154,23 @@ fn accept_loop(listener: &TcpListener, accepted: &AtomicU64, stopping: &AtomicBo
 /// Reads the 6-byte destination header and echoes it back when it names `addr`.
 fn header_matches(mut stream: &TcpStream, addr: SocketAddrV4) -> bool {
     let mut h = [0u8; 6];
-    if stream.read_exact(&mut h).is_err() || h != dest_header(addr) {
+    let mut got = 0;
+    while got < h.len() {
+        match sock::read_like_epoll(stream, &mut h[got..], &SPURIOUS_EAGAIN) {
+            Ok(0) => {
+                eprintln!("minimesh echo: stream ended after {got} header bytes");
+                return false;
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => {
+                eprintln!("minimesh echo: reading the destination header: {e}");
+                return false;
+            }
+        }
+    }
+    if h != dest_header(addr) {
+        eprintln!("minimesh echo: header names {h:?}, this is {addr}");
         return false;
     }
     stream.write_all(&h).is_ok()

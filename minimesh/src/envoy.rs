@@ -316,6 +316,8 @@ impl EnvoyConfig {
             "name": "virtualOutbound",
             "address": socket_address(Ipv4Addr::UNSPECIFIED, self.outbound_port),
             "use_original_dst": true,
+            // Envoy's default accept backlog is 128; bursts of hundreds of connects overflow it.
+            "tcp_backlog_size": 4096,
             "traffic_direction": "OUTBOUND",
             "filter_chains": [{
                 "name": "virtualOutbound-blackhole",
@@ -377,6 +379,7 @@ impl EnvoyConfig {
             "name": "virtualInbound",
             "address": socket_address(Ipv4Addr::UNSPECIFIED, self.inbound_port),
             "traffic_direction": "INBOUND",
+            "tcp_backlog_size": 4096,
             // Each of these peeks at the socket (MSG_PEEK) before any filter chain reads it.
             "listener_filters": [
                 listener_filter("envoy.filters.listener.original_dst",

@@ -1,0 +1,439 @@
+//! Real Istio-shaped sidecar traffic through real Envoy 1.40: client app -> client Envoy
+//! (virtualOutbound, tcp_proxy or HTTP connection manager) -> server Envoy (virtualInbound with
+//! the original_dst, tls_inspector and http_inspector listener filters, which MSG_PEEK) -> app,
+//! connected from 127.0.0.6. Every case runs twice, accelerated and with the pods unlisted
+//! (programs attached, nothing touched), asserts the same observable results both times, and that
+//! the counters moved only when accelerated.
+
+mod support;
+
+use std::{
+    io::{BufReader, ErrorKind, Read, Write},
+    net::{Shutdown, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    time::Duration,
+};
+
+use meshlane::datapath::Counters;
+use minimesh::{
+    envoy::Protocol,
+    grpc::{GrpcClient, GrpcServer},
+    nginx::{self, Nginx},
+    EchoServer, EnvoyPods,
+};
+use support::*;
+
+const ECHO: u16 = 7000;
+const WEB: u16 = 80;
+const GRPC: u16 = 50051;
+const RAW: u16 = 7100;
+/// Connections held open at once in the concurrency case.
+const CONCURRENT: u64 = 1000;
+
+fn services() -> Vec<(String, u16, Protocol)> {
+    vec![
+        ("echo".into(), ECHO, Protocol::Tcp),
+        ("raw".into(), RAW, Protocol::Tcp),
+        ("web".into(), WEB, Protocol::Http),
+        ("grpc".into(), GRPC, Protocol::Http),
+    ]
+}
+
+/// Builds the Envoy pods, runs `case` accelerated, then with the pods unlisted; asserts the
+/// results match and that only the accelerated run moved the counters. Returns them.
+fn matrix<T: PartialEq + std::fmt::Debug>(
+    test: &str,
+    subnet: u8,
+    case: impl Fn(&EnvoyPods) -> T,
+) -> Option<(T, Counters)> {
+    let mut accel = Accel::new(test)?;
+    raise_fd_limit();
+    let pods = EnvoyPods::new(subnet, &services()).expect("Envoy pods");
+    accel.add_pod(&pods.client.ns, &pods.client.capture);
+    accel.add_pod(&pods.server.ns, &pods.server.capture);
+    let fast = run_phase(test, "accelerated", &pods, &case);
+    let c = accel.counters();
+    assert!(
+        c.get("pairs_outbound") > 0,
+        "{test}: no app->Envoy hop was paired: {c:?}"
+    );
+    assert!(
+        c.get("pairs_inbound") > 0,
+        "{test}: no Envoy->app hop was paired: {c:?}"
+    );
+    assert!(
+        c.redirected_bytes() > 0,
+        "{test}: nothing was redirected: {c:?}"
+    );
+    accel.remove_pod(&pods.client.ns);
+    accel.remove_pod(&pods.server.ns);
+    let plain = case(&pods);
+    assert_eq!(
+        accel.counters(),
+        c,
+        "{test}: the plain run must not touch the datapath"
+    );
+    assert_eq!(fast, plain, "{test}: accelerated and plain runs differ");
+    Some((fast, c))
+}
+
+/// Runs one phase; on failure, shows both Envoys' logs and their connection stats first.
+fn run_phase<T>(test: &str, phase: &str, pods: &EnvoyPods, case: &impl Fn(&EnvoyPods) -> T) -> T {
+    eprintln!("{test}: {phase} run");
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| case(pods))) {
+        Ok(v) => v,
+        Err(panic) => {
+            for (side, envoy) in [
+                ("client", &pods.client_envoy),
+                ("server", &pods.server_envoy),
+            ] {
+                eprintln!("--- {side} Envoy log (tail):\n{}", envoy.log_tail());
+                if let Ok(stats) = envoy.admin("/stats?filter=cx_") {
+                    let moved: Vec<_> = stats.lines().filter(|l| !l.ends_with(": 0")).collect();
+                    eprintln!("--- {side} Envoy connection stats:\n{}", moved.join("\n"));
+                }
+            }
+            std::panic::resume_unwind(panic)
+        }
+    }
+}
+
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard.min(65536), hard);
+    }
+}
+
+#[test]
+fn tcp_streams_through_envoy_are_byte_exact() {
+    let Some((_, c)) = matrix("envoy_tcp_streams", 101, |pods| {
+        let dst = pods.service_addr(ECHO);
+        let _echo = EchoServer::spawn(&pods.server.ns, dst).unwrap();
+        for i in 0..4 {
+            let data = pattern(i, 1 << 20);
+            let out =
+                echo_exchange(connect(&pods.client.ns, dst).unwrap(), &data, 64 * 1024).unwrap();
+            assert_same(&format!("1 MiB stream {i}"), &out.bytes, &data);
+        }
+        // Write right after connect(), then 5000 tiny writes.
+        for i in 0..30 {
+            let mut s = connect(&pods.client.ns, dst).unwrap();
+            s.write_all(b"x").unwrap();
+            let rest = pattern(100 + i, 5000);
+            let out = std::thread::scope(|sc| {
+                sc.spawn(|| {
+                    for b in rest.chunks(1) {
+                        (&s).write_all(b).unwrap();
+                    }
+                    s.shutdown(Shutdown::Write).unwrap();
+                });
+                read_to_end(&s).unwrap()
+            });
+            let mut want = b"x".to_vec();
+            want.extend_from_slice(&rest);
+            assert_same(&format!("tiny writes {i}"), &out.bytes, &want);
+        }
+    }) else {
+        return;
+    };
+    assert!(c.get("bytes_redirected_outbound_app_to_sidecar") >= 4 << 20);
+}
+
+#[test]
+fn http_keepalive_and_16_mib_bodies_through_envoy_to_nginx() {
+    let Some((_, c)) = matrix("envoy_http", 102, |pods| {
+        let dst = pods.service_addr(WEB);
+        let _nginx = Nginx::spawn(&pods.server.ns, dst).unwrap();
+        let mut conn = BufReader::new(connect(&pods.client.ns, dst).unwrap());
+        for i in 0..300 {
+            let r = nginx::get(&mut conn, "web", "/1k").unwrap();
+            assert_eq!(r.status, 200, "request {i}");
+            assert_same(&format!("/1k #{i}"), &r.body, &nginx::body("1k"));
+        }
+        // nginx serves these with sendfile(): the server app's side of the hop uses it.
+        for name in ["64k", "16m"] {
+            let r = nginx::get(&mut conn, "web", &format!("/{name}")).unwrap();
+            assert_same(name, &r.body, &nginx::body(name));
+        }
+    }) else {
+        return;
+    };
+    assert!(
+        c.get("bytes_redirected_inbound_app_to_sidecar") >= 16 << 20,
+        "nginx's sendfile bytes were redirected"
+    );
+}
+
+#[test]
+fn grpc_unary_and_bidi_streaming_through_envoy() {
+    let Some((calls, _)) = matrix("envoy_grpc", 103, |pods| {
+        let dst = pods.service_addr(GRPC);
+        let server = GrpcServer::spawn(&pods.server.ns, dst).unwrap();
+        let mut client = GrpcClient::connect(&pods.client.ns, dst).unwrap();
+        for i in 0..200 {
+            let payload = pattern(i, 512);
+            assert_eq!(client.unary(i, payload.clone()).unwrap(), payload);
+        }
+        client.chat(1000, 1024).unwrap();
+        client.chat(20, 256 * 1024).unwrap();
+        drop(client);
+        server.calls()
+    }) else {
+        return;
+    };
+    assert_eq!(calls, 202);
+}
+
+#[test]
+fn a_thousand_concurrent_connections_through_envoy() {
+    let Some(_) = matrix("envoy_thousand", 104, |pods| {
+        let dst = pods.service_addr(ECHO);
+        let _echo = EchoServer::spawn(&pods.server.ns, dst).unwrap();
+        // Each connection sends right after connect() and stays open: CONCURRENT connections
+        // are established at once, each with its echo in flight, before any is read.
+        let conns: Vec<_> = (0..CONCURRENT)
+            .map(|i| {
+                let mut s = connect(&pods.client.ns, dst).unwrap();
+                s.write_all(&pattern(i, 2048)).unwrap();
+                (i, s)
+            })
+            .collect();
+        par_each(conns, 16, |(i, mut s)| {
+            let mut got = vec![0u8; 2048];
+            s.read_exact(&mut got)
+                .unwrap_or_else(|e| panic!("stream {i}: {e}"));
+            assert_same(&format!("stream {i}"), &got, &pattern(i, 2048));
+            s.shutdown(Shutdown::Write).unwrap();
+            let rest = read_to_end(&s).unwrap();
+            assert!(rest.bytes.is_empty(), "stream {i}: extra bytes");
+        });
+    }) else {
+        return;
+    };
+}
+
+/// An edge-triggered epoll reader drains every readiness event to EAGAIN; a lost wake-up stalls it.
+fn epoll_et_read(s: &TcpStream, want: usize) -> Vec<u8> {
+    use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+    s.set_nonblocking(true).unwrap();
+    let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).unwrap();
+    ep.add(
+        s,
+        EpollEvent::new(
+            EpollFlags::EPOLLIN | EpollFlags::EPOLLET | EpollFlags::EPOLLRDHUP,
+            1,
+        ),
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut events = [EpollEvent::empty(); 4];
+    while got.len() < want {
+        let n = ep
+            .wait(
+                &mut events,
+                EpollTimeout::try_from(Duration::from_secs(10)).unwrap(),
+            )
+            .unwrap();
+        assert!(
+            n > 0,
+            "edge-triggered reader stalled at {} of {want} bytes (missed wake-up)",
+            got.len()
+        );
+        loop {
+            match (&*s).read(&mut buf) {
+                Ok(0) => return got,
+                Ok(k) => got.extend_from_slice(&buf[..k]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+    }
+    got
+}
+
+#[test]
+fn epoll_edge_triggered_fionread_and_msg_peek_through_envoy() {
+    let Some(_) = matrix("envoy_epoll_fionread_peek", 105, |pods| {
+        let dst = pods.service_addr(ECHO);
+        let _echo = EchoServer::spawn(&pods.server.ns, dst).unwrap();
+
+        let s = connect(&pods.client.ns, dst).unwrap();
+        let data = pattern(1, 2 << 20);
+        let got = std::thread::scope(|sc| {
+            sc.spawn(|| {
+                let mut w = s.try_clone().unwrap();
+                w.set_nonblocking(false).unwrap();
+                w.write_all(&data).unwrap();
+            });
+            epoll_et_read(&s, data.len())
+        });
+        assert_same("edge-triggered reader", &got, &data);
+
+        // FIONREAD and MSG_PEEK on the app's socket, with 1000 echoed bytes waiting.
+        let mut s = connect(&pods.client.ns, dst).unwrap();
+        s.write_all(&pattern(2, 1000)).unwrap();
+        let mut waited = 0;
+        let mut avail: libc::c_int = 0;
+        while waited < 200 {
+            // SAFETY: FIONREAD writes one int.
+            #[allow(unsafe_code)]
+            let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut avail) };
+            assert_eq!(r, 0);
+            if avail >= 1000 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+            waited += 1;
+        }
+        let mut peek = [0u8; 1000];
+        let n = nix::sys::socket::recv(
+            s.as_raw_fd(),
+            &mut peek,
+            nix::sys::socket::MsgFlags::MSG_PEEK,
+        )
+        .unwrap();
+        let mut read = vec![0u8; 1000];
+        s.read_exact(&mut read).unwrap();
+        assert_same("MSG_PEEK then read", &read, &pattern(2, 1000));
+        assert_same("peeked bytes", &peek[..n], &read[..n]);
+        (avail, n > 0)
+    }) else {
+        return;
+    };
+}
+
+/// What the server app saw when the client went away mid-stream.
+#[derive(Debug, PartialEq)]
+enum Seen {
+    Eof(usize),
+    Reset(usize),
+}
+
+/// A one-connection server app on RAW; `got_all` fires once `expect` bytes have arrived.
+fn serve_raw(
+    pods: &EnvoyPods,
+    expect: usize,
+    got_all: std::sync::mpsc::Sender<()>,
+) -> std::thread::JoinHandle<Seen> {
+    let l = pods
+        .server
+        .ns
+        .run(|| TcpListener::bind(pods.service_addr(RAW)))
+        .unwrap()
+        .unwrap();
+    std::thread::spawn(move || {
+        // Never hang the suite: a connection that does not arrive within 20 s is a failure.
+        l.set_nonblocking(true).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut s = loop {
+            match l.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the connection never reached the server app"
+                    );
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        };
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut n = 0;
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return Seen::Eof(n),
+                Ok(k) => {
+                    n += k;
+                    if n == expect {
+                        let _ = got_all.send(());
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => return Seen::Reset(n),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
+                Err(e) => panic!("server read: {e}"),
+            }
+        }
+    })
+}
+
+#[test]
+fn half_close_and_reset_through_envoy() {
+    let Some(_) = matrix("envoy_close_semantics", 106, |pods| {
+        let dst = pods.service_addr(ECHO);
+        let _echo = EchoServer::spawn(&pods.server.ns, dst).unwrap();
+        // Half-close by the client: the reply still arrives whole.
+        let data = pattern(3, 256 * 1024);
+        let out = echo_exchange(connect(&pods.client.ns, dst).unwrap(), &data, 8192).unwrap();
+        assert_same("client half-close", &out.bytes, &data);
+
+        // The client resets (SO_LINGER 0) after 64 KiB: what the server app sees must not change.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let server = serve_raw(pods, 64 * 1024, tx);
+        let mut s = connect(&pods.client.ns, pods.service_addr(RAW)).unwrap();
+        s.write_all(&pattern(4, 64 * 1024)).unwrap();
+        // Reset only once the server app has everything, so the outcome does not race the
+        // sidecars' forwarding.
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("64 KiB reached the server app");
+        let l = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Linger, &l).unwrap();
+        drop(s);
+        server.join().unwrap()
+    }) else {
+        return;
+    };
+}
+
+#[test]
+fn slow_reader_and_sendfile_through_envoy() {
+    let Some(_) = matrix("envoy_slow_reader_sendfile", 107, |pods| {
+        let dst = pods.service_addr(ECHO);
+        let _echo = EchoServer::spawn(&pods.server.ns, dst).unwrap();
+        // The client sends 8 MiB with sendfile() and reads the echo slowly: the writer must be
+        // held back or buffered, never lose or reorder bytes.
+        let data = pattern(6, 8 << 20);
+        let path = std::env::temp_dir().join(format!("meshlane-sendfile-{}", std::process::id()));
+        std::fs::write(&path, &data).unwrap();
+        let s = connect(&pods.client.ns, dst).unwrap();
+        let got = std::thread::scope(|sc| {
+            sc.spawn(|| {
+                let f = std::fs::File::open(&path).unwrap();
+                let mut off: libc::off_t = 0;
+                while (off as usize) < data.len() {
+                    let left = data.len() - off as usize;
+                    let n = nix::sys::sendfile::sendfile(&s, &f, Some(&mut off), left).unwrap();
+                    assert!(n > 0);
+                }
+                s.shutdown(Shutdown::Write).unwrap();
+            });
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                match (&s).read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        got.extend_from_slice(&buf[..n]);
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                    Err(e)
+                        if e.kind() == ErrorKind::WouldBlock
+                            || e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => panic!("slow read: {e}"),
+                }
+            }
+            got
+        });
+        let _ = std::fs::remove_file(&path);
+        assert_same("sendfile + slow reader", &got, &data);
+    }) else {
+        return;
+    };
+}
