@@ -55,6 +55,10 @@ pub enum Error {
         "this kernel cannot run meshlane's programs ({0}); it needs BPF sock_ops with TCP header options, sockhash and sk_msg, socket storage (Linux 5.10 or newer with CONFIG_BPF_SYSCALL, CONFIG_CGROUP_BPF, CONFIG_NET_SOCK_MSG)"
     )]
     Kernel(String),
+    #[error(
+        "the pinned datapath was made by an incompatible meshlane build ({0}); run `meshlane detach` (live connections keep working) and start again"
+    )]
+    Incompatible(String),
     #[error("{0}: {1}")]
     Io(String, #[source] io::Error),
     #[error("bpf map {0}: {1}")]
@@ -187,6 +191,7 @@ impl Datapath {
     }
 
     fn adopt(opts: &Options) -> Result<Datapath, Error> {
+        check_layout(&opts.pin_dir)?;
         let dp = Datapath {
             opts: opts.clone(),
             origin: Origin::Adopted,
@@ -362,6 +367,40 @@ where
         .ok_or_else(|| Error::Kernel(format!("program {name} missing from the object")))?;
     prog.try_into()
         .map_err(|_| Error::Kernel(format!("program {name} has an unexpected type")))
+}
+
+/// The key and value sizes this build's programs use, per map.
+fn expected_layout() -> [(&'static str, usize, usize); 5] {
+    use meshlane_common::{PairKey, SockState, Waiter};
+    use std::mem::size_of;
+    [
+        (maps::POLICY, size_of::<u64>(), size_of::<PodPolicy>()),
+        (maps::RENDEZVOUS, size_of::<PairKey>(), size_of::<Waiter>()),
+        (maps::PEERS, size_of::<u64>(), size_of::<u64>()),
+        (maps::SOCK_STATE, size_of::<i32>(), size_of::<SockState>()),
+        (maps::COUNTERS, size_of::<u32>(), size_of::<u64>()),
+    ]
+}
+
+/// Refuses to adopt pins whose maps were made by a build with other map layouts (an upgrade that
+/// changed a shared type): reading or writing them with this build's types would be garbage.
+/// The counter array must also have this build's number of counters.
+fn check_layout(pin_dir: &Path) -> Result<(), Error> {
+    for (name, key, value) in expected_layout() {
+        let data = MapData::from_pin(pin_dir.join(name))
+            .map_err(|e| Error::Map(name, format!("open pin: {e}")))?;
+        let info = data.info().map_err(|e| Error::Map(name, e.to_string()))?;
+        let counters_ok = name != maps::COUNTERS || info.max_entries() == counter::COUNT;
+        if info.key_size() as usize != key || info.value_size() as usize != value || !counters_ok {
+            return Err(Error::Incompatible(format!(
+                "{name} has key/value sizes {}/{} and {} entries, this build expects {key}/{value}",
+                info.key_size(),
+                info.value_size(),
+                info.max_entries()
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn typed<T>(pin_dir: &Path, name: &'static str) -> Result<T, Error>

@@ -304,3 +304,32 @@ fn connect_from_here(src: SocketAddrV4, dst: SocketAddrV4) -> std::net::TcpStrea
     connect(fd.as_raw_fd(), &SockaddrIn::from(dst)).unwrap();
     std::net::TcpStream::from(fd)
 }
+
+/// A restart after an upgrade that changed a shared type must not adopt the old maps with the new
+/// layout: it refuses with a sentence that says what to do, and touches nothing.
+#[test]
+fn pins_from_an_incompatible_build_are_not_adopted() {
+    let Some(mut accel) = Accel::new("incompatible_pins") else {
+        return;
+    };
+    accel.dp = None;
+    // Stand in for an old build: a policy map whose values have another size.
+    let policy = accel.pin_dir.join(meshlane_common::maps::POLICY);
+    std::fs::remove_file(&policy).unwrap();
+    aya::maps::MapData::from_pin(accel.pin_dir.join(meshlane_common::maps::PEERS))
+        .unwrap()
+        .pin(&policy)
+        .unwrap();
+    let err = match meshlane::datapath::Datapath::open(&accel.options()) {
+        Ok(_) => panic!("adopted pins with another layout"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("incompatible meshlane build") && err.contains("meshlane detach"),
+        "{err}"
+    );
+    assert!(
+        policy.exists(),
+        "a refused adoption must leave the pins alone"
+    );
+}
