@@ -64,18 +64,7 @@ fn both_runs<T>(
     accel.add_pod(&pods.server.ns, &pods.server.capture);
     let fast = run_phase(test, "accelerated", &pods, &case);
     let c = accel.counters();
-    assert!(
-        c.get("pairs_outbound") > 0,
-        "{test}: no app->Envoy hop was paired: {c:?}"
-    );
-    assert!(
-        c.get("pairs_inbound") > 0,
-        "{test}: no Envoy->app hop was paired: {c:?}"
-    );
-    assert!(
-        c.redirected_bytes() > 0,
-        "{test}: nothing was redirected: {c:?}"
-    );
+    assert_accelerated(test, &c);
     accel.remove_pod(&pods.client.ns);
     accel.remove_pod(&pods.server.ns);
     let plain = run_phase(test, "plain", &pods, &case);

@@ -290,3 +290,20 @@ impl Drop for Daemon {
         }
     }
 }
+
+/// A run that passed with nothing paired or redirected proves nothing about the datapath: both
+/// hops must have been paired and bytes redirected.
+pub fn assert_accelerated(test: &str, c: &Counters) {
+    assert!(
+        c.get("pairs_outbound") > 0,
+        "{test}: no app->sidecar hop was paired: {c:?}"
+    );
+    assert!(
+        c.get("pairs_inbound") > 0,
+        "{test}: no sidecar->app hop was paired: {c:?}"
+    );
+    assert!(
+        c.redirected_bytes() > 0,
+        "{test}: nothing was redirected: {c:?}"
+    );
+}
