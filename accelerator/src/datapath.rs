@@ -16,12 +16,12 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, SockHash},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, SockHash},
     programs::{links::FdLink, CgroupAttachMode, SkMsg, SockOps},
     Ebpf, EbpfLoader,
 };
 pub use fs::{cgroup2_root, ensure_bpffs};
-use meshlane_common::{counter, maps, programs, PodPolicy, CONTROL_DRAIN, CONTROL_FLAGS};
+use meshlane_common::{counter, maps, programs, PodPolicy, PodStats, CONTROL_DRAIN, CONTROL_FLAGS};
 
 /// The eBPF object, built from ebpf/programs by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshlane-ebpf"));
@@ -30,6 +30,8 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/meshlane";
 const PIN_PROG_SOCK_OPS: &str = "prog_sockops";
 const PIN_PROG_SK_MSG: &str = "prog_sk_msg";
 const PIN_LINK_SOCK_OPS: &str = "link_sockops";
+/// `BPF_NOEXIST` map update flag: create only.
+const BPF_NOEXIST: u64 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -148,6 +150,15 @@ pub struct Datapath {
     policy: HashMap<MapData, u64, PodPolicy>,
     counters: PerCpuArray<MapData, u64>,
     control: Array<MapData, u32>,
+    pod_stats: PerCpuHashMap<MapData, u64, PodStats>,
+}
+
+/// How full one of the datapath's maps is.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct MapUsage {
+    pub name: &'static str,
+    pub entries: u32,
+    pub capacity: u32,
 }
 
 impl Datapath {
@@ -158,6 +169,19 @@ impl Datapath {
         check(opts)?;
         match pin_state(&opts.pin_dir) {
             PinState::Complete => return Self::adopt(opts),
+            PinState::Partial if opts.pin_dir.join(PIN_LINK_SOCK_OPS).exists() => {
+                // The link is pinned last, so a start that died half-way never left one: these
+                // pins are a complete datapath of a build with other maps. Removing them would
+                // detach a running datapath behind its owner's back.
+                let missing: Vec<_> = pin_names()
+                    .filter(|n| !opts.pin_dir.join(n).exists())
+                    .collect();
+                return Err(Error::Incompatible(format!(
+                    "{} has no {}",
+                    opts.pin_dir.display(),
+                    missing.join(", ")
+                )));
+            }
             PinState::Partial => {
                 tracing::warn!(pin_dir = %opts.pin_dir.display(), "incomplete pins from an earlier start; removing them");
                 remove_pins(&opts.pin_dir)?;
@@ -198,6 +222,7 @@ impl Datapath {
             policy: typed(&opts.pin_dir, maps::POLICY)?,
             counters: typed(&opts.pin_dir, maps::COUNTERS)?,
             control: typed(&opts.pin_dir, maps::CONTROL)?,
+            pod_stats: typed(&opts.pin_dir, maps::POD_STATS)?,
         };
         tracing::info!(pin_dir = %opts.pin_dir.display(), "datapath pins opened");
         Ok(dp)
@@ -211,8 +236,17 @@ impl Datapath {
         &self.opts
     }
 
-    /// Inserts or replaces one pod's policy.
+    /// Inserts or replaces one pod's policy. Its stats entry is created first (zeroed, or kept
+    /// if the pod was already listed), so the programs credit the pod from its first pair.
     pub fn set_pod(&mut self, netns_cookie: u64, policy: &PodPolicy) -> Result<(), Error> {
+        let zero = PerCpuValues::try_from(vec![PodStats::default(); nr_cpus()?])
+            .map_err(|e| Error::Map(maps::POD_STATS, e.to_string()))?;
+        match self.pod_stats.insert(netns_cookie, zero, BPF_NOEXIST) {
+            Ok(()) => {}
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(Error::Map(maps::POD_STATS, e.to_string())),
+        }
         self.policy
             .insert(netns_cookie, policy, 0)
             .map_err(|e| Error::Map(maps::POLICY, e.to_string()))
@@ -221,16 +255,61 @@ impl Datapath {
     /// Removes one pod; removing an absent pod is success. Its live pairs keep flowing; new
     /// connections in that namespace are no longer touched.
     pub fn remove_pod(&mut self, netns_cookie: u64) -> Result<(), Error> {
-        match self.policy.remove(&netns_cookie) {
-            Ok(()) => Ok(()),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                Ok(())
+        absent_ok(self.policy.remove(&netns_cookie), maps::POLICY)?;
+        absent_ok(self.pod_stats.remove(&netns_cookie), maps::POD_STATS)
+    }
+
+    /// Each listed pod's traffic through the fast lane, summed over CPUs, by namespace cookie.
+    pub fn pod_stats(&self) -> Result<BTreeMap<u64, PodStats>, Error> {
+        let mut out = BTreeMap::new();
+        for r in self.pod_stats.iter() {
+            let (cookie, per_cpu) = r.map_err(|e| Error::Map(maps::POD_STATS, e.to_string()))?;
+            let mut sum = PodStats::default();
+            for s in per_cpu.iter() {
+                for i in 0..2 {
+                    sum.pairs[i] += s.pairs[i];
+                }
+                for i in 0..4 {
+                    sum.msgs[i] += s.msgs[i];
+                    sum.bytes[i] += s.bytes[i];
+                }
             }
-            Err(e) => Err(Error::Map(maps::POLICY, e.to_string())),
+            out.insert(cookie, sum);
         }
+        Ok(out)
+    }
+
+    /// Entries in use against capacity for the maps that can fill up (when one is full, new
+    /// hops stay on plain TCP and a `*_full` counter moves).
+    pub fn map_usage(&self) -> Result<Vec<MapUsage>, Error> {
+        let dir = &self.opts.pin_dir;
+        let socks: SockHash<MapData, u64> = typed(dir, maps::SOCKS)?;
+        let rendezvous: HashMap<MapData, meshlane_common::PairKey, meshlane_common::Waiter> =
+            typed(dir, maps::RENDEZVOUS)?;
+        let peers: HashMap<MapData, u64, u64> = typed(dir, maps::PEERS)?;
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        Ok(vec![
+            MapUsage {
+                name: maps::POLICY,
+                entries: count(self.policy.keys().filter(Result::is_ok).count()),
+                capacity: maps::POLICY_MAX,
+            },
+            MapUsage {
+                name: maps::SOCKS,
+                entries: count(socks.keys().filter(Result::is_ok).count()),
+                capacity: maps::SOCKS_MAX,
+            },
+            MapUsage {
+                name: maps::RENDEZVOUS,
+                entries: count(rendezvous.keys().filter(Result::is_ok).count()),
+                capacity: maps::RENDEZVOUS_MAX,
+            },
+            MapUsage {
+                name: maps::PEERS,
+                entries: count(peers.keys().filter(Result::is_ok).count()),
+                capacity: maps::PEERS_MAX,
+            },
+        ])
     }
 
     /// The pods in the policy map, by namespace cookie.
@@ -358,6 +437,23 @@ impl Scratch {
     }
 }
 
+/// Removing an absent key is success.
+fn absent_ok(r: Result<(), aya::maps::MapError>, name: &'static str) -> Result<(), Error> {
+    match r {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(Error::Map(name, e.to_string())),
+    }
+}
+
+fn nr_cpus() -> Result<usize, Error> {
+    aya::util::nr_cpus().map_err(|(path, e)| Error::Io(format!("read {path}"), e))
+}
+
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program>,
@@ -370,7 +466,7 @@ where
 }
 
 /// The key and value sizes this build's programs use, per map.
-fn expected_layout() -> [(&'static str, usize, usize); 5] {
+fn expected_layout() -> [(&'static str, usize, usize); 6] {
     use meshlane_common::{PairKey, SockState, Waiter};
     use std::mem::size_of;
     [
@@ -379,6 +475,7 @@ fn expected_layout() -> [(&'static str, usize, usize); 5] {
         (maps::PEERS, size_of::<u64>(), size_of::<u64>()),
         (maps::SOCK_STATE, size_of::<i32>(), size_of::<SockState>()),
         (maps::COUNTERS, size_of::<u32>(), size_of::<u64>()),
+        (maps::POD_STATS, size_of::<u64>(), size_of::<PodStats>()),
     ]
 }
 

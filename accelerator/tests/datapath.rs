@@ -72,6 +72,24 @@ fn streams_are_byte_exact_through_both_hops_and_counters_prove_the_redirect() {
         );
     }
     assert_eq!(c.get("pass_no_peer"), 0, "no direction fell back to TCP");
+    // The same traffic, credited to the pod each hop belongs to: the client pod owns the
+    // outbound hop, the server pod the inbound one.
+    let stats = accel.dp().pod_stats().expect("pod stats");
+    let client = stats[&mesh.client.ns.cookie().unwrap()];
+    let server = stats[&mesh.server.ns.cookie().unwrap()];
+    let all = N * SIZE as u64;
+    assert_eq!(client.pairs, [N, 0], "client pod pairs");
+    assert_eq!(server.pairs, [0, N], "server pod pairs");
+    assert_eq!(
+        client.bytes,
+        [all, all, 0, 0],
+        "client pod bytes by direction"
+    );
+    assert_eq!(
+        server.bytes,
+        [0, 0, all, all],
+        "server pod bytes by direction"
+    );
     let relay = mesh.client.relay_stats();
     assert_eq!(
         relay.outbound_accepted, N,
@@ -81,6 +99,10 @@ fn streams_are_byte_exact_through_both_hops_and_counters_prove_the_redirect() {
     // Programs attached but the pods not listed: nothing is touched, everything still works.
     accel.remove_pod(&mesh.client.ns);
     accel.remove_pod(&mesh.server.ns);
+    assert!(
+        accel.dp().pod_stats().unwrap().is_empty(),
+        "a removed pod's stats go with it"
+    );
     exchanges(&mesh, N, SIZE);
     assert_eq!(
         accel.counters(),

@@ -201,11 +201,36 @@ pub const SOCK_IN_MAP: u8 = 8;
 pub struct SockState {
     pub cookie: u64,
     pub pair_key: PairKey,
+    /// Cookie of the pod's network namespace, to credit [`PodStats`] from sk_msg, which has no
+    /// other way to tell which pod a socket belongs to.
+    pub netns: u64,
     pub role: u8,
     pub flags: u8,
     pub _pad: [u8; 6],
 }
-const _: () = assert!(size_of::<SockState>() == 40);
+const _: () = assert!(size_of::<SockState>() == 48);
+
+/// One pod's traffic through the fast lane (per CPU; userspace sums). The daemon creates the
+/// entry when it lists the pod and deletes it when the pod goes; the programs only add.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodStats {
+    /// Pairs made, `[outbound, inbound]`.
+    pub pairs: [u64; 2],
+    /// Messages redirected, by sending role (`role - ROLE_OUT_APP`).
+    pub msgs: [u64; 4],
+    /// Bytes redirected, by sending role.
+    pub bytes: [u64; 4],
+}
+const _: () = assert!(size_of::<PodStats>() == 80);
+
+/// Directions of [`PodStats::msgs`] and the redirect counters, by sending role, for labels.
+pub const DIRECTIONS: [&str; 4] = [
+    "outbound_app_to_sidecar",
+    "outbound_sidecar_to_app",
+    "inbound_sidecar_to_app",
+    "inbound_app_to_sidecar",
+];
 
 /// Index 0 of the control array: bits the daemon sets to steer the programs.
 pub const CONTROL_FLAGS: u32 = 0;
@@ -276,8 +301,9 @@ pub mod maps {
     pub const SOCK_STATE: &str = "ML_SOCK_STATE";
     pub const COUNTERS: &str = "ML_COUNTERS";
     pub const CONTROL: &str = "ML_CONTROL";
-    pub const ALL: [&str; 7] = [
-        POLICY, SOCKS, RENDEZVOUS, PEERS, SOCK_STATE, COUNTERS, CONTROL,
+    pub const POD_STATS: &str = "ML_POD_STATS";
+    pub const ALL: [&str; 8] = [
+        POLICY, SOCKS, RENDEZVOUS, PEERS, SOCK_STATE, COUNTERS, CONTROL, POD_STATS,
     ];
     pub const POLICY_MAX: u32 = 4096;
     pub const SOCKS_MAX: u32 = 65536;
@@ -299,4 +325,5 @@ mod user {
     unsafe impl aya::Pod for PairKey {}
     unsafe impl aya::Pod for Waiter {}
     unsafe impl aya::Pod for SockState {}
+    unsafe impl aya::Pod for PodStats {}
 }

@@ -1,6 +1,8 @@
 //! Per-CPU counter updates; no atomics needed because each CPU owns its slot.
 
-use crate::maps::ML_COUNTERS;
+use meshlane_common::PodStats;
+
+use crate::maps::{ML_COUNTERS, ML_POD_STATS};
 
 #[inline(always)]
 pub fn add(index: u32, n: u64) {
@@ -13,4 +15,21 @@ pub fn add(index: u32, n: u64) {
 #[inline(always)]
 pub fn inc(index: u32) {
     add(index, 1)
+}
+
+/// Adds to this CPU's slot of a pod's stats, if the daemon lists the pod.
+#[inline(always)]
+pub fn pod(netns: u64, f: impl FnOnce(&mut PodStats)) {
+    if let Some(stats) = ML_POD_STATS.get_ptr_mut(netns) {
+        // SAFETY: this CPU's copy of a live per-CPU hash value; no other CPU writes it.
+        f(unsafe { &mut *stats })
+    }
+}
+
+/// `x`, hidden from the optimiser: an index bounds-checked after this stays checked, instead of
+/// being re-derived from an unbounded value the verifier then rejects.
+#[inline(always)]
+pub fn opaque(x: u32) -> u32 {
+    // SAFETY: reads a live local.
+    unsafe { core::ptr::read_volatile(&x) }
 }

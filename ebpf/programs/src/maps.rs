@@ -1,13 +1,13 @@
 //! Every map of the datapath. Names come from `meshlane_common::maps` (the loader pins them there).
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, PerCpuArray, SkStorage, SockHash},
+    btf_maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, SkStorage, SockHash},
     macros::btf_map,
 };
 use meshlane_common::{
     counter::COUNT,
     maps::{PEERS_MAX, POLICY_MAX, RENDEZVOUS_MAX, SOCKS_MAX},
-    PairKey, PodPolicy, SockState, Waiter,
+    PairKey, PodPolicy, PodStats, SockState, Waiter,
 };
 
 /// Pods meshlane accelerates. Key: network-namespace cookie. Value: [`PodPolicy`].
@@ -45,3 +45,10 @@ pub static ML_COUNTERS: PerCpuArray<u64, { COUNT as usize }> = PerCpuArray::new(
 /// Control words from the daemon (`CONTROL_FLAGS`: `CONTROL_DRAIN`). Writer: daemon. Reader: both.
 #[btf_map]
 pub static ML_CONTROL: Array<u32, 1> = Array::new();
+
+/// Per-pod traffic ([`PodStats`]), per CPU. Key: network-namespace cookie, as in [`ML_POLICY`].
+/// Writer: the daemon creates and deletes entries with the pod; both programs only add to an
+/// existing entry, so a pod that is gone is simply not credited. Reader: daemon (metrics).
+#[btf_map]
+pub static ML_POD_STATS: PerCpuHashMap<u64, PodStats, { POLICY_MAX as usize }> =
+    PerCpuHashMap::new();

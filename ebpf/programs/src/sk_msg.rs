@@ -16,7 +16,7 @@ use meshlane_common::{
 };
 
 use crate::{
-    counters::{add, inc},
+    counters::{add, inc, opaque, pod},
     maps::{ML_CONTROL, ML_PEERS, ML_SOCKS, ML_SOCK_STATE},
 };
 
@@ -54,8 +54,16 @@ pub fn verdict(ctx: &SkMsgContext) -> u32 {
     let role = st.role;
     if (ROLE_OUT_APP..=ROLE_IN_APP).contains(&role) {
         let dir = (role - ROLE_OUT_APP) as u32;
+        let size = ctx.size() as u64;
         inc(counter::MSGS_REDIRECTED + dir);
-        add(counter::BYTES_REDIRECTED + dir, ctx.size() as u64);
+        add(counter::BYTES_REDIRECTED + dir, size);
+        pod(st.netns, |s| {
+            let d = opaque(dir) as usize;
+            if let (Some(m), Some(b)) = (s.msgs.get_mut(d), s.bytes.get_mut(d)) {
+                *m += 1;
+                *b += size;
+            }
+        });
     }
     SK_PASS
 }

@@ -37,7 +37,7 @@ use meshlane_common::{
 };
 
 use crate::{
-    counters::inc,
+    counters::{inc, opaque, pod},
     maps::{ML_CONTROL, ML_PEERS, ML_POLICY, ML_RENDEZVOUS, ML_SOCKS, ML_SOCK_STATE},
 };
 
@@ -59,7 +59,7 @@ pub fn handle(ctx: &SockOpsContext) {
         return;
     };
     match ctx.op() {
-        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(ctx, policy),
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(ctx, netns, policy),
         BPF_SOCK_OPS_HDR_OPT_LEN_CB => on_hdr_opt_len(ctx),
         BPF_SOCK_OPS_WRITE_HDR_OPT_CB => on_write_hdr_opt(ctx),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(ctx, netns),
@@ -70,7 +70,7 @@ pub fn handle(ctx: &SockOpsContext) {
 }
 
 /// Active open, in the connecting process's context: who connects decides the role.
-fn on_connect(ctx: &SockOpsContext, policy: &PodPolicy) {
+fn on_connect(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy) {
     // SAFETY: plain helper; in TCP_CONNECT_CB `current` is the process calling connect().
     let uid_gid = unsafe { bpf_get_current_uid_gid() };
     let (uid, gid) = (uid_gid as u32, (uid_gid >> 32) as u32);
@@ -85,6 +85,7 @@ fn on_connect(ctx: &SockOpsContext, policy: &PodPolicy) {
             if let Some(st) = state(ctx, true) {
                 st.role = ROLE_IN_PROXY;
                 st.cookie = cookie(ctx);
+                st.netns = netns;
             }
         }
         return;
@@ -99,6 +100,7 @@ fn on_connect(ctx: &SockOpsContext, policy: &PodPolicy) {
     let Some(st) = state(ctx, true) else { return };
     st.role = ROLE_OUT_APP;
     st.cookie = cookie(ctx);
+    st.netns = netns;
 }
 
 /// Mirrors istio-init's ISTIO_OUTPUT for a non-proxy process: loopback and the pod's own address
@@ -240,6 +242,7 @@ fn on_passive_established(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy) 
     let Some(st) = state(ctx, true) else { return };
     st.role = role;
     st.cookie = cookie(ctx);
+    st.netns = netns;
     join(ctx, st, key);
 }
 
@@ -323,10 +326,16 @@ fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey) {
                 return;
             }
             let _ = ML_RENDEZVOUS.remove(key);
-            inc(if st.role == ROLE_OUT_APP || st.role == ROLE_OUT_PROXY {
-                counter::PAIRS_OUTBOUND
+            let hop = if st.role == ROLE_OUT_APP || st.role == ROLE_OUT_PROXY {
+                0
             } else {
-                counter::PAIRS_INBOUND
+                1
+            };
+            inc(counter::PAIRS_OUTBOUND + hop);
+            pod(st.netns, |s| {
+                if let Some(n) = s.pairs.get_mut(opaque(hop) as usize) {
+                    *n += 1
+                }
             });
         }
         Err(_) => inc(counter::RENDEZVOUS_FULL),
