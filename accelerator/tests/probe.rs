@@ -7,7 +7,6 @@ mod support;
 use std::{
     os::unix::process::CommandExt,
     process::{Command, Output, Stdio},
-    time::Duration,
 };
 
 use meshlane::datapath;
@@ -195,25 +194,30 @@ fn a_daemon_whose_probe_fails_stays_up_and_accelerates_nothing() {
     };
     let log =
         std::env::temp_dir().join(format!("meshlane-probe-daemon-{}.log", std::process::id()));
+    let ns = minimesh::Netns::new("pfail").unwrap();
+    let config =
+        std::env::temp_dir().join(format!("meshlane-probe-daemon-{}.toml", std::process::id()));
+    std::fs::write(
+        &config,
+        format!(
+            "[[pod]]\nname = \"demo/a\"\nnetns = \"{}\"\n",
+            ns.path().display()
+        ),
+    )
+    .unwrap();
     let mut daemon = Daemon(
-        deny_bpf(
-            Command::new(env!("CARGO_BIN_EXE_meshlane"))
-                .args(["run", "--pin-dir"])
-                .arg(&accel.pin_dir),
-        )
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap(),
+        deny_bpf(accel.run_command().arg("--config").arg(&config))
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("not accelerating")
-    {
-        assert!(std::time::Instant::now() < deadline, "no refusal logged");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(300));
+    // Ready means "start-up decided": here, decided not to accelerate.
+    wait_until("/readyz", || {
+        matches!(accel.http_get("/readyz"), Ok((200, _)))
+    });
+    assert!(std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("not accelerating"));
     assert!(
         daemon.0.try_wait().unwrap().is_none(),
         "the daemon must stay up"
@@ -222,11 +226,59 @@ fn a_daemon_whose_probe_fails_stays_up_and_accelerates_nothing() {
         !accel.pin_dir.exists(),
         "nothing may be loaded after a failed probe"
     );
+
+    // It says why, in status...
+    wait_until("the pod in status", || {
+        status_json(&accel)["pods"]
+            .as_array()
+            .is_some_and(|p| !p.is_empty())
+    });
+    let st = status_json(&accel);
+    assert_eq!(st["state"], "pass-through", "{st:#}");
+    assert!(
+        st["reason"].as_str().unwrap().contains("load and attach"),
+        "the reason names the failed check: {st:#}"
+    );
+    assert_eq!(st["probe"]["ok"], false);
+    assert_eq!(check(&st["probe"], "load and attach")["status"], "fail");
+    let pod = &st["pods"][0];
+    assert_eq!(pod["state"], "not_accelerated", "{pod}");
+    assert!(
+        pod["reason"].as_str().unwrap().contains("pass-through"),
+        "{pod}"
+    );
+    // ...and in metrics.
+    let (code, body) = accel.http_get("/metrics").unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(
+        sample(&body, "meshlane_datapath_state{state=\"pass_through\"}"),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        first_sample(&body, "meshlane_probe_ok"),
+        Some(0.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(
+            &body,
+            "meshlane_pods{state=\"not_accelerated\",reason=\"pass_through\"}"
+        ),
+        Some(1.0),
+        "{body}"
+    );
+
     assert!(daemon.terminate().success());
+    assert!(
+        !accel.api_socket.exists(),
+        "the API socket is removed on exit"
+    );
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
         text.contains("load and attach"),
         "the log names the failed check:\n{text}"
     );
     let _ = std::fs::remove_file(&log);
+    let _ = std::fs::remove_file(&config);
 }

@@ -29,6 +29,10 @@ pub struct Accel {
     // Field order is drop order.
     pub dp: Option<Datapath>,
     pub pin_dir: PathBuf,
+    /// For a daemon this test starts: its own API socket and metrics port, so tests never meet
+    /// each other's (or a real daemon's) endpoints.
+    pub api_socket: PathBuf,
+    pub metrics_port: u16,
     _in_cgroup: CgroupGuard,
     pub cgroup: Cgroup,
     _serial: MutexGuard<'static, ()>,
@@ -55,9 +59,13 @@ impl Accel {
             "/sys/fs/bpf/meshlane-test-{}-{n}",
             std::process::id()
         ));
+        let api_socket =
+            std::env::temp_dir().join(format!("meshlane-test-{}-{n}.sock", std::process::id()));
         Some(Accel {
             dp: None,
             pin_dir,
+            api_socket,
+            metrics_port: free_port(),
             _in_cgroup: in_cgroup,
             cgroup,
             _serial: serial,
@@ -69,6 +77,27 @@ impl Accel {
             pin_dir: self.pin_dir.clone(),
             cgroup: self.cgroup.path().to_path_buf(),
         }
+    }
+
+    /// `meshlane run` on this test's pins, cgroup, API socket and metrics port.
+    pub fn run_command(&self) -> std::process::Command {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_meshlane"));
+        cmd.arg("run")
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .arg("--cgroup")
+            .arg(self.cgroup.path())
+            .arg("--api-socket")
+            .arg(&self.api_socket)
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{}", self.metrics_port))
+            .stdin(std::process::Stdio::null());
+        cmd
+    }
+
+    /// `GET path` on this test's daemon's metrics port: (status code, body).
+    pub fn http_get(&self, path: &str) -> io::Result<(u16, String)> {
+        http_get(self.metrics_port, path)
     }
 
     pub fn dp(&mut self) -> &mut Datapath {
@@ -102,10 +131,84 @@ impl Accel {
 impl Drop for Accel {
     fn drop(&mut self) {
         self.dp = None;
+        // A daemon killed with SIGKILL leaves its socket file.
+        let _ = std::fs::remove_file(&self.api_socket);
         if let Err(e) = datapath::detach(&self.pin_dir) {
             eprintln!("test cleanup: detach {}: {e}", self.pin_dir.display());
         }
     }
+}
+
+/// A TCP port free on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A plain HTTP/1.1 GET on 127.0.0.1:port: (status code, body).
+pub fn http_get(port: u16, path: &str) -> io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("not an HTTP answer: {head:?}")))?;
+    Ok((code, body.to_string()))
+}
+
+/// Polls `ok` every 50 ms for up to 20 s.
+pub fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `meshlane status --json` from this test's daemon.
+pub fn status_json(accel: &Accel) -> serde_json::Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshlane"))
+        .args(["status", "--json", "--api-socket"])
+        .arg(&accel.api_socket)
+        .output()
+        .expect("run meshlane status");
+    assert!(
+        out.status.success(),
+        "meshlane status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
+}
+
+/// The value of one sample line (`name{labels} value`) in a Prometheus text body.
+pub fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// The value of the first sample of metric `name`, whatever its labels.
+pub fn first_sample(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 /// The model of a pod whose istio-init ran with `capture`.

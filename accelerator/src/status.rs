@@ -1,0 +1,216 @@
+//! `meshlane status`: the daemon's answer to GetStatus, as a table or JSON.
+
+use std::path::Path;
+
+use meshlane::telemetry::api;
+use meshlane_api::v1 as pb;
+use serde_json::{json, Value};
+
+pub fn show(socket: &Path, as_json: bool) -> anyhow::Result<()> {
+    let s = api::fetch_status(socket)?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&to_json(&s))?);
+    } else {
+        print!("{}", render(&s));
+    }
+    Ok(())
+}
+
+fn state_name(s: &pb::Status) -> &'static str {
+    match s.state() {
+        pb::DatapathState::Accelerating => "accelerating",
+        pb::DatapathState::PassThrough => "pass-through",
+        pb::DatapathState::Starting => "starting",
+        pb::DatapathState::Unspecified => "unknown",
+    }
+}
+
+fn check_name(c: &pb::ProbeCheck) -> &'static str {
+    match c.status() {
+        pb::CheckStatus::Pass => "pass",
+        pb::CheckStatus::Warn => "warn",
+        pb::CheckStatus::Fail => "fail",
+        pb::CheckStatus::Skip => "skip",
+        pb::CheckStatus::Unspecified => "unknown",
+    }
+}
+
+fn pod_bytes(p: &pb::Pod) -> u64 {
+    p.counters
+        .as_ref()
+        .map(|c| c.redirected_bytes.values().sum())
+        .unwrap_or(0)
+}
+
+fn render(s: &pb::Status) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let _ = writeln!(o, "meshlane {}: {}", s.version, state_name(s));
+    if !s.reason.is_empty() {
+        let _ = writeln!(o, "  why: {}", s.reason);
+    }
+    if !s.origin.is_empty() {
+        let _ = writeln!(
+            o,
+            "  datapath {} at {}, sock_ops on {}",
+            s.origin, s.pin_dir, s.cgroup
+        );
+    }
+    match &s.probe {
+        Some(p) if p.ran => {
+            let warns = p
+                .checks
+                .iter()
+                .filter(|c| c.status() == pb::CheckStatus::Warn)
+                .count();
+            let _ = writeln!(
+                o,
+                "probe: {} on kernel {} ({} checks, {} warnings)",
+                if p.ok { "passed" } else { "FAILED" },
+                p.kernel,
+                p.checks.len(),
+                warns
+            );
+            for c in p
+                .checks
+                .iter()
+                .filter(|c| matches!(c.status(), pb::CheckStatus::Fail | pb::CheckStatus::Warn))
+            {
+                let _ = writeln!(o, "  {} {}: {}", check_name(c), c.name, c.detail);
+            }
+        }
+        _ => {
+            let _ = writeln!(
+                o,
+                "probe: not run (skipped with --force, or still starting)"
+            );
+        }
+    }
+    for src in &s.sources {
+        let _ = writeln!(
+            o,
+            "source {}: {}{}",
+            src.name,
+            if src.healthy {
+                "healthy"
+            } else {
+                "FAILING, last good state kept"
+            },
+            if src.last_error.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", src.last_error)
+            }
+        );
+    }
+    let accelerated = s
+        .pods
+        .iter()
+        .filter(|p| p.state() == pb::PodState::Accelerated)
+        .count();
+    let _ = writeln!(
+        o,
+        "pods: {} accelerated, {} not",
+        accelerated,
+        s.pods.len() - accelerated
+    );
+    if !s.pods.is_empty() {
+        let w = s
+            .pods
+            .iter()
+            .map(|p| p.name.len())
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        let _ = writeln!(
+            o,
+            "  {:w$}  {:15}  {:>9}  {:>14}  REASON",
+            "NAME", "STATE", "PAIRS O/I", "BYTES"
+        );
+        for p in &s.pods {
+            let (state, pairs) = match (&p.counters, p.state()) {
+                (Some(c), pb::PodState::Accelerated) => (
+                    "accelerated",
+                    format!("{}/{}", c.pairs_outbound, c.pairs_inbound),
+                ),
+                (None, pb::PodState::Accelerated) => ("accelerated", "-".into()),
+                _ => ("not accelerated", "-".into()),
+            };
+            let _ = writeln!(
+                o,
+                "  {:w$}  {:15}  {:>9}  {:>14}  {}",
+                p.name,
+                state,
+                pairs,
+                pod_bytes(p),
+                p.reason
+            );
+        }
+    }
+    if !s.maps.is_empty() {
+        let maps: Vec<_> = s
+            .maps
+            .iter()
+            .map(|m| format!("{} {}/{}", m.name, m.entries, m.capacity))
+            .collect();
+        let _ = writeln!(o, "maps: {}", maps.join(", "));
+    }
+    if let Some(c) = &s.counters {
+        let mut nonzero: Vec<_> = c.values.iter().filter(|(_, v)| **v > 0).collect();
+        nonzero.sort();
+        let _ = writeln!(o, "counters (non-zero):");
+        for (k, v) in nonzero {
+            let _ = writeln!(o, "  {k:<44} {v}");
+        }
+    }
+    o
+}
+
+fn to_json(s: &pb::Status) -> Value {
+    json!({
+        "version": s.version,
+        "state": state_name(s),
+        "reason": s.reason,
+        "pin_dir": s.pin_dir,
+        "cgroup": s.cgroup,
+        "origin": s.origin,
+        "last_reconcile_unix": s.last_reconcile_unix,
+        "probe": s.probe.as_ref().map(|p| json!({
+            "ran": p.ran,
+            "ok": p.ok,
+            "kernel": p.kernel,
+            "checks": p.checks.iter().map(|c| json!({
+                "name": c.name, "status": check_name(c), "detail": c.detail,
+            })).collect::<Vec<_>>(),
+        })),
+        "sources": s.sources.iter().map(|x| json!({
+            "name": x.name,
+            "healthy": x.healthy,
+            "last_error": x.last_error,
+            "last_success_unix": x.last_success_unix,
+            "errors_total": x.errors_total,
+        })).collect::<Vec<_>>(),
+        "pods": s.pods.iter().map(|p| json!({
+            "name": p.name,
+            "netns": p.netns,
+            "netns_cookie": p.netns_cookie,
+            "state": if p.state() == pb::PodState::Accelerated { "accelerated" } else { "not_accelerated" },
+            "reason": p.reason,
+            "source": p.source,
+            "proxy_uid": p.proxy_uid,
+            "proxy_gid": p.proxy_gid,
+            "outbound_port": p.outbound_port,
+            "inbound_port": p.inbound_port,
+            "counters": p.counters.as_ref().map(|c| json!({
+                "pairs_outbound": c.pairs_outbound,
+                "pairs_inbound": c.pairs_inbound,
+                "redirected_messages": c.redirected_messages,
+                "redirected_bytes": c.redirected_bytes,
+            })),
+        })).collect::<Vec<_>>(),
+        "counters": s.counters.as_ref().map(|c| &c.values),
+        "maps": s.maps.iter().map(|m| json!({
+            "name": m.name, "entries": m.entries, "capacity": m.capacity,
+        })).collect::<Vec<_>>(),
+    })
+}

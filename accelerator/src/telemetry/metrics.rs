@@ -1,0 +1,397 @@
+//! Prometheus metrics, every name prefixed `meshlane_`. Nothing is cached: each scrape reads the
+//! daemon's snapshot and the kernel's maps as they are at that moment.
+
+use std::{collections::BTreeMap, fmt, sync::Arc};
+
+use meshlane_common::DIRECTIONS;
+use prometheus_client::{
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{
+        counter::ConstCounter,
+        gauge::ConstGauge,
+        MetricType::{self, Counter, Gauge},
+    },
+    registry::Registry,
+};
+
+use super::state::{unix_secs, Phase, Shared};
+use crate::probe;
+
+/// The registry to encode on each scrape.
+pub fn registry(shared: Arc<Shared>) -> Registry {
+    let mut r = Registry::default();
+    r.register_collector(Box::new(Collector(shared)));
+    r
+}
+
+/// Encodes the registry in the OpenMetrics text format (what Prometheus asks for first).
+pub fn render(registry: &Registry) -> Result<String, fmt::Error> {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, registry)?;
+    Ok(out)
+}
+
+/// The same in the classic Prometheus text format (0.0.4), for clients that do not ask for
+/// OpenMetrics (curl, promtool, older scrapers). The two differ only in counter family names
+/// (OpenMetrics names the family without `_total`) and the closing `# EOF`.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let mut counters = std::collections::HashSet::new();
+    for line in openmetrics.lines() {
+        if let Some(name) = line
+            .strip_prefix("# TYPE ")
+            .and_then(|r| r.strip_suffix(" counter"))
+        {
+            counters.insert(name.to_string());
+        }
+    }
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+struct Collector(Arc<Shared>);
+
+impl fmt::Debug for Collector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("meshlane collector")
+    }
+}
+
+type Labels<'a> = Vec<(&'static str, &'a str)>;
+
+/// One metric family: its samples are (labels, value).
+fn family(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    samples: &[(Labels, u64)],
+) -> fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, kind)?;
+    for (labels, v) in samples {
+        let e = m.encode_family(labels)?;
+        match kind {
+            Counter => ConstCounter::new(*v).encode(e)?,
+            _ => ConstGauge::new(*v as i64).encode(e)?,
+        }
+    }
+    Ok(())
+}
+
+fn gauge_f64(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: &[(Labels, f64)],
+) -> fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, Gauge)?;
+    for (labels, v) in samples {
+        ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+impl prometheus_client::collector::Collector for Collector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let snap = self.0.read().clone();
+        // Read the kernel's maps once per scrape, outside the snapshot lock.
+        let (counters, pod_stats, maps) = match self.0.datapath().as_ref() {
+            Some(dp) => (
+                dp.counters().ok(),
+                dp.pod_stats().unwrap_or_default(),
+                dp.map_usage().unwrap_or_default(),
+            ),
+            None => (None, BTreeMap::new(), Vec::new()),
+        };
+
+        family(
+            &mut enc,
+            "meshlane_build_info",
+            "meshlane version (always 1)",
+            Gauge,
+            &[(vec![("version", env!("CARGO_PKG_VERSION"))], 1)],
+        )?;
+        let phase = match &snap.phase {
+            Phase::Starting => "starting",
+            Phase::Accelerating => "accelerating",
+            Phase::PassThrough(_) => "pass_through",
+        };
+        family(
+            &mut enc,
+            "meshlane_datapath_state",
+            "1 for the daemon's current state: starting, accelerating, or pass_through (nothing attached, all traffic on plain TCP)",
+            Gauge,
+            &["starting", "accelerating", "pass_through"]
+                .map(|s| (vec![("state", s)], u64::from(s == phase))),
+        )?;
+
+        // Pods by state and reason.
+        let mut by_state: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+        for p in &snap.pods {
+            let state = if p.accelerated() {
+                "accelerated"
+            } else {
+                "not_accelerated"
+            };
+            *by_state.entry((state, p.reason_code)).or_default() += 1;
+        }
+        by_state.entry(("accelerated", "")).or_default();
+        let pods: Vec<_> = by_state
+            .iter()
+            .map(|((state, reason), n)| (vec![("state", *state), ("reason", *reason)], *n))
+            .collect();
+        family(
+            &mut enc,
+            "meshlane_pods",
+            "Pods known to the daemon, by state and (when not accelerated) reason",
+            Gauge,
+            &pods,
+        )?;
+
+        if let Some(c) = &counters {
+            family(
+                &mut enc,
+                "meshlane_pairs",
+                "App<->sidecar hops paired, by hop",
+                Counter,
+                &[
+                    (vec![("hop", "outbound")], c.get("pairs_outbound")),
+                    (vec![("hop", "inbound")], c.get("pairs_inbound")),
+                ],
+            )?;
+            let by_dir = |prefix: &str| -> Vec<(Labels, u64)> {
+                DIRECTIONS
+                    .iter()
+                    .map(|d| (vec![("direction", *d)], c.get(&format!("{prefix}_{d}"))))
+                    .collect()
+            };
+            family(
+                &mut enc,
+                "meshlane_redirected_bytes",
+                "Bytes handed socket to socket, by direction",
+                Counter,
+                &by_dir("bytes_redirected"),
+            )?;
+            family(
+                &mut enc,
+                "meshlane_redirected_messages",
+                "sendmsg calls handed socket to socket, by direction",
+                Counter,
+                &by_dir("msgs_redirected"),
+            )?;
+            let pass = [
+                ("untracked", "pass_untracked"),
+                ("no_peer", "pass_no_peer"),
+                ("tcp_pinned", "pass_tcp_pinned"),
+                ("peer_gone", "pass_peer_gone"),
+                ("draining", "pass_draining"),
+                ("not_captured", "connect_not_captured"),
+                ("early_data", "skip_early_data"),
+                ("pair_rejected", "pair_rejected"),
+            ]
+            .map(|(reason, name)| (vec![("reason", reason)], c.get(name)));
+            family(
+                &mut enc,
+                "meshlane_passthrough",
+                "Messages or connections left on plain TCP, by reason",
+                Counter,
+                &pass,
+            )?;
+            family(
+                &mut enc,
+                "meshlane_stamps",
+                "Pairing tokens on the handshake's last ACK: written by app sockets, found or missing at the sidecar",
+                Counter,
+                &[("written", "stamps_written"), ("found", "stamps_found"), ("missing", "stamps_missing")]
+                    .map(|(r, n)| (vec![("result", r)], c.get(n))),
+            )?;
+            family(
+                &mut enc,
+                "meshlane_map_full",
+                "Hops left on plain TCP because a map was full, by map",
+                Counter,
+                &[
+                    ("socks", "sockhash_full"),
+                    ("rendezvous", "rendezvous_full"),
+                    ("peers", "peers_full"),
+                ]
+                .map(|(m, n)| (vec![("map", m)], c.get(n))),
+            )?;
+        }
+
+        // Per pod: pod stats are keyed by netns cookie; name them from the snapshot.
+        let names: BTreeMap<u64, &str> = snap
+            .pods
+            .iter()
+            .filter_map(|p| Some((p.netns_cookie?, p.name.as_str())))
+            .collect();
+        let mut pod_pairs = Vec::new();
+        let mut pod_bytes = Vec::new();
+        let mut pod_msgs = Vec::new();
+        for (cookie, s) in &pod_stats {
+            let Some(name) = names.get(cookie) else {
+                continue;
+            };
+            for (hop, v) in ["outbound", "inbound"].iter().zip(s.pairs) {
+                pod_pairs.push((vec![("pod", *name), ("hop", *hop)], v));
+            }
+            for (i, d) in DIRECTIONS.iter().enumerate() {
+                pod_bytes.push((vec![("pod", *name), ("direction", *d)], s.bytes[i]));
+                pod_msgs.push((vec![("pod", *name), ("direction", *d)], s.msgs[i]));
+            }
+        }
+        family(
+            &mut enc,
+            "meshlane_pod_pairs",
+            "Hops paired, per pod and hop",
+            Counter,
+            &pod_pairs,
+        )?;
+        family(
+            &mut enc,
+            "meshlane_pod_redirected_bytes",
+            "Bytes redirected, per pod and direction",
+            Counter,
+            &pod_bytes,
+        )?;
+        family(
+            &mut enc,
+            "meshlane_pod_redirected_messages",
+            "Messages redirected, per pod and direction",
+            Counter,
+            &pod_msgs,
+        )?;
+
+        let usage: Vec<_> = maps
+            .iter()
+            .map(|m| (vec![("map", m.name)], u64::from(m.entries)))
+            .collect();
+        family(
+            &mut enc,
+            "meshlane_map_entries",
+            "Entries in use, per map",
+            Gauge,
+            &usage,
+        )?;
+        let cap: Vec<_> = maps
+            .iter()
+            .map(|m| (vec![("map", m.name)], u64::from(m.capacity)))
+            .collect();
+        family(
+            &mut enc,
+            "meshlane_map_capacity",
+            "Maximum entries, per map",
+            Gauge,
+            &cap,
+        )?;
+
+        // Probe: 1 passed, 0 failed; absent when it has not run (or was skipped with --force).
+        if let Some(r) = &snap.probe {
+            family(
+                &mut enc,
+                "meshlane_probe_ok",
+                "1 if the start-up safety probe passed, 0 if it failed",
+                Gauge,
+                &[(vec![("kernel", r.kernel.as_str())], u64::from(r.ok))],
+            )?;
+            let checks: Vec<_> = r
+                .checks
+                .iter()
+                .map(|c| {
+                    let status = match c.status {
+                        probe::Status::Pass => "pass",
+                        probe::Status::Warn => "warn",
+                        probe::Status::Fail => "fail",
+                        probe::Status::Skip => "skip",
+                    };
+                    (vec![("check", c.name), ("status", status)], 1)
+                })
+                .collect();
+            family(
+                &mut enc,
+                "meshlane_probe_check",
+                "The probe's verdict per check (value 1; the status is the label)",
+                Gauge,
+                &checks,
+            )?;
+        }
+
+        let up: Vec<_> = snap
+            .sources
+            .iter()
+            .map(|(n, h)| (vec![("source", n.as_str())], u64::from(h.healthy)))
+            .collect();
+        family(
+            &mut enc,
+            "meshlane_source_up",
+            "1 if the discovery source's last read succeeded",
+            Gauge,
+            &up,
+        )?;
+        let errs: Vec<_> = snap
+            .sources
+            .iter()
+            .map(|(n, h)| (vec![("source", n.as_str())], h.errors_total))
+            .collect();
+        family(
+            &mut enc,
+            "meshlane_source_errors",
+            "Failed reads per discovery source (the last good state was kept)",
+            Counter,
+            &errs,
+        )?;
+        let ok: Vec<_> = snap
+            .sources
+            .iter()
+            .filter_map(|(n, h)| Some((vec![("source", n.as_str())], unix_secs(h.last_success?))))
+            .collect();
+        gauge_f64(
+            &mut enc,
+            "meshlane_source_last_success_timestamp_seconds",
+            "Unix time of each source's last successful read",
+            &ok,
+        )?;
+        family(
+            &mut enc,
+            "meshlane_reconciles",
+            "Passes of the policy reconcile loop",
+            Counter,
+            &[(vec![], snap.reconciles_total)],
+        )?;
+        family(
+            &mut enc,
+            "meshlane_policy_errors",
+            "Policy map writes or removals the kernel refused",
+            Counter,
+            &[(vec![], snap.policy_errors_total)],
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::to_prometheus_text;
+
+    #[test]
+    fn counter_families_take_their_sample_names() {
+        let om = "# HELP a_b Things.\n# TYPE a_b counter\na_b_total{x=\"1\"} 3\n# HELP g A gauge.\n# TYPE g gauge\ng 1\n# EOF\n";
+        assert_eq!(
+            to_prometheus_text(om),
+            "# HELP a_b_total Things.\n# TYPE a_b_total counter\na_b_total{x=\"1\"} 3\n# HELP g A gauge.\n# TYPE g gauge\ng 1\n"
+        );
+    }
+}

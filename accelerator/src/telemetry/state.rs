@@ -1,0 +1,150 @@
+//! What the daemon knows about itself, shared between the reconcile loop (the only writer) and
+//! the metrics and API servers (readers). The datapath handle lives here too, so scrapes read the
+//! kernel's counters live instead of a copy that could be stale.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard,
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use crate::{datapath::Datapath, probe};
+
+/// Where the daemon is in its life.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Probing or loading; nothing decided yet.
+    Starting,
+    /// Programs attached; listed pods are accelerated.
+    Accelerating,
+    /// Nothing attached by this daemon; all traffic on plain TCP, for this reason.
+    PassThrough(String),
+}
+
+/// One pod the daemon was told about, and what became of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodStatus {
+    pub name: String,
+    pub netns: PathBuf,
+    pub netns_cookie: Option<u64>,
+    /// Empty when accelerated; otherwise why not, for people (status, logs).
+    pub reason: String,
+    /// The same as a short stable code for metric labels (`netns_not_found`, ...).
+    pub reason_code: &'static str,
+    pub source: String,
+    pub proxy_uid: u32,
+    pub proxy_gid: u32,
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+}
+
+impl PodStatus {
+    pub fn accelerated(&self) -> bool {
+        self.reason_code.is_empty()
+    }
+
+    pub fn decline(&mut self, code: &'static str, reason: String) {
+        self.reason_code = code;
+        self.reason = reason;
+    }
+}
+
+/// Health of one discovery source.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SourceHealth {
+    pub healthy: bool,
+    pub last_error: String,
+    pub last_success: Option<SystemTime>,
+    pub errors_total: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub phase: Phase,
+    pub pin_dir: PathBuf,
+    pub cgroup: PathBuf,
+    /// "loaded" or "adopted", once the datapath is open.
+    pub origin: Option<&'static str>,
+    /// None until the probe ran, and when it was skipped (--force).
+    pub probe: Option<probe::Report>,
+    pub pods: Vec<PodStatus>,
+    pub sources: BTreeMap<String, SourceHealth>,
+    pub last_reconcile: Option<SystemTime>,
+    pub reconciles_total: u64,
+    /// Policy-map writes or removals the kernel refused.
+    pub policy_errors_total: u64,
+}
+
+pub struct Shared {
+    snapshot: RwLock<Snapshot>,
+    datapath: Mutex<Option<Datapath>>,
+    /// Unix milliseconds of the reconcile loop's last turn (liveness).
+    heartbeat_ms: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(pin_dir: PathBuf, cgroup: PathBuf) -> Shared {
+        Shared {
+            snapshot: RwLock::new(Snapshot {
+                phase: Phase::Starting,
+                pin_dir,
+                cgroup,
+                origin: None,
+                probe: None,
+                pods: Vec::new(),
+                sources: BTreeMap::new(),
+                last_reconcile: None,
+                reconciles_total: 0,
+                policy_errors_total: 0,
+            }),
+            datapath: Mutex::new(None),
+            heartbeat_ms: AtomicU64::new(unix_ms(SystemTime::now())),
+        }
+    }
+
+    // A panicking writer cannot leave a half-updated snapshot worth refusing to serve: every
+    // field is replaced whole. So a poisoned lock is read through.
+    pub fn read(&self) -> RwLockReadGuard<'_, Snapshot> {
+        self.snapshot.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn write(&self) -> RwLockWriteGuard<'_, Snapshot> {
+        self.snapshot.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn datapath(&self) -> MutexGuard<'_, Option<Datapath>> {
+        self.datapath.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn beat(&self) {
+        self.heartbeat_ms
+            .store(unix_ms(SystemTime::now()), Ordering::Relaxed);
+    }
+
+    /// Time since the reconcile loop last turned.
+    pub fn since_heartbeat(&self) -> Duration {
+        let last = self.heartbeat_ms.load(Ordering::Relaxed);
+        Duration::from_millis(unix_ms(SystemTime::now()).saturating_sub(last))
+    }
+
+    /// Ready once start-up is decided, whether accelerating or deliberately passing through.
+    pub fn ready(&self) -> bool {
+        self.read().phase != Phase::Starting
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub fn unix_secs(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}

@@ -1,0 +1,290 @@
+//! What the daemon tells the outside, checked against real traffic: `meshlane status` (the
+//! meshlane.v1 API on a unix socket) and `/metrics`, linted by `promtool` and scraped by a real
+//! Prometheus, must agree with the kernel's counters after byte-exact streams through both hops.
+
+mod support;
+
+use std::{
+    io::Write,
+    net::SocketAddrV4,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use minimesh::{CaptureConfig, EchoServer, TwoPods};
+use support::*;
+
+const APP_PORT: u16 = 8080;
+const N: u64 = 4;
+const SIZE: usize = 256 * 1024;
+
+/// A tool the test needs: under CI its absence fails the test; elsewhere the test skips.
+fn tool(name: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "{name} is missing (scripts/setup.sh installs Debian's prometheus package)"
+        );
+        eprintln!("skipping: {name} is not installed");
+    }
+    found
+}
+
+/// A real Prometheus scraping the daemon every second, in its own data directory; killed on drop.
+struct Prometheus {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Prometheus {
+    fn start(bin: &Path, target_port: u16) -> Prometheus {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("meshlane-prom-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: meshlane\n    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n"
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+        let child = Command::new(bin)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start prometheus");
+        Prometheus { child, port, dir }
+    }
+
+    /// The value of an instant query that must return exactly one series.
+    fn query_one(&self, promql: &str) -> Option<f64> {
+        let path = format!("/api/v1/query?query={}", encode(promql));
+        let (code, body) = http_get(self.port, &path).ok()?;
+        if code != 200 {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let result = v["data"]["result"].as_array()?;
+        if result.len() != 1 {
+            return None;
+        }
+        result[0]["value"][1].as_str()?.parse().ok()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'-' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[test]
+fn status_and_metrics_match_the_kernel_counters_and_prometheus_scrapes_them() {
+    let Some(accel) = Accel::cgroup_only("telemetry") else {
+        return;
+    };
+    let (Some(promtool), Some(prometheus)) = (tool("promtool"), tool("prometheus")) else {
+        return;
+    };
+    let mesh = TwoPods::new(121, CaptureConfig::default(), CaptureConfig::default()).unwrap();
+    let _app =
+        EchoServer::spawn(&mesh.server.ns, SocketAddrV4::new(mesh.server.ip, APP_PORT)).unwrap();
+    let dir = std::env::temp_dir().join(format!("meshlane-telemetry-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("pods.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[pod]]\nname = \"demo/client\"\nnetns = \"{}\"\n\n[[pod]]\nname = \"demo/server\"\nnetns = \"{}\"\n\n[[pod]]\nname = \"demo/gone\"\nnetns = \"/run/netns/meshlane-no-such-ns\"\n",
+            mesh.client.ns.path().display(),
+            mesh.server.ns.path().display()
+        ),
+    )
+    .unwrap();
+    let log = dir.join("daemon.log");
+    let mut daemon = Daemon(
+        accel
+            .run_command()
+            .args(["--resync", "100ms", "--config"])
+            .arg(&config)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("/readyz", || {
+        matches!(accel.http_get("/readyz"), Ok((200, _)))
+    });
+    assert!(matches!(accel.http_get("/healthz"), Ok((200, _))));
+    wait_until("both pods accelerated", || {
+        status_json(&accel)["pods"]
+            .as_array()
+            .is_some_and(|p| p.iter().filter(|p| p["state"] == "accelerated").count() == 2)
+    });
+
+    let dst = SocketAddrV4::new(mesh.server.ip, APP_PORT);
+    for i in 0..N {
+        let s = connect(&mesh.client.ns, dst).expect("connect through the mesh");
+        let data = pattern(i + 1, SIZE);
+        let out = echo_exchange(s, &data, 16 * 1024).expect("exchange");
+        assert_same(&format!("connection {i}"), &out.bytes, &data);
+    }
+    let all = N * SIZE as u64;
+    let kernel = accel.counters();
+    assert_accelerated("telemetry", &kernel);
+
+    // Status: per-pod state, reasons and counters, node counters equal to the kernel's.
+    let st = status_json(&accel);
+    assert_eq!(st["state"], "accelerating", "{st:#}");
+    assert_eq!(st["origin"], "loaded");
+    assert_eq!(st["probe"]["ok"], true, "{st:#}");
+    let pod = |name: &str| {
+        st["pods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("no pod {name} in {st:#}"))
+            .clone()
+    };
+    let (client, server, gone) = (pod("demo/client"), pod("demo/server"), pod("demo/gone"));
+    assert_eq!(client["counters"]["pairs_outbound"], N, "{client}");
+    assert_eq!(
+        client["counters"]["redirected_bytes"]["outbound_app_to_sidecar"],
+        all
+    );
+    assert_eq!(server["counters"]["pairs_inbound"], N, "{server}");
+    assert_eq!(
+        server["counters"]["redirected_bytes"]["inbound_sidecar_to_app"],
+        all
+    );
+    assert_eq!(gone["state"], "not_accelerated");
+    assert!(
+        gone["reason"].as_str().unwrap().contains("netns not found"),
+        "{gone}"
+    );
+    assert_eq!(
+        st["counters"]["pairs_outbound"],
+        kernel.get("pairs_outbound")
+    );
+    assert_eq!(st["sources"][0]["name"], "config");
+    assert_eq!(st["sources"][0]["healthy"], true);
+    let socks = st["maps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "ML_SOCKS")
+        .expect("sockhash usage");
+    assert_eq!(socks["capacity"], 65536);
+
+    // The human table says the same.
+    let table = Command::new(env!("CARGO_BIN_EXE_meshlane"))
+        .args(["status", "--api-socket"])
+        .arg(&accel.api_socket)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("accelerating") && table.contains("demo/gone"),
+        "{table}"
+    );
+    assert!(table.contains("2 accelerated, 1 not"), "{table}");
+
+    // /metrics: lint-clean, and equal to the kernel.
+    let (code, body) = accel.http_get("/metrics").unwrap();
+    assert_eq!(code, 200);
+    let mut lint = Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    lint.stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let lint = lint.wait_with_output().unwrap();
+    assert!(
+        lint.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&lint.stdout),
+        String::from_utf8_lossy(&lint.stderr)
+    );
+    for (series, want) in [
+        ("meshlane_pairs_total{hop=\"outbound\"}", N),
+        ("meshlane_pairs_total{hop=\"inbound\"}", N),
+        ("meshlane_redirected_bytes_total{direction=\"inbound_app_to_sidecar\"}", all),
+        ("meshlane_pod_redirected_bytes_total{pod=\"demo/client\",direction=\"outbound_sidecar_to_app\"}", all),
+        ("meshlane_pod_pairs_total{pod=\"demo/server\",hop=\"inbound\"}", N),
+        ("meshlane_pods{state=\"accelerated\",reason=\"\"}", 2),
+        ("meshlane_pods{state=\"not_accelerated\",reason=\"netns_not_found\"}", 1),
+        ("meshlane_datapath_state{state=\"accelerating\"}", 1),
+        ("meshlane_source_up{source=\"config\"}", 1),
+        ("meshlane_map_entries{map=\"ML_POLICY\"}", 2),
+    ] {
+        assert_eq!(sample(&body, series), Some(want as f64), "{series} in\n{body}");
+    }
+    assert_eq!(first_sample(&body, "meshlane_probe_ok"), Some(1.0));
+
+    // A real Prometheus scrapes it (OpenMetrics, negotiated) and sees the same numbers.
+    let prom = Prometheus::start(&prometheus, accel.metrics_port);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let up = prom.query_one("up{job=\"meshlane\"}");
+        let bytes = prom.query_one("sum(meshlane_redirected_bytes_total)");
+        if up == Some(1.0) && bytes == Some(kernel.redirected_bytes() as f64) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Prometheus never scraped the expected values (up={up:?}, bytes={bytes:?}, want {}):\n{}",
+            kernel.redirected_bytes(),
+            prom.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(
+        prom.query_one("meshlane_pod_pairs_total{pod=\"demo/client\",hop=\"outbound\"}"),
+        Some(N as f64)
+    );
+    assert_eq!(
+        prom.query_one("meshlane_pods{state=\"not_accelerated\"}"),
+        Some(1.0)
+    );
+    drop(prom);
+
+    assert!(daemon.terminate().success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
