@@ -19,7 +19,7 @@ use minimesh::{
     envoy::Protocol,
     grpc::{GrpcClient, GrpcServer},
     nginx::{self, Nginx},
-    EchoServer, EnvoyPods,
+    CaptureConfig, EchoServer, EnvoyPods,
 };
 use support::*;
 
@@ -27,6 +27,9 @@ const ECHO: u16 = 7000;
 const WEB: u16 = 80;
 const GRPC: u16 = 50051;
 const RAW: u16 = 7100;
+/// Excluded from the client pod's outbound capture (excludeOutboundPorts), declared TCP on the
+/// server pod, whose sidecar still captures it inbound.
+const EXCLUDED: u16 = 9000;
 /// Connections held open at once in the concurrency case.
 const CONCURRENT: u64 = 1000;
 
@@ -34,6 +37,7 @@ fn services() -> Vec<(String, u16, Protocol)> {
     vec![
         ("echo".into(), ECHO, Protocol::Tcp),
         ("raw".into(), RAW, Protocol::Tcp),
+        ("excluded".into(), EXCLUDED, Protocol::Tcp),
         ("web".into(), WEB, Protocol::Http),
         ("grpc".into(), GRPC, Protocol::Http),
     ]
@@ -57,9 +61,25 @@ fn both_runs<T>(
     subnet: u8,
     case: impl Fn(&EnvoyPods) -> T,
 ) -> Option<(T, T, Counters)> {
+    both_runs_with(test, subnet, CaptureConfig::default(), case)
+}
+
+/// Like [`both_runs`], with the client pod's istio-init configuration given.
+fn both_runs_with<T>(
+    test: &str,
+    subnet: u8,
+    client_capture: CaptureConfig,
+    case: impl Fn(&EnvoyPods) -> T,
+) -> Option<(T, T, Counters)> {
     let mut accel = Accel::new(test)?;
     raise_fd_limit();
-    let pods = EnvoyPods::new(subnet, &services()).expect("Envoy pods");
+    let pods = EnvoyPods::with_captures(
+        subnet,
+        &services(),
+        client_capture,
+        CaptureConfig::default(),
+    )
+    .expect("Envoy pods");
     accel.add_pod(&pods.client.ns, &pods.client.capture);
     accel.add_pod(&pods.server.ns, &pods.server.capture);
     let fast = run_phase(test, "accelerated", &pods, &case);
@@ -482,4 +502,68 @@ fn server_closing_with_unread_data_through_envoy() {
         fast, "eof",
         "accelerated: FIN instead of RST (documented difference)"
     );
+}
+
+#[test]
+fn excluded_ports_and_the_sidecars_own_upstreams_are_never_touched() {
+    const N: u64 = 20;
+    let client_capture = CaptureConfig {
+        exclude_outbound_ports: vec![EXCLUDED],
+        ..CaptureConfig::default()
+    };
+    let Some((fast, plain, c)) = both_runs_with("envoy_exclusions", 109, client_capture, |pods| {
+        let passed = |port: u16| {
+            pods.client_envoy
+                .stat(&format!("listener.0.0.0.0_{port}.downstream_cx_total"))
+                .unwrap()
+        };
+        let before = [passed(EXCLUDED), passed(ECHO)];
+        let _excluded = EchoServer::spawn(&pods.server.ns, pods.service_addr(EXCLUDED)).unwrap();
+        let _echo = EchoServer::spawn(&pods.server.ns, pods.service_addr(ECHO)).unwrap();
+        let mut out = Vec::new();
+        // Request, whole reply, then close: the server Envoy's listener filters have decided
+        // before any FIN arrives (see the README on the listener-filter drop).
+        for port in [EXCLUDED, ECHO] {
+            for i in 0..N {
+                let s = connect(&pods.client.ns, pods.service_addr(port)).unwrap();
+                let data = pattern(i, 32 * 1024);
+                let got = request_reply(&s, &data);
+                assert_same(&format!("port {port} stream {i}"), &got, &data);
+                out.push(got.len());
+            }
+        }
+        // The excluded port went straight to the server pod, bypassing the client's sidecar.
+        let after = [passed(EXCLUDED), passed(ECHO)];
+        assert_eq!(
+            [after[0] - before[0], after[1] - before[1]],
+            [0, N],
+            "only the captured port passed the client sidecar"
+        );
+        out
+    }) else {
+        return;
+    };
+    assert_eq!(fast, plain);
+    eprintln!("counters: {c:?}");
+    // Client pod: the N excluded connects were predicted uncaptured and never stamped; only the
+    // N captured ones were stamped and paired. The sidecar's own 2N upstream connects (uid 1337)
+    // were never stamped either: stamps equal the app's captured connects exactly.
+    // (Plus the test's own four admin-API reads on 127.0.0.1:15000 in the client pod: loopback,
+    // which istio-init never captures either.)
+    assert_eq!(c.get("connect_not_captured"), N + 4, "{c:?}");
+    assert_eq!(c.get("stamps_written"), N, "{c:?}");
+    assert_eq!(c.get("pairs_outbound"), N, "{c:?}");
+    // Server pod: its sidecar captures both ports inbound, so both hops to the app are paired.
+    assert_eq!(c.get("pairs_inbound"), 2 * N, "{c:?}");
+    assert_eq!(c.get("pair_rejected"), 0, "{c:?}");
+}
+
+/// Writes `data`, reads exactly as many bytes back, then closes.
+fn request_reply(s: &TcpStream, data: &[u8]) -> Vec<u8> {
+    let mut got = vec![0; data.len()];
+    std::thread::scope(|sc| {
+        sc.spawn(|| (&*s).write_all(data).unwrap());
+        (&*s).read_exact(&mut got).unwrap();
+    });
+    got
 }

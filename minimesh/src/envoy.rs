@@ -1031,6 +1031,22 @@ impl EnvoyPods {
     /// Envoy has each port declared with its protocol (an HTTP chain, or a TCP chain without
     /// protocol sniffing). Apps are the caller's.
     pub fn new(subnet: u8, services: &[(String, u16, Protocol)]) -> Result<EnvoyPods> {
+        Self::with_captures(
+            subnet,
+            services,
+            CaptureConfig::default(),
+            CaptureConfig::default(),
+        )
+    }
+
+    /// Like [`EnvoyPods::new`], with each pod's istio-init configuration given (excluded ports,
+    /// capture ports, proxy uid); each Envoy follows its pod's.
+    pub fn with_captures(
+        subnet: u8,
+        services: &[(String, u16, Protocol)],
+        client_capture: CaptureConfig,
+        server_capture: CaptureConfig,
+    ) -> Result<EnvoyPods> {
         let client_ns = Netns::new("ecli")?;
         let server_ns = Netns::new("esrv")?;
         let (cip, sip) = (
@@ -1038,8 +1054,8 @@ impl EnvoyPods {
             Ipv4Addr::new(10, subnet, 0, 2),
         );
         veth_link(&client_ns, "eth0", cip, &server_ns, "eth0", sip, 24).context("pod link")?;
-        let client = Pod::without_sidecar(client_ns, cip, CaptureConfig::default())?;
-        let server = Pod::without_sidecar(server_ns, sip, CaptureConfig::default())?;
+        let client = Pod::without_sidecar(client_ns, cip, client_capture)?;
+        let server = Pod::without_sidecar(server_ns, sip, server_capture)?;
         let client_cfg = EnvoyConfig {
             outbound: services
                 .iter()
