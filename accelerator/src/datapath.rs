@@ -17,11 +17,13 @@ use std::{
 
 use aya::{
     maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, SockHash},
-    programs::{links::FdLink, CgroupAttachMode, SkMsg, SockOps},
+    programs::{links::FdLink, CgroupAttachMode, RawTracePoint, SkMsg, SockOps},
     Ebpf, EbpfLoader,
 };
 pub use fs::{cgroup2_root, ensure_bpffs};
-use meshlane_common::{counter, maps, programs, PodPolicy, PodStats, CONTROL_DRAIN, CONTROL_FLAGS};
+use meshlane_common::{
+    counter, maps, programs, PodPolicy, PodStats, CONTROL_BUDGET, CONTROL_DRAIN, CONTROL_FLAGS,
+};
 
 /// The eBPF object, built from ebpf/programs by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshlane-ebpf"));
@@ -30,6 +32,8 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/meshlane";
 const PIN_PROG_SOCK_OPS: &str = "prog_sockops";
 const PIN_PROG_SK_MSG: &str = "prog_sk_msg";
 const PIN_LINK_SOCK_OPS: &str = "link_sockops";
+/// The read tracer's link; absent on kernels without the tracepoint (before 6.4).
+const PIN_LINK_RECV: &str = "link_recv";
 /// `BPF_NOEXIST` map update flag: create only.
 const BPF_NOEXIST: u64 = 1;
 
@@ -203,9 +207,17 @@ impl Datapath {
                 e,
             )
         })?;
-        let attached = load_and_attach(&opts.cgroup, Some(&opts.pin_dir))?;
-        attached
-            .sock_ops_link
+        let Attached {
+            ebpf: _ebpf,
+            sock_ops_link,
+            recv_link,
+        } = load_and_attach(&opts.cgroup, Some(&opts.pin_dir))?;
+        if let Some(link) = recv_link {
+            link.pin(opts.pin_dir.join(PIN_LINK_RECV))
+                .map_err(|e| Error::Kernel(format!("pin the read tracer's link: {e}")))?;
+        }
+        // The sock_ops link is pinned last: its pin marks a complete datapath.
+        sock_ops_link
             .pin(opts.pin_dir.join(PIN_LINK_SOCK_OPS))
             .map_err(|e| Error::Kernel(format!("pin sock_ops link: {e}")))?;
         tracing::info!(pin_dir = %opts.pin_dir.display(), cgroup = %opts.cgroup.display(), "datapath loaded and attached");
@@ -326,9 +338,25 @@ impl Datapath {
 
     /// Stops new redirects and pairs; each direction finishes on TCP (see `sk_msg.rs`).
     pub fn set_draining(&mut self, on: bool) -> Result<(), Error> {
+        let flags = self
+            .control
+            .get(&CONTROL_FLAGS, 0)
+            .map_err(|e| Error::Map(maps::CONTROL, e.to_string()))?;
+        let flags = if on {
+            flags | CONTROL_DRAIN
+        } else {
+            flags & !CONTROL_DRAIN
+        };
         self.control
-            .set(CONTROL_FLAGS, if on { CONTROL_DRAIN } else { 0 }, 0)
+            .set(CONTROL_FLAGS, flags, 0)
             .map_err(|e| Error::Map(maps::CONTROL, e.to_string()))
+    }
+
+    /// Whether the unread budget is enforced (the read tracer is attached).
+    pub fn budget_enforced(&self) -> bool {
+        self.control
+            .get(&CONTROL_FLAGS, 0)
+            .is_ok_and(|f| f & CONTROL_BUDGET != 0)
     }
 }
 
@@ -336,6 +364,8 @@ impl Datapath {
 struct Attached {
     ebpf: Ebpf,
     sock_ops_link: FdLink,
+    /// None where the kernel has no `sock_recv_length` tracepoint: no unread budget there.
+    recv_link: Option<FdLink>,
 }
 
 /// Loads the object, attaches sk_msg to the sockhash and sock_ops to `cgroup`. With `pin_dir`,
@@ -376,6 +406,9 @@ fn load_and_attach(cgroup: &Path, pin_dir: Option<&Path>) -> Result<Attached, Er
             .map_err(|e| Error::Map(maps::SOCKS, format!("pin sk_msg: {e}")))?;
     }
 
+    // The read tracer before sock_ops, so every read of a paired socket is counted.
+    let recv_link = attach_read_tracer(&mut ebpf)?;
+
     let sock_ops: &mut SockOps = program(&mut ebpf, programs::SOCK_OPS)?;
     sock_ops.load().map_err(Error::from_load)?;
     if let Some(dir) = pin_dir {
@@ -396,7 +429,36 @@ fn load_and_attach(cgroup: &Path, pin_dir: Option<&Path>) -> Result<Attached, Er
     Ok(Attached {
         ebpf,
         sock_ops_link,
+        recv_link,
     })
+}
+
+/// Attaches the read tracer and turns the unread budget on; on a kernel without the tracepoint
+/// (before 6.4) it says so and leaves the budget off, as redirects were before it existed.
+fn attach_read_tracer(ebpf: &mut Ebpf) -> Result<Option<FdLink>, Error> {
+    let prog: &mut RawTracePoint = program(ebpf, programs::RECV)?;
+    prog.load().map_err(Error::from_load)?;
+    let link = match prog.attach(programs::RECV_TRACEPOINT) {
+        Ok(link) => link,
+        Err(e) => {
+            tracing::warn!(
+                tracepoint = programs::RECV_TRACEPOINT,
+                error = %e,
+                "no read tracer on this kernel (Linux 6.4+ has the tracepoint): a reader that stops reading no longer holds its writer back, its queue grows without bound"
+            );
+            return Ok(None);
+        }
+    };
+    let link: FdLink = prog.take_link(link).map_err(Error::from_load)?.into();
+    let mut control: Array<&mut MapData, u32> = Array::try_from(
+        ebpf.map_mut(maps::CONTROL)
+            .ok_or(Error::Map(maps::CONTROL, "missing".into()))?,
+    )
+    .map_err(|e| Error::Map(maps::CONTROL, e.to_string()))?;
+    control
+        .set(CONTROL_FLAGS, CONTROL_BUDGET, 0)
+        .map_err(|e| Error::Map(maps::CONTROL, e.to_string()))?;
+    Ok(Some(link))
 }
 
 /// A private, unpinned copy of the datapath for `meshlane probe`: attached to `cgroup` while
@@ -405,6 +467,8 @@ fn load_and_attach(cgroup: &Path, pin_dir: Option<&Path>) -> Result<Attached, Er
 pub struct Scratch {
     policy: HashMap<MapData, u64, PodPolicy>,
     counters: PerCpuArray<MapData, u64>,
+    unread: HashMap<MapData, u64, i64>,
+    budget: bool,
     _attached: Attached,
 }
 
@@ -419,11 +483,29 @@ impl Scratch {
             .map_err(|e| Error::Map(maps::POLICY, e.to_string()))?;
         let counters = PerCpuArray::try_from(take(&mut attached.ebpf, maps::COUNTERS)?)
             .map_err(|e| Error::Map(maps::COUNTERS, e.to_string()))?;
+        let unread = HashMap::try_from(take(&mut attached.ebpf, maps::UNREAD)?)
+            .map_err(|e| Error::Map(maps::UNREAD, e.to_string()))?;
         Ok(Scratch {
             policy,
             counters,
+            unread,
+            budget: attached.recv_link.is_some(),
             _attached: attached,
         })
+    }
+
+    /// Whether the read tracer is attached (and so the unread budget enforced).
+    pub fn budget_enforced(&self) -> bool {
+        self.budget
+    }
+
+    /// Redirected bytes not yet read, summed over every paired socket still open.
+    pub fn unread_total(&self) -> Result<i64, Error> {
+        self.unread
+            .iter()
+            .map(|r| r.map(|(_, v)| v))
+            .sum::<Result<i64, _>>()
+            .map_err(|e| Error::Map(maps::UNREAD, e.to_string()))
     }
 
     pub fn set_pod(&mut self, netns_cookie: u64, policy: &PodPolicy) -> Result<(), Error> {
@@ -466,7 +548,7 @@ where
 }
 
 /// The key and value sizes this build's programs use, per map.
-fn expected_layout() -> [(&'static str, usize, usize); 6] {
+fn expected_layout() -> [(&'static str, usize, usize); 8] {
     use meshlane_common::{PairKey, SockState, Waiter};
     use std::mem::size_of;
     [
@@ -476,6 +558,8 @@ fn expected_layout() -> [(&'static str, usize, usize); 6] {
         (maps::SOCK_STATE, size_of::<i32>(), size_of::<SockState>()),
         (maps::COUNTERS, size_of::<u32>(), size_of::<u64>()),
         (maps::POD_STATS, size_of::<u64>(), size_of::<PodStats>()),
+        (maps::UNREAD, size_of::<u64>(), size_of::<i64>()),
+        (maps::SOCK_ADDRS, size_of::<u64>(), size_of::<u64>()),
     ]
 }
 
@@ -624,6 +708,11 @@ pub fn detach(pin_dir: &Path) -> Result<DetachReport, Error> {
             tracing::warn!(error = %e, "sock_ops link detach");
         }
     }
+    if let Ok(link) = sys::obj_get(&pin_dir.join(PIN_LINK_RECV)) {
+        if let Err(e) = sys::link_detach(&link) {
+            tracing::warn!(error = %e, "read tracer link detach");
+        }
+    }
     if let (Ok(prog), Ok(socks)) = (
         sys::obj_get(&pin_dir.join(PIN_PROG_SK_MSG)),
         sys::obj_get(&pin_dir.join(maps::SOCKS)),
@@ -639,7 +728,7 @@ pub fn detach(pin_dir: &Path) -> Result<DetachReport, Error> {
 
 fn remove_pins(dir: &Path) -> Result<Vec<String>, Error> {
     let mut removed = Vec::new();
-    for name in pin_names() {
+    for name in pin_names().chain([PIN_LINK_RECV]) {
         let p = dir.join(name);
         match stdfs::remove_file(&p) {
             Ok(()) => removed.push(name.to_string()),

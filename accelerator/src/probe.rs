@@ -197,6 +197,7 @@ fn run_checks(r: &mut Recorder, cgroup: Option<&Path>) -> bool {
     }
 
     r.record("inbound hop", || checks::inbound_hop(&ns, &dp));
+    r.record("reads counted", || checks::read_accounting(&ns, &dp));
     r.record("end of stream", || checks::end_of_stream(&ns));
     r.record("MSG_PEEK", || checks::msg_peek(&ns));
     r.record("FIONREAD", || checks::fionread(&ns));

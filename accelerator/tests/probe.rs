@@ -132,6 +132,7 @@ fn probe_passes_on_this_kernel_and_leaves_nothing() {
         "MSG_PEEK",
         "first byte order",
         "survives detach",
+        "reads counted",
     ] {
         assert_eq!(check(&report, name)["status"], "pass", "{name}");
     }

@@ -101,7 +101,89 @@ fn sixteen_mib_writes_and_many_tiny_writes_arrive_whole() {
     }) else {
         return;
     };
-    assert!(c.get("bytes_redirected_outbound_app_to_sidecar") >= (16 << 20) + 140_000);
+    // The tiny writes are all redirected. The 16 MiB write outruns the relay reading it: at
+    // least the unread budget's worth is redirected, then (if the reader fell that far behind)
+    // the rest takes TCP, whole and in order as checked above.
+    let redirected = c.get("bytes_redirected_outbound_app_to_sidecar");
+    let budget = meshlane_common::UNREAD_BUDGET as u64;
+    assert!(redirected >= budget + 140_000, "{c:?}");
+    if c.get("pass_over_budget") == 0 {
+        assert!(redirected >= (16 << 20) + 140_000, "{c:?}");
+    }
+}
+
+/// Byte `p` of a long deterministic stream: a shift, loss or reorder anywhere changes what the
+/// reader sees.
+fn stream_byte(p: u64) -> u8 {
+    ((p ^ (p >> 11) ^ (p >> 23)).wrapping_mul(0x9e37_79b9) >> 7) as u8
+}
+
+#[test]
+fn a_reader_that_stops_holds_the_writer_back() {
+    // Without the unread budget a redirected writer never blocks: its bytes queue at the
+    // stalled reader without bound. With it, the writer must meet EAGAIN, like on plain TCP,
+    // and every byte it got in must still arrive, in order, once the reader reads again.
+    const CAP: u64 = 128 << 20;
+    let Some((fast, plain, c)) = both_ways("stalled_reader", 88, |mesh| {
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let (dst, server) = serve(mesh, 8082, move |s| {
+            wait.recv().unwrap();
+            read_to_end(&s).unwrap().bytes
+        });
+        let mut s = connect(&mesh.client.ns, dst).unwrap();
+        s.set_nonblocking(true).unwrap();
+        let mut written: u64 = 0;
+        let mut chunk = vec![0u8; 64 * 1024];
+        let mut held_back = false;
+        while written < CAP {
+            for (i, b) in chunk.iter_mut().enumerate() {
+                *b = stream_byte(written + i as u64);
+            }
+            match s.write(&chunk) {
+                Ok(n) => written += n as u64,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    // Held back only if it stays so while nothing reads.
+                    std::thread::sleep(Duration::from_millis(200));
+                    match s.write(&chunk) {
+                        Ok(n) => written += n as u64,
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                            held_back = true;
+                            break;
+                        }
+                        Err(e) => panic!("write: {e}"),
+                    }
+                }
+                Err(e) => panic!("write: {e}"),
+            }
+        }
+        eprintln!("writer accepted {written} bytes before being held back: {held_back}");
+        go.send(()).unwrap();
+        s.set_nonblocking(false).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let got = server.join().unwrap();
+        let intact = got.len() as u64 == written
+            && got
+                .iter()
+                .enumerate()
+                .all(|(p, b)| *b == stream_byte(p as u64));
+        (held_back, intact)
+    }) else {
+        return;
+    };
+    assert_eq!(
+        plain,
+        (true, true),
+        "plain TCP: held back, every byte delivered"
+    );
+    assert_eq!(
+        fast,
+        (true, true),
+        "accelerated: held back, every byte delivered"
+    );
+    assert!(
+        c.get("pass_over_budget") >= 1,
+        "the budget moved the writer to TCP: {c:?}"
+    );
 }
 
 #[test]

@@ -103,6 +103,52 @@ pub fn inbound_hop(ns: &ScratchNs, dp: &Scratch) -> Outcome {
     ))
 }
 
+/// Reads are counted, so a reader that stops holds its writer back (`UNREAD_BUDGET`): after
+/// every redirected byte was read (and some peeked first, which must not count), nothing may be
+/// left in the unread count, or live pairs would be moved to TCP for no reason.
+pub fn read_accounting(ns: &ScratchNs, dp: &Scratch) -> Outcome {
+    if !dp.budget_enforced() {
+        return Ok(Verdict::Warn(
+            "no sock_recv_length tracepoint (Linux 6.4+): a reader that stops reading does not hold its writer back; its queue grows until TCP memory limits".into(),
+        ));
+    }
+    const SIZE: usize = 256 * 1024;
+    let (proxy, app) = inbound_pair(ns).map_err(io("connect from 127.0.0.6"))?;
+    let (to_app, to_proxy) = (pattern(5, SIZE), pattern(6, SIZE));
+    std::thread::scope(|s| -> Result<(), String> {
+        let w = s.spawn(|| (&proxy).write_all(&to_app));
+        let mut peeked = [0u8; 100];
+        let n = app.peek(&mut peeked).map_err(io("peek"))?;
+        let mut got = vec![0u8; SIZE];
+        std::io::Read::read_exact(&mut &app, &mut got).map_err(io("read on the app"))?;
+        w.join()
+            .map_err(|_| "writer panicked")?
+            .map_err(io("write"))?;
+        if got != to_app || peeked[..n] != to_app[..n] {
+            return Err("bytes differ sidecar -> app".into());
+        }
+        let w = s.spawn(|| (&app).write_all(&to_proxy));
+        std::io::Read::read_exact(&mut &proxy, &mut got).map_err(io("read on the sidecar"))?;
+        w.join()
+            .map_err(|_| "writer panicked")?
+            .map_err(io("write"))?;
+        if got != to_proxy {
+            return Err("bytes differ app -> sidecar".into());
+        }
+        Ok(())
+    })?;
+    let unread = dp.unread_total().map_err(|e| e.to_string())?;
+    if unread != 0 {
+        return Err(format!(
+            "{unread} bytes still counted unread after every byte was read: the read tracer misses reads, so live pairs would fall back to TCP"
+        ));
+    }
+    Ok(Verdict::Pass(format!(
+        "every read counted (256 KiB each way, peeks excluded); a reader that stops holds its writer back after {} MiB unread",
+        meshlane_common::UNREAD_BUDGET >> 20
+    )))
+}
+
 /// The app -> sidecar hop through iptables REDIRECT pairs by the ACK's token.
 pub fn outbound_hop(ns: &ScratchNs, dp: &Scratch, sidecar: &TcpListener) -> Outcome {
     let before = dp.counters().map_err(|e| e.to_string())?;

@@ -108,13 +108,15 @@ impl prometheus_client::collector::Collector for Collector {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
         let snap = self.0.read().clone();
         // Read the kernel's maps once per scrape, outside the snapshot lock.
-        let (counters, pod_stats, maps) = match self.0.datapath().as_ref() {
+        let (counters, pod_stats, maps, budget) = match self.0.datapath().as_ref() {
             Some(dp) => (
                 dp.counters().ok(),
                 dp.pod_stats().unwrap_or_default(),
                 dp.map_usage().unwrap_or_default(),
+                dp.budget_enforced()
+                    .then_some(meshlane_common::UNREAD_BUDGET as u64),
             ),
-            None => (None, BTreeMap::new(), Vec::new()),
+            None => (None, BTreeMap::new(), Vec::new(), None),
         };
 
         family(
@@ -201,6 +203,7 @@ impl prometheus_client::collector::Collector for Collector {
                 ("not_captured", "connect_not_captured"),
                 ("early_data", "skip_early_data"),
                 ("pair_rejected", "pair_rejected"),
+                ("over_budget", "pass_over_budget"),
             ]
             .map(|(reason, name)| (vec![("reason", reason)], c.get(name)));
             family(
@@ -275,6 +278,13 @@ impl prometheus_client::collector::Collector for Collector {
             &pod_msgs,
         )?;
 
+        family(
+            &mut enc,
+            "meshlane_unread_budget_bytes",
+            "Redirected bytes a reader may leave unread before its writer moves to TCP (0: not enforced, this kernel has no read tracepoint)",
+            Gauge,
+            &[(vec![], budget.unwrap_or(0))],
+        )?;
         let usage: Vec<_> = maps
             .iter()
             .map(|m| (vec![("map", m.name)], u64::from(m.entries)))

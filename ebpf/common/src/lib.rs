@@ -237,6 +237,18 @@ pub const CONTROL_FLAGS: u32 = 0;
 /// Control bit: stop redirecting and pairing (detach in progress). Each direction that was
 /// redirecting moves to TCP for good; the receiver still reads its queued redirected bytes first.
 pub const CONTROL_DRAIN: u32 = 1;
+/// Control bit: the read tracer is attached, so unread counts are real and sk_msg enforces
+/// [`UNREAD_BUDGET`]. Without it (a kernel with no `sock_recv_length` tracepoint, before 6.4)
+/// the counts would only grow, so the budget is not applied.
+pub const CONTROL_BUDGET: u32 = 2;
+
+/// Redirected bytes a receiver may leave unread before its peer's direction moves to TCP.
+/// Redirected bytes bypass the receiver's `SO_RCVBUF`, so without a budget a reader that stops
+/// (or an Envoy applying flow control) would let the writer queue without bound. Over budget,
+/// the writer's next bytes take TCP, which holds it back (EAGAIN, or a blocking write) the
+/// normal way once TCP's buffers fill; the reader still gets the queued redirected bytes first,
+/// so order holds.
+pub const UNREAD_BUDGET: i64 = 4 << 20;
 pub const CONTROL_ENTRIES: u32 = 1;
 
 /// Counter indices of the per-CPU counter array.
@@ -261,7 +273,10 @@ pub mod counter {
     pub const SKIP_EARLY_DATA: u32 = 21;
     pub const PAIR_REJECTED: u32 = 22;
     pub const CONNECT_NOT_CAPTURED: u32 = 23;
-    pub const COUNT: u32 = 24;
+    /// A direction moved to TCP because its reader had more than [`super::UNREAD_BUDGET`]
+    /// redirected bytes unread.
+    pub const PASS_OVER_BUDGET: u32 = 24;
+    pub const COUNT: u32 = 25;
 
     /// Names for userspace, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -289,6 +304,7 @@ pub mod counter {
         "skip_early_data",
         "pair_rejected",
         "connect_not_captured",
+        "pass_over_budget",
     ];
 }
 
@@ -302,8 +318,11 @@ pub mod maps {
     pub const COUNTERS: &str = "ML_COUNTERS";
     pub const CONTROL: &str = "ML_CONTROL";
     pub const POD_STATS: &str = "ML_POD_STATS";
-    pub const ALL: [&str; 8] = [
-        POLICY, SOCKS, RENDEZVOUS, PEERS, SOCK_STATE, COUNTERS, CONTROL, POD_STATS,
+    pub const UNREAD: &str = "ML_UNREAD";
+    pub const SOCK_ADDRS: &str = "ML_SOCK_ADDRS";
+    pub const ALL: [&str; 10] = [
+        POLICY, SOCKS, RENDEZVOUS, PEERS, SOCK_STATE, COUNTERS, CONTROL, POD_STATS, UNREAD,
+        SOCK_ADDRS,
     ];
     pub const POLICY_MAX: u32 = 4096;
     pub const SOCKS_MAX: u32 = 65536;
@@ -315,6 +334,10 @@ pub mod maps {
 pub mod programs {
     pub const SOCK_OPS: &str = "meshlane_sockops";
     pub const SK_MSG: &str = "meshlane_sk_msg";
+    pub const RECV: &str = "meshlane_recv";
+    /// The raw tracepoint `RECV` attaches to: fired after every recvmsg() with the socket, the
+    /// bytes read and the flags (Linux 6.4+).
+    pub const RECV_TRACEPOINT: &str = "sock_recv_length";
 }
 
 #[cfg(feature = "user")]

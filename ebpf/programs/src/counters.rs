@@ -33,3 +33,16 @@ pub fn opaque(x: u32) -> u32 {
     // SAFETY: reads a live local.
     unsafe { core::ptr::read_volatile(&x) }
 }
+
+/// Adds `n` (negative to subtract) to a map value shared by every CPU.
+#[inline(always)]
+pub fn atomic_add(p: *mut i64, n: i64) {
+    // core has no atomic fetch_add for the BPF target, but BPF has an atomic add instruction
+    // (BPF_ATOMIC | BPF_ADD, its result unused here).
+    // SAFETY: `p` points at a live, 8-byte aligned map value.
+    unsafe {
+        core::intrinsics::atomic_xadd::<i64, i64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            p, n,
+        )
+    };
+}

@@ -1,19 +1,24 @@
 //! meshlane's eBPF programs: `sock_ops` pairs the two ends of each local hop between an app and its
-//! sidecar, `sk_msg` hands bytes from one end straight to the other through the sockhash.
+//! sidecar, `sk_msg` hands bytes from one end straight to the other through the sockhash, and a
+//! read tracer (`recv.rs`) counts what receivers read, to bound what they leave unread.
 //!
 //! One file per hook (`sockops.rs`, `sk_msg.rs`), every map in `maps.rs`, counters in `counters.rs`.
 //! Types shared with the daemon live in `meshlane-common`.
 #![no_std]
 #![no_main]
+// atomic_xadd: core has no atomic fetch_add for the BPF target (built with RUSTC_BOOTSTRAP=1).
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod counters;
 mod maps;
+mod recv;
 mod sk_msg;
 mod sockops;
 
 use aya_ebpf::{
-    macros::{sk_msg, sock_ops},
-    programs::{SkMsgContext, SockOpsContext},
+    macros::{raw_tracepoint, sk_msg, sock_ops},
+    programs::{RawTracePointContext, SkMsgContext, SockOpsContext},
 };
 
 #[sock_ops]
@@ -26,6 +31,12 @@ pub fn meshlane_sockops(ctx: SockOpsContext) -> u32 {
 #[sk_msg]
 pub fn meshlane_sk_msg(ctx: SkMsgContext) -> u32 {
     sk_msg::verdict(&ctx)
+}
+
+#[raw_tracepoint(tracepoint = "sock_recv_length")]
+pub fn meshlane_recv(ctx: RawTracePointContext) -> i32 {
+    recv::on_read(&ctx);
+    0
 }
 
 #[cfg(not(test))]

@@ -52,3 +52,17 @@ pub static ML_CONTROL: Array<u32, 1> = Array::new();
 #[btf_map]
 pub static ML_POD_STATS: PerCpuHashMap<u64, PodStats, { POLICY_MAX as usize }> =
     PerCpuHashMap::new();
+
+/// Redirected bytes each receiver has not read yet. Key: the receiving socket's cookie. Value:
+/// bytes (signed: a read can also drain TCP bytes that came after a pin, so it may dip below 0).
+/// Writer: sock_ops creates the entry when a socket joins and removes it at close; sk_msg adds
+/// what it redirects; the read tracer subtracts what the receiver reads. Reader: sk_msg, for the
+/// [`meshlane_common::UNREAD_BUDGET`] check. Max: PEERS_MAX.
+#[btf_map]
+pub static ML_UNREAD: HashMap<u64, i64, { PEERS_MAX as usize }> = HashMap::new();
+
+/// Kernel address of each joined socket -> its cookie, for the read tracer, which gets the bare
+/// `struct sock *` and has no helper to get a cookie from it. Writer: sock_ops (join, close).
+/// Reader: the read tracer. Max: PEERS_MAX.
+#[btf_map]
+pub static ML_SOCK_ADDRS: HashMap<u64, u64, { PEERS_MAX as usize }> = HashMap::new();

@@ -12,12 +12,13 @@ use aya_ebpf::{
     programs::SkMsgContext,
 };
 use meshlane_common::{
-    counter, SockState, CONTROL_DRAIN, CONTROL_FLAGS, ROLE_IN_APP, ROLE_OUT_APP, SOCK_TCP_PINNED,
+    counter, SockState, CONTROL_BUDGET, CONTROL_DRAIN, CONTROL_FLAGS, ROLE_IN_APP, ROLE_OUT_APP,
+    SOCK_TCP_PINNED, UNREAD_BUDGET,
 };
 
 use crate::{
-    counters::{add, inc, opaque, pod},
-    maps::{ML_CONTROL, ML_PEERS, ML_SOCKS, ML_SOCK_STATE},
+    counters::{add, atomic_add, inc, opaque, pod},
+    maps::{ML_CONTROL, ML_PEERS, ML_SOCKS, ML_SOCK_STATE, ML_UNREAD},
 };
 
 pub fn verdict(ctx: &SkMsgContext) -> u32 {
@@ -45,16 +46,31 @@ pub fn verdict(ctx: &SkMsgContext) -> u32 {
         inc(counter::PASS_NO_PEER);
         return SK_PASS;
     };
+    let flags = ML_CONTROL.get(CONTROL_FLAGS).copied().unwrap_or(0);
+    let unread = ML_UNREAD.get_ptr_mut(peer);
+    if let (Some(unread), true) = (unread, flags & CONTROL_BUDGET != 0) {
+        // SAFETY: a live map value; a racing update only makes the budget a little soft.
+        if unsafe { *unread } > UNREAD_BUDGET {
+            // The reader is not keeping up: hand this direction to TCP, whose flow control
+            // holds the writer back. The bytes already queued are still read first.
+            st.flags |= SOCK_TCP_PINNED;
+            inc(counter::PASS_OVER_BUDGET);
+            return SK_PASS;
+        }
+    }
     if ML_SOCKS.redirect_msg(ctx, &mut peer, BPF_F_INGRESS as u64) != SK_PASS as i64 {
         // The peer left the sockhash (it closed): this direction continues on TCP.
         st.flags |= SOCK_TCP_PINNED;
         inc(counter::PASS_PEER_GONE);
         return SK_PASS;
     }
+    let size = ctx.size() as u64;
+    if let Some(unread) = unread {
+        atomic_add(unread, size as i64);
+    }
     let role = st.role;
     if (ROLE_OUT_APP..=ROLE_IN_APP).contains(&role) {
         let dir = (role - ROLE_OUT_APP) as u32;
-        let size = ctx.size() as u64;
         inc(counter::MSGS_REDIRECTED + dir);
         add(counter::BYTES_REDIRECTED + dir, size);
         pod(st.netns, |s| {

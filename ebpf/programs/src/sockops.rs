@@ -38,7 +38,10 @@ use meshlane_common::{
 
 use crate::{
     counters::{inc, opaque, pod},
-    maps::{ML_CONTROL, ML_PEERS, ML_POLICY, ML_RENDEZVOUS, ML_SOCKS, ML_SOCK_STATE},
+    maps::{
+        ML_CONTROL, ML_PEERS, ML_POLICY, ML_RENDEZVOUS, ML_SOCKS, ML_SOCK_ADDRS, ML_SOCK_STATE,
+        ML_UNREAD,
+    },
 };
 
 const AF_INET: u32 = 2;
@@ -252,6 +255,8 @@ fn on_state(ctx: &SockOpsContext) {
         return;
     }
     let Some(st) = state(ctx, false) else { return };
+    let _ = ML_UNREAD.remove(st.cookie);
+    let _ = ML_SOCK_ADDRS.remove(sk_addr(ctx));
     if st.flags & SOCK_WAITING != 0 {
         // SAFETY: read-only view of a hash map value.
         if let Some(w) = unsafe { ML_RENDEZVOUS.get(st.pair_key) } {
@@ -274,6 +279,17 @@ fn on_state(ctx: &SockOpsContext) {
 /// writes the pair both ways, so whoever sees a peer knows both are already in the sockhash.
 fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey) {
     if draining() {
+        return;
+    }
+    // Unread accounting first: by the time a peer can redirect to us, the read tracer must
+    // already know this socket.
+    if ML_UNREAD.insert(st.cookie, 0, BPF_ANY as u64).is_err()
+        || ML_SOCK_ADDRS
+            .insert(sk_addr(ctx), st.cookie, BPF_ANY as u64)
+            .is_err()
+    {
+        let _ = ML_UNREAD.remove(st.cookie);
+        inc(counter::PEERS_FULL);
         return;
     }
     let mut sock_key = st.cookie;
@@ -396,6 +412,13 @@ fn is_syn(ctx: &SockOpsContext) -> bool {
     // SAFETY: reading a u32 field of the live context.
     let flags = unsafe { (*ctx.ops).skb_tcp_flags };
     flags & TCPHDR_SYN != 0
+}
+
+/// The socket's kernel address: the key the read tracer sees (`struct sock *`). Exposing it to
+/// a map needs the privilege to read pointers (CAP_PERFMON), which the daemon has.
+fn sk_addr(ctx: &SockOpsContext) -> u64 {
+    // SAFETY: reads a pointer field of the live context; it is never dereferenced.
+    unsafe { (*ctx.ops).__bindgen_anon_2.sk as u64 }
 }
 
 fn cookie(ctx: &SockOpsContext) -> u64 {
