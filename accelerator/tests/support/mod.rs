@@ -83,6 +83,14 @@ impl Accel {
         self.dp().set_pod(cookie, &p).expect("policy write");
     }
 
+    /// Registers a pod exactly as the model has it (e.g. as discovery found it), keyed by the
+    /// cookie of its `netns` path.
+    pub fn add_model_pod(&mut self, pod: &Pod) {
+        let cookie = meshlane::node::netns_cookie(&pod.netns).expect("netns cookie");
+        let p = policy::pod_policy(pod).expect("policy");
+        self.dp().set_pod(cookie, &p).expect("policy write");
+    }
+
     pub fn remove_pod(&mut self, ns: &Netns) {
         let cookie = ns.cookie().expect("netns cookie");
         self.dp().remove_pod(cookie).expect("policy removal");
