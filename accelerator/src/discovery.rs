@@ -23,7 +23,7 @@ use std::{
     fs::File,
     net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use crate::model::Pod;
@@ -81,6 +81,8 @@ pub enum Reason {
     BadAdminConfig,
     /// The pod does not fit the datapath (too many ports or ranges).
     Policy,
+    /// The pod list file says `accelerate = false`.
+    OptedOut,
 }
 
 impl Reason {
@@ -95,6 +97,7 @@ impl Reason {
             Reason::AdminUnreachable => "admin_api_unreachable",
             Reason::BadAdminConfig => "bad_admin_config",
             Reason::Policy => "policy",
+            Reason::OptedOut => "opted_out",
         }
     }
 }
@@ -129,67 +132,197 @@ pub struct Discovery {
     pub notes: Vec<Note>,
 }
 
-/// One pass over the node (see the module docs).
-pub fn discover(opts: &Options) -> Discovery {
-    let mut out = Discovery::default();
-    let scan = match procfs::scan(&opts.proc_root, &opts.proxy_names) {
-        Ok(s) => s,
-        Err(e) => {
-            out.skipped.push(Skipped {
-                name: "(node)".into(),
-                netns: opts.proc_root.clone(),
-                reason: Reason::NetnsNotFound,
-                detail: format!("cannot read {}: {e}", opts.proc_root.display()),
+impl Discovery {
+    /// Folds in the local pod list file ([`crate::config::load_all`]), the operator's word:
+    /// a listed pod replaces whatever discovery read in the same network namespace, and an
+    /// opted-out one is skipped. Namespaces are matched by identity (inode), not by path.
+    pub fn with_pod_list(mut self, list: crate::config::PodList) -> Discovery {
+        let ino = |p: &std::path::Path| procfs::netns_inode(p).ok();
+        // Namespace identity -> the name the file gives it.
+        let mut in_file: BTreeMap<u64, String> = BTreeMap::new();
+        for (name, netns) in list
+            .pods
+            .iter()
+            .map(|p| (&p.name, &p.netns))
+            .chain(list.opted_out.iter().map(|o| (&o.name, &o.netns)))
+        {
+            if let Some(i) = ino(netns) {
+                in_file.entry(i).or_insert_with(|| name.clone());
+            }
+        }
+        let mut replaced = Vec::new();
+        self.pods
+            .retain(|p| match ino(&p.netns).and_then(|i| in_file.get(&i)) {
+                Some(file_name) => {
+                    replaced.push((file_name.clone(), p.name.clone()));
+                    false
+                }
+                None => true,
             });
-            return out;
+        self.notes
+            .retain(|n| !replaced.iter().any(|(_, found)| *found == n.pod));
+        self.skipped
+            .retain(|s| ino(&s.netns).is_none_or(|i| !in_file.contains_key(&i)));
+        for (file_name, found) in replaced {
+            self.notes.push(Note {
+                pod: file_name,
+                message: format!(
+                    "the pod list file names this namespace (discovered as {found}); the file wins"
+                ),
+            });
         }
-    };
-    let host = procfs::netns_inode(&opts.host_netns).ok();
-    let named = procfs::named_namespaces(&opts.netns_dir);
-    let mut proxies: BTreeMap<u64, Vec<procfs::Process>> = BTreeMap::new();
-    for p in scan.proxies {
-        if Some(p.netns) != host {
-            proxies.entry(p.netns).or_default().push(p);
+        self.pods.extend(list.pods);
+        self.skipped
+            .extend(list.opted_out.into_iter().map(|o| Skipped {
+                name: o.name,
+                netns: o.netns,
+                reason: Reason::OptedOut,
+                detail: "accelerate = false in the pod list file".into(),
+            }));
+        self
+    }
+}
+
+/// One pass over the node (see the module docs), reading every namespace afresh.
+pub fn discover(opts: &Options) -> Discovery {
+    Discoverer::new(opts.clone(), Duration::ZERO).pass()
+}
+
+/// What one namespace turned out to be.
+#[derive(Clone, Debug)]
+enum Outcome {
+    Pod {
+        pod: Pod,
+        notes: Vec<String>,
+    },
+    Skipped(Skipped),
+    /// Not a mesh pod: nothing to report.
+    Nothing,
+}
+
+/// Identifies a namespace and the proxies in it: a new proxy process (a restarted sidecar)
+/// makes a new key, so it is read afresh.
+type Key = (u64, Vec<u32>);
+
+/// Discovery for a daemon that resyncs often: `/proc` is walked every pass (cheap), but a
+/// namespace's rules and admin API are read again only when its proxy processes change or its
+/// last reading is older than `refresh` (one `iptables-save` pair and five admin requests per
+/// namespace, about 10 ms each here).
+#[derive(Debug)]
+pub struct Discoverer {
+    opts: Options,
+    refresh: Duration,
+    cache: BTreeMap<Key, (Instant, Outcome)>,
+}
+
+impl Discoverer {
+    pub fn new(opts: Options, refresh: Duration) -> Discoverer {
+        Discoverer {
+            opts,
+            refresh,
+            cache: BTreeMap::new(),
         }
     }
-    for (ino, procs) in &proxies {
-        let path = named
-            .get(ino)
-            .cloned()
-            .unwrap_or_else(|| opts.proc_root.join(procs[0].pid.to_string()).join("ns/net"));
-        one_pod(opts, path, procs, &mut out);
-    }
-    if opts.report_uncovered {
-        let mut others: BTreeMap<u64, PathBuf> = BTreeMap::new();
-        for (ino, pid) in &scan.namespaces {
-            others.insert(*ino, opts.proc_root.join(pid.to_string()).join("ns/net"));
-        }
-        for (ino, path) in &named {
-            others.insert(*ino, path.clone());
-        }
-        for (ino, path) in others {
-            if Some(ino) == host || proxies.contains_key(&ino) {
-                continue;
-            }
-            // A namespace that vanished meanwhile, or is not Istio's, is simply not a pod.
-            let Ok(ns) = File::open(&path) else { continue };
-            let Ok(dump) = iptables::dump(&ns, &opts.iptables_save) else {
-                continue;
-            };
-            if matches!(
-                iptables::parse(&dump),
-                Ok(_) | Err(iptables::Error::Tproxy { .. })
-            ) {
+
+    /// One pass; namespaces no longer on the node are forgotten.
+    pub fn pass(&mut self) -> Discovery {
+        let opts = &self.opts;
+        let mut out = Discovery::default();
+        let scan = match procfs::scan(&opts.proc_root, &opts.proxy_names) {
+            Ok(s) => s,
+            Err(e) => {
                 out.skipped.push(Skipped {
-                    name: fallback_name(&path, None),
-                    netns: path,
-                    reason: Reason::NoSidecar,
-                    detail: "Istio capture rules, but no proxy process".into(),
+                    name: "(node)".into(),
+                    netns: opts.proc_root.clone(),
+                    reason: Reason::NetnsNotFound,
+                    detail: format!("cannot read {}: {e}", opts.proc_root.display()),
                 });
+                return out;
+            }
+        };
+        let host = procfs::netns_inode(&opts.host_netns).ok();
+        let named = procfs::named_namespaces(&opts.netns_dir);
+        let mut proxies: BTreeMap<u64, Vec<procfs::Process>> = BTreeMap::new();
+        for p in scan.proxies {
+            if Some(p.netns) != host {
+                proxies.entry(p.netns).or_default().push(p);
             }
         }
+        // Every namespace to look at, with the path that names it best.
+        let mut todo: BTreeMap<u64, PathBuf> = BTreeMap::new();
+        for (ino, procs) in &proxies {
+            todo.insert(
+                *ino,
+                opts.proc_root.join(procs[0].pid.to_string()).join("ns/net"),
+            );
+        }
+        if opts.report_uncovered {
+            for (ino, pid) in &scan.namespaces {
+                todo.entry(*ino)
+                    .or_insert_with(|| opts.proc_root.join(pid.to_string()).join("ns/net"));
+            }
+            for ino in named.keys() {
+                todo.entry(*ino).or_default();
+            }
+        }
+        let now = Instant::now();
+        let mut seen = BTreeMap::new();
+        for (ino, mut path) in todo {
+            if Some(ino) == host {
+                continue;
+            }
+            if let Some(n) = named.get(&ino) {
+                path = n.clone();
+            }
+            let procs = proxies.get(&ino).map(Vec::as_slice).unwrap_or_default();
+            let key: Key = (ino, procs.iter().map(|p| p.pid).collect());
+            let outcome = match self.cache.get(&key) {
+                Some((at, o)) if now.duration_since(*at) < self.refresh => o.clone(),
+                _ if procs.is_empty() => bare_namespace(opts, path),
+                _ => proxy_namespace(opts, path, procs),
+            };
+            match &outcome {
+                Outcome::Pod { pod, notes } => {
+                    out.notes.extend(notes.iter().map(|m| Note {
+                        pod: pod.name.clone(),
+                        message: m.clone(),
+                    }));
+                    out.pods.push(pod.clone());
+                }
+                Outcome::Skipped(s) => out.skipped.push(s.clone()),
+                Outcome::Nothing => {}
+            }
+            let at = self.cache.get(&key).map_or(now, |(at, _)| *at);
+            let at = if now.duration_since(at) < self.refresh {
+                at
+            } else {
+                now
+            };
+            seen.insert(key, (at, outcome));
+        }
+        self.cache = seen;
+        out
     }
-    out
+}
+
+/// A namespace without a proxy: reported only if it carries Istio's capture rules.
+fn bare_namespace(opts: &Options, path: PathBuf) -> Outcome {
+    // A namespace that vanished meanwhile, or is not Istio's, is simply not a pod.
+    let Ok(ns) = File::open(&path) else {
+        return Outcome::Nothing;
+    };
+    let Ok(dump) = iptables::dump(&ns, &opts.iptables_save) else {
+        return Outcome::Nothing;
+    };
+    match iptables::parse(&dump) {
+        Ok(_) | Err(iptables::Error::Tproxy { .. }) => Outcome::Skipped(Skipped {
+            name: fallback_name(&path, None),
+            netns: path,
+            reason: Reason::NoSidecar,
+            detail: "Istio capture rules, but no proxy process".into(),
+        }),
+        Err(_) => Outcome::Nothing,
+    }
 }
 
 fn fallback_name(path: &std::path::Path, pid: Option<u32>) -> String {
@@ -221,11 +354,12 @@ fn admin_candidates(opts: &Options, procs: &[procfs::Process]) -> (Vec<SocketAdd
     (loopback, ports)
 }
 
-fn one_pod(opts: &Options, path: PathBuf, procs: &[procfs::Process], out: &mut Discovery) {
+/// A namespace with proxy processes: a pod, or skipped with the reason.
+fn proxy_namespace(opts: &Options, path: PathBuf, procs: &[procfs::Process]) -> Outcome {
     let proxy = &procs[0];
     let mut name = fallback_name(&path, Some(proxy.pid));
-    let mut skip = |name: &str, reason: Reason, detail: String| {
-        out.skipped.push(Skipped {
+    let skip = |name: &str, reason: Reason, detail: String| {
+        Outcome::Skipped(Skipped {
             name: name.to_string(),
             netns: path.clone(),
             reason,
@@ -363,11 +497,7 @@ fn one_pod(opts: &Options, path: PathBuf, procs: &[procfs::Process], out: &mut D
     if let Err(e) = crate::policy::pod_policy(&pod) {
         return skip(&name, Reason::Policy, e.to_string());
     }
-    out.notes.extend(notes.into_iter().map(|message| Note {
-        pod: name.clone(),
-        message,
-    }));
-    out.pods.push(pod);
+    Outcome::Pod { pod, notes }
 }
 
 /// The owner the datapath treats as the proxy: the process's own when iptables exempts it (or

@@ -29,6 +29,17 @@ fn inode(path: &Path) -> u64 {
     std::fs::metadata(path).expect("netns inode").ino()
 }
 
+/// `iptables <args>` inside `ns`.
+fn iptables(ns: &Netns, args: &str) {
+    let status = ns
+        .cmd("iptables")
+        .arg("-w")
+        .args(args.split_whitespace())
+        .status()
+        .expect("run iptables");
+    assert!(status.success(), "iptables {args}: {status}");
+}
+
 /// The pods and skipped entries of `d` that live in one of `namespaces`.
 fn mine(d: &Discovery, namespaces: &[&Netns]) -> (Vec<Pod>, Vec<Skipped>) {
     let want: BTreeSet<u64> = namespaces.iter().map(|n| inode(&n.path())).collect();
@@ -116,7 +127,14 @@ fn envoy_pods_are_found_as_their_bootstrap_says() {
         );
     }
 
+    let started = std::time::Instant::now();
     let d = discovery::discover(&discovery::Options::default());
+    eprintln!(
+        "discovery pass: {:?} for {} pods, {} skipped on the node",
+        started.elapsed(),
+        d.pods.len(),
+        d.skipped.len()
+    );
     let (found, skipped) = mine(&d, &[&pods.client.ns, &pods.server.ns, &bare, &orphan]);
     assert_eq!(found.len(), 2, "exactly the two sidecar pods: {d:#?}");
     let by_ns = |ns: &Netns| {
@@ -218,24 +236,10 @@ fn unreachable_admin_api_is_a_named_reason() {
         ..discovery::Options::default()
     };
     // Block the admin port from inside the pod: a REJECT for lo:15000 in the filter table.
-    let mut cmd = std::process::Command::new("nsenter");
-    cmd.arg(format!("--net={}", ns.path().display())).args([
-        "iptables",
-        "-w",
-        "-A",
-        "OUTPUT",
-        "-o",
-        "lo",
-        "-p",
-        "tcp",
-        "--dport",
-        "15000",
-        "-j",
-        "REJECT",
-        "--reject-with",
-        "tcp-reset",
-    ]);
-    assert!(cmd.status().expect("iptables").success());
+    iptables(
+        &ns,
+        "-A OUTPUT -o lo -p tcp --dport 15000 -j REJECT --reject-with tcp-reset",
+    );
     let d = discovery::discover(&opts);
     let (found, skipped) = mine(&d, &[&ns]);
     assert!(found.is_empty(), "{found:#?}");
@@ -244,6 +248,115 @@ fn unreachable_admin_api_is_a_named_reason() {
     assert!(
         skipped[0].detail.contains("127.0.0.1:15000"),
         "{skipped:#?}"
+    );
+}
+
+#[test]
+fn tproxy_pod_is_skipped_with_its_reason() {
+    let Some(_serial) = Accel::cgroup_only("discovery_tproxy") else {
+        return;
+    };
+    let ns = Netns::new("dtpx").expect("netns");
+    install_istio_capture(&ns, &CaptureConfig::default()).expect("capture rules");
+    // The inbound half of istio-iptables' TPROXY mode (mangle table), as its golden files show.
+    iptables(&ns, "-t mangle -N ISTIO_TPROXY");
+    iptables(
+        &ns,
+        "-t mangle -A ISTIO_TPROXY ! -d 127.0.0.1/32 -p tcp -j TPROXY --tproxy-mark 1337/0xffffffff --on-port 15006",
+    );
+    let _envoy = Envoy::spawn(&ns, &EnvoyConfig::default()).expect("Envoy");
+    let d = discovery::discover(&discovery::Options::default());
+    let (found, skipped) = mine(&d, &[&ns]);
+    assert!(found.is_empty(), "{found:#?}");
+    assert_eq!(skipped.len(), 1, "{skipped:#?}");
+    assert_eq!(skipped[0].reason, Reason::Tproxy, "{skipped:#?}");
+    assert!(
+        skipped[0].detail.contains("TPROXY --on-port 15006"),
+        "{skipped:#?}"
+    );
+}
+
+/// One namespace with Istio's default rules and an Envoy sidecar.
+fn one_pod(prefix: &str) -> (Envoy, Netns) {
+    let ns = Netns::new(prefix).expect("netns");
+    install_istio_capture(&ns, &CaptureConfig::default()).expect("capture rules");
+    let envoy = Envoy::spawn(&ns, &EnvoyConfig::default()).expect("Envoy");
+    (envoy, ns)
+}
+
+#[test]
+fn cached_readings_are_refreshed_when_the_sidecar_changes() {
+    let Some(_serial) = Accel::cgroup_only("discovery_cache") else {
+        return;
+    };
+    let (envoy, ns) = one_pod("dcache");
+    let mut disc =
+        discovery::Discoverer::new(discovery::Options::default(), Duration::from_secs(600));
+    let ports = |d: &Discovery| -> Vec<Vec<u16>> {
+        mine(d, &[&ns])
+            .0
+            .iter()
+            .map(|p| p.exclude_outbound_ports.clone())
+            .collect()
+    };
+    assert_eq!(ports(&disc.pass()), vec![Vec::<u16>::new()]);
+    iptables(
+        &ns,
+        "-t nat -I ISTIO_OUTPUT 1 -p tcp --dport 9000 -j RETURN",
+    );
+    // Within `refresh` and with the same sidecar, the cached reading stands ...
+    assert_eq!(ports(&disc.pass()), vec![Vec::<u16>::new()]);
+    // ... while a fresh pass sees the new exclusion.
+    assert_eq!(
+        ports(&discovery::discover(&discovery::Options::default())),
+        vec![vec![9000]]
+    );
+    // A restarted sidecar (new pid) is read afresh.
+    drop(envoy);
+    let envoy = Envoy::spawn(&ns, &EnvoyConfig::default()).expect("Envoy again");
+    assert_eq!(ports(&disc.pass()), vec![vec![9000]]);
+    // A sidecar that is gone leaves a namespace with rules and no proxy.
+    drop(envoy);
+    let d = disc.pass();
+    let (found, skipped) = mine(&d, &[&ns]);
+    assert!(found.is_empty(), "{found:#?}");
+    assert_eq!(
+        skipped.iter().map(|s| s.reason).collect::<Vec<_>>(),
+        vec![Reason::NoSidecar]
+    );
+}
+
+#[test]
+fn the_pod_list_file_wins_over_discovery() {
+    let Some(_serial) = Accel::cgroup_only("discovery_pod_list") else {
+        return;
+    };
+    let (envoy_a, ns_a) = one_pod("dfilea");
+    let (_envoy_b, ns_b) = one_pod("dfileb");
+    // The file names pod A by another path to the same namespace, and opts pod B out.
+    let text = format!(
+        "[[pod]]\nname = \"file/a\"\nnetns = \"/proc/{}/ns/net\"\nexclude_outbound_ports = [5432]\n\n\
+         [[pod]]\nname = \"file/b\"\nnetns = \"{}\"\naccelerate = false\n",
+        envoy_a.pid(),
+        ns_b.path().display()
+    );
+    let list = meshlane::config::parse_all(Path::new("pods.toml"), &text).expect("pod list");
+    let d = discovery::discover(&discovery::Options::default()).with_pod_list(list);
+    let (found, skipped) = mine(&d, &[&ns_a, &ns_b]);
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert_eq!(found[0].name, "file/a");
+    assert_eq!(found[0].exclude_outbound_ports, vec![5432]);
+    assert_eq!(skipped.len(), 1, "{skipped:#?}");
+    assert_eq!(
+        (skipped[0].name.as_str(), skipped[0].reason),
+        ("file/b", Reason::OptedOut)
+    );
+    assert!(
+        d.notes
+            .iter()
+            .any(|n| n.pod == "file/a" && n.message.contains(&format!("default/{}", ns_a.name()))),
+        "{:#?}",
+        d.notes
     );
 }
 
