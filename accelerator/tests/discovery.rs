@@ -208,6 +208,51 @@ fn non_default_capture_is_learned_from_the_node() {
 }
 
 #[test]
+fn iptables_wins_when_the_admin_api_disagrees() {
+    let Some(_serial) = Accel::cgroup_only("discovery_disagree") else {
+        return;
+    };
+    // istio-init redirects to 15001, but the sidecar's outbound listener is on 15011.
+    let ns = Netns::new("ddis").expect("netns");
+    install_istio_capture(&ns, &CaptureConfig::default()).expect("capture rules");
+    let _envoy = Envoy::spawn(
+        &ns,
+        &EnvoyConfig {
+            outbound_port: 15011,
+            ..EnvoyConfig::default()
+        },
+    )
+    .expect("Envoy");
+    let d = discovery::discover(&discovery::Options::default());
+    let (found, skipped) = mine(&d, &[&ns]);
+    assert!(skipped.is_empty(), "{skipped:#?}");
+    assert_eq!(found.len(), 1, "{d:#?}");
+    assert_eq!(
+        (found[0].outbound_port, found[0].inbound_port),
+        (15001, 15006)
+    );
+    let notes: Vec<&str> = d
+        .notes
+        .iter()
+        .filter(|n| n.pod == found[0].name)
+        .map(|n| n.message.as_str())
+        .collect();
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("iptables redirects to 15001")
+                && n.contains("outbound listener is on 15011")),
+        "{notes:#?}"
+    );
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("does not listen on the outbound capture port 15001")),
+        "{notes:#?}"
+    );
+}
+
+#[test]
 fn envoy_without_capture_rules_is_not_a_pod() {
     let Some(_serial) = Accel::cgroup_only("discovery_gateway") else {
         return;
@@ -389,4 +434,10 @@ fn discovered_pods_are_accelerated_end_to_end() {
     }
     let c = accel.counters();
     assert_accelerated("discovery_end_to_end", &c);
+    // One app->sidecar and one sidecar->app pair per connection, none missed.
+    assert_eq!(
+        (c.get("pairs_outbound"), c.get("pairs_inbound")),
+        (4, 4),
+        "{c:?}"
+    );
 }
