@@ -69,6 +69,8 @@ pub enum Reason {
     NoSidecar,
     /// A proxy, but no ISTIO_* rules (a gateway, or istio-init has not run).
     NotCaptured,
+    /// Captured by Istio's native nftables rules (`inet istio-proxy-nat`), not read yet.
+    NftablesCapture,
     /// Inbound interception by TPROXY.
     Tproxy,
     /// The namespace vanished or cannot be opened.
@@ -91,6 +93,7 @@ impl Reason {
         match self {
             Reason::NoSidecar => "no_sidecar",
             Reason::NotCaptured => "not_captured",
+            Reason::NftablesCapture => "nftables_capture",
             Reason::Tproxy => "tproxy_mode",
             Reason::NetnsNotFound => "netns_not_found",
             Reason::BadCapture => "bad_capture_rules",
@@ -385,7 +388,15 @@ fn proxy_namespace(opts: &Options, path: PathBuf, procs: &[procfs::Process]) -> 
     let cap = match iptables::parse(&dump) {
         Ok(c) => c,
         Err(e @ iptables::Error::NotCaptured) => {
-            return skip(&name, Reason::NotCaptured, e.to_string())
+            // Istio's native nftables mode leaves iptables empty; say so instead.
+            if iptables::nft_tables(&ns).is_ok_and(|t| iptables::has_istio_nftables(&t)) {
+                return skip(
+                    &name,
+                    Reason::NftablesCapture,
+                    "Istio's native nftables capture (table inet istio-proxy-nat); only iptables rules are read".into(),
+                );
+            }
+            return skip(&name, Reason::NotCaptured, e.to_string());
         }
         Err(e @ iptables::Error::Tproxy { .. }) => {
             return skip(&name, Reason::Tproxy, e.to_string())

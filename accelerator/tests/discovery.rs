@@ -268,6 +268,27 @@ fn envoy_without_capture_rules_is_not_a_pod() {
 }
 
 #[test]
+fn nftables_capture_is_a_named_reason() {
+    let Some(_serial) = Accel::cgroup_only("discovery_nftables") else {
+        return;
+    };
+    // Istio's native nftables mode: its table, and no iptables ISTIO_* chains.
+    let ns = Netns::new("dnft").expect("netns");
+    let status = ns
+        .cmd("nft")
+        .args(["add", "table", "inet", "istio-proxy-nat"])
+        .status()
+        .expect("run nft");
+    assert!(status.success(), "nft add table: {status}");
+    let _envoy = Envoy::spawn(&ns, &EnvoyConfig::default()).expect("Envoy");
+    let d = discovery::discover(&discovery::Options::default());
+    let (found, skipped) = mine(&d, &[&ns]);
+    assert!(found.is_empty(), "{found:#?}");
+    assert_eq!(skipped.len(), 1, "{skipped:#?}");
+    assert_eq!(skipped[0].reason, Reason::NftablesCapture, "{skipped:#?}");
+}
+
+#[test]
 fn unreachable_admin_api_is_a_named_reason() {
     let Some(_serial) = Accel::cgroup_only("discovery_admin_unreachable") else {
         return;
