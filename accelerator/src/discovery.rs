@@ -254,10 +254,9 @@ impl Discoverer {
         // Every namespace to look at, with the path that names it best.
         let mut todo: BTreeMap<u64, PathBuf> = BTreeMap::new();
         for (ino, procs) in &proxies {
-            todo.insert(
-                *ino,
-                opts.proc_root.join(procs[0].pid.to_string()).join("ns/net"),
-            );
+            if let Some(p) = procs.first() {
+                todo.insert(*ino, opts.proc_root.join(p.pid.to_string()).join("ns/net"));
+            }
         }
         if opts.report_uncovered {
             for (ino, pid) in &scan.namespaces {
@@ -359,7 +358,9 @@ fn admin_candidates(opts: &Options, procs: &[procfs::Process]) -> (Vec<SocketAdd
 
 /// A namespace with proxy processes: a pod, or skipped with the reason.
 fn proxy_namespace(opts: &Options, path: PathBuf, procs: &[procfs::Process]) -> Outcome {
-    let proxy = &procs[0];
+    let Some(proxy) = procs.first() else {
+        return Outcome::Nothing;
+    };
     let mut name = fallback_name(&path, Some(proxy.pid));
     let skip = |name: &str, reason: Reason, detail: String| {
         Outcome::Skipped(Skipped {
