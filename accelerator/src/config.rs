@@ -103,19 +103,44 @@ fn d_true() -> bool {
 
 /// Reads and validates the file; pods with `accelerate = false` are left out.
 pub fn load(path: &Path) -> Result<Vec<Pod>, Error> {
+    load_all(path).map(|f| f.pods)
+}
+
+pub fn parse(path: &Path, text: &str) -> Result<Vec<Pod>, Error> {
+    parse_all(path, text).map(|f| f.pods)
+}
+
+/// A pod the file lists with `accelerate = false`: discovery must leave it alone too.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OptOut {
+    pub name: String,
+    pub netns: PathBuf,
+}
+
+/// The whole file: the pods to accelerate and the ones opted out.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodList {
+    pub pods: Vec<Pod>,
+    pub opted_out: Vec<OptOut>,
+}
+
+/// Like [`load`], keeping the opted-out entries.
+pub fn load_all(path: &Path) -> Result<PodList, Error> {
     let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
         path: path.into(),
         source,
     })?;
-    parse(path, &text)
+    parse_all(path, &text)
 }
 
-pub fn parse(path: &Path, text: &str) -> Result<Vec<Pod>, Error> {
+/// Like [`parse`], keeping the opted-out entries.
+pub fn parse_all(path: &Path, text: &str) -> Result<PodList, Error> {
     let file: File = toml::from_str(text).map_err(|e| Error::Parse {
         path: path.into(),
         message: e.to_string(),
     })?;
     let mut pods = Vec::new();
+    let mut opted_out = Vec::new();
     for (index, e) in file.pod.into_iter().enumerate() {
         let field_err = |field: &'static str, message: String| Error::Field {
             path: path.into(),
@@ -158,6 +183,10 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Pod>, Error> {
         };
         if !e.accelerate {
             tracing::info!(pod = %e.name, "accelerate = false; leaving the pod alone");
+            opted_out.push(OptOut {
+                name: e.name,
+                netns: e.netns,
+            });
             continue;
         }
         pods.push(Pod {
@@ -176,7 +205,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Pod>, Error> {
             accelerate_inbound: e.accelerate_inbound,
         });
     }
-    Ok(pods)
+    Ok(PodList { pods, opted_out })
 }
 
 #[cfg(test)]
@@ -226,5 +255,17 @@ mod tests {
         )
         .unwrap();
         assert!(pods.is_empty());
+        let all = parse_all(
+            Path::new("t.toml"),
+            "[[pod]]\nname = \"a/b\"\nnetns = \"/x\"\naccelerate = false\n",
+        )
+        .unwrap();
+        assert_eq!(
+            all.opted_out,
+            vec![OptOut {
+                name: "a/b".into(),
+                netns: "/x".into()
+            }]
+        );
     }
 }

@@ -7,7 +7,7 @@
 
 use std::{
     collections::BTreeMap,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -20,13 +20,15 @@ use anyhow::Context as _;
 use crate::{
     config,
     datapath::{self, Datapath, Origin},
-    model::Pod,
+    discovery::{self, Discoverer, Discovery},
     node, policy, probe,
     telemetry::{self, Phase, PodStatus, Shared},
 };
 
 pub struct RunOptions {
     pub datapath: datapath::Options,
+    /// Local discovery (Envoy processes, their capture rules and admin API); None: off.
+    pub discovery: Option<discovery::Options>,
     pub config: Option<PathBuf>,
     pub resync: Duration,
     pub detach_on_exit: bool,
@@ -35,8 +37,12 @@ pub struct RunOptions {
     pub endpoints: telemetry::Endpoints,
 }
 
-/// The name the pod-list file goes by in status and metrics.
+/// The names the sources go by in status and metrics.
 const CONFIG_SOURCE: &str = "config";
+const LOCAL_SOURCE: &str = "local";
+/// How long local discovery trusts a namespace's reading while its sidecar processes stay the
+/// same (a changed sidecar is read again at once).
+const DISCOVERY_REFRESH: Duration = Duration::from_secs(30);
 
 pub fn run(opts: RunOptions) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
@@ -58,12 +64,20 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
 
     start_datapath(&opts, &shared);
 
-    let mut last_good: Option<Vec<Pod>> = None;
+    let mut sources = Sources {
+        discoverer: opts
+            .discovery
+            .clone()
+            .map(|o| Discoverer::new(o, DISCOVERY_REFRESH)),
+        config: opts.config.clone(),
+        last_good: None,
+        logged: BTreeMap::new(),
+    };
     let mut next = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         shared.beat();
         if hup.swap(false, Ordering::Relaxed) || Instant::now() >= next {
-            reconcile(&shared, opts.config.as_deref(), &mut last_good);
+            reconcile(&shared, &mut sources);
             next = Instant::now() + opts.resync;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -149,35 +163,104 @@ fn log_probe(report: &probe::Report) {
     }
 }
 
-/// One pass: pod list -> policies by namespace cookie -> diff -> map writes -> status.
-fn reconcile(shared: &Shared, config: Option<&Path>, last_good: &mut Option<Vec<Pod>>) {
-    let span = tracing::info_span!("reconcile");
-    let _g = span.enter();
-    let pods = match config {
-        None => Vec::new(),
-        Some(path) => match config::load(path) {
-            Ok(p) => {
-                source_ok(shared, CONFIG_SOURCE);
-                *last_good = Some(p.clone());
-                p
+/// Where pods come from, and what the daemon remembers between passes.
+struct Sources {
+    discoverer: Option<Discoverer>,
+    config: Option<PathBuf>,
+    /// The last pod list file that parsed; kept while a bad one is refused.
+    last_good: Option<config::PodList>,
+    /// What was last logged per pod (skip reasons, notes), so a steady state logs once.
+    logged: BTreeMap<String, String>,
+}
+
+impl Sources {
+    /// Discovery (if on), then the pod list file (if any) folded in: the operator's word wins.
+    fn read(&mut self, shared: &Shared) -> Discovery {
+        let mut d = Discovery::default();
+        if let Some(disc) = &mut self.discoverer {
+            d = disc.pass();
+            match d.skipped.iter().find(|s| s.name == "(node)") {
+                Some(s) => source_failed(shared, LOCAL_SOURCE, s.detail.clone()),
+                None => source_ok(shared, LOCAL_SOURCE),
             }
-            Err(e) => {
-                tracing::error!(error = %e, "pod list rejected; keeping the last good state");
-                source_failed(shared, CONFIG_SOURCE, e.to_string());
-                match last_good {
-                    Some(p) => p.clone(),
-                    None => Vec::new(),
+        }
+        if let Some(path) = &self.config {
+            match config::load_all(path) {
+                Ok(list) => {
+                    source_ok(shared, CONFIG_SOURCE);
+                    self.last_good = Some(list);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "pod list rejected; keeping the last good state");
+                    source_failed(shared, CONFIG_SOURCE, e.to_string());
                 }
             }
-        },
-    };
+            if let Some(list) = &self.last_good {
+                d = d.with_pod_list(list.clone());
+            }
+        }
+        d
+    }
+
+    /// Logs a pod's skip reason or note when it changes, not on every pass.
+    fn log_once(&mut self, pod: &str, what: String, log: impl FnOnce(&str)) {
+        if self.logged.get(pod) != Some(&what) {
+            log(&what);
+            self.logged.insert(pod.to_string(), what);
+        }
+    }
+}
+
+/// One pass: sources -> pods -> policies by namespace cookie -> diff -> map writes -> status.
+fn reconcile(shared: &Shared, sources: &mut Sources) {
+    let span = tracing::info_span!("reconcile");
+    let _g = span.enter();
+    let found = sources.read(shared);
+    let from_file: std::collections::BTreeSet<String> = sources
+        .last_good
+        .iter()
+        .flat_map(|l| l.pods.iter().map(|p| p.name.clone()))
+        .collect();
+    for n in &found.notes {
+        sources.log_once(
+            &n.pod,
+            n.message.clone(),
+            |m| tracing::warn!(pod = %n.pod, "{m}"),
+        );
+    }
+    let mut statuses = Vec::with_capacity(found.pods.len() + found.skipped.len());
+    for sk in found.skipped.iter().filter(|s| s.name != "(node)") {
+        sources.log_once(
+            &sk.name,
+            format!("{}: {}", sk.reason, sk.detail),
+            |m| tracing::info!(pod = %sk.name, netns = %sk.netns.display(), "not accelerated: {m}"),
+        );
+        let mut st = PodStatus {
+            name: sk.name.clone(),
+            netns: sk.netns.clone(),
+            netns_cookie: None,
+            reason: String::new(),
+            reason_code: "",
+            source: if sk.reason == discovery::Reason::OptedOut {
+                CONFIG_SOURCE.into()
+            } else {
+                LOCAL_SOURCE.into()
+            },
+            proxy_uid: 0,
+            proxy_gid: 0,
+            outbound_port: 0,
+            inbound_port: 0,
+        };
+        st.decline(sk.reason.as_str(), format!("{}: {}", sk.reason, sk.detail));
+        statuses.push(st);
+    }
+    let pods = found.pods;
 
     let pass_reason = match &shared.read().phase {
         Phase::PassThrough(r) => Some(("pass_through", format!("daemon in pass-through: {r}"))),
         Phase::Starting => Some(("starting", "daemon starting".to_string())),
         Phase::Accelerating => None,
     };
-    let mut statuses = Vec::with_capacity(pods.len());
     let mut desired = BTreeMap::new();
     for pod in &pods {
         let mut st = PodStatus {
@@ -186,7 +269,11 @@ fn reconcile(shared: &Shared, config: Option<&Path>, last_good: &mut Option<Vec<
             netns_cookie: None,
             reason: String::new(),
             reason_code: "",
-            source: CONFIG_SOURCE.into(),
+            source: if from_file.contains(&pod.name) {
+                CONFIG_SOURCE.into()
+            } else {
+                LOCAL_SOURCE.into()
+            },
             proxy_uid: pod.proxy_uid,
             proxy_gid: pod.proxy_gid,
             outbound_port: pod.outbound_port,

@@ -40,10 +40,18 @@ enum Command {
     Run {
         #[command(flatten)]
         dp: DatapathArgs,
-        /// Pod list (TOML; see the README). Re-read every --resync and on SIGHUP.
+        /// Where pods come from besides --config. "local": find Envoy sidecars on this node
+        /// (processes named envoy, outside the host network namespace), read istio-init's
+        /// capture rules in their namespace and the sidecar's admin API; pods that look meshed
+        /// but cannot be accelerated are listed with the reason. "none": only --config.
+        #[arg(long, env = "MESHLANE_DISCOVERY", default_value = "local", value_parser = ["local", "none"])]
+        discovery: String,
+        /// Pod list (TOML; see the README). Re-read every --resync and on SIGHUP. With
+        /// discovery on, the file wins for the namespaces it names, and `accelerate = false`
+        /// opts a discovered pod out.
         #[arg(long, env = "MESHLANE_CONFIG")]
         config: Option<PathBuf>,
-        /// How often the pod list is re-read and the policy map reconciled.
+        /// How often the sources are read and the policy map reconciled.
         #[arg(long, default_value = "2s", value_parser = parse_duration)]
         resync: Duration,
         /// Detach everything on SIGTERM/SIGINT instead of leaving it pinned.
@@ -156,6 +164,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run {
             dp,
+            discovery,
             config,
             resync,
             detach_on_exit,
@@ -167,6 +176,7 @@ fn main() -> ExitCode {
             .and_then(|datapath| {
                 daemon::run(daemon::RunOptions {
                     datapath,
+                    discovery: (discovery == "local").then(meshlane::discovery::Options::default),
                     config,
                     resync,
                     detach_on_exit,

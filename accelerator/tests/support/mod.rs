@@ -91,6 +91,8 @@ impl Accel {
             .arg(&self.api_socket)
             .arg("--metrics-addr")
             .arg(format!("127.0.0.1:{}", self.metrics_port))
+            // Tests name their pods; sidecars of other tests running on the node stay out.
+            .args(["--discovery", "none"])
             .stdin(std::process::Stdio::null());
         cmd
     }
@@ -109,6 +111,14 @@ impl Accel {
         let pod = pod_model(ns, capture);
         let cookie = ns.cookie().expect("netns cookie");
         let p = policy::pod_policy(&pod).expect("policy");
+        self.dp().set_pod(cookie, &p).expect("policy write");
+    }
+
+    /// Registers a pod exactly as the model has it (e.g. as discovery found it), keyed by the
+    /// cookie of its `netns` path.
+    pub fn add_model_pod(&mut self, pod: &Pod) {
+        let cookie = meshlane::node::netns_cookie(&pod.netns).expect("netns cookie");
+        let p = policy::pod_policy(pod).expect("policy");
         self.dp().set_pod(cookie, &p).expect("policy write");
     }
 

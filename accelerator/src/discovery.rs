@@ -1,0 +1,528 @@
+//! Where the pod list comes from when no one hands it to us: the local node itself.
+//!
+//! A pass ([`discover`]) finds every Envoy process in `/proc`, groups them by network
+//! namespace (the host's own is never a pod), and for each namespace reads the same facts two
+//! ways:
+//! - the capture rules istio-init left there (`iptables-save`, [`iptables`]): uid/gid exempted,
+//!   capture ports, excluded ports and ranges. These decide where the kernel sends traffic, so
+//!   they win;
+//! - the sidecar's admin API (`/config_dump` on its 127.0.0.1 listening socket, [`envoy_admin`]):
+//!   capture listeners, inbound source address, and the pod's name from the node id.
+//!
+//! A disagreement between the two is reported as a [`Note`] and iptables is used. Namespaces
+//! that carry Istio's rules but run no sidecar, sidecars without capture rules (gateways),
+//! TPROXY pods and unreadable sidecars are reported in [`Discovery::skipped`] with a [`Reason`],
+//! never as pods. Nothing here panics on bad input; errors name the field.
+
+pub mod envoy_admin;
+pub mod iptables;
+pub mod procfs;
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use crate::model::Pod;
+
+/// Where to look. [`Options::default`] is the real node.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// `/proc`.
+    pub proc_root: PathBuf,
+    /// `/run/netns`: named namespaces give nicer paths than `/proc/PID/ns/net`.
+    pub netns_dir: PathBuf,
+    /// The namespace that is not a pod: `/proc/1/ns/net`.
+    pub host_netns: PathBuf,
+    /// `comm` or executable names of the sidecar proxy.
+    pub proxy_names: Vec<String>,
+    /// The iptables-save binary (the one matching the backend istio-init used).
+    pub iptables_save: String,
+    /// Timeout of each admin API request.
+    pub admin_timeout: Duration,
+    /// Also look at namespaces without a proxy for Istio capture rules, to report them as
+    /// "no sidecar" (one `iptables-save` per such namespace).
+    pub report_uncovered: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            proc_root: "/proc".into(),
+            netns_dir: "/run/netns".into(),
+            host_netns: "/proc/1/ns/net".into(),
+            proxy_names: vec!["envoy".into()],
+            iptables_save: "iptables-save".into(),
+            admin_timeout: Duration::from_secs(2),
+            report_uncovered: true,
+        }
+    }
+}
+
+/// Why a namespace that looked like a pod is not accelerated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Reason {
+    /// Istio's capture rules, but no proxy process.
+    NoSidecar,
+    /// A proxy, but no ISTIO_* rules (a gateway, or istio-init has not run).
+    NotCaptured,
+    /// Captured by Istio's native nftables rules (`inet istio-proxy-nat`), not read yet.
+    NftablesCapture,
+    /// Inbound interception by TPROXY.
+    Tproxy,
+    /// The namespace vanished or cannot be opened.
+    NetnsNotFound,
+    /// `iptables-save` failed there, or its output is not an Istio capture.
+    BadCapture,
+    /// No admin socket, or it did not answer.
+    AdminUnreachable,
+    /// The admin API answered with a configuration without capture listeners.
+    BadAdminConfig,
+    /// The pod does not fit the datapath (too many ports or ranges).
+    Policy,
+    /// The pod list file says `accelerate = false`.
+    OptedOut,
+}
+
+impl Reason {
+    /// A stable label for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::NoSidecar => "no_sidecar",
+            Reason::NotCaptured => "not_captured",
+            Reason::NftablesCapture => "nftables_capture",
+            Reason::Tproxy => "tproxy_mode",
+            Reason::NetnsNotFound => "netns_not_found",
+            Reason::BadCapture => "bad_capture_rules",
+            Reason::AdminUnreachable => "admin_api_unreachable",
+            Reason::BadAdminConfig => "bad_admin_config",
+            Reason::Policy => "policy",
+            Reason::OptedOut => "opted_out",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A namespace seen but not accelerated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Skipped {
+    pub name: String,
+    pub netns: PathBuf,
+    pub reason: Reason,
+    pub detail: String,
+}
+
+/// Something worth a log line about a pod that is accelerated (perhaps only one hop).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Note {
+    pub pod: String,
+    pub message: String,
+}
+
+/// The outcome of one pass.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Discovery {
+    pub pods: Vec<Pod>,
+    pub skipped: Vec<Skipped>,
+    pub notes: Vec<Note>,
+}
+
+impl Discovery {
+    /// Folds in the local pod list file ([`crate::config::load_all`]), the operator's word:
+    /// a listed pod replaces whatever discovery read in the same network namespace, and an
+    /// opted-out one is skipped. Namespaces are matched by identity (inode), not by path.
+    pub fn with_pod_list(mut self, list: crate::config::PodList) -> Discovery {
+        let ino = |p: &std::path::Path| procfs::netns_inode(p).ok();
+        // Namespace identity -> the name the file gives it.
+        let mut in_file: BTreeMap<u64, String> = BTreeMap::new();
+        for (name, netns) in list
+            .pods
+            .iter()
+            .map(|p| (&p.name, &p.netns))
+            .chain(list.opted_out.iter().map(|o| (&o.name, &o.netns)))
+        {
+            if let Some(i) = ino(netns) {
+                in_file.entry(i).or_insert_with(|| name.clone());
+            }
+        }
+        let mut replaced = Vec::new();
+        self.pods
+            .retain(|p| match ino(&p.netns).and_then(|i| in_file.get(&i)) {
+                Some(file_name) => {
+                    replaced.push((file_name.clone(), p.name.clone()));
+                    false
+                }
+                None => true,
+            });
+        self.notes
+            .retain(|n| !replaced.iter().any(|(_, found)| *found == n.pod));
+        self.skipped
+            .retain(|s| ino(&s.netns).is_none_or(|i| !in_file.contains_key(&i)));
+        for (file_name, found) in replaced {
+            self.notes.push(Note {
+                pod: file_name,
+                message: format!(
+                    "the pod list file names this namespace (discovered as {found}); the file wins"
+                ),
+            });
+        }
+        self.pods.extend(list.pods);
+        self.skipped
+            .extend(list.opted_out.into_iter().map(|o| Skipped {
+                name: o.name,
+                netns: o.netns,
+                reason: Reason::OptedOut,
+                detail: "accelerate = false in the pod list file".into(),
+            }));
+        self
+    }
+}
+
+/// One pass over the node (see the module docs), reading every namespace afresh.
+pub fn discover(opts: &Options) -> Discovery {
+    Discoverer::new(opts.clone(), Duration::ZERO).pass()
+}
+
+/// What one namespace turned out to be.
+#[derive(Clone, Debug)]
+enum Outcome {
+    Pod {
+        pod: Pod,
+        notes: Vec<String>,
+    },
+    Skipped(Skipped),
+    /// Not a mesh pod: nothing to report.
+    Nothing,
+}
+
+/// Identifies a namespace and the proxies in it: a new proxy process (a restarted sidecar)
+/// makes a new key, so it is read afresh.
+type Key = (u64, Vec<u32>);
+
+/// Discovery for a daemon that resyncs often: `/proc` is walked every pass (cheap), but a
+/// namespace's rules and admin API are read again only when its proxy processes change or its
+/// last reading is older than `refresh` (one `iptables-save` pair and five admin requests per
+/// namespace, about 10 ms each here).
+#[derive(Debug)]
+pub struct Discoverer {
+    opts: Options,
+    refresh: Duration,
+    cache: BTreeMap<Key, (Instant, Outcome)>,
+}
+
+impl Discoverer {
+    pub fn new(opts: Options, refresh: Duration) -> Discoverer {
+        Discoverer {
+            opts,
+            refresh,
+            cache: BTreeMap::new(),
+        }
+    }
+
+    /// One pass; namespaces no longer on the node are forgotten.
+    pub fn pass(&mut self) -> Discovery {
+        let opts = &self.opts;
+        let mut out = Discovery::default();
+        let scan = match procfs::scan(&opts.proc_root, &opts.proxy_names) {
+            Ok(s) => s,
+            Err(e) => {
+                out.skipped.push(Skipped {
+                    name: "(node)".into(),
+                    netns: opts.proc_root.clone(),
+                    reason: Reason::NetnsNotFound,
+                    detail: format!("cannot read {}: {e}", opts.proc_root.display()),
+                });
+                return out;
+            }
+        };
+        let host = procfs::netns_inode(&opts.host_netns).ok();
+        let named = procfs::named_namespaces(&opts.netns_dir);
+        let mut proxies: BTreeMap<u64, Vec<procfs::Process>> = BTreeMap::new();
+        for p in scan.proxies {
+            if Some(p.netns) != host {
+                proxies.entry(p.netns).or_default().push(p);
+            }
+        }
+        // Every namespace to look at, with the path that names it best.
+        let mut todo: BTreeMap<u64, PathBuf> = BTreeMap::new();
+        for (ino, procs) in &proxies {
+            if let Some(p) = procs.first() {
+                todo.insert(*ino, opts.proc_root.join(p.pid.to_string()).join("ns/net"));
+            }
+        }
+        if opts.report_uncovered {
+            for (ino, pid) in &scan.namespaces {
+                todo.entry(*ino)
+                    .or_insert_with(|| opts.proc_root.join(pid.to_string()).join("ns/net"));
+            }
+            for ino in named.keys() {
+                todo.entry(*ino).or_default();
+            }
+        }
+        let now = Instant::now();
+        let mut seen = BTreeMap::new();
+        for (ino, mut path) in todo {
+            if Some(ino) == host {
+                continue;
+            }
+            if let Some(n) = named.get(&ino) {
+                path = n.clone();
+            }
+            let procs = proxies.get(&ino).map(Vec::as_slice).unwrap_or_default();
+            let key: Key = (ino, procs.iter().map(|p| p.pid).collect());
+            let outcome = match self.cache.get(&key) {
+                Some((at, o)) if now.duration_since(*at) < self.refresh => o.clone(),
+                _ if procs.is_empty() => bare_namespace(opts, path),
+                _ => proxy_namespace(opts, path, procs),
+            };
+            match &outcome {
+                Outcome::Pod { pod, notes } => {
+                    out.notes.extend(notes.iter().map(|m| Note {
+                        pod: pod.name.clone(),
+                        message: m.clone(),
+                    }));
+                    out.pods.push(pod.clone());
+                }
+                Outcome::Skipped(s) => out.skipped.push(s.clone()),
+                Outcome::Nothing => {}
+            }
+            let at = self.cache.get(&key).map_or(now, |(at, _)| *at);
+            let at = if now.duration_since(at) < self.refresh {
+                at
+            } else {
+                now
+            };
+            seen.insert(key, (at, outcome));
+        }
+        self.cache = seen;
+        out
+    }
+}
+
+/// A namespace without a proxy: reported only if it carries Istio's capture rules.
+fn bare_namespace(opts: &Options, path: PathBuf) -> Outcome {
+    // A namespace that vanished meanwhile, or is not Istio's, is simply not a pod.
+    let Ok(ns) = File::open(&path) else {
+        return Outcome::Nothing;
+    };
+    let Ok(dump) = iptables::dump(&ns, &opts.iptables_save) else {
+        return Outcome::Nothing;
+    };
+    match iptables::parse(&dump) {
+        Ok(_) | Err(iptables::Error::Tproxy { .. }) => Outcome::Skipped(Skipped {
+            name: fallback_name(&path, None),
+            netns: path,
+            reason: Reason::NoSidecar,
+            detail: "Istio capture rules, but no proxy process".into(),
+        }),
+        Err(_) => Outcome::Nothing,
+    }
+}
+
+fn fallback_name(path: &std::path::Path, pid: Option<u32>) -> String {
+    if let Some(pid) = pid {
+        if !path.starts_with("/run") {
+            return format!("pid/{pid}");
+        }
+    }
+    match path.file_name().and_then(|f| f.to_str()) {
+        Some(n) if n != "net" => format!("netns/{n}"),
+        _ => format!("netns/{}", path.display()),
+    }
+}
+
+/// Where the admin API may listen: the proxy's own listening sockets on 127.0.0.1, Istio's
+/// 15000 first.
+fn admin_candidates(opts: &Options, procs: &[procfs::Process]) -> (Vec<SocketAddrV4>, Vec<u16>) {
+    let mut loopback = Vec::new();
+    let mut ports = Vec::new();
+    for p in procs {
+        for l in procfs::listening(&opts.proc_root, p.pid).unwrap_or_default() {
+            ports.push(l.addr.port());
+            if l.addr.ip().is_loopback() && !loopback.contains(&l.addr) {
+                loopback.push(l.addr);
+            }
+        }
+    }
+    loopback.sort_by_key(|a| (a.port() != 15000, a.port()));
+    (loopback, ports)
+}
+
+/// A namespace with proxy processes: a pod, or skipped with the reason.
+fn proxy_namespace(opts: &Options, path: PathBuf, procs: &[procfs::Process]) -> Outcome {
+    let Some(proxy) = procs.first() else {
+        return Outcome::Nothing;
+    };
+    let mut name = fallback_name(&path, Some(proxy.pid));
+    let skip = |name: &str, reason: Reason, detail: String| {
+        Outcome::Skipped(Skipped {
+            name: name.to_string(),
+            netns: path.clone(),
+            reason,
+            detail,
+        })
+    };
+    let ns = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) => {
+            return skip(
+                &name,
+                Reason::NetnsNotFound,
+                format!("{}: {e}", path.display()),
+            )
+        }
+    };
+
+    // The rules first: they decide whether this is a captured pod at all.
+    let dump = match iptables::dump(&ns, &opts.iptables_save) {
+        Ok(d) => d,
+        Err(e) => return skip(&name, Reason::BadCapture, format!("iptables-save: {e}")),
+    };
+    let cap = match iptables::parse(&dump) {
+        Ok(c) => c,
+        Err(e @ iptables::Error::NotCaptured) => {
+            // Istio's native nftables mode leaves iptables empty; say so instead.
+            if iptables::nft_tables(&ns).is_ok_and(|t| iptables::has_istio_nftables(&t)) {
+                return skip(
+                    &name,
+                    Reason::NftablesCapture,
+                    "Istio's native nftables capture (table inet istio-proxy-nat); only iptables rules are read".into(),
+                );
+            }
+            return skip(&name, Reason::NotCaptured, e.to_string());
+        }
+        Err(e @ iptables::Error::Tproxy { .. }) => {
+            return skip(&name, Reason::Tproxy, e.to_string())
+        }
+        Err(e) => return skip(&name, Reason::BadCapture, e.to_string()),
+    };
+    // Then the sidecar's own account; it also names the pod.
+    let (candidates, listen_ports) = admin_candidates(opts, procs);
+    let mut facts = Err(format!(
+        "pid {} has no listening socket on 127.0.0.1",
+        proxy.pid
+    ));
+    for addr in &candidates {
+        match envoy_admin::fetch(&ns, *addr, opts.admin_timeout) {
+            Ok(f) => {
+                facts = Ok(f);
+                break;
+            }
+            Err(e @ envoy_admin::Error::Field { .. })
+            | Err(e @ envoy_admin::Error::Json { .. }) => {
+                return skip(&name, Reason::BadAdminConfig, format!("{addr}: {e}"));
+            }
+            Err(e) => facts = Err(format!("{addr}: {e}")),
+        }
+    }
+    let facts = match facts {
+        Ok(f) => f,
+        Err(detail) => return skip(&name, Reason::AdminUnreachable, detail),
+    };
+    if let Some(n) = facts
+        .node_id
+        .as_deref()
+        .and_then(envoy_admin::pod_name_from_node_id)
+    {
+        name = n;
+    }
+
+    if facts.inbound_transparent {
+        return skip(
+            &name,
+            Reason::Tproxy,
+            "the inbound listener is transparent (TPROXY interception)".into(),
+        );
+    }
+
+    let mut notes = Vec::new();
+    for n in &facts.notes {
+        notes.push(format!("admin API: {n}"));
+    }
+    if facts.outbound_port != cap.outbound_port {
+        notes.push(format!(
+            "outbound capture port: iptables redirects to {}, Envoy's outbound listener is on {}; using iptables",
+            cap.outbound_port, facts.outbound_port
+        ));
+    }
+    if facts.inbound_port != cap.inbound_port {
+        notes.push(format!(
+            "inbound capture port: iptables redirects to {}, Envoy's inbound listener is on {}; using iptables",
+            cap.inbound_port, facts.inbound_port
+        ));
+    }
+    for (what, port) in [
+        ("outbound", cap.outbound_port),
+        ("inbound", cap.inbound_port),
+    ] {
+        if !listen_ports.contains(&port) {
+            notes.push(format!(
+                "the proxy (pid {}) does not listen on the {what} capture port {port}",
+                proxy.pid
+            ));
+        }
+    }
+    let proxy_uid = pick_owner("uid", proxy.uid, &cap.proxy_uids, &mut notes);
+    let proxy_gid = pick_owner("gid", proxy.gid, &cap.proxy_gids, &mut notes);
+    if procs
+        .iter()
+        .any(|p| (p.uid, p.gid) != (proxy.uid, proxy.gid))
+    {
+        notes.push(format!(
+            "several proxy processes with different owners: {:?}",
+            procs
+                .iter()
+                .map(|p| (p.pid, p.uid, p.gid))
+                .collect::<Vec<_>>()
+        ));
+    }
+    let accelerate_outbound = match &cap.outbound_unsupported {
+        Some(why) => {
+            notes.push(format!("outbound hop not accelerated: {why}"));
+            false
+        }
+        None => true,
+    };
+    let pod = Pod {
+        name: name.clone(),
+        netns: path.clone(),
+        proxy_uid,
+        proxy_gid,
+        outbound_port: cap.outbound_port,
+        inbound_port: cap.inbound_port,
+        inbound_bind: facts.inbound_bind.unwrap_or(Ipv4Addr::new(127, 0, 0, 6)),
+        exclude_outbound_ports: cap.exclude_outbound_ports,
+        exclude_inbound_ports: cap.exclude_inbound_ports,
+        exclude_outbound_cidrs: cap.exclude_outbound_cidrs,
+        include_outbound: cap.include_outbound,
+        accelerate_outbound,
+        accelerate_inbound: true,
+    };
+    if let Err(e) = crate::policy::pod_policy(&pod) {
+        return skip(&name, Reason::Policy, e.to_string());
+    }
+    Outcome::Pod { pod, notes }
+}
+
+/// The owner the datapath treats as the proxy: the process's own when iptables exempts it (or
+/// exempts nobody by that kind), else the one iptables exempts (iptables decides).
+fn pick_owner(kind: &str, process: u32, exempted: &[u32], notes: &mut Vec<String>) -> u32 {
+    match exempted.first() {
+        None => process,
+        Some(_) if exempted.contains(&process) => process,
+        Some(first) => {
+            notes.push(format!(
+                "the proxy runs as {kind} {process} but iptables exempts {kind} {exempted:?}; using {first}"
+            ));
+            *first
+        }
+    }
+}

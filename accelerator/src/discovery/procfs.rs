@@ -1,0 +1,233 @@
+//! Sidecars as the kernel sees them: Envoy processes in /proc, their credentials, network
+//! namespaces and listening sockets. Read with plain file reads; every parser takes text so it
+//! can be tested without a live process.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs, io,
+    net::{Ipv4Addr, SocketAddrV4},
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+/// One proxy process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Process {
+    pub pid: u32,
+    /// Real uid and gid (`/proc/PID/status`): what istio-init's owner match exempts.
+    pub uid: u32,
+    pub gid: u32,
+    /// Inode of `/proc/PID/ns/net`: names the network namespace.
+    pub netns: u64,
+}
+
+/// Every process's network namespace, and which processes look like a sidecar proxy.
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// Network namespace inode -> the lowest pid living in it.
+    pub namespaces: BTreeMap<u64, u32>,
+    /// Processes whose `comm` or executable name is one of the proxy names.
+    pub proxies: Vec<Process>,
+}
+
+/// Walks `proc_root` (normally `/proc`). Processes that exit during the walk are skipped.
+pub fn scan(proc_root: &Path, proxy_names: &[String]) -> io::Result<Scan> {
+    let mut out = Scan::default();
+    for entry in fs::read_dir(proc_root)? {
+        let Ok(entry) = entry else { continue };
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let dir = entry.path();
+        let Ok(ns) = fs::metadata(dir.join("ns/net")) else {
+            continue;
+        };
+        let netns = ns.ino();
+        out.namespaces
+            .entry(netns)
+            .and_modify(|p| *p = (*p).min(pid))
+            .or_insert(pid);
+        if !is_proxy(&dir, proxy_names) {
+            continue;
+        }
+        let Ok(status) = fs::read_to_string(dir.join("status")) else {
+            continue;
+        };
+        if let Ok((uid, gid)) = parse_status(&status) {
+            out.proxies.push(Process {
+                pid,
+                uid,
+                gid,
+                netns,
+            });
+        }
+    }
+    out.proxies.sort_by_key(|p| p.pid);
+    Ok(out)
+}
+
+fn is_proxy(dir: &Path, names: &[String]) -> bool {
+    let comm = fs::read_to_string(dir.join("comm")).unwrap_or_default();
+    if names.iter().any(|n| n == comm.trim_end()) {
+        return true;
+    }
+    fs::read_link(dir.join("exe")).is_ok_and(|exe| {
+        exe.file_name()
+            .and_then(|f| f.to_str())
+            .is_some_and(|f| names.iter().any(|n| n == f))
+    })
+}
+
+/// Real uid and gid from `/proc/PID/status`.
+pub fn parse_status(text: &str) -> Result<(u32, u32), String> {
+    let field = |name: &str| -> Result<u32, String> {
+        let line = text
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .ok_or_else(|| format!("no {name} line"))?;
+        let real = line.split_whitespace().next().unwrap_or_default();
+        real.parse()
+            .map_err(|_| format!("{name} {real:?} is not a number"))
+    };
+    Ok((field("Uid:")?, field("Gid:")?))
+}
+
+/// The network namespace inode of `path` (`/proc/1/ns/net`, `/run/netns/x`).
+pub fn netns_inode(path: &Path) -> io::Result<u64> {
+    Ok(fs::metadata(path)?.ino())
+}
+
+/// Named namespaces under `dir` (`/run/netns`), by inode. A missing directory is no names.
+pub fn named_namespaces(dir: &Path) -> BTreeMap<u64, PathBuf> {
+    let mut out = BTreeMap::new();
+    let Ok(rd) = fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let path = e.path();
+        if let Ok(ino) = netns_inode(&path) {
+            // A bind mount reports the nsfs inode; an unmounted placeholder file does not
+            // match any process's namespace and is simply never used.
+            out.entry(ino).or_insert(path);
+        }
+    }
+    out
+}
+
+/// A TCP socket in LISTEN state from `/proc/PID/net/tcp`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Listen {
+    pub addr: SocketAddrV4,
+    pub inode: u64,
+}
+
+/// Listening sockets of `/proc/PID/net/tcp` text (IPv4).
+pub fn parse_net_tcp(text: &str) -> Result<Vec<Listen>, String> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 10 {
+            return Err(format!(
+                "line {}: {} fields, want at least 10",
+                i + 1,
+                f.len()
+            ));
+        }
+        // st 0A is TCP_LISTEN.
+        if f[3] != "0A" {
+            continue;
+        }
+        let (ip, port) = f[1]
+            .split_once(':')
+            .ok_or_else(|| format!("line {}: local_address {:?}", i + 1, f[1]))?;
+        let ip = u32::from_str_radix(ip, 16)
+            .map_err(|_| format!("line {}: local_address {:?}", i + 1, f[1]))?;
+        let port = u16::from_str_radix(port, 16)
+            .map_err(|_| format!("line {}: local_address {:?}", i + 1, f[1]))?;
+        let inode: u64 = f[9]
+            .parse()
+            .map_err(|_| format!("line {}: inode {:?}", i + 1, f[9]))?;
+        // The kernel prints the `__be32` with %08X as a native integer: on a little-endian
+        // host 127.0.0.1 reads 0100007F, so the native bytes are the address bytes.
+        out.push(Listen {
+            addr: SocketAddrV4::new(Ipv4Addr::from(ip.to_ne_bytes()), port),
+            inode,
+        });
+    }
+    Ok(out)
+}
+
+/// Socket inodes among `pid`'s open files.
+pub fn socket_inodes(proc_root: &Path, pid: u32) -> io::Result<BTreeSet<u64>> {
+    let mut out = BTreeSet::new();
+    for e in fs::read_dir(proc_root.join(pid.to_string()).join("fd"))?.flatten() {
+        if let Ok(target) = fs::read_link(e.path()) {
+            if let Some(ino) = target
+                .to_str()
+                .and_then(|t| t.strip_prefix("socket:["))
+                .and_then(|t| t.strip_suffix(']'))
+                .and_then(|t| t.parse().ok())
+            {
+                out.insert(ino);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The TCP sockets `pid` itself listens on (from its namespace's table, kept to its own fds).
+pub fn listening(proc_root: &Path, pid: u32) -> io::Result<Vec<Listen>> {
+    let text = fs::read_to_string(proc_root.join(pid.to_string()).join("net/tcp"))?;
+    let all = parse_net_tcp(&text).map_err(io::Error::other)?;
+    let mine = socket_inodes(proc_root, pid)?;
+    Ok(all
+        .into_iter()
+        .filter(|l| mine.contains(&l.inode))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_gives_real_ids() {
+        let text = "Name:\tenvoy\nUmask:\t0022\nState:\tS (sleeping)\nUid:\t1337\t1338\t1337\t1337\nGid:\t1337\t1337\t1337\t1337\n";
+        assert_eq!(parse_status(text), Ok((1337, 1337)));
+        assert!(parse_status("Name:\tx\n").unwrap_err().contains("Uid:"));
+        assert!(parse_status("Uid:\tx\nGid:\t1\n")
+            .unwrap_err()
+            .contains("Uid:"));
+    }
+
+    #[test]
+    fn net_tcp_listeners() {
+        // Shape of /proc/PID/net/tcp on a little-endian host.
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+           0: 0100007F:3A98 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1337        0 51234 1 0000000000000000 100 0 0 10 0\n\
+           1: 00000000:3A99 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1337        0 51235 1 0000000000000000 100 0 0 10 0\n\
+           2: 0100007F:3A98 0100007F:D431 01 00000000:00000000 00:00000000 00000000  1337        0 51236 1 0000000000000000 20 4 30 10 -1\n";
+        let got = parse_net_tcp(text).unwrap();
+        if cfg!(target_endian = "little") {
+            assert_eq!(
+                got,
+                vec![
+                    Listen {
+                        addr: "127.0.0.1:15000".parse().unwrap(),
+                        inode: 51234
+                    },
+                    Listen {
+                        addr: "0.0.0.0:15001".parse().unwrap(),
+                        inode: 51235
+                    },
+                ]
+            );
+        }
+        assert!(parse_net_tcp("hdr\n 0: zz:1 0 0A\n").is_err());
+        assert!(parse_net_tcp("hdr\n0: XYZ:3A98 00000000:0000 0A 0 0 0 0 0 1\n").is_err());
+    }
+}

@@ -1,0 +1,562 @@
+//! The local discovery source against real Envoy 1.40 sidecars and real iptables in the
+//! mini-mesh: no pod list is written by hand anywhere here. Discovery scans the whole node, so
+//! every assertion looks only at the namespaces this test created (other tests and other
+//! processes may run Envoys at the same time).
+
+mod support;
+
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddrV4},
+    os::unix::fs::MetadataExt,
+    path::Path,
+    time::Duration,
+};
+
+use meshlane::{
+    discovery::{self, envoy_admin, Discovery, Reason, Skipped},
+    model::{Cidr, OutboundRanges, Pod},
+};
+use minimesh::{
+    envoy::{Envoy, EnvoyConfig, Protocol},
+    install_istio_capture, CaptureConfig, EchoServer, EnvoyPods, Netns,
+};
+use support::*;
+
+const ECHO: u16 = 7000;
+
+fn inode(path: &Path) -> u64 {
+    std::fs::metadata(path).expect("netns inode").ino()
+}
+
+/// `iptables <args>` inside `ns`.
+fn iptables(ns: &Netns, args: &str) {
+    let status = ns
+        .cmd("iptables")
+        .arg("-w")
+        .args(args.split_whitespace())
+        .status()
+        .expect("run iptables");
+    assert!(status.success(), "iptables {args}: {status}");
+}
+
+/// The pods and skipped entries of `d` that live in one of `namespaces`.
+fn mine(d: &Discovery, namespaces: &[&Netns]) -> (Vec<Pod>, Vec<Skipped>) {
+    let want: BTreeSet<u64> = namespaces.iter().map(|n| inode(&n.path())).collect();
+    let ours = |p: &Path| std::fs::metadata(p).is_ok_and(|m| want.contains(&m.ino()));
+    let pods = d.pods.iter().filter(|p| ours(&p.netns)).cloned().collect();
+    let skipped = d
+        .skipped
+        .iter()
+        .filter(|s| ours(&s.netns))
+        .cloned()
+        .collect();
+    (pods, skipped)
+}
+
+/// Istio's capture ports of `cfg` as the model must have them learned: ISTIO_INBOUND returns
+/// 15008 and (the minimesh rule set's) 22 ahead of the excluded ports.
+fn expected_inbound_excludes(cfg: &CaptureConfig) -> Vec<u16> {
+    let mut v = vec![15008, 22];
+    v.extend(&cfg.exclude_inbound_ports);
+    v
+}
+
+fn assert_learned(pod: &Pod, ns: &Netns, envoy: &Envoy, capture: &CaptureConfig) {
+    let boot = envoy.config();
+    assert_eq!(pod.netns, ns.path(), "{pod:?}");
+    assert_eq!(
+        pod.name,
+        format!("default/{}", ns.name()),
+        "name from the node id"
+    );
+    assert_eq!(
+        (pod.proxy_uid, pod.proxy_gid),
+        (boot.uid, boot.gid),
+        "{pod:?}"
+    );
+    assert_eq!(
+        (pod.outbound_port, pod.inbound_port),
+        (boot.outbound_port, boot.inbound_port),
+        "capture ports must be the bootstrap's: {pod:?}"
+    );
+    assert_eq!(pod.inbound_bind, Ipv4Addr::new(127, 0, 0, 6));
+    assert_eq!(pod.exclude_outbound_ports, capture.exclude_outbound_ports);
+    assert_eq!(
+        pod.exclude_inbound_ports,
+        expected_inbound_excludes(capture)
+    );
+    let cidrs: Vec<Cidr> = capture
+        .exclude_outbound_cidrs
+        .iter()
+        .map(|(addr, prefix)| Cidr {
+            addr: *addr,
+            prefix: *prefix,
+        })
+        .collect();
+    assert_eq!(pod.exclude_outbound_cidrs, cidrs);
+    assert_eq!(pod.include_outbound, OutboundRanges::All);
+    assert!(pod.accelerate_outbound && pod.accelerate_inbound, "{pod:?}");
+}
+
+#[test]
+fn envoy_pods_are_found_as_their_bootstrap_says() {
+    let Some(_serial) = Accel::cgroup_only("discovery_envoy_pods") else {
+        return;
+    };
+    let pods = EnvoyPods::new(161, &[("echo".into(), ECHO, Protocol::Tcp)]).expect("Envoy pods");
+    // Bystanders: a namespace without anything, and one with Istio's rules but no sidecar.
+    let bare = Netns::new("dbare").expect("netns");
+    let orphan = Netns::new("dorph").expect("netns");
+    install_istio_capture(&orphan, &CaptureConfig::default()).expect("capture rules");
+
+    // The admin API alone, as discovery reads it: the bootstrap's ports.
+    for envoy in [&pods.client_envoy, &pods.server_envoy] {
+        let boot = envoy.config();
+        let ns = std::fs::File::open(
+            Path::new("/proc")
+                .join(envoy.pid().to_string())
+                .join("ns/net"),
+        )
+        .expect("envoy netns");
+        let admin = SocketAddrV4::new(Ipv4Addr::LOCALHOST, boot.admin_port);
+        let facts = envoy_admin::fetch(&ns, admin, Duration::from_secs(5)).expect("admin API");
+        assert_eq!(
+            (facts.outbound_port, facts.inbound_port),
+            (boot.outbound_port, boot.inbound_port)
+        );
+    }
+
+    let started = std::time::Instant::now();
+    let d = discovery::discover(&discovery::Options::default());
+    eprintln!(
+        "discovery pass: {:?} for {} pods, {} skipped on the node",
+        started.elapsed(),
+        d.pods.len(),
+        d.skipped.len()
+    );
+    let (found, skipped) = mine(&d, &[&pods.client.ns, &pods.server.ns, &bare, &orphan]);
+    assert_eq!(found.len(), 2, "exactly the two sidecar pods: {d:#?}");
+    let by_ns = |ns: &Netns| {
+        found
+            .iter()
+            .find(|p| p.netns == ns.path())
+            .unwrap_or_else(|| panic!("{} not discovered: {d:#?}", ns.name()))
+    };
+    assert_learned(
+        by_ns(&pods.client.ns),
+        &pods.client.ns,
+        &pods.client_envoy,
+        &pods.client.capture,
+    );
+    assert_learned(
+        by_ns(&pods.server.ns),
+        &pods.server.ns,
+        &pods.server_envoy,
+        &pods.server.capture,
+    );
+    assert_eq!(
+        skipped
+            .iter()
+            .map(|s| (s.netns.clone(), s.reason))
+            .collect::<Vec<_>>(),
+        vec![(orphan.path(), Reason::NoSidecar)],
+        "only the namespace with rules and no sidecar is reported: {skipped:#?}"
+    );
+    let notes: Vec<_> = d
+        .notes
+        .iter()
+        .filter(|n| found.iter().any(|p| p.name == n.pod))
+        .collect();
+    assert!(
+        notes.is_empty(),
+        "iptables and the admin API agree: {notes:#?}"
+    );
+}
+
+#[test]
+fn non_default_capture_is_learned_from_the_node() {
+    let Some(_serial) = Accel::cgroup_only("discovery_custom_pod") else {
+        return;
+    };
+    let capture = CaptureConfig {
+        proxy_uid: 1400,
+        proxy_gid: 1401,
+        outbound_port: 15011,
+        inbound_port: 15016,
+        exclude_outbound_ports: vec![9000, 9443],
+        exclude_inbound_ports: vec![15090, 8081],
+        exclude_outbound_cidrs: vec![(Ipv4Addr::new(10, 99, 0, 0), 16)],
+        ..CaptureConfig::default()
+    };
+    let ns = Netns::new("dcust").expect("netns");
+    install_istio_capture(&ns, &capture).expect("capture rules");
+    let envoy = Envoy::spawn(
+        &ns,
+        &EnvoyConfig {
+            admin_port: 15100,
+            ..EnvoyConfig::for_capture(&capture)
+        },
+    )
+    .expect("Envoy");
+
+    let d = discovery::discover(&discovery::Options::default());
+    let (found, skipped) = mine(&d, &[&ns]);
+    assert!(skipped.is_empty(), "{skipped:#?}");
+    assert_eq!(found.len(), 1, "{d:#?}");
+    assert_learned(&found[0], &ns, &envoy, &capture);
+}
+
+#[test]
+fn iptables_wins_when_the_admin_api_disagrees() {
+    let Some(_serial) = Accel::cgroup_only("discovery_disagree") else {
+        return;
+    };
+    // istio-init redirects to 15001, but the sidecar's outbound listener is on 15011.
+    let ns = Netns::new("ddis").expect("netns");
+    install_istio_capture(&ns, &CaptureConfig::default()).expect("capture rules");
+    let _envoy = Envoy::spawn(
+        &ns,
+        &EnvoyConfig {
+            outbound_port: 15011,
+            ..EnvoyConfig::default()
+        },
+    )
+    .expect("Envoy");
+    let d = discovery::discover(&discovery::Options::default());
+    let (found, skipped) = mine(&d, &[&ns]);
+    assert!(skipped.is_empty(), "{skipped:#?}");
+    assert_eq!(found.len(), 1, "{d:#?}");
+    assert_eq!(
+        (found[0].outbound_port, found[0].inbound_port),
+        (15001, 15006)
+    );
+    let notes: Vec<&str> = d
+        .notes
+        .iter()
+        .filter(|n| n.pod == found[0].name)
+        .map(|n| n.message.as_str())
+        .collect();
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("iptables redirects to 15001")
+                && n.contains("outbound listener is on 15011")),
+        "{notes:#?}"
+    );
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("does not listen on the outbound capture port 15001")),
+        "{notes:#?}"
+    );
+}
+
+#[test]
+fn envoy_without_capture_rules_is_not_a_pod() {
+    let Some(_serial) = Accel::cgroup_only("discovery_gateway") else {
+        return;
+    };
+    // Like an ingress gateway: Envoy as uid 1337 in its own namespace, no istio-init.
+    let ns = Netns::new("dgw").expect("netns");
+    let _envoy = Envoy::spawn(&ns, &EnvoyConfig::default()).expect("Envoy");
+    let d = discovery::discover(&discovery::Options::default());
+    let (found, skipped) = mine(&d, &[&ns]);
+    assert!(found.is_empty(), "{found:#?}");
+    assert_eq!(skipped.len(), 1, "{skipped:#?}");
+    assert_eq!(skipped[0].reason, Reason::NotCaptured, "{skipped:#?}");
+}
+
+#[test]
+fn nftables_capture_is_a_named_reason() {
+    let Some(_serial) = Accel::cgroup_only("discovery_nftables") else {
+        return;
+    };
+    // Istio's native nftables mode: its table, and no iptables ISTIO_* chains.
+    let ns = Netns::new("dnft").expect("netns");
+    let status = ns
+        .cmd("nft")
+        .args(["add", "table", "inet", "istio-proxy-nat"])
+        .status()
+        .expect("run nft");
+    assert!(status.success(), "nft add table: {status}");
+    let _envoy = Envoy::spawn(&ns, &EnvoyConfig::default()).expect("Envoy");
+    let d = discovery::discover(&discovery::Options::default());
+    let (found, skipped) = mine(&d, &[&ns]);
+    assert!(found.is_empty(), "{found:#?}");
+    assert_eq!(skipped.len(), 1, "{skipped:#?}");
+    assert_eq!(skipped[0].reason, Reason::NftablesCapture, "{skipped:#?}");
+}
+
+#[test]
+fn unreachable_admin_api_is_a_named_reason() {
+    let Some(_serial) = Accel::cgroup_only("discovery_admin_unreachable") else {
+        return;
+    };
+    let ns = Netns::new("dnoadm").expect("netns");
+    install_istio_capture(&ns, &CaptureConfig::default()).expect("capture rules");
+    let _envoy = Envoy::spawn(&ns, &EnvoyConfig::default()).expect("Envoy");
+    // A short timeout: an unreachable sidecar must not stall the pass.
+    let opts = discovery::Options {
+        admin_timeout: Duration::from_millis(500),
+        ..discovery::Options::default()
+    };
+    // Block the admin port from inside the pod: a REJECT for lo:15000 in the filter table.
+    iptables(
+        &ns,
+        "-A OUTPUT -o lo -p tcp --dport 15000 -j REJECT --reject-with tcp-reset",
+    );
+    let d = discovery::discover(&opts);
+    let (found, skipped) = mine(&d, &[&ns]);
+    assert!(found.is_empty(), "{found:#?}");
+    assert_eq!(skipped.len(), 1, "{skipped:#?}");
+    assert_eq!(skipped[0].reason, Reason::AdminUnreachable, "{skipped:#?}");
+    assert!(
+        skipped[0].detail.contains("127.0.0.1:15000"),
+        "{skipped:#?}"
+    );
+}
+
+#[test]
+fn tproxy_pod_is_skipped_with_its_reason() {
+    let Some(_serial) = Accel::cgroup_only("discovery_tproxy") else {
+        return;
+    };
+    let ns = Netns::new("dtpx").expect("netns");
+    install_istio_capture(&ns, &CaptureConfig::default()).expect("capture rules");
+    // The inbound half of istio-iptables' TPROXY mode (mangle table), as its golden files show.
+    iptables(&ns, "-t mangle -N ISTIO_TPROXY");
+    iptables(
+        &ns,
+        "-t mangle -A ISTIO_TPROXY ! -d 127.0.0.1/32 -p tcp -j TPROXY --tproxy-mark 1337/0xffffffff --on-port 15006",
+    );
+    let _envoy = Envoy::spawn(&ns, &EnvoyConfig::default()).expect("Envoy");
+    let d = discovery::discover(&discovery::Options::default());
+    let (found, skipped) = mine(&d, &[&ns]);
+    assert!(found.is_empty(), "{found:#?}");
+    assert_eq!(skipped.len(), 1, "{skipped:#?}");
+    assert_eq!(skipped[0].reason, Reason::Tproxy, "{skipped:#?}");
+    assert!(
+        skipped[0].detail.contains("TPROXY --on-port 15006"),
+        "{skipped:#?}"
+    );
+}
+
+/// One namespace with Istio's default rules and an Envoy sidecar.
+fn one_pod(prefix: &str) -> (Envoy, Netns) {
+    let ns = Netns::new(prefix).expect("netns");
+    install_istio_capture(&ns, &CaptureConfig::default()).expect("capture rules");
+    let envoy = Envoy::spawn(&ns, &EnvoyConfig::default()).expect("Envoy");
+    (envoy, ns)
+}
+
+#[test]
+fn cached_readings_are_refreshed_when_the_sidecar_changes() {
+    let Some(_serial) = Accel::cgroup_only("discovery_cache") else {
+        return;
+    };
+    let (envoy, ns) = one_pod("dcache");
+    let mut disc =
+        discovery::Discoverer::new(discovery::Options::default(), Duration::from_secs(600));
+    let ports = |d: &Discovery| -> Vec<Vec<u16>> {
+        mine(d, &[&ns])
+            .0
+            .iter()
+            .map(|p| p.exclude_outbound_ports.clone())
+            .collect()
+    };
+    assert_eq!(ports(&disc.pass()), vec![Vec::<u16>::new()]);
+    iptables(
+        &ns,
+        "-t nat -I ISTIO_OUTPUT 1 -p tcp --dport 9000 -j RETURN",
+    );
+    // Within `refresh` and with the same sidecar, the cached reading stands ...
+    assert_eq!(ports(&disc.pass()), vec![Vec::<u16>::new()]);
+    // ... while a fresh pass sees the new exclusion.
+    assert_eq!(
+        ports(&discovery::discover(&discovery::Options::default())),
+        vec![vec![9000]]
+    );
+    // A restarted sidecar (new pid) is read afresh.
+    drop(envoy);
+    let envoy = Envoy::spawn(&ns, &EnvoyConfig::default()).expect("Envoy again");
+    assert_eq!(ports(&disc.pass()), vec![vec![9000]]);
+    // A sidecar that is gone leaves a namespace with rules and no proxy.
+    drop(envoy);
+    let d = disc.pass();
+    let (found, skipped) = mine(&d, &[&ns]);
+    assert!(found.is_empty(), "{found:#?}");
+    assert_eq!(
+        skipped.iter().map(|s| s.reason).collect::<Vec<_>>(),
+        vec![Reason::NoSidecar]
+    );
+}
+
+#[test]
+fn the_pod_list_file_wins_over_discovery() {
+    let Some(_serial) = Accel::cgroup_only("discovery_pod_list") else {
+        return;
+    };
+    let (envoy_a, ns_a) = one_pod("dfilea");
+    let (_envoy_b, ns_b) = one_pod("dfileb");
+    // The file names pod A by another path to the same namespace, and opts pod B out.
+    let text = format!(
+        "[[pod]]\nname = \"file/a\"\nnetns = \"/proc/{}/ns/net\"\nexclude_outbound_ports = [5432]\n\n\
+         [[pod]]\nname = \"file/b\"\nnetns = \"{}\"\naccelerate = false\n",
+        envoy_a.pid(),
+        ns_b.path().display()
+    );
+    let list = meshlane::config::parse_all(Path::new("pods.toml"), &text).expect("pod list");
+    let d = discovery::discover(&discovery::Options::default()).with_pod_list(list);
+    let (found, skipped) = mine(&d, &[&ns_a, &ns_b]);
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert_eq!(found[0].name, "file/a");
+    assert_eq!(found[0].exclude_outbound_ports, vec![5432]);
+    assert_eq!(skipped.len(), 1, "{skipped:#?}");
+    assert_eq!(
+        (skipped[0].name.as_str(), skipped[0].reason),
+        ("file/b", Reason::OptedOut)
+    );
+    assert!(
+        d.notes
+            .iter()
+            .any(|n| n.pod == "file/a" && n.message.contains(&format!("default/{}", ns_a.name()))),
+        "{:#?}",
+        d.notes
+    );
+}
+
+#[test]
+fn discovered_pods_are_accelerated_end_to_end() {
+    let Some(mut accel) = Accel::new("discovery_end_to_end") else {
+        return;
+    };
+    let pods = EnvoyPods::new(162, &[("echo".into(), ECHO, Protocol::Tcp)]).expect("Envoy pods");
+    let dst = pods.service_addr(ECHO);
+    let _echo = EchoServer::spawn(&pods.server.ns, dst).expect("echo server");
+
+    let d = discovery::discover(&discovery::Options::default());
+    let (found, _) = mine(&d, &[&pods.client.ns, &pods.server.ns]);
+    assert_eq!(found.len(), 2, "{d:#?}");
+    for pod in &found {
+        accel.add_model_pod(pod);
+    }
+    let before = accel.counters();
+    assert_eq!(before.pairs(), 0, "{before:?}");
+    for i in 0..4 {
+        let data = pattern(i, 256 * 1024);
+        let out = echo_exchange(
+            connect(&pods.client.ns, dst).expect("connect"),
+            &data,
+            16 * 1024,
+        )
+        .expect("echo through both Envoys");
+        assert_same(&format!("stream {i}"), &out.bytes, &data);
+    }
+    let c = accel.counters();
+    assert_accelerated("discovery_end_to_end", &c);
+    // One app->sidecar and one sidecar->app pair per connection, none missed.
+    assert_eq!(
+        (c.get("pairs_outbound"), c.get("pairs_inbound")),
+        (4, 4),
+        "{c:?}"
+    );
+}
+
+#[test]
+fn the_daemon_finds_and_accelerates_envoy_pods_with_no_pod_list() {
+    let Some(accel) = Accel::cgroup_only("daemon_local_discovery") else {
+        return;
+    };
+    let pods = EnvoyPods::new(163, &[("echo".into(), ECHO, Protocol::Tcp)]).expect("Envoy pods");
+    let dst = pods.service_addr(ECHO);
+    let _echo = EchoServer::spawn(&pods.server.ns, dst).expect("echo server");
+    let log = std::env::temp_dir().join(format!(
+        "meshlane-discovery-daemon-{}.log",
+        std::process::id()
+    ));
+    // `meshlane run` as a user would start it: no --config, discovery on by default.
+    let mut daemon = Daemon(
+        std::process::Command::new(env!("CARGO_BIN_EXE_meshlane"))
+            .arg("run")
+            .arg("--pin-dir")
+            .arg(&accel.pin_dir)
+            .arg("--cgroup")
+            .arg(accel.cgroup.path())
+            .arg("--api-socket")
+            .arg(&accel.api_socket)
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{}", accel.metrics_port))
+            .args(["--resync", "200ms"])
+            .stdin(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start meshlane run"),
+    );
+    // Other tests may run sidecars on this node too: look only at this test's namespaces.
+    let cookies = [
+        pods.client.ns.cookie().unwrap(),
+        pods.server.ns.cookie().unwrap(),
+    ];
+    let ours = |st: &serde_json::Value| -> Vec<serde_json::Value> {
+        st["pods"]
+            .as_array()
+            .map(|p| {
+                p.iter()
+                    .filter(|p| {
+                        p["netns_cookie"]
+                            .as_u64()
+                            .is_some_and(|c| cookies.contains(&c))
+                    })
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    wait_until("both Envoy pods discovered and accelerated", || {
+        ours(&status_json(&accel))
+            .iter()
+            .filter(|p| p["state"] == "accelerated")
+            .count()
+            == 2
+    });
+    for i in 0..4 {
+        let data = pattern(i, 256 * 1024);
+        let out = echo_exchange(
+            connect(&pods.client.ns, dst).expect("connect"),
+            &data,
+            16 * 1024,
+        )
+        .expect("echo through both Envoys");
+        assert_same(&format!("stream {i}"), &out.bytes, &data);
+    }
+    let c = accel.counters();
+    assert_eq!(
+        (c.get("pairs_outbound"), c.get("pairs_inbound")),
+        (4, 4),
+        "{c:?}"
+    );
+    let st = status_json(&accel);
+    for p in ours(&st) {
+        assert_eq!(p["source"], "local", "{p}");
+        assert_eq!(p["outbound_port"], 15001, "{p}");
+        assert_eq!(p["inbound_port"], 15006, "{p}");
+        assert_eq!(p["proxy_uid"], 1337, "{p}");
+        assert!(!p["name"].as_str().unwrap().is_empty(), "{p}");
+    }
+    let local = st["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "local")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(local["healthy"], true, "{st:#}");
+    let (_, metrics) = accel.http_get("/metrics").unwrap();
+    assert_eq!(
+        sample(&metrics, "meshlane_source_up{source=\"local\"}"),
+        Some(1.0)
+    );
+    assert!(daemon.terminate().success());
+    let _ = std::fs::remove_file(&log);
+}
