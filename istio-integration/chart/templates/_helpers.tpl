@@ -1,0 +1,81 @@
+{{/* Names and labels shared by every object of the release. */}}
+
+{{- define "meshlane.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "meshlane.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else if contains (include "meshlane.name" .) .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name (include "meshlane.name" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "meshlane.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "meshlane.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "meshlane.labels" -}}
+{{ include "meshlane.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{- define "meshlane.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "meshlane.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "meshlane.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "meshlane.configMapName" -}}
+{{- default (printf "%s-pods" (include "meshlane.fullname" .)) .Values.discovery.local.existingConfigMap -}}
+{{- end -}}
+
+{{/*
+Refuses values the daemon cannot honour, at template time, with the reason. Included by the
+DaemonSet so that `helm template`, `helm install` and `helm lint` all stop on it.
+*/}}
+{{- define "meshlane.validate" -}}
+{{- $source := .Values.discovery.source -}}
+{{- $planned := list "procfs" "kubernetes" "xds" -}}
+{{- if has $source $planned -}}
+{{- fail (printf "discovery.source=%s: this meshlane (%s) does not implement the %s source yet; the only working source is local (a pod list from a ConfigMap)" $source .Chart.AppVersion $source) -}}
+{{- else if ne $source "local" -}}
+{{- fail (printf "discovery.source=%v: unknown source; the only working source is local (procfs, kubernetes and xds are planned)" $source) -}}
+{{- end -}}
+{{- $known := list "name" "netns" "proxy_uid" "proxy_gid" "outbound_port" "inbound_port" "inbound_bind" "exclude_outbound_ports" "exclude_inbound_ports" "exclude_outbound_cidrs" "include_outbound_cidrs" "accelerate" -}}
+{{- range $i, $pod := .Values.discovery.local.pods -}}
+{{- if not (kindIs "map" $pod) -}}
+{{- fail (printf "discovery.local.pods[%d]: each pod is a map with at least name and netns" $i) -}}
+{{- end -}}
+{{- range $k := list "name" "netns" -}}
+{{- if not (get $pod $k) -}}
+{{- fail (printf "discovery.local.pods[%d]: %s is required" $i $k) -}}
+{{- end -}}
+{{- end -}}
+{{- range $k, $_ := $pod -}}
+{{- if not (has $k $known) -}}
+{{- fail (printf "discovery.local.pods[%d]: unknown key %s (known: %s)" $i $k (join ", " $known)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.discovery.local.existingConfigMap .Values.discovery.local.pods -}}
+{{- fail "discovery.local: set either existingConfigMap or pods, not both" -}}
+{{- end -}}
+{{- range .Values.capabilities -}}
+{{- if hasPrefix "CAP_" . -}}
+{{- fail (printf "capabilities: write %s without the CAP_ prefix (Kubernetes convention)" .) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
