@@ -124,7 +124,7 @@ while [ $i -lt ${#rendered[@]} ]; do
   a=${rendered[$i]}
   v=${rendered[$((i + 1))]:-}
   case "$a" in
-    run | --log-format | --log-level | --resync) args+=("$a"); [ "$a" = run ] || { args+=("$v"); i=$((i + 1)); } ;;
+    run | --log-format | --log-level | --resync | --discovery) args+=("$a"); [ "$a" = run ] || { args+=("$v"); i=$((i + 1)); } ;;
     --pin-dir) args+=("$a" "$pins"); i=$((i + 1)) ;;
     --cgroup) args+=("$a" "$cg"); i=$((i + 1)) ;;
     --config) args+=("$a" "$work/pods.toml"); i=$((i + 1)) ;;
@@ -155,7 +155,7 @@ run_daemon() { # run_daemon CAPS LOG: starts the daemon, waits until the pod lis
 stop_daemon() { kill -TERM "$daemon"; wait "$daemon" || true; daemon=; }
 
 run_daemon "$all" "$work/run.log"
-pods=$("$bin" status --pin-dir "$pins" 2>/dev/null | sed -n 's/^pods: //p')
+pods=$("$bin" status --pins --pin-dir "$pins" 2>/dev/null | sed -n 's/^pods: //p')
 if [ "$pods" = 1 ] && ! grep -q 'netns not found' "$work/run.log"; then
   result PASS "run with the rendered arguments: datapath up, the uid-1337 pod in the policy map"
 else

@@ -234,7 +234,7 @@ must_fail() {
     fi
   done <<'EOF'
 --set discovery.source=kubernetes|does not implement the kubernetes source
---set discovery.source=procfs|does not implement the procfs source
+--set discovery.source=xds|does not implement the xds source
 --set discovery.source=bogus|unknown source
 --set discovery.local.pods[0].name=x|netns is required
 --set discovery.local.pods[0].name=x --set discovery.local.pods[0].netns=/y --set discovery.local.pods[0].nets=1|unknown key nets

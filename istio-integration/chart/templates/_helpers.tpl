@@ -48,11 +48,11 @@ DaemonSet so that `helm template`, `helm install` and `helm lint` all stop on it
 */}}
 {{- define "meshlane.validate" -}}
 {{- $source := .Values.discovery.source -}}
-{{- $planned := list "procfs" "kubernetes" "xds" -}}
+{{- $planned := list "kubernetes" "xds" -}}
 {{- if has $source $planned -}}
-{{- fail (printf "discovery.source=%s: this meshlane (%s) does not implement the %s source yet; the only working source is local (a pod list from a ConfigMap)" $source .Chart.AppVersion $source) -}}
+{{- fail (printf "discovery.source=%s: this meshlane (%s) does not implement the %s source yet; the working source is local (sidecars found on each node, plus an optional pod list)" $source .Chart.AppVersion $source) -}}
 {{- else if ne $source "local" -}}
-{{- fail (printf "discovery.source=%v: unknown source; the only working source is local (procfs, kubernetes and xds are planned)" $source) -}}
+{{- fail (printf "discovery.source=%v: unknown source; the working source is local (kubernetes and xds are planned)" $source) -}}
 {{- end -}}
 {{- $known := list "name" "netns" "proxy_uid" "proxy_gid" "outbound_port" "inbound_port" "inbound_bind" "exclude_outbound_ports" "exclude_inbound_ports" "exclude_outbound_cidrs" "include_outbound_cidrs" "accelerate" -}}
 {{- range $i, $pod := .Values.discovery.local.pods -}}
