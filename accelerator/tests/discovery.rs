@@ -513,8 +513,11 @@ fn the_daemon_finds_and_accelerates_envoy_pods_with_no_pod_list() {
             })
             .unwrap_or_default()
     };
+    wait_until("/readyz", || {
+        matches!(accel.http_get("/readyz"), Ok((200, _)))
+    });
     wait_until("both Envoy pods discovered and accelerated", || {
-        ours(&status_json(&accel))
+        ours(&try_status_json(&accel).unwrap_or_default())
             .iter()
             .filter(|p| p["state"] == "accelerated")
             .count()

@@ -147,9 +147,11 @@ fn status_and_metrics_match_the_kernel_counters_and_prometheus_scrapes_them() {
     });
     assert!(matches!(accel.http_get("/healthz"), Ok((200, _))));
     wait_until("both pods accelerated", || {
-        status_json(&accel)["pods"]
-            .as_array()
-            .is_some_and(|p| p.iter().filter(|p| p["state"] == "accelerated").count() == 2)
+        try_status_json(&accel).is_some_and(|st| {
+            st["pods"]
+                .as_array()
+                .is_some_and(|p| p.iter().filter(|p| p["state"] == "accelerated").count() == 2)
+        })
     });
 
     let dst = SocketAddrV4::new(mesh.server.ip, APP_PORT);

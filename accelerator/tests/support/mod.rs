@@ -188,6 +188,19 @@ pub fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
     }
 }
 
+/// `meshlane status --json`, or None while the daemon is not answering yet (for polling).
+pub fn try_status_json(accel: &Accel) -> Option<serde_json::Value> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshlane"))
+        .args(["status", "--json", "--api-socket"])
+        .arg(&accel.api_socket)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).ok())
+        .flatten()
+}
+
 /// `meshlane status --json` from this test's daemon.
 pub fn status_json(accel: &Accel) -> serde_json::Value {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshlane"))
