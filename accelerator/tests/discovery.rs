@@ -445,7 +445,7 @@ fn discovered_pods_are_accelerated_end_to_end() {
     assert_eq!(before.pairs(), 0, "{before:?}");
     for i in 0..4 {
         let data = pattern(i, 256 * 1024);
-        let out = echo_exchange(
+        let out = echo_exchange_settled(
             connect(&pods.client.ns, dst).expect("connect"),
             &data,
             16 * 1024,
@@ -525,7 +525,7 @@ fn the_daemon_finds_and_accelerates_envoy_pods_with_no_pod_list() {
     });
     for i in 0..4 {
         let data = pattern(i, 256 * 1024);
-        let out = echo_exchange(
+        let out = echo_exchange_settled(
             connect(&pods.client.ns, dst).expect("connect"),
             &data,
             16 * 1024,

@@ -132,25 +132,15 @@ fn tcp_streams_through_envoy_are_byte_exact() {
         for i in 0..4 {
             let data = pattern(i, 1 << 20);
             let out =
-                echo_exchange(connect(&pods.client.ns, dst).unwrap(), &data, 64 * 1024).unwrap();
+                echo_exchange_settled(connect(&pods.client.ns, dst).unwrap(), &data, 64 * 1024)
+                    .unwrap();
             assert_same(&format!("1 MiB stream {i}"), &out.bytes, &data);
         }
-        // Write right after connect(), then 5000 tiny writes.
+        // Write right after connect(), then 5000 more one-byte writes.
         for i in 0..30 {
-            let mut s = connect(&pods.client.ns, dst).unwrap();
-            s.write_all(b"x").unwrap();
-            let rest = pattern(100 + i, 5000);
-            let out = std::thread::scope(|sc| {
-                sc.spawn(|| {
-                    for b in rest.chunks(1) {
-                        (&s).write_all(b).unwrap();
-                    }
-                    s.shutdown(Shutdown::Write).unwrap();
-                });
-                read_to_end(&s).unwrap()
-            });
-            let mut want = b"x".to_vec();
-            want.extend_from_slice(&rest);
+            let s = connect(&pods.client.ns, dst).unwrap();
+            let want = pattern(100 + i, 5001);
+            let out = echo_exchange_settled(s, &want, 1).unwrap();
             assert_same(&format!("tiny writes {i}"), &out.bytes, &want);
         }
     }) else {
@@ -392,7 +382,8 @@ fn half_close_and_reset_through_envoy() {
         let _echo = EchoServer::spawn(&pods.server.ns, dst).unwrap();
         // Half-close by the client: the reply still arrives whole.
         let data = pattern(3, 256 * 1024);
-        let out = echo_exchange(connect(&pods.client.ns, dst).unwrap(), &data, 8192).unwrap();
+        let out =
+            echo_exchange_settled(connect(&pods.client.ns, dst).unwrap(), &data, 8192).unwrap();
         assert_same("client half-close", &out.bytes, &data);
 
         // The client resets (SO_LINGER 0) after 64 KiB: what the server app sees must not change.

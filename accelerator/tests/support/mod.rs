@@ -326,6 +326,46 @@ pub fn echo_exchange(s: TcpStream, payload: &[u8], chunk: usize) -> io::Result<R
     })
 }
 
+/// Like [`echo_exchange`], but the half-close waits until the echo has begun. Through Envoy a
+/// FIN that arrives while the server sidecar's listener filters are still deciding gets the
+/// connection dropped, with or without meshlane (see the README); once the app has echoed a
+/// byte, those filters are done, and the FIN still races the rest of the reply.
+pub fn echo_exchange_settled(
+    s: TcpStream,
+    payload: &[u8],
+    chunk: usize,
+) -> io::Result<ReadOutcome> {
+    let (begun, wait) = std::sync::mpsc::channel::<()>();
+    let s = &s;
+    std::thread::scope(|scope| {
+        let w = scope.spawn(move || -> io::Result<()> {
+            let mut ws = s;
+            for c in payload.chunks(chunk.max(1)) {
+                ws.write_all(c)?;
+            }
+            let _ = wait.recv_timeout(Duration::from_secs(30));
+            s.shutdown(Shutdown::Write)
+        });
+        let mut first = [0u8; 1];
+        let n = loop {
+            match (&*s).read(&mut first) {
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                r => break r,
+            }
+        };
+        let _ = begun.send(());
+        let n = n?;
+        let mut out = if n == 0 {
+            ReadOutcome::default()
+        } else {
+            read_to_end(s)?
+        };
+        out.bytes.splice(0..0, first[..n].iter().copied());
+        w.join().expect("writer thread")?;
+        Ok(out)
+    })
+}
+
 /// Asserts two byte streams are identical, reporting the first difference instead of dumping MiBs.
 pub fn assert_same(what: &str, got: &[u8], want: &[u8]) {
     if got == want {
