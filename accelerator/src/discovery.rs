@@ -17,6 +17,7 @@
 pub mod envoy_admin;
 pub mod iptables;
 pub mod procfs;
+pub mod xds;
 
 use std::{
     collections::BTreeMap,

@@ -1,0 +1,410 @@
+//! An ADS client (state of the world) that asks the control plane for a sidecar's Listener
+//! resources with the sidecar's own identity, and reads the real capture ports from them: the
+//! listener istiod calls `virtualOutbound` (`use_original_dst`) and `virtualInbound` (the
+//! `original_dst` listener filter). Good updates are ACKed; a response that cannot be read is
+//! NACKed with the reason (the field named) and the last good state is kept. A broken stream is
+//! retried with exponential backoff, resubscribing with the last accepted version.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use envoy_types::pb::{
+    envoy::{
+        config::{
+            core::v3::{address, socket_address::PortSpecifier, Node},
+            listener::v3::Listener,
+        },
+        service::discovery::v3::{
+            aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+            DiscoveryRequest, DiscoveryResponse,
+        },
+    },
+    google::{protobuf::Any, rpc},
+};
+use prost::Message as _;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+/// The resource type this client subscribes to.
+pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+const ORIGINAL_DST_FILTER: &str = "envoy.filters.listener.original_dst";
+/// gRPC INVALID_ARGUMENT, the code of a NACK's error detail.
+const INVALID_ARGUMENT: i32 = 3;
+
+/// Who to ask, and as whom.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The control plane, e.g. `http://istiod.istio-system.svc:15010`.
+    pub server: String,
+    /// The sidecar's node id, as Istio forms it: `sidecar~<pod ip>~<pod>.<namespace>~<namespace>.svc.cluster.local`.
+    pub node_id: String,
+    /// The node's cluster (Istio: `<app>.<namespace>`).
+    pub cluster: String,
+    /// Reconnect backoff: doubles from `backoff_min` up to `backoff_max`.
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+/// What a sidecar's listeners say about how its pod's traffic is captured.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Capture {
+    /// Port of the listener outbound traffic is redirected to (`virtualOutbound`).
+    pub outbound_port: Option<u16>,
+    /// Port of the listener inbound traffic is redirected to (`virtualInbound`).
+    pub inbound_port: Option<u16>,
+    /// The inbound listener is `transparent`: TPROXY interception.
+    pub tproxy: bool,
+    /// Listener resources in the accepted update.
+    pub listeners: usize,
+}
+
+/// The client's state, for status and metrics.
+#[derive(Clone, Debug, Default)]
+pub struct Status {
+    /// The last accepted (ACKed) update; kept while later ones are NACKed or the stream is down.
+    pub capture: Option<Capture>,
+    /// Its `version_info`.
+    pub version: String,
+    pub connected: bool,
+    /// The last NACK reason or connection error; cleared by the next accepted update.
+    pub last_error: String,
+    pub acks: u64,
+    pub nacks: u64,
+    /// Streams opened after the first (reconnects).
+    pub reconnects: u64,
+}
+
+/// A running client; dropping it stops the stream.
+pub struct Client {
+    status: Arc<Mutex<Status>>,
+    updates: watch::Receiver<u64>,
+    _stop: watch::Sender<bool>,
+}
+
+impl Client {
+    /// Starts the client on the current tokio runtime.
+    pub fn spawn(cfg: Config) -> Client {
+        let status = Arc::new(Mutex::new(Status::default()));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (upd_tx, upd_rx) = watch::channel(0u64);
+        let shared = Shared {
+            status: Arc::clone(&status),
+            updates: upd_tx,
+        };
+        tokio::spawn(run(cfg, shared, stop_rx));
+        Client {
+            status,
+            updates: upd_rx,
+            _stop: stop_tx,
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Changes whenever the status changes (an ACK, a NACK, a connection event).
+    pub fn updates(&self) -> watch::Receiver<u64> {
+        self.updates.clone()
+    }
+}
+
+/// Reads the capture ports from one response's resources. Every resource must be a Listener
+/// that decodes; the error names the resource and field at fault.
+pub fn parse_listeners(resources: &[Any]) -> Result<Capture, String> {
+    let mut cap = Capture {
+        listeners: resources.len(),
+        ..Capture::default()
+    };
+    let mut fallback_out = None;
+    let mut fallback_in = None;
+    for (i, any) in resources.iter().enumerate() {
+        if any.type_url != LISTENER_TYPE {
+            return Err(format!(
+                "resources[{i}].type_url: {:?}, expected {LISTENER_TYPE}",
+                any.type_url
+            ));
+        }
+        let l = Listener::decode(any.value.as_slice())
+            .map_err(|e| format!("resources[{i}].value: not a Listener: {e}"))?;
+        let at = format!("resources[{i}] ({})", l.name);
+        let original_dst = l.use_original_dst.is_some_and(|b| b.value);
+        let sniffs_dst = l
+            .listener_filters
+            .iter()
+            .any(|f| f.name == ORIGINAL_DST_FILTER);
+        let named_out = l.name == "virtualOutbound";
+        let named_in = l.name == "virtualInbound";
+        if !(named_out || named_in || original_dst || sniffs_dst) {
+            continue;
+        }
+        let port = listener_port(&l).map_err(|e| format!("{at}.{e}"))?;
+        if named_out {
+            cap.outbound_port = Some(port);
+        } else if named_in {
+            cap.inbound_port = Some(port);
+            cap.tproxy = l.transparent.is_some_and(|b| b.value);
+        } else if original_dst {
+            fallback_out.get_or_insert(port);
+        } else {
+            fallback_in.get_or_insert(port);
+        }
+    }
+    cap.outbound_port = cap.outbound_port.or(fallback_out);
+    cap.inbound_port = cap.inbound_port.or(fallback_in);
+    Ok(cap)
+}
+
+fn listener_port(l: &Listener) -> Result<u16, String> {
+    let sa = match l.address.as_ref().and_then(|a| a.address.as_ref()) {
+        Some(address::Address::SocketAddress(sa)) => sa,
+        Some(_) => return Err("address: not a socket address".into()),
+        None => return Err("address: missing".into()),
+    };
+    match &sa.port_specifier {
+        Some(PortSpecifier::PortValue(p)) => u16::try_from(*p)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("address.socket_address.port_value: {p} is not a port")),
+        Some(PortSpecifier::NamedPort(n)) => Err(format!(
+            "address.socket_address.named_port: {n:?} (a capture listener needs a number)"
+        )),
+        None => Err("address.socket_address.port_value: missing".into()),
+    }
+}
+
+/// The status, and a tick for each change of it.
+struct Shared {
+    status: Arc<Mutex<Status>>,
+    updates: watch::Sender<u64>,
+}
+
+impl Shared {
+    fn set(&self, f: impl FnOnce(&mut Status)) {
+        f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+        self.updates.send_modify(|n| *n += 1);
+    }
+
+    fn version(&self) -> String {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .version
+            .clone()
+    }
+}
+
+async fn run(cfg: Config, shared: Shared, mut stop: watch::Receiver<bool>) {
+    let mut backoff = cfg.backoff_min;
+    let mut first = true;
+    loop {
+        if !first {
+            shared.set(|s| s.reconnects += 1);
+        }
+        first = false;
+        let outcome = tokio::select! {
+            r = stream(&cfg, shared.version(), &shared) => r,
+            _ = stop.changed() => return,
+        };
+        let (err, was_up) = match outcome {
+            Ok(()) => ("the control plane closed the stream".to_string(), true),
+            Err((e, up)) => (e, up),
+        };
+        tracing::warn!(server = %cfg.server, node = %cfg.node_id, error = %err, retry_in = ?backoff, "xDS stream down; keeping the last good state");
+        shared.set(|s| {
+            s.connected = false;
+            s.last_error = err.clone();
+        });
+        if was_up {
+            // The stream had worked: start the backoff over.
+            backoff = cfg.backoff_min;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => return,
+        }
+        backoff = (backoff * 2).min(cfg.backoff_max);
+    }
+}
+
+/// One stream, until it ends. Err carries the reason and whether the stream was ever up.
+async fn stream(cfg: &Config, version: String, shared: &Shared) -> Result<(), (String, bool)> {
+    let channel = tonic::transport::Endpoint::from_shared(cfg.server.clone())
+        .map_err(|e| (format!("server {:?}: {e}", cfg.server), false))?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .map_err(|e| (format!("connect {}: {e}", cfg.server), false))?;
+    let (tx, rx) = mpsc::channel::<DiscoveryRequest>(4);
+    let node = Node {
+        id: cfg.node_id.clone(),
+        cluster: cfg.cluster.clone(),
+        ..Node::default()
+    };
+    // Resubscribe with the version we hold, so the server may skip resending it.
+    let hello = DiscoveryRequest {
+        version_info: version,
+        node: Some(node),
+        type_url: LISTENER_TYPE.into(),
+        ..DiscoveryRequest::default()
+    };
+    tx.send(hello)
+        .await
+        .map_err(|_| ("request queue closed".to_string(), false))?;
+    let mut inbound = AggregatedDiscoveryServiceClient::new(channel)
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .map_err(|e| (format!("open ADS stream: {e}"), false))?
+        .into_inner();
+    shared.set(|s| s.connected = true);
+    tracing::info!(server = %cfg.server, node = %cfg.node_id, "xDS stream open");
+    loop {
+        let resp: DiscoveryResponse = match inbound.message().await {
+            Ok(Some(r)) => r,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err((format!("stream: {e}"), true)),
+        };
+        let reply = judge(&resp, shared);
+        if tx.send(reply).await.is_err() {
+            return Err(("request queue closed".into(), true));
+        }
+    }
+}
+
+/// ACK (the update is now the state) or NACK (kept the old one, said why) one response.
+fn judge(resp: &DiscoveryResponse, shared: &Shared) -> DiscoveryRequest {
+    let parsed = if resp.type_url != LISTENER_TYPE {
+        Err(format!(
+            "type_url: {:?}, this client subscribed to {LISTENER_TYPE} only",
+            resp.type_url
+        ))
+    } else {
+        parse_listeners(&resp.resources)
+    };
+    match parsed {
+        Ok(cap) => {
+            tracing::info!(version = %resp.version_info, outbound = ?cap.outbound_port, inbound = ?cap.inbound_port, "xDS update accepted");
+            let version = resp.version_info.clone();
+            shared.set(|s| {
+                s.capture = Some(cap);
+                s.version = version;
+                s.last_error.clear();
+                s.acks += 1;
+            });
+            DiscoveryRequest {
+                version_info: resp.version_info.clone(),
+                response_nonce: resp.nonce.clone(),
+                type_url: LISTENER_TYPE.into(),
+                ..DiscoveryRequest::default()
+            }
+        }
+        Err(e) => {
+            tracing::warn!(version = %resp.version_info, error = %e, "xDS update rejected (NACK); keeping the last good state");
+            shared.set(|s| {
+                s.last_error = e.clone();
+                s.nacks += 1;
+            });
+            let kept = shared.version();
+            DiscoveryRequest {
+                version_info: kept,
+                response_nonce: resp.nonce.clone(),
+                type_url: LISTENER_TYPE.into(),
+                error_detail: Some(rpc::Status {
+                    code: INVALID_ARGUMENT,
+                    message: e,
+                    details: Vec::new(),
+                }),
+                ..DiscoveryRequest::default()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::{
+        envoy::config::{
+            core::v3::{Address, SocketAddress},
+            listener::v3::ListenerFilter,
+        },
+        google::protobuf::BoolValue,
+    };
+
+    use super::*;
+
+    fn any(l: &Listener) -> Any {
+        Any {
+            type_url: LISTENER_TYPE.into(),
+            value: l.encode_to_vec(),
+        }
+    }
+
+    fn at(name: &str, port: Option<PortSpecifier>) -> Listener {
+        Listener {
+            name: name.into(),
+            address: Some(Address {
+                address: Some(address::Address::SocketAddress(SocketAddress {
+                    address: "0.0.0.0".into(),
+                    port_specifier: port,
+                    ..SocketAddress::default()
+                })),
+            }),
+            ..Listener::default()
+        }
+    }
+
+    #[test]
+    fn unnamed_capture_listeners_are_found_by_what_they_do() {
+        let out = Listener {
+            use_original_dst: Some(BoolValue { value: true }),
+            ..at("catch-all", Some(PortSpecifier::PortValue(15101)))
+        };
+        let inb = Listener {
+            listener_filters: vec![ListenerFilter {
+                name: ORIGINAL_DST_FILTER.into(),
+                ..ListenerFilter::default()
+            }],
+            ..at("in", Some(PortSpecifier::PortValue(15106)))
+        };
+        let svc = at("0.0.0.0_80", Some(PortSpecifier::PortValue(80)));
+        let cap = parse_listeners(&[any(&svc), any(&out), any(&inb)]).unwrap();
+        assert_eq!(
+            (cap.outbound_port, cap.inbound_port),
+            (Some(15101), Some(15106))
+        );
+        assert_eq!(cap.listeners, 3);
+    }
+
+    #[test]
+    fn a_transparent_inbound_listener_means_tproxy() {
+        let inb = Listener {
+            transparent: Some(BoolValue { value: true }),
+            ..at("virtualInbound", Some(PortSpecifier::PortValue(15006)))
+        };
+        assert!(parse_listeners(&[any(&inb)]).unwrap().tproxy);
+    }
+
+    #[test]
+    fn capture_listeners_without_a_numeric_port_are_refused_by_field() {
+        for (port, field) in [
+            (None, "port_value: missing"),
+            (Some(PortSpecifier::PortValue(0)), "0 is not a port"),
+            (Some(PortSpecifier::PortValue(70000)), "70000 is not a port"),
+            (Some(PortSpecifier::NamedPort("http".into())), "named_port"),
+        ] {
+            let e = parse_listeners(&[any(&at("virtualOutbound", port))]).unwrap_err();
+            assert!(
+                e.contains("resources[0] (virtualOutbound).address.socket_address")
+                    && e.contains(field),
+                "{e}"
+            );
+        }
+        // An ordinary listener's address does not matter.
+        assert!(parse_listeners(&[any(&at("0.0.0.0_80", None))]).is_ok());
+    }
+}

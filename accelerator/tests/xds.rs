@@ -1,0 +1,247 @@
+//! The ADS client against a second, independent implementation of the protocol: a scripted
+//! server on grpcio and the reference protobufs (PyPI xds-protos, tests/xds/ads_server.py).
+//! Good updates must be ACKed, bad ones NACKed with the field named while the last good state
+//! stays, and a restarted server must see the client come back and resubscribe. No privileges
+//! needed; everything listens on 127.0.0.1.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use meshlane::discovery::xds::{Capture, Client, Config, Status};
+use serde_json::{json, Value};
+
+/// The venv scripts/setup.sh makes for this server.
+fn python() -> Option<PathBuf> {
+    let p = std::env::var_os("MESHLANE_XDS_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/opt/meshlane-tools/xds-venv/bin/python".into());
+    if p.exists() {
+        return Some(p);
+    }
+    assert!(
+        std::env::var("CI").is_err(),
+        "{} is missing: scripts/setup.sh installs grpcio and xds-protos there",
+        p.display()
+    );
+    eprintln!("skipping: no {}", p.display());
+    None
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// One run of the scripted server; killed on drop.
+struct Server {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Server {
+    fn start(python: &PathBuf, port: u16, script: Value, tag: &str) -> Server {
+        let dir =
+            std::env::temp_dir().join(format!("meshlane-xds-{}-{port}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script_path = dir.join("script.json");
+        std::fs::write(&script_path, script.to_string()).unwrap();
+        let log = dir.join("requests.jsonl");
+        let _ = std::fs::remove_file(&log);
+        let mut child = Command::new(python)
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/xds/ads_server.py"
+            ))
+            .arg("--port")
+            .arg(port.to_string())
+            .arg("--script")
+            .arg(&script_path)
+            .arg("--log")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the ADS server");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready", "the ADS server did not start");
+        Server { child, log }
+    }
+
+    /// Every request the server received, in order.
+    fn requests(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(dir) = self.log.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn config(port: u16) -> Config {
+    Config {
+        server: format!("http://127.0.0.1:{port}"),
+        node_id: "sidecar~10.1.2.3~productpage-v1-abc.default~default.svc.cluster.local".into(),
+        cluster: "productpage.default".into(),
+        backoff_min: Duration::from_millis(100),
+        backoff_max: Duration::from_secs(1),
+    }
+}
+
+fn wait_for(client: &Client, what: &str, ok: impl Fn(&Status) -> bool) -> Status {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = client.status();
+        if ok(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Istio's two capture listeners plus an ordinary per-service one.
+fn istio_listeners(outbound: u16, inbound: u16) -> Value {
+    json!([
+        {"name": "virtualOutbound", "port": outbound, "use_original_dst": true},
+        {"name": "virtualInbound", "port": inbound,
+         "listener_filters": ["envoy.filters.listener.original_dst", "envoy.filters.listener.tls_inspector"]},
+        {"name": "0.0.0.0_9080", "port": 9080}
+    ])
+}
+
+#[test]
+fn good_updates_are_acked_bad_ones_nacked_naming_the_field_and_the_last_good_kept() {
+    let Some(py) = python() else { return };
+    let port = free_port();
+    let server = Server::start(
+        &py,
+        port,
+        json!([
+            {"version": "1", "listeners": istio_listeners(15001, 15006)},
+            {"version": "2", "garbage": true},
+            {"version": "3", "listeners": [{"name": "virtualInbound"}]},
+            {"version": "4", "type_url": "type.googleapis.com/envoy.config.cluster.v3.Cluster"},
+        ]),
+        "nack",
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _guard = rt.enter();
+    let cfg = config(port);
+    let client = Client::spawn(cfg.clone());
+    let st = wait_for(&client, "one ACK and three NACKs", |s| {
+        s.acks == 1 && s.nacks == 3
+    });
+    // The last good update is what the client holds.
+    assert_eq!(
+        st.capture,
+        Some(Capture {
+            outbound_port: Some(15001),
+            inbound_port: Some(15006),
+            tproxy: false,
+            listeners: 3,
+        })
+    );
+    assert_eq!(st.version, "1");
+    assert!(st.connected);
+    assert!(st.last_error.contains("type_url"), "{st:?}");
+
+    let reqs = server.requests();
+    assert_eq!(reqs.len(), 5, "{reqs:#?}");
+    // Subscribe: no version yet, as the sidecar's node, to Listeners.
+    assert_eq!(reqs[0]["version_info"], "");
+    assert_eq!(reqs[0]["node_id"], cfg.node_id);
+    assert_eq!(reqs[0]["type_url"], meshlane::discovery::xds::LISTENER_TYPE);
+    // ACK of version 1.
+    assert_eq!(
+        (&reqs[1]["version_info"], &reqs[1]["response_nonce"]),
+        (&json!("1"), &json!("s1-n0"))
+    );
+    assert!(reqs[1]["error"].is_null());
+    // NACKs: the version stays 1, the nonce is the rejected response's, the error names the field.
+    for (i, nonce, field) in [
+        (2, "s1-n1", "resources[0].value"),
+        (3, "s1-n2", "resources[0] (virtualInbound).address"),
+        (4, "s1-n3", "type_url"),
+    ] {
+        assert_eq!(reqs[i]["version_info"], "1", "{:#}", reqs[i]);
+        assert_eq!(reqs[i]["response_nonce"], nonce, "{:#}", reqs[i]);
+        assert_eq!(reqs[i]["error"]["code"], 3, "{:#}", reqs[i]);
+        let msg = reqs[i]["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(field), "NACK {i} names {field}: {msg}");
+    }
+}
+
+#[test]
+fn a_restarted_server_sees_the_client_come_back_and_resubscribe() {
+    let Some(py) = python() else { return };
+    let port = free_port();
+    let first = Server::start(
+        &py,
+        port,
+        json!([{"version": "7", "listeners": istio_listeners(15001, 15006)}]),
+        "first",
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _guard = rt.enter();
+    let client = Client::spawn(config(port));
+    wait_for(&client, "the first update", |s| s.acks == 1);
+    first.stop();
+    let down = wait_for(&client, "the stream to drop", |s| !s.connected);
+    assert!(!down.last_error.is_empty());
+    assert_eq!(
+        down.capture.as_ref().and_then(|c| c.outbound_port),
+        Some(15001),
+        "the last good state is kept while the server is away"
+    );
+    // Let a few reconnect attempts fail (backoff), then bring the server back.
+    std::thread::sleep(Duration::from_millis(700));
+    let second = Server::start(
+        &py,
+        port,
+        json!([{"version": "8", "listeners": istio_listeners(15011, 15016)}]),
+        "second",
+    );
+    let st = wait_for(&client, "the update from the restarted server", |s| {
+        s.acks == 2
+    });
+    assert!(st.connected);
+    assert!(st.reconnects >= 1, "{st:?}");
+    assert_eq!(st.version, "8");
+    assert_eq!(
+        st.capture.map(|c| (c.outbound_port, c.inbound_port)),
+        Some((Some(15011), Some(15016)))
+    );
+    let reqs = second.requests();
+    assert_eq!(
+        reqs[0]["version_info"], "7",
+        "the client resubscribes with the version it holds: {reqs:#?}"
+    );
+    assert_eq!(reqs[1]["version_info"], "8");
+}
