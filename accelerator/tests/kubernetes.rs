@@ -2,8 +2,11 @@
 //! model, and the kube-rs watcher against a small API server speaking the real list/watch
 //! protocol (chunked watch streams, BOOKMARK events, a 410 Gone ERROR forcing a relist, API
 //! failures). No kube-apiserver runs here: see the README for what this leaves untested.
-//! Needs no privilege: pod network namespaces are found in a fake /proc whose `ns/net` links
-//! point at this process's own namespace.
+//! The mapping and watcher tests need no privilege: pod network namespaces are found in a fake
+//! /proc whose `ns/net` links point at a namespace. The daemon test (root) runs `meshlane run
+//! --discovery kubernetes` against the same server and times watch event -> policy map.
+
+mod support;
 
 use std::{
     collections::BTreeMap,
@@ -890,4 +893,201 @@ fn wait_for_watch(server: &ApiServer) {
         assert!(Instant::now() < deadline, "the watcher never watched");
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+// === the daemon ===
+
+fn source_health(accel: &support::Accel) -> Option<(bool, String)> {
+    let st = support::try_status_json(accel)?;
+    st["sources"]
+        .as_array()?
+        .iter()
+        .find(|x| x["name"] == "kubernetes")
+        .map(|x| {
+            (
+                x["healthy"].as_bool().unwrap_or(false),
+                x["last_error"].as_str().unwrap_or("").to_string(),
+            )
+        })
+}
+
+fn start_kube_daemon(
+    accel: &support::Accel,
+    api: &str,
+    proc_root: &Path,
+    log: &Path,
+) -> support::Daemon {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_meshlane"))
+        .arg("run")
+        .arg("--pin-dir")
+        .arg(&accel.pin_dir)
+        .arg("--cgroup")
+        .arg(accel.cgroup.path())
+        .arg("--api-socket")
+        .arg(&accel.api_socket)
+        .arg("--metrics-addr")
+        .arg(format!("127.0.0.1:{}", accel.metrics_port))
+        .args([
+            "--discovery",
+            "kubernetes",
+            "--node-name",
+            "node-a",
+            "--kube-api",
+            api,
+        ])
+        .arg("--proc-root")
+        .arg(proc_root)
+        // Only watch events may trigger a reconcile within the test's time frame.
+        .args(["--resync", "1m"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start meshlane run");
+    support::Daemon(child)
+}
+
+/// Watch event -> policy map, timed; deletion; source failure keeping the maps; a restart during
+/// an API outage removing nothing; health in status and metrics.
+#[test]
+fn daemon_follows_the_watch_into_the_policy_map() {
+    let Some(accel) = support::Accel::cgroup_only("daemon_follows_the_watch_into_the_policy_map")
+    else {
+        return;
+    };
+    let ns = minimesh::Netns::new("kube").expect("netns");
+    let cookie = ns.cookie().expect("cookie");
+    let tmp = TempDir::new("daemon");
+    let uid = "1b4e28ba-2fa1-11d2-883f-0016d3cca427";
+    let proc_root = fake_proc(&tmp.0, &[uid]);
+    // The pod's process lives in the test's namespace.
+    let link = proc_root.join("1000/ns/net");
+    std::fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(ns.path(), &link).unwrap();
+    let injected = fixture("injected-istio-init.json");
+    let server = ApiServer::start(
+        vec![injected.clone(), fixture("no-sidecar.json")],
+        vec![
+            namespace("bookinfo", json!({})),
+            namespace("kube-system", json!({})),
+        ],
+    );
+    let log = tmp.0.join("daemon.log");
+    let in_map = |accel: &support::Accel| {
+        meshlane::datapath::pinned_pods(&accel.pin_dir)
+            .map(|p| p.get(&cookie).map(|pol| pol.proxy_uid))
+            .ok()
+            .flatten()
+    };
+    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
+
+    let mut daemon = start_kube_daemon(&accel, &server.addr, &proc_root, &log);
+    support::wait_until("the pod in the policy map", || in_map(&accel) == Some(1337));
+    support::wait_until("source healthy", || {
+        source_health(&accel).is_some_and(|(ok, _)| ok)
+    });
+    let st = support::status_json(&accel);
+    let pods = st["pods"].as_array().unwrap();
+    let reviews = pods
+        .iter()
+        .find(|p| p["name"] == "bookinfo/reviews-v1-5b5d6494f4-abcde")
+        .expect("pod in status");
+    assert_eq!(reviews["source"], "kubernetes", "{reviews}");
+    assert_eq!(reviews["state"], "accelerated", "{reviews}\n{}", logs());
+    let coredns = pods
+        .iter()
+        .find(|p| p["name"] == "kube-system/coredns-76f75df574-9zx4p")
+        .expect("non-mesh pod in status");
+    assert!(
+        coredns["reason"].as_str().unwrap().contains("no_sidecar"),
+        "{coredns}"
+    );
+    wait_for_watch(&server);
+
+    // Event -> map: opt the pod out and back in, polling the pinned map.
+    let mut lat = Vec::new();
+    for i in 0..40 {
+        let out = i % 2 == 0;
+        let mut v = injected.clone();
+        annotate(
+            &mut v,
+            "meshlane.io/accelerate",
+            if out { "false" } else { "true" },
+        );
+        let t = Instant::now();
+        server.pod_event("MODIFIED", v);
+        loop {
+            if in_map(&accel).is_some() != out {
+                lat.push(t.elapsed());
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "event {i} never reached the map\n{}",
+                logs()
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    lat.sort();
+    let p50 = lat[lat.len() / 2];
+    let p99 = lat[(lat.len() * 99).div_ceil(100) - 1];
+    eprintln!(
+        "watch event -> policy map over {} events (--resync 1m): p50 {p50:?}, p99 {p99:?}, max {:?}",
+        lat.len(),
+        lat[lat.len() - 1]
+    );
+    assert!(p99 < Duration::from_millis(100), "p99 {p99:?}");
+
+    // Deletion removes the pod from the map.
+    server.pod_event("DELETED", injected.clone());
+    support::wait_until("the deleted pod out of the map", || {
+        in_map(&accel).is_none()
+    });
+    server.pod_event("ADDED", injected.clone());
+    support::wait_until("the pod back", || in_map(&accel).is_some());
+
+    // An outage: status and metrics say so, the map keeps the last good state.
+    server.set_broken(true);
+    support::wait_until("source unhealthy", || {
+        source_health(&accel).is_some_and(|(ok, e)| !ok && !e.is_empty())
+    });
+    let (_, body) = accel.http_get("/metrics").expect("metrics");
+    assert_eq!(
+        support::sample(&body, "meshlane_source_up{source=\"kubernetes\"}"),
+        Some(0.0),
+        "{body}"
+    );
+    assert!(in_map(&accel).is_some(), "last good state kept");
+
+    // Restart while the API is still down: nothing is removed before the first list.
+    daemon.terminate();
+    let mut daemon = start_kube_daemon(&accel, &server.addr, &proc_root, &log);
+    support::wait_until("the restarted daemon's status", || {
+        source_health(&accel).is_some()
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(source_health(&accel).map(|h| h.0), Some(false));
+    assert!(
+        in_map(&accel).is_some(),
+        "restart during an outage removed the pod\n{}",
+        logs()
+    );
+    server.set_broken(false);
+    support::wait_until("source healthy after the outage", || {
+        source_health(&accel).is_some_and(|(ok, _)| ok)
+    });
+    let (_, body) = accel.http_get("/metrics").expect("metrics");
+    assert_eq!(
+        support::sample(&body, "meshlane_source_up{source=\"kubernetes\"}"),
+        Some(1.0),
+        "{body}"
+    );
+    assert!(in_map(&accel).is_some());
+    daemon.terminate();
 }
