@@ -69,7 +69,8 @@ fn istio_init_injected_pod() {
     let p = m.verdict.expect("accelerated");
     assert_eq!((p.proxy_uid, p.proxy_gid), (1337, 1337));
     assert_eq!((p.outbound_port, p.inbound_port), (15001, 15006));
-    assert_eq!(p.exclude_inbound_ports, vec![15090, 15021, 15020]);
+    // -d, plus the inbound tunnel port istio-iptables always returns.
+    assert_eq!(p.exclude_inbound_ports, vec![15090, 15021, 15020, 15008]);
     assert!(p.exclude_outbound_ports.is_empty() && p.exclude_outbound_cidrs.is_empty());
     assert_eq!(p.include_outbound, OutboundRanges::All);
     assert!(p.accelerate_inbound && p.accelerate_outbound);
@@ -122,7 +123,7 @@ fn istio_cni_pod_uses_validation_args_then_annotations() {
     let m = map(v);
     let p = m.verdict.clone().expect("accelerated");
     assert_eq!(p.exclude_outbound_ports, vec![5432, 6379]);
-    assert_eq!(p.exclude_inbound_ports, vec![15020]);
+    assert_eq!(p.exclude_inbound_ports, vec![15020, 15008]);
     assert_eq!(
         p.include_outbound,
         OutboundRanges::Only(vec!["10.96.0.0/12".parse().unwrap()])
@@ -168,6 +169,22 @@ fn capture_arguments_win_and_name_their_flag() {
         OutboundRanges::Only(vec!["10.0.0.0/8".parse().unwrap()])
     );
     assert!(!p.accelerate_inbound, "-b '' captures no inbound port");
+    // DNS capture: TCP 53 goes to the agent (the flag, or the sidecar's env with istio-cni).
+    let mut dns = v.clone();
+    dns["spec"]["initContainers"][0]["args"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!("--redirect-dns"));
+    let p = map(dns).verdict.expect("accelerated");
+    assert_eq!(p.exclude_outbound_ports, vec![25, 587, 53]);
+    let mut dns = fixture("istio-cni.json");
+    dns["spec"]["initContainers"] = json!([]);
+    dns["spec"]["containers"][1]["env"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "ISTIO_META_DNS_CAPTURE", "value": "true"}));
+    let p = map(dns).verdict.expect("accelerated");
+    assert_eq!(p.exclude_outbound_ports, vec![5432, 53]);
     // The sidecar running as another uid than -u: -u (what iptables exempts) wins, with a note.
     v["spec"]["containers"][1]["securityContext"]["runAsUser"] = json!(1337);
     let m = map(v.clone());

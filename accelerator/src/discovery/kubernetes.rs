@@ -204,10 +204,9 @@ fn flag_key(flag: &str) -> Option<&'static str> {
         "q" | "istio-local-outbound-ports" => "q",
         "i" | "istio-service-cidr" => "i",
         "x" | "istio-service-exclude-cidr" => "x",
+        "e" | "inbound-tunnel-port" => "e",
         // Taken with their value and not used.
-        "e"
-        | "inbound-tunnel-port"
-        | "t"
+        "t"
         | "istio-inbound-tproxy-mark"
         | "r"
         | "istio-inbound-tproxy-route-table"
@@ -373,6 +372,8 @@ fn map_capture(
         .map(|(_, w)| parse_flags(w))
         .unwrap_or_default();
     let args_field = args.as_ref().map(|(f, _)| f.clone()).unwrap_or_default();
+    // A flag's value from the arguments when Istio ran any, else the annotation
+    // `traffic.sidecar.istio.io/<annotation>` that istio-cni reads.
     let get = |flag: &'static str, annotation: Option<&str>| -> Option<Setting> {
         if args.is_some() {
             return flags.get(flag).map(|v| Setting {
@@ -380,23 +381,12 @@ fn map_capture(
                 value: v.as_str(),
             });
         }
-        let key = annotation?;
-        ann.get(key).map(|v| Setting {
-            field: ann_field(key),
+        let key = format!("{TRAFFIC}{}", annotation?);
+        ann.get(&key).map(|v| Setting {
+            field: ann_field(&key),
             value: v.as_str(),
         })
     };
-    let traffic = |k: &str| -> &'static str {
-        match k {
-            "excludeOutboundPorts" => "traffic.sidecar.istio.io/excludeOutboundPorts",
-            "excludeInboundPorts" => "traffic.sidecar.istio.io/excludeInboundPorts",
-            "includeInboundPorts" => "traffic.sidecar.istio.io/includeInboundPorts",
-            "includeOutboundPorts" => "traffic.sidecar.istio.io/includeOutboundPorts",
-            "excludeOutboundIPRanges" => "traffic.sidecar.istio.io/excludeOutboundIPRanges",
-            _ => "traffic.sidecar.istio.io/includeOutboundIPRanges",
-        }
-    };
-    debug_assert!(traffic("excludeOutboundPorts").starts_with(TRAFFIC));
 
     // Interception mode: the arguments, else the annotation (both names are Istio's).
     let mode = match (flags.get("m"), ann.get(MODE)) {
@@ -506,16 +496,41 @@ fn map_capture(
         .map(|s| port(&s))
         .transpose()?
         .unwrap_or(15006);
-    let exclude_outbound_ports = get("o", Some(traffic("excludeOutboundPorts")))
+    let mut exclude_outbound_ports = get("o", Some("excludeOutboundPorts"))
         .map(|s| ports(&s))
         .transpose()?
         .unwrap_or_default();
-    let exclude_inbound_ports = get("d", Some(traffic("excludeInboundPorts")))
+    // DNS capture (istio-iptables --redirect-dns; istio-cni follows the sidecar's
+    // ISTIO_META_DNS_CAPTURE) sends TCP port 53 to the agent, never to Envoy: never predict it
+    // as captured.
+    let dns_flag = args.as_ref().is_some_and(|(_, w)| {
+        w.iter()
+            .any(|w| w == "--redirect-dns" || w == "--redirect-dns=true")
+    });
+    let dns_env = proxy.env.iter().flatten().any(|e| {
+        e.name == "ISTIO_META_DNS_CAPTURE"
+            && e.value
+                .as_deref()
+                .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+    });
+    if (dns_flag || dns_env) && !exclude_outbound_ports.contains(&53) {
+        notes.push("DNS capture: TCP port 53 goes to the agent, treated as excluded".into());
+        exclude_outbound_ports.push(53);
+    }
+    let mut exclude_inbound_ports = get("d", Some("excludeInboundPorts"))
         .map(|s| ports(&s))
         .transpose()?
         .unwrap_or_default();
+    // istio-iptables always returns the inbound tunnel port (-e, default 15008) before capture.
+    let tunnel = match get("e", None) {
+        Some(s) => port(&s)?,
+        None => 15008,
+    };
+    if !exclude_inbound_ports.contains(&tunnel) {
+        exclude_inbound_ports.push(tunnel);
+    }
     let mut accelerate_inbound = true;
-    if let Some(s) = get("b", Some(traffic("includeInboundPorts"))) {
+    if let Some(s) = get("b", Some("includeInboundPorts")) {
         if s.value.trim().is_empty() {
             notes.push(format!("{} is empty: inbound is not captured", s.field));
             accelerate_inbound = false;
@@ -524,7 +539,7 @@ fn map_capture(
         }
     }
     let mut accelerate_outbound = true;
-    if let Some(s) = get("q", Some(traffic("includeOutboundPorts"))) {
+    if let Some(s) = get("q", Some("includeOutboundPorts")) {
         if !ports(&s)?.is_empty() {
             notes.push(format!(
                 "{}: an outbound port include list is not modelled; outbound hop not accelerated",
@@ -533,11 +548,11 @@ fn map_capture(
             accelerate_outbound = false;
         }
     }
-    let exclude_outbound_cidrs = match get("x", Some(traffic("excludeOutboundIPRanges"))) {
+    let exclude_outbound_cidrs = match get("x", Some("excludeOutboundIPRanges")) {
         Some(s) => cidrs(&s, notes)?,
         None => Vec::new(),
     };
-    let include_outbound = match get("i", Some(traffic("includeOutboundIPRanges"))) {
+    let include_outbound = match get("i", Some("includeOutboundIPRanges")) {
         None => OutboundRanges::All,
         Some(s) if s.value.split(',').any(|c| c.trim() == "*") => OutboundRanges::All,
         Some(s) => OutboundRanges::Only(cidrs(&s, notes)?),
