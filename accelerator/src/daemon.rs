@@ -88,6 +88,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
             .map(|o| Discoverer::new(o, DISCOVERY_REFRESH)),
         config: opts.config.clone(),
         last_good: None,
+        identities: BTreeMap::new(),
         logged: BTreeMap::new(),
     };
     let mut next = Instant::now();
@@ -189,6 +190,8 @@ struct Sources {
     config: Option<PathBuf>,
     /// The last pod list file that parsed; kept while a bad one is refused.
     last_good: Option<config::PodList>,
+    /// Pod name -> Kubernetes UID and IPs, from the last Kubernetes snapshot.
+    identities: BTreeMap<String, (String, Vec<std::net::IpAddr>)>,
     /// What was last logged per pod (skip reasons, notes), so a steady state logs once.
     logged: BTreeMap<String, String>,
 }
@@ -215,6 +218,7 @@ impl Sources {
                 return None;
             }
             d = snap.discovery;
+            self.identities = snap.identities;
         }
         if let Some(disc) = &mut self.discoverer {
             d = disc.pass();
@@ -239,6 +243,14 @@ impl Sources {
             }
         }
         Some(d)
+    }
+
+    /// Fills in the pod's UID and IPs, when the Kubernetes source knows the name.
+    fn identify(&self, st: &mut PodStatus) {
+        if let Some((uid, ips)) = self.identities.get(&st.name) {
+            st.uid = uid.clone();
+            st.ips = ips.clone();
+        }
     }
 
     /// Logs a pod's skip reason or note when it changes, not on every pass.
@@ -292,7 +304,10 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
             proxy_gid: 0,
             outbound_port: 0,
             inbound_port: 0,
+            uid: String::new(),
+            ips: Vec::new(),
         };
+        sources.identify(&mut st);
         st.decline(sk.reason.as_str(), format!("{}: {}", sk.reason, sk.detail));
         statuses.push(st);
     }
@@ -320,7 +335,10 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
             proxy_gid: pod.proxy_gid,
             outbound_port: pod.outbound_port,
             inbound_port: pod.inbound_port,
+            uid: String::new(),
+            ips: Vec::new(),
         };
+        sources.identify(&mut st);
         match node::netns_cookie(&pod.netns) {
             Ok(c) => st.netns_cookie = Some(c),
             Err(e) => {

@@ -1015,6 +1015,12 @@ fn daemon_follows_the_watch_into_the_policy_map() {
         .find(|p| p["name"] == "bookinfo/reviews-v1-5b5d6494f4-abcde")
         .expect("pod in status");
     assert_eq!(reviews["source"], "kubernetes", "{reviews}");
+    assert_eq!(reviews["uid"], uid, "{reviews}");
+    assert_eq!(
+        reviews["pod_ips"],
+        json!(["10.244.1.17", "fd00:10:244:1::11"]),
+        "{reviews}"
+    );
     assert_eq!(reviews["state"], "accelerated", "{reviews}\n{}", logs());
     let coredns = pods
         .iter()
