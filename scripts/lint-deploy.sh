@@ -140,6 +140,7 @@ declare -A variants=(
   [no-prestop]="--set detachOnStop=false"
   [pods-netns-nobpffsinit]="--set bpffs.mountIfMissing=false --set hostNetnsDir.enabled=true -f $work/pods.yaml"
   [all-in-one]="--set createNamespace=true"
+  [kubernetes]="--set discovery.source=kubernetes"
 )
 cat >"$work/pods.yaml" <<'EOF'
 discovery:
@@ -211,6 +212,14 @@ expect([x["name"] for x in pods] == ["default/productpage", "default/reviews"] a
 pspec = ds(p)["spec"]["template"]["spec"]
 expect("initContainers" not in pspec, "pods: no privileged init container when bpffs.mountIfMissing=false")
 expect(any(m["mountPath"] == "/run/netns" for m in main(p)["volumeMounts"]), "pods: /run/netns mounted")
+k = load("kubernetes")
+kc, kspec = main(k), ds(k)["spec"]["template"]["spec"]
+expect(kc["args"][kc["args"].index("--discovery") + 1] == "kubernetes", "kubernetes: run --discovery kubernetes")
+expect({"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in kc.get("env", []),
+       "kubernetes: NODE_NAME from the downward API")
+expect(kspec["automountServiceAccountToken"] is True and kspec["hostPID"] is True,
+       "kubernetes: API token mounted, hostPID kept (netns by pod UID from /proc)")
+expect(c["args"][c["args"].index("--discovery") + 1] == "local" and "env" not in c, "defaults: --discovery local, no NODE_NAME")
 a = load("all-in-one")
 expect("Namespace" in kinds(a), "all-in-one: Namespace object")
 sys.exit(1 if errors else 0)
@@ -233,7 +242,6 @@ must_fail() {
       ok=1
     fi
   done <<'EOF'
---set discovery.source=kubernetes|does not implement the kubernetes source
 --set discovery.source=xds|does not implement the xds source
 --set discovery.source=bogus|unknown source
 --set discovery.local.pods[0].name=x|netns is required
@@ -374,7 +382,7 @@ rendered_current() {
 say "helm $("$HELM" version --short), $("$VENV_BIN/hadolint" --version), $("$VENV_BIN/yamllint" --version)"
 step "yamllint: Chart.yaml, values.yaml, istio-overlay.yaml, rendered/meshlane.yaml" lint_yaml
 step "helm lint --strict" "$HELM" lint --strict "$CHART"
-step "helm template: defaults, servicemonitor, no-prestop, pods+netns, all-in-one" render_all
+step "helm template: defaults, servicemonitor, no-prestop, pods+netns, all-in-one, kubernetes" render_all
 step "rendered objects: each variation shows what its values ask" check_variants
 step "helm template refuses unsupported values (discovery source, pod keys, capability names)" must_fail
 step "split rendered objects: built-in vs CRD" split_objects

@@ -20,7 +20,7 @@ use anyhow::Context as _;
 use crate::{
     config,
     datapath::{self, Datapath, Origin},
-    discovery::{self, Discoverer, Discovery},
+    discovery::{self, kubernetes, Discoverer, Discovery},
     node, policy, probe,
     telemetry::{self, Phase, PodStatus, Shared},
 };
@@ -29,6 +29,8 @@ pub struct RunOptions {
     pub datapath: datapath::Options,
     /// Local discovery (Envoy processes, their capture rules and admin API); None: off.
     pub discovery: Option<discovery::Options>,
+    /// Kubernetes discovery (pods of this node from the API server, netns from procfs); None: off.
+    pub kubernetes: Option<kubernetes::Options>,
     pub config: Option<PathBuf>,
     pub resync: Duration,
     pub detach_on_exit: bool,
@@ -40,6 +42,7 @@ pub struct RunOptions {
 /// The names the sources go by in status and metrics.
 const CONFIG_SOURCE: &str = "config";
 const LOCAL_SOURCE: &str = "local";
+const KUBE_SOURCE: &str = "kubernetes";
 /// How long local discovery trusts a namespace's reading while its sidecar processes stay the
 /// same (a changed sidecar is read again at once).
 const DISCOVERY_REFRESH: Duration = Duration::from_secs(30);
@@ -64,23 +67,38 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
 
     start_datapath(&opts, &shared);
 
+    // Sources that learn of changes by themselves (the watch) wake the loop at once.
+    let wake = kubernetes::Wake::default();
+    let kube = opts
+        .kubernetes
+        .clone()
+        .map(|o| kubernetes::Source::start(o, wake.clone()))
+        .transpose()
+        .context("start the Kubernetes watcher")?;
     let mut sources = Sources {
+        primary: if kube.is_some() {
+            KUBE_SOURCE
+        } else {
+            LOCAL_SOURCE
+        },
+        kube,
         discoverer: opts
             .discovery
             .clone()
             .map(|o| Discoverer::new(o, DISCOVERY_REFRESH)),
         config: opts.config.clone(),
         last_good: None,
+        identities: BTreeMap::new(),
         logged: BTreeMap::new(),
     };
     let mut next = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         shared.beat();
-        if hup.swap(false, Ordering::Relaxed) || Instant::now() >= next {
+        let woken = wake.wait(Duration::from_millis(50));
+        if woken || hup.swap(false, Ordering::Relaxed) || Instant::now() >= next {
             reconcile(&shared, &mut sources);
             next = Instant::now() + opts.resync;
         }
-        std::thread::sleep(Duration::from_millis(50));
     }
 
     let had_datapath = shared.datapath().take().is_some();
@@ -165,18 +183,43 @@ fn log_probe(report: &probe::Report) {
 
 /// Where pods come from, and what the daemon remembers between passes.
 struct Sources {
+    /// What discovered pods are attributed to in status.
+    primary: &'static str,
+    kube: Option<kubernetes::Source>,
     discoverer: Option<Discoverer>,
     config: Option<PathBuf>,
     /// The last pod list file that parsed; kept while a bad one is refused.
     last_good: Option<config::PodList>,
+    /// Pod name -> Kubernetes UID and IPs, from the last Kubernetes snapshot.
+    identities: BTreeMap<String, (String, Vec<std::net::IpAddr>)>,
     /// What was last logged per pod (skip reasons, notes), so a steady state logs once.
     logged: BTreeMap<String, String>,
 }
 
 impl Sources {
     /// Discovery (if on), then the pod list file (if any) folded in: the operator's word wins.
-    fn read(&mut self, shared: &Shared) -> Discovery {
+    /// None while the Kubernetes source has not listed once: the maps are left as they are, so
+    /// a restarted daemon removes nothing before it knows.
+    fn read(&mut self, shared: &Shared) -> Option<Discovery> {
         let mut d = Discovery::default();
+        if let Some(k) = &self.kube {
+            let snap = k.snapshot();
+            match (&snap.error, snap.synced) {
+                (Some(e), _) => source_failed(shared, KUBE_SOURCE, e.clone()),
+                (None, true) => source_ok(shared, KUBE_SOURCE),
+                (None, false) => {
+                    let mut s = shared.write();
+                    let h = s.sources.entry(KUBE_SOURCE.to_string()).or_default();
+                    h.healthy = false;
+                    h.last_error = "waiting for the first pod and namespace lists".into();
+                }
+            }
+            if !snap.synced {
+                return None;
+            }
+            d = snap.discovery;
+            self.identities = snap.identities;
+        }
         if let Some(disc) = &mut self.discoverer {
             d = disc.pass();
             match d.skipped.iter().find(|s| s.name == "(node)") {
@@ -199,7 +242,15 @@ impl Sources {
                 d = d.with_pod_list(list.clone());
             }
         }
-        d
+        Some(d)
+    }
+
+    /// Fills in the pod's UID and IPs, when the Kubernetes source knows the name.
+    fn identify(&self, st: &mut PodStatus) {
+        if let Some((uid, ips)) = self.identities.get(&st.name) {
+            st.uid = uid.clone();
+            st.ips = ips.clone();
+        }
     }
 
     /// Logs a pod's skip reason or note when it changes, not on every pass.
@@ -215,7 +266,10 @@ impl Sources {
 fn reconcile(shared: &Shared, sources: &mut Sources) {
     let span = tracing::info_span!("reconcile");
     let _g = span.enter();
-    let found = sources.read(shared);
+    let Some(found) = sources.read(shared) else {
+        tracing::debug!("a source has not synced yet; maps left as they are");
+        return;
+    };
     let from_file: std::collections::BTreeSet<String> = sources
         .last_good
         .iter()
@@ -244,13 +298,16 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
             source: if sk.reason == discovery::Reason::OptedOut {
                 CONFIG_SOURCE.into()
             } else {
-                LOCAL_SOURCE.into()
+                sources.primary.into()
             },
             proxy_uid: 0,
             proxy_gid: 0,
             outbound_port: 0,
             inbound_port: 0,
+            uid: String::new(),
+            ips: Vec::new(),
         };
+        sources.identify(&mut st);
         st.decline(sk.reason.as_str(), format!("{}: {}", sk.reason, sk.detail));
         statuses.push(st);
     }
@@ -272,13 +329,16 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
             source: if from_file.contains(&pod.name) {
                 CONFIG_SOURCE.into()
             } else {
-                LOCAL_SOURCE.into()
+                sources.primary.into()
             },
             proxy_uid: pod.proxy_uid,
             proxy_gid: pod.proxy_gid,
             outbound_port: pod.outbound_port,
             inbound_port: pod.inbound_port,
+            uid: String::new(),
+            ips: Vec::new(),
         };
+        sources.identify(&mut st);
         match node::netns_cookie(&pod.netns) {
             Ok(c) => st.netns_cookie = Some(c),
             Err(e) => {

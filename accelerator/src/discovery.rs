@@ -16,6 +16,7 @@
 
 pub mod envoy_admin;
 pub mod iptables;
+pub mod kubernetes;
 pub mod procfs;
 pub mod xds;
 
@@ -84,8 +85,11 @@ pub enum Reason {
     BadAdminConfig,
     /// The pod does not fit the datapath (too many ports or ranges).
     Policy,
-    /// The pod list file says `accelerate = false`.
+    /// Opted out: `accelerate = false` in the pod list file, or `meshlane.io/accelerate: "false"`.
     OptedOut,
+    /// A Kubernetes resource that does not decode, or a bad annotation or capture argument
+    /// (the detail names the field).
+    BadResource,
 }
 
 impl Reason {
@@ -102,6 +106,7 @@ impl Reason {
             Reason::BadAdminConfig => "bad_admin_config",
             Reason::Policy => "policy",
             Reason::OptedOut => "opted_out",
+            Reason::BadResource => "bad_resource",
         }
     }
 }

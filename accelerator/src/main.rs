@@ -43,9 +43,23 @@ enum Command {
         /// Where pods come from besides --config. "local": find Envoy sidecars on this node
         /// (processes named envoy, outside the host network namespace), read istio-init's
         /// capture rules in their namespace and the sidecar's admin API; pods that look meshed
-        /// but cannot be accelerated are listed with the reason. "none": only --config.
-        #[arg(long, env = "MESHLANE_DISCOVERY", default_value = "local", value_parser = ["local", "none"])]
+        /// but cannot be accelerated are listed with the reason. "kubernetes": watch this node's
+        /// pods on the API server (--node-name) and read how Istio injected each one (istio-init
+        /// or istio-cni arguments, traffic.sidecar.istio.io annotations, meshlane.io/accelerate
+        /// opt-out); each pod's network namespace is found in --proc-root by its UID. "none":
+        /// only --config.
+        #[arg(long, env = "MESHLANE_DISCOVERY", default_value = "local", value_parser = ["local", "kubernetes", "none"])]
         discovery: String,
+        /// This node's name, for --discovery kubernetes (the downward API's spec.nodeName).
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
+        /// API server URL without credentials (e.g. `kubectl proxy`'s); default: in-cluster
+        /// service account, else kubeconfig.
+        #[arg(long, env = "MESHLANE_KUBE_API")]
+        kube_api: Option<String>,
+        /// The node's /proc (where each pod's network namespace is found by its UID).
+        #[arg(long, default_value = "/proc")]
+        proc_root: PathBuf,
         /// Pod list (TOML; see the README). Re-read every --resync and on SIGHUP. With
         /// discovery on, the file wins for the namespaces it names, and `accelerate = false`
         /// opts a discovered pod out.
@@ -165,18 +179,30 @@ fn main() -> ExitCode {
         Command::Run {
             dp,
             discovery,
+            node_name,
+            kube_api,
+            proc_root,
             config,
             resync,
             detach_on_exit,
             force,
             metrics_addr,
             api_socket,
-        } => datapath::Options::with_defaults(Some(dp.pin_dir), dp.cgroup)
-            .map_err(anyhow::Error::from)
-            .and_then(|datapath| {
+        } => kube_options(&discovery, node_name, kube_api, &proc_root)
+            .and_then(|kubernetes| {
+                Ok((
+                    kubernetes,
+                    datapath::Options::with_defaults(Some(dp.pin_dir), dp.cgroup)?,
+                ))
+            })
+            .and_then(|(kubernetes, datapath)| {
                 daemon::run(daemon::RunOptions {
                     datapath,
-                    discovery: (discovery == "local").then(meshlane::discovery::Options::default),
+                    discovery: (discovery == "local").then(|| meshlane::discovery::Options {
+                        proc_root: proc_root.clone(),
+                        ..Default::default()
+                    }),
+                    kubernetes,
                     config,
                     resync,
                     detach_on_exit,
@@ -206,6 +232,27 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn kube_options(
+    discovery: &str,
+    node_name: Option<String>,
+    kube_api: Option<String>,
+    proc_root: &std::path::Path,
+) -> anyhow::Result<Option<meshlane::discovery::kubernetes::Options>> {
+    use meshlane::discovery::kubernetes::{Endpoint, Options};
+    if discovery != "kubernetes" {
+        return Ok(None);
+    }
+    let node_name = node_name.filter(|n| !n.trim().is_empty()).ok_or_else(|| {
+        anyhow::anyhow!("--discovery kubernetes needs --node-name (or NODE_NAME from the downward API's spec.nodeName)")
+    })?;
+    Ok(Some(Options {
+        endpoint: kube_api.map_or(Endpoint::Infer, Endpoint::Url),
+        node_name,
+        proc_root: proc_root.to_path_buf(),
+        host_netns: proc_root.join("1/ns/net"),
+    }))
 }
 
 fn detach(pin_dir: &std::path::Path) -> anyhow::Result<()> {

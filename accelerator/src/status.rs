@@ -197,6 +197,8 @@ fn to_json(s: &pb::Status) -> Value {
             "state": if p.state() == pb::PodState::Accelerated { "accelerated" } else { "not_accelerated" },
             "reason": p.reason,
             "source": p.source,
+            "uid": p.uid,
+            "pod_ips": p.pod_ips,
             "proxy_uid": p.proxy_uid,
             "proxy_gid": p.proxy_gid,
             "outbound_port": p.outbound_port,

@@ -190,9 +190,84 @@ pub fn listening(proc_root: &Path, pid: u32) -> io::Result<Vec<Listen>> {
         .collect())
 }
 
+/// The pod UID in a process's `/proc/PID/cgroup` text: kubelet's cgroup drivers write it as
+/// `pod<uid>` (cgroupfs: `/kubepods/burstable/pod1b4e.../`) or with underscores
+/// (systemd: `kubepods-burstable-pod1b4e_..._.slice`). Lower-case, with dashes.
+pub fn pod_uid_from_cgroup(text: &str) -> Option<String> {
+    for line in text.lines() {
+        let path = line.splitn(3, ':').nth(2).unwrap_or_default();
+        let mut rest = path;
+        while let Some(at) = rest.find("pod") {
+            rest = &rest[at + 3..];
+            let Some(cand) = rest.get(..36) else { break };
+            let uid = cand.replace('_', "-").to_ascii_lowercase();
+            let shape = uid.char_indices().all(|(i, c)| {
+                if matches!(i, 8 | 13 | 18 | 23) {
+                    c == '-'
+                } else {
+                    c.is_ascii_hexdigit()
+                }
+            });
+            if shape {
+                return Some(uid);
+            }
+        }
+    }
+    None
+}
+
+/// Pod UID -> the lowest pid whose cgroup path carries it and whose network namespace is not the
+/// host's (`host`). Processes that exit during the walk are skipped.
+pub fn pods_by_uid(proc_root: &Path, host: Option<u64>) -> BTreeMap<String, u32> {
+    let mut out = BTreeMap::new();
+    let Ok(rd) = fs::read_dir(proc_root) else {
+        return out;
+    };
+    for entry in rd.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let dir = entry.path();
+        let Some(uid) = fs::read_to_string(dir.join("cgroup"))
+            .ok()
+            .and_then(|t| pod_uid_from_cgroup(&t))
+        else {
+            continue;
+        };
+        match netns_inode(&dir.join("ns/net")) {
+            Ok(ino) if Some(ino) != host => {}
+            _ => continue,
+        }
+        out.entry(uid)
+            .and_modify(|p: &mut u32| *p = (*p).min(pid))
+            .or_insert(pid);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pod_uid_from_both_cgroup_drivers() {
+        let cgroupfs = "0::/kubepods/burstable/pod1B4E28BA-2FA1-11D2-883F-0016D3CCA427/0a1b2c\n";
+        assert_eq!(
+            pod_uid_from_cgroup(cgroupfs).as_deref(),
+            Some("1b4e28ba-2fa1-11d2-883f-0016d3cca427")
+        );
+        let systemd = "12:pids:/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1b4e28ba_2fa1_11d2_883f_0016d3cca427.slice/cri-containerd-abc.scope\n0::/\n";
+        assert_eq!(
+            pod_uid_from_cgroup(systemd).as_deref(),
+            Some("1b4e28ba-2fa1-11d2-883f-0016d3cca427")
+        );
+        assert_eq!(pod_uid_from_cgroup("0::/user.slice/podman-1.scope\n"), None);
+        assert_eq!(pod_uid_from_cgroup("garbage"), None);
+    }
 
     #[test]
     fn status_gives_real_ids() {

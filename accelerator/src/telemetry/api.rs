@@ -116,6 +116,8 @@ fn build_status(shared: &Shared) -> pb::Status {
                 outbound_port: p.outbound_port.into(),
                 inbound_port: p.inbound_port.into(),
                 source: p.source.clone(),
+                uid: p.uid.clone(),
+                pod_ips: p.ips.iter().map(|ip| ip.to_string()).collect(),
                 counters: p
                     .netns_cookie
                     .and_then(|c| stats.get(&c))

@@ -40,6 +40,9 @@ pub struct PodStatus {
     pub proxy_gid: u32,
     pub outbound_port: u16,
     pub inbound_port: u16,
+    /// The Kubernetes pod UID and IPs, when the source knows them.
+    pub uid: String,
+    pub ips: Vec<std::net::IpAddr>,
 }
 
 impl PodStatus {

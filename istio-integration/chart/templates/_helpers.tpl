@@ -48,11 +48,12 @@ DaemonSet so that `helm template`, `helm install` and `helm lint` all stop on it
 */}}
 {{- define "meshlane.validate" -}}
 {{- $source := .Values.discovery.source -}}
-{{- $planned := list "kubernetes" "xds" -}}
+{{- $planned := list "xds" -}}
+{{- $working := list "local" "kubernetes" -}}
 {{- if has $source $planned -}}
-{{- fail (printf "discovery.source=%s: this meshlane (%s) does not implement the %s source yet; the working source is local (sidecars found on each node, plus an optional pod list)" $source .Chart.AppVersion $source) -}}
-{{- else if ne $source "local" -}}
-{{- fail (printf "discovery.source=%v: unknown source; the working source is local (kubernetes and xds are planned)" $source) -}}
+{{- fail (printf "discovery.source=%s: this meshlane (%s) does not implement the %s source yet; the working sources are local (sidecars found on each node) and kubernetes (this node's pods from the API server)" $source .Chart.AppVersion $source) -}}
+{{- else if not (has $source $working) -}}
+{{- fail (printf "discovery.source=%v: unknown source; the working sources are local and kubernetes (xds is planned)" $source) -}}
 {{- end -}}
 {{- $known := list "name" "netns" "proxy_uid" "proxy_gid" "outbound_port" "inbound_port" "inbound_bind" "exclude_outbound_ports" "exclude_inbound_ports" "exclude_outbound_cidrs" "include_outbound_cidrs" "accelerate" -}}
 {{- range $i, $pod := .Values.discovery.local.pods -}}

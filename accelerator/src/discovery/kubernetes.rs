@@ -1,0 +1,933 @@
+//! Pods of this node from the Kubernetes API: a kube-rs watcher on `spec.nodeName=NODE`, a second
+//! one on namespaces (opt-out label, OpenShift uid range), and the node itself for each pod's
+//! network namespace (a process whose cgroup path carries the pod UID).
+//!
+//! What Istio injected decides, not what a user asked for: the capture comes from the arguments
+//! istio-init ran with (or, with istio-cni, the `istio-validation` container's identical
+//! arguments), and only without either from the `traffic.sidecar.istio.io/*` annotations istio-cni
+//! reads. The proxy uid/gid come from those arguments (`-u`, `-g`), else the sidecar's
+//! `securityContext`, else the pod's, else the namespace's OpenShift uid range, else Istio's 1337.
+//!
+//! [`map`] turns one API pod into a pod of the model or a [`Declined`] reason; a resource that
+//! does not decode, or a bad annotation or argument, is declined with the field named, never a
+//! panic and never a failure of the whole source. [`Source`] runs the watchers on a thread of its
+//! own and wakes the daemon ([`Wake`]) on every change.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::PathBuf,
+    sync::{Arc, Condvar, Mutex},
+    time::Duration,
+};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::{Container, Namespace, Pod as ApiPod};
+use kube::{
+    api::{ApiResource, DynamicObject},
+    runtime::watcher,
+    Api, Client,
+};
+
+use super::{procfs, Discovery, Note, Reason, Skipped};
+use crate::model::{Cidr, OutboundRanges, Pod};
+
+/// Pod annotation (and namespace label) that opts out: `"false"`.
+pub const OPT_OUT: &str = "meshlane.io/accelerate";
+const STATUS: &str = "sidecar.istio.io/status";
+const MODE: &str = "sidecar.istio.io/interceptionMode";
+const TRAFFIC: &str = "traffic.sidecar.istio.io/";
+const UID_RANGE: &str = "openshift.io/sa.scc.uid-range";
+const ISTIO_UID: u32 = 1337;
+
+/// What matters about a namespace.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NamespaceFacts {
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Why a pod is not accelerated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Declined {
+    pub reason: Reason,
+    pub detail: String,
+}
+
+/// One API pod, mapped. `verdict`'s pod has an empty `netns`: the node fills it in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapped {
+    /// namespace/name.
+    pub name: String,
+    pub uid: String,
+    pub ips: Vec<IpAddr>,
+    pub verdict: Result<Pod, Declined>,
+    pub notes: Vec<String>,
+}
+
+fn decline(reason: Reason, detail: impl Into<String>) -> Declined {
+    Declined {
+        reason,
+        detail: detail.into(),
+    }
+}
+
+fn bad(field: impl std::fmt::Display, message: impl std::fmt::Display) -> Declined {
+    decline(Reason::BadResource, format!("{field}: {message}"))
+}
+
+fn ann_field(key: &str) -> String {
+    format!("metadata.annotations[{key:?}]")
+}
+
+/// Decodes a pod from the API's JSON. A resource that does not decode gives the JSON path of the
+/// offending field, and the pod's name when it can be read.
+pub fn decode(value: serde_json::Value) -> Result<ApiPod, (String, Declined)> {
+    let name = format!(
+        "{}/{}",
+        value["metadata"]["namespace"].as_str().unwrap_or("?"),
+        value["metadata"]["name"].as_str().unwrap_or("?")
+    );
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        (name, bad(path, e.into_inner()))
+    })
+}
+
+/// Maps one pod. None: nothing to report (a finished pod).
+pub fn map(pod: &ApiPod, ns: Option<&NamespaceFacts>) -> Option<Mapped> {
+    let meta = &pod.metadata;
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    if matches!(phase, Some("Succeeded" | "Failed")) {
+        return None;
+    }
+    let name = format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or("?"),
+        meta.name.as_deref().unwrap_or("?")
+    );
+    let mut out = Mapped {
+        name,
+        uid: meta.uid.clone().unwrap_or_default(),
+        ips: Vec::new(),
+        verdict: Err(decline(Reason::NoSidecar, "")),
+        notes: Vec::new(),
+    };
+    out.verdict = (|| {
+        if meta.name.is_none() {
+            return Err(bad("metadata.name", "missing"));
+        }
+        if out.uid.is_empty() {
+            return Err(bad("metadata.uid", "missing"));
+        }
+        out.ips = pod_ips(pod)?;
+        map_capture(pod, ns, &out.name, &mut out.notes)
+    })();
+    Some(out)
+}
+
+fn pod_ips(pod: &ApiPod) -> Result<Vec<IpAddr>, Declined> {
+    let Some(status) = &pod.status else {
+        return Ok(Vec::new());
+    };
+    let mut ips = Vec::new();
+    for (i, p) in status.pod_ips.iter().flatten().enumerate() {
+        ips.push(p.ip.parse().map_err(|_| {
+            bad(
+                format!("status.podIPs[{i}].ip"),
+                format!("{:?} is not an IP address", p.ip),
+            )
+        })?);
+    }
+    if ips.is_empty() {
+        if let Some(ip) = &status.pod_ip {
+            ips.push(
+                ip.parse()
+                    .map_err(|_| bad("status.podIP", format!("{ip:?} is not an IP address")))?,
+            );
+        }
+    }
+    Ok(ips)
+}
+
+/// The sidecar: an `istio-proxy` container, or a native sidecar (an init container of that name
+/// with `restartPolicy: Always`).
+fn sidecar(pod: &ApiPod) -> Option<(&Container, bool)> {
+    let spec = pod.spec.as_ref()?;
+    spec.containers
+        .iter()
+        .find(|c| c.name == "istio-proxy")
+        .map(|c| (c, false))
+        .or_else(|| {
+            spec.init_containers
+                .iter()
+                .flatten()
+                .find(|c| c.name == "istio-proxy" && c.restart_policy.as_deref() == Some("Always"))
+                .map(|c| (c, true))
+        })
+}
+
+/// The capture arguments Istio ran with: istio-init's, else istio-cni's `istio-validation`
+/// (same flags, run with `--run-validation`). Gives the field path and the words.
+fn capture_args(pod: &ApiPod) -> Option<(String, Vec<String>)> {
+    let inits = pod.spec.as_ref()?.init_containers.as_ref()?;
+    for want in ["istio-init", "istio-validation"] {
+        if let Some((i, c)) = inits.iter().enumerate().find(|(_, c)| c.name == want) {
+            let words: Vec<String> = c
+                .command
+                .iter()
+                .flatten()
+                .chain(c.args.iter().flatten())
+                .cloned()
+                .collect();
+            if words.iter().any(|w| w.ends_with("istio-iptables"))
+                || words.iter().any(|w| w == "-p")
+            {
+                return Some((format!("spec.initContainers[{i}] ({want}) args"), words));
+            }
+        }
+    }
+    None
+}
+
+/// istio-iptables flags with a value, by short and long name, as one canonical letter.
+fn flag_key(flag: &str) -> Option<&'static str> {
+    Some(match flag {
+        "p" | "envoy-port" => "p",
+        "z" | "inbound-capture-port" => "z",
+        "u" | "proxy-uid" => "u",
+        "g" | "proxy-gid" => "g",
+        "m" | "istio-inbound-interception-mode" => "m",
+        "b" | "istio-inbound-ports" => "b",
+        "d" | "istio-local-exclude-ports" => "d",
+        "o" | "istio-local-outbound-ports-exclude" => "o",
+        "q" | "istio-local-outbound-ports" => "q",
+        "i" | "istio-service-cidr" => "i",
+        "x" | "istio-service-exclude-cidr" => "x",
+        "e" | "inbound-tunnel-port" => "e",
+        // Taken with their value and not used.
+        "t"
+        | "istio-inbound-tproxy-mark"
+        | "r"
+        | "istio-inbound-tproxy-route-table"
+        | "c"
+        | "istio-exclude-interfaces"
+        | "k"
+        | "kube-virt-interfaces" => "_",
+        _ => return None,
+    })
+}
+
+/// Parses istio-iptables words into canonical flag -> value. Boolean and unknown flags are
+/// skipped; `--flag=value` and `-f value` both work.
+fn parse_flags(words: &[String]) -> BTreeMap<&'static str, String> {
+    let mut out = BTreeMap::new();
+    let mut it = words.iter();
+    while let Some(w) = it.next() {
+        let Some(flag) = w.strip_prefix("--").or_else(|| w.strip_prefix('-')) else {
+            continue;
+        };
+        let (flag, inline) = match flag.split_once('=') {
+            Some((f, v)) => (f, Some(v.to_string())),
+            None => (flag, None),
+        };
+        let Some(key) = flag_key(flag) else { continue };
+        let value = match inline {
+            Some(v) => v,
+            None => it.next().cloned().unwrap_or_default(),
+        };
+        // The injector's template quotes some values for a shell ('*', '').
+        let value = value.trim_matches('\'').to_string();
+        out.insert(key, value);
+    }
+    out
+}
+
+/// One capture setting and where it was read, for error messages.
+struct Setting<'a> {
+    field: String,
+    value: &'a str,
+}
+
+fn ports(s: &Setting) -> Result<Vec<u16>, Declined> {
+    let mut out = Vec::new();
+    for p in s.value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match p.parse::<u16>() {
+            Ok(n) if n > 0 => out.push(n),
+            _ => return Err(bad(&s.field, format!("{p:?} is not a port"))),
+        }
+    }
+    Ok(out)
+}
+
+fn port(s: &Setting) -> Result<u16, Declined> {
+    match s.value.trim().parse::<u16>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(bad(&s.field, format!("{:?} is not a port", s.value))),
+    }
+}
+
+fn id(s: &Setting) -> Result<u32, Declined> {
+    s.value
+        .trim()
+        .parse()
+        .map_err(|_| bad(&s.field, format!("{:?} is not a uid/gid", s.value)))
+}
+
+/// IPv4 CIDRs of a list; IPv6 entries are left out with a note (the datapath predicts IPv4).
+fn cidrs(s: &Setting, notes: &mut Vec<String>) -> Result<Vec<Cidr>, Declined> {
+    let mut out = Vec::new();
+    for c in s.value.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+        if c.contains(':') {
+            notes.push(format!(
+                "{}: IPv6 range {c} not modelled (IPv4 only)",
+                s.field
+            ));
+            continue;
+        }
+        out.push(c.parse().map_err(|m: String| bad(&s.field, m))?);
+    }
+    Ok(out)
+}
+
+/// The injection and capture of one pod; see the module docs for the precedence.
+fn map_capture(
+    pod: &ApiPod,
+    ns: Option<&NamespaceFacts>,
+    name: &str,
+    notes: &mut Vec<String>,
+) -> Result<Pod, Declined> {
+    let empty = BTreeMap::new();
+    let ann = pod.metadata.annotations.as_ref().unwrap_or(&empty);
+    let spec = pod.spec.as_ref().ok_or_else(|| bad("spec", "missing"))?;
+    if spec.host_network == Some(true) {
+        return Err(decline(
+            Reason::NotCaptured,
+            "spec.hostNetwork: the pod shares the node's network namespace",
+        ));
+    }
+
+    // Opt-out: the pod's annotation, else its namespace's label.
+    let opt = |field: String, v: &str| match v.trim() {
+        "false" => Ok(Some(false)),
+        "true" => Ok(Some(true)),
+        other => Err(bad(
+            field,
+            format!("{other:?}: expected \"true\" or \"false\""),
+        )),
+    };
+    let pod_opt = match ann.get(OPT_OUT) {
+        Some(v) => opt(ann_field(OPT_OUT), v)?,
+        None => None,
+    };
+    let ns_opt = match ns.and_then(|n| n.labels.get(OPT_OUT)) {
+        Some(v) => opt(format!("namespace metadata.labels[{OPT_OUT:?}]"), v)?,
+        None => None,
+    };
+    match (pod_opt, ns_opt) {
+        (Some(false), _) => {
+            return Err(decline(
+                Reason::OptedOut,
+                format!("{} is \"false\"", ann_field(OPT_OUT)),
+            ))
+        }
+        (None, Some(false)) => {
+            return Err(decline(
+                Reason::OptedOut,
+                format!("namespace label {OPT_OUT}=false"),
+            ))
+        }
+        _ => {}
+    }
+
+    // Injected?
+    let status = ann.get(STATUS);
+    let Some((proxy, native)) = sidecar(pod) else {
+        return Err(decline(
+            Reason::NoSidecar,
+            match status {
+                Some(_) => format!("{STATUS} is set but there is no istio-proxy container"),
+                None => "not injected (no istio-proxy container)".to_string(),
+            },
+        ));
+    };
+    match status {
+        None => notes.push(format!(
+            "istio-proxy container without the {STATUS} annotation; treated as injected"
+        )),
+        Some(s) => {
+            if let Err(e) = serde_json::from_str::<serde_json::Value>(s) {
+                notes.push(format!("{}: not JSON ({e}); ignored", ann_field(STATUS)));
+            }
+        }
+    }
+    if native {
+        notes.push("native sidecar (init container with restartPolicy: Always)".into());
+    }
+
+    // Capture settings: the arguments Istio ran, else the annotations istio-cni reads.
+    let args = capture_args(pod);
+    let flags = args
+        .as_ref()
+        .map(|(_, w)| parse_flags(w))
+        .unwrap_or_default();
+    let args_field = args.as_ref().map(|(f, _)| f.clone()).unwrap_or_default();
+    // A flag's value from the arguments when Istio ran any, else the annotation
+    // `traffic.sidecar.istio.io/<annotation>` that istio-cni reads.
+    let get = |flag: &'static str, annotation: Option<&str>| -> Option<Setting> {
+        if args.is_some() {
+            return flags.get(flag).map(|v| Setting {
+                field: format!("{args_field} -{flag}"),
+                value: v.as_str(),
+            });
+        }
+        let key = format!("{TRAFFIC}{}", annotation?);
+        ann.get(&key).map(|v| Setting {
+            field: ann_field(&key),
+            value: v.as_str(),
+        })
+    };
+
+    // Interception mode: the arguments, else the annotation (both names are Istio's).
+    let mode = match (flags.get("m"), ann.get(MODE)) {
+        (Some(m), a) => {
+            if let Some(a) = a.filter(|a| !a.eq_ignore_ascii_case(m)) {
+                notes.push(format!(
+                    "{} says {a} but {args_field} has -m {m}; using -m",
+                    ann_field(MODE)
+                ));
+            }
+            Setting {
+                field: format!("{args_field} -m"),
+                value: m.as_str(),
+            }
+        }
+        (None, Some(a)) => Setting {
+            field: ann_field(MODE),
+            value: a.as_str(),
+        },
+        (None, None) => Setting {
+            field: String::new(),
+            value: "REDIRECT",
+        },
+    };
+    match mode.value.trim().to_ascii_uppercase().as_str() {
+        "REDIRECT" => {}
+        "TPROXY" => {
+            return Err(decline(
+                Reason::Tproxy,
+                format!(
+                    "{} is TPROXY: Envoy runs as uid 0 / gid 1337 and connects to the app from the client's address, not 127.0.0.6",
+                    mode.field
+                ),
+            ))
+        }
+        "NONE" => {
+            return Err(decline(
+                Reason::NotCaptured,
+                format!("{} is NONE: no traffic is captured", mode.field),
+            ))
+        }
+        other => {
+            return Err(bad(
+                mode.field,
+                format!("{other:?}: expected REDIRECT, TPROXY or NONE"),
+            ))
+        }
+    }
+    if args.is_none() && !ann.keys().any(|k| k.starts_with(TRAFFIC)) && !ann.contains_key(MODE) {
+        notes.push(
+            "no istio-init arguments and no traffic.sidecar.istio.io annotations; assuming Istio's defaults".into(),
+        );
+    }
+
+    // Proxy identity.
+    let sc_user = proxy.security_context.as_ref().and_then(|s| s.run_as_user);
+    let sc_group = proxy.security_context.as_ref().and_then(|s| s.run_as_group);
+    let pod_sc = spec.security_context.as_ref();
+    let from_ctx = |v: Option<i64>, field: &str| -> Result<Option<u32>, Declined> {
+        v.map(|n| u32::try_from(n).map_err(|_| bad(field, format!("{n} is not a uid/gid"))))
+            .transpose()
+    };
+    let ctx_uid = from_ctx(sc_user, "istio-proxy securityContext.runAsUser")?.or(from_ctx(
+        pod_sc.and_then(|s| s.run_as_user),
+        "spec.securityContext.runAsUser",
+    )?);
+    let ctx_gid = from_ctx(sc_group, "istio-proxy securityContext.runAsGroup")?.or(from_ctx(
+        pod_sc.and_then(|s| s.run_as_group),
+        "spec.securityContext.runAsGroup",
+    )?);
+    let openshift = ns
+        .and_then(|n| n.annotations.get(UID_RANGE))
+        .map(|r| {
+            r.split('/')
+                .next()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+                .ok_or_else(|| {
+                    bad(
+                        format!("namespace metadata.annotations[{UID_RANGE:?}]"),
+                        format!("{r:?}: expected START/SIZE"),
+                    )
+                })
+        })
+        .transpose()?;
+    let arg_uid = get("u", None).map(|s| id(&s)).transpose()?;
+    let arg_gid = get("g", None).map(|s| id(&s)).transpose()?;
+    let runs_as = ctx_uid.or(openshift);
+    let proxy_uid = match (arg_uid, runs_as) {
+        (Some(a), Some(r)) if a != r => {
+            notes.push(format!(
+                "istio-proxy runs as uid {r} but {args_field} exempts -u {a}; using {a}"
+            ));
+            a
+        }
+        (Some(a), _) => a,
+        (None, Some(r)) => r,
+        (None, None) => ISTIO_UID,
+    };
+    // istio-iptables defaults the gid to the uid.
+    let proxy_gid = arg_gid.or(ctx_gid).unwrap_or(proxy_uid);
+
+    let outbound_port = get("p", None)
+        .map(|s| port(&s))
+        .transpose()?
+        .unwrap_or(15001);
+    let inbound_port = get("z", None)
+        .map(|s| port(&s))
+        .transpose()?
+        .unwrap_or(15006);
+    let mut exclude_outbound_ports = get("o", Some("excludeOutboundPorts"))
+        .map(|s| ports(&s))
+        .transpose()?
+        .unwrap_or_default();
+    // DNS capture (istio-iptables --redirect-dns; istio-cni follows the sidecar's
+    // ISTIO_META_DNS_CAPTURE) sends TCP port 53 to the agent, never to Envoy: never predict it
+    // as captured.
+    let dns_flag = args.as_ref().is_some_and(|(_, w)| {
+        w.iter()
+            .any(|w| w == "--redirect-dns" || w == "--redirect-dns=true")
+    });
+    let dns_env = proxy.env.iter().flatten().any(|e| {
+        e.name == "ISTIO_META_DNS_CAPTURE"
+            && e.value
+                .as_deref()
+                .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+    });
+    if (dns_flag || dns_env) && !exclude_outbound_ports.contains(&53) {
+        notes.push("DNS capture: TCP port 53 goes to the agent, treated as excluded".into());
+        exclude_outbound_ports.push(53);
+    }
+    let mut exclude_inbound_ports = get("d", Some("excludeInboundPorts"))
+        .map(|s| ports(&s))
+        .transpose()?
+        .unwrap_or_default();
+    // istio-iptables always returns the inbound tunnel port (-e, default 15008) before capture.
+    let tunnel = match get("e", None) {
+        Some(s) => port(&s)?,
+        None => 15008,
+    };
+    if !exclude_inbound_ports.contains(&tunnel) {
+        exclude_inbound_ports.push(tunnel);
+    }
+    let mut accelerate_inbound = true;
+    if let Some(s) = get("b", Some("includeInboundPorts")) {
+        if s.value.trim().is_empty() {
+            notes.push(format!("{} is empty: inbound is not captured", s.field));
+            accelerate_inbound = false;
+        } else if s.value.trim() != "*" {
+            ports(&s)?;
+        }
+    }
+    let mut accelerate_outbound = true;
+    if let Some(s) = get("q", Some("includeOutboundPorts")) {
+        if !ports(&s)?.is_empty() {
+            notes.push(format!(
+                "{}: an outbound port include list is not modelled; outbound hop not accelerated",
+                s.field
+            ));
+            accelerate_outbound = false;
+        }
+    }
+    let exclude_outbound_cidrs = match get("x", Some("excludeOutboundIPRanges")) {
+        Some(s) => cidrs(&s, notes)?,
+        None => Vec::new(),
+    };
+    let include_outbound = match get("i", Some("includeOutboundIPRanges")) {
+        None => OutboundRanges::All,
+        Some(s) if s.value.split(',').any(|c| c.trim() == "*") => OutboundRanges::All,
+        Some(s) => OutboundRanges::Only(cidrs(&s, notes)?),
+    };
+
+    let pod = Pod {
+        name: name.to_string(),
+        netns: PathBuf::new(),
+        proxy_uid,
+        proxy_gid,
+        outbound_port,
+        inbound_port,
+        inbound_bind: std::net::Ipv4Addr::new(127, 0, 0, 6),
+        exclude_outbound_ports,
+        exclude_inbound_ports,
+        exclude_outbound_cidrs,
+        include_outbound,
+        accelerate_outbound,
+        accelerate_inbound,
+    };
+    if let Err(e) = crate::policy::pod_policy(&pod) {
+        return Err(decline(Reason::Policy, e.to_string()));
+    }
+    Ok(pod)
+}
+
+// === impl Wake ===
+
+/// Wakes the daemon loop when a source changed: a flag and a condition variable.
+#[derive(Clone, Debug, Default)]
+pub struct Wake(Arc<(Mutex<bool>, Condvar)>);
+
+impl Wake {
+    pub fn notify(&self) {
+        let (flag, cv) = &*self.0;
+        *flag.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_all();
+    }
+
+    /// Waits up to `timeout`; true (and the flag cleared) when notified meanwhile.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let (flag, cv) = &*self.0;
+        let guard = flag.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut guard, _) = cv
+            .wait_timeout_while(guard, timeout, |set| !*set)
+            .unwrap_or_else(|e| e.into_inner());
+        std::mem::replace(&mut *guard, false)
+    }
+}
+
+// === impl Source ===
+
+/// Where the API server is.
+#[derive(Clone, Debug)]
+pub enum Endpoint {
+    /// In-cluster service account, else kubeconfig (`kube::Config::infer`).
+    Infer,
+    /// A URL with no credentials (tests, `kubectl proxy`).
+    Url(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub endpoint: Endpoint,
+    /// This node's name (`spec.nodeName`).
+    pub node_name: String,
+    /// `/proc`, searched for each pod's network namespace.
+    pub proc_root: PathBuf,
+    /// The node's own namespace, never a pod's: `/proc/1/ns/net`.
+    pub host_netns: PathBuf,
+}
+
+/// A pod as last seen: decoded, or declined because it did not decode.
+type Stored = Result<ApiPod, (String, Declined)>;
+
+#[derive(Debug, Default)]
+struct State {
+    pods: BTreeMap<String, Stored>,
+    namespaces: BTreeMap<String, NamespaceFacts>,
+    pods_synced: bool,
+    namespaces_synced: bool,
+    pod_error: Option<String>,
+    namespace_error: Option<String>,
+}
+
+/// What the daemon gets from one read.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Both lists have been received once: before that, nothing must be removed from the maps.
+    pub synced: bool,
+    /// The watch's last error, if it has not recovered since (the last good state is kept).
+    pub error: Option<String>,
+    pub discovery: Discovery,
+    /// Per pod name: UID and IPs, for status.
+    pub identities: BTreeMap<String, (String, Vec<IpAddr>)>,
+}
+
+/// The running watchers (a thread with its own tokio runtime). Dropping it stops nothing: the
+/// daemon owns it for its lifetime.
+pub struct Source {
+    opts: Options,
+    state: Arc<Mutex<State>>,
+}
+
+impl Source {
+    /// Starts watching; never fails for an unreachable API server (that is reported by
+    /// [`Source::snapshot`] and retried with backoff).
+    pub fn start(opts: Options, wake: Wake) -> std::io::Result<Source> {
+        let state = Arc::new(Mutex::new(State::default()));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (st, o) = (Arc::clone(&state), opts.clone());
+        std::thread::Builder::new()
+            .name("kube-watch".into())
+            .spawn(move || rt.block_on(watch_all(o, st, wake)))?;
+        Ok(Source { opts, state })
+    }
+
+    /// The current pods, each with its network namespace found on the node.
+    pub fn snapshot(&self) -> Snapshot {
+        let (mapped, synced, error) = {
+            let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mapped: Vec<Mapped> = st
+                .pods
+                .values()
+                .filter_map(|p| match p {
+                    Ok(pod) => {
+                        let ns = pod
+                            .metadata
+                            .namespace
+                            .as_ref()
+                            .and_then(|n| st.namespaces.get(n));
+                        map(pod, ns)
+                    }
+                    Err((name, d)) => Some(Mapped {
+                        name: name.clone(),
+                        uid: String::new(),
+                        ips: Vec::new(),
+                        verdict: Err(d.clone()),
+                        notes: Vec::new(),
+                    }),
+                })
+                .collect();
+            let error = st.pod_error.clone().or_else(|| {
+                st.namespace_error
+                    .clone()
+                    .map(|e| format!("namespaces: {e}"))
+            });
+            (mapped, st.pods_synced && st.namespaces_synced, error)
+        };
+        let host = procfs::netns_inode(&self.opts.host_netns).ok();
+        let by_uid = if mapped.iter().any(|m| m.verdict.is_ok()) {
+            procfs::pods_by_uid(&self.opts.proc_root, host)
+        } else {
+            Default::default()
+        };
+        let mut d = Discovery::default();
+        let mut identities = BTreeMap::new();
+        for m in mapped {
+            identities.insert(m.name.clone(), (m.uid.clone(), m.ips.clone()));
+            d.notes.extend(m.notes.into_iter().map(|message| Note {
+                pod: m.name.clone(),
+                message,
+            }));
+            match m.verdict {
+                Ok(mut pod) => match by_uid.get(&m.uid) {
+                    Some(pid) => {
+                        pod.netns = self.opts.proc_root.join(pid.to_string()).join("ns/net");
+                        d.pods.push(pod);
+                    }
+                    None => d.skipped.push(Skipped {
+                        name: m.name,
+                        netns: PathBuf::new(),
+                        reason: Reason::NetnsNotFound,
+                        detail: format!(
+                            "no process outside the host namespace has pod UID {} in its cgroup path",
+                            m.uid
+                        ),
+                    }),
+                },
+                Err(dc) => d.skipped.push(Skipped {
+                    name: m.name,
+                    netns: PathBuf::new(),
+                    reason: dc.reason,
+                    detail: dc.detail,
+                }),
+            }
+        }
+        Snapshot {
+            synced,
+            error,
+            discovery: d,
+            identities,
+        }
+    }
+}
+
+async fn watch_all(opts: Options, state: Arc<Mutex<State>>, wake: Wake) {
+    let client = loop {
+        let config = match &opts.endpoint {
+            Endpoint::Infer => kube::Config::infer().await.map_err(|e| e.to_string()),
+            Endpoint::Url(u) => u
+                .parse()
+                .map(kube::Config::new)
+                .map_err(|e| format!("{u:?}: {e}")),
+        };
+        match config.and_then(|c| Client::try_from(c).map_err(|e| e.to_string())) {
+            Ok(c) => break c,
+            Err(e) => {
+                tracing::error!(error = %e, "Kubernetes client not configured; retrying");
+                {
+                    let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+                    st.pod_error = Some(format!("client: {e}"));
+                }
+                wake.notify();
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    };
+    let pods = watch_pods(client.clone(), &opts.node_name, &state, &wake);
+    let namespaces = watch_namespaces(client, &state, &wake);
+    futures::future::join(pods, namespaces).await;
+}
+
+fn pod_key(o: &DynamicObject) -> String {
+    format!(
+        "{}/{}",
+        o.metadata.namespace.as_deref().unwrap_or(""),
+        o.metadata.name.as_deref().unwrap_or("")
+    )
+}
+
+fn decode_dynamic(o: DynamicObject) -> Stored {
+    let value = serde_json::to_value(&o).map_err(|e| {
+        (
+            pod_key(&o),
+            bad("(object)", format!("cannot re-encode: {e}")),
+        )
+    })?;
+    decode(value)
+}
+
+/// A watcher error; a 410 Gone is the expected end of a stale watch, followed by a relist.
+fn is_gone(e: &watcher::Error) -> bool {
+    matches!(e, watcher::Error::WatchError(s) if s.code == 410)
+}
+
+/// What a watch tells its owner.
+enum Change<K> {
+    /// A complete list (at start, after a 410 Gone, after a failure): replaces everything.
+    Replace(Vec<K>),
+    Apply(K),
+    Delete(K),
+    /// The watch failed; it is restarted (with a fresh list) after a backoff.
+    Failed(String),
+}
+
+/// Runs a watcher forever. kube-rs relists by itself on 410 Gone; on any other error the stream
+/// is dropped and started afresh after a backoff (250 ms doubling to 30 s), so recovery always
+/// comes with a complete list and a missed Delete cannot linger.
+async fn follow<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    what: &'static str,
+    wake: &Wake,
+    mut on: impl FnMut(Change<K>),
+) where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    const FIRST: Duration = Duration::from_millis(250);
+    let mut backoff = FIRST;
+    loop {
+        let mut stream = watcher(api.clone(), config.clone()).boxed();
+        let mut buffer = Vec::new();
+        while let Some(ev) = stream.next().await {
+            let change = match ev {
+                Ok(watcher::Event::Init) => {
+                    buffer.clear();
+                    continue;
+                }
+                Ok(watcher::Event::InitApply(o)) => {
+                    buffer.push(o);
+                    continue;
+                }
+                Ok(watcher::Event::InitDone) => {
+                    backoff = FIRST;
+                    tracing::info!(what, objects = buffer.len(), "listed");
+                    Change::Replace(std::mem::take(&mut buffer))
+                }
+                Ok(watcher::Event::Apply(o)) => Change::Apply(o),
+                Ok(watcher::Event::Delete(o)) => Change::Delete(o),
+                Err(e) if is_gone(&e) => {
+                    tracing::info!(what, error = %e, "watch expired; relisting");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(what, error = %e, retry_in = ?backoff, "watch failed; keeping the last good state");
+                    on(Change::Failed(e.to_string()));
+                    wake.notify();
+                    break;
+                }
+            };
+            on(change);
+            wake.notify();
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+async fn watch_pods(client: Client, node: &str, state: &Mutex<State>, wake: &Wake) {
+    // Pods decode one by one (a malformed pod is declined with its field, not the whole list).
+    let api: Api<DynamicObject> = Api::all_with(client, &ApiResource::erase::<ApiPod>(&()));
+    let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+    follow(api, config, "pods", wake, |change| {
+        let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+        match change {
+            Change::Replace(all) => {
+                st.pods = all
+                    .into_iter()
+                    .map(|o| (pod_key(&o), decode_dynamic(o)))
+                    .collect();
+                st.pods_synced = true;
+                st.pod_error = None;
+            }
+            Change::Apply(o) => {
+                st.pods.insert(pod_key(&o), decode_dynamic(o));
+                st.pod_error = None;
+            }
+            Change::Delete(o) => {
+                st.pods.remove(&pod_key(&o));
+                st.pod_error = None;
+            }
+            Change::Failed(e) => st.pod_error = Some(e),
+        }
+    })
+    .await
+}
+
+async fn watch_namespaces(client: Client, state: &Mutex<State>, wake: &Wake) {
+    let api: Api<Namespace> = Api::all(client);
+    let facts = |n: &Namespace| {
+        (
+            n.metadata.name.clone().unwrap_or_default(),
+            NamespaceFacts {
+                labels: n.metadata.labels.clone().unwrap_or_default(),
+                annotations: n.metadata.annotations.clone().unwrap_or_default(),
+            },
+        )
+    };
+    follow(
+        api,
+        watcher::Config::default(),
+        "namespaces",
+        wake,
+        |change| {
+            let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+            match change {
+                Change::Replace(all) => {
+                    st.namespaces = all.iter().map(facts).collect();
+                    st.namespaces_synced = true;
+                    st.namespace_error = None;
+                }
+                Change::Apply(n) => {
+                    let (name, f) = facts(&n);
+                    st.namespaces.insert(name, f);
+                    st.namespace_error = None;
+                }
+                Change::Delete(n) => {
+                    st.namespaces.remove(&facts(&n).0);
+                }
+                Change::Failed(e) => st.namespace_error = Some(e),
+            }
+        },
+    )
+    .await
+}
