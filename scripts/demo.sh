@@ -6,7 +6,7 @@
 # are interleaved round by round; about two minutes; then the comparison table. Everything it
 # creates (namespaces, rules, cgroup, programs, pins, processes) is removed at the end, also on
 # Ctrl-C. Run as root on Debian bookworm; installs what it needs first.
-# ROUNDS (default 5) and SCALE (default 0.5) trade time for tighter spreads.
+# ROUNDS (default 7) and SCALE (default 2: request counts) trade time for tighter spreads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -17,7 +17,7 @@ target="${CARGO_TARGET_DIR:-target}"
 echo "[demo] A (no mesh) / B (Envoy) / C (Envoy + meshlane), interleaved; Ctrl-C stops and cleans up" >&2
 start=$(date +%s)
 status=0
-"$target/release/meshlane-bench" --rounds "${ROUNDS:-5}" --scale "${SCALE:-0.5}" \
+"$target/release/meshlane-bench" --rounds "${ROUNDS:-7}" --scale "${SCALE:-2}" \
   --out benchmarks/out "$@" || status=$?
 echo "[demo] benchmark took $(( $(date +%s) - start )) s; results in benchmarks/out" >&2
 ./scripts/leftovers.sh
