@@ -144,6 +144,9 @@ pub fn suite(args: &Args, stop: &AtomicBool) -> Result<()> {
             step += 1;
             let t0 = Instant::now();
             let got = scenario_round(scenario, round, &matrix, &bare, &mesh, &spec, stop)?;
+            if stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
             let elapsed = started.elapsed().as_secs_f64();
             let left = elapsed / step as f64 * (steps - step) as f64;
             let key = |name: &str| {

@@ -94,10 +94,11 @@ fn closed_loop(w: &Workload, ns: &Netns, t: Targets) -> Result<Measured> {
             .map(|mut c| {
                 let barrier = &barrier;
                 s.spawn(move || -> Result<Vec<u64>> {
-                    for _ in 0..warm {
-                        c.request()?;
-                    }
+                    let warmed = (0..warm).try_for_each(|_| c.request());
+                    // Reach the barrier even after a failure (a sidecar killed by Ctrl-C), or
+                    // every other thread and the caller would wait for this one forever.
                     barrier.wait();
+                    warmed?;
                     let mut v = Vec::with_capacity(w.count);
                     for _ in 0..w.count {
                         let t0 = Instant::now();
