@@ -27,9 +27,9 @@ step "deployment: Dockerfile, Helm chart, rendered manifest, istioctl overlay (r
 step "the chart's capability set, against the real daemon on this kernel"
 istio-integration/check-capabilities.sh target/debug/meshlane
 
-step "benchmark smoke run (tiny counts; proves the harness, measures nothing)"
-cargo build --locked -p meshlane-benchmarks
-./target/debug/meshlane-bench --smoke --out target/bench-smoke
+step "benchmark smoke run (tiny counts, A/B/C through real Envoy and the daemon; measures nothing)"
+cargo build --locked -p meshlane -p meshlane-benchmarks
+"${CARGO_TARGET_DIR:-target}/debug/meshlane-bench" --smoke --out "${CARGO_TARGET_DIR:-target}/bench-smoke"
 
 step "nothing left behind"
 ./scripts/leftovers.sh

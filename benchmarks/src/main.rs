@@ -1,18 +1,20 @@
-//! `meshlane-bench`: before/after latency of the relay chain on a local Istio-shaped node.
+//! `meshlane-bench`: is the mesh faster with meshlane, by how much, with what spread.
 //!
-//! client app -> (REDIRECT) -> client sidecar -> veth -> (REDIRECT) -> server sidecar -> server app
-//!
-//! The sidecars are minimesh relays (uid 1337, SO_ORIGINAL_DST), so both local hops of both pods
-//! are what meshlane accelerates. Each round runs one scenario on a fresh connection; scenarios
-//! alternate round by round (plain, meshlane, plain, ...) so drift on this noisy machine hits both
-//! alike. Reported: per-round percentiles, then the median over rounds with the min..max spread.
-//! "plain" means no meshlane program loaded at all; "meshlane" means loaded, attached, pods listed.
+//! Default suite (`--suite envoy`, see `suite.rs`): real Envoy sidecars on the mini-mesh,
+//! scenarios A (no mesh), B (Envoy + iptables capture) and C (B + the meshlane daemon with local
+//! discovery), interleaved round by round; TCP ping-pong, HTTP/1.1, gRPC unary, 1/16/64
+//! connections, connect cost and bulk throughput. `--suite relay` runs the older relay-chain
+//! comparison (thread-per-connection sidecar stand-ins, datapath loaded in-process).
 
+mod daemon;
 mod measure;
+mod relay;
 mod report;
+mod suite;
+mod summary;
+mod workload;
 
 use std::{
-    net::SocketAddrV4,
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -22,140 +24,80 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use meshlane::datapath::{self, Datapath, Options};
-use minimesh::{CaptureConfig, Cgroup, EchoServer, TwoPods};
 
-/// Before/after latency of meshlane on a local Istio-shaped node (needs root).
+/// Before/after latency and throughput of meshlane on a local Istio-shaped node (needs root).
 #[derive(Parser, Debug, Clone)]
 #[command(name = "meshlane-bench")]
 pub struct Args {
-    /// Rounds per scenario (interleaved).
+    /// Which benchmark: `envoy` (A/B/C with real Envoy and the daemon) or `relay`.
+    #[arg(long, default_value = "envoy", value_parser = ["envoy", "relay"])]
+    pub suite: String,
+    /// Rounds per scenario (interleaved; at least 5 for numbers worth reading).
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
-    /// Round trips measured per round.
+    /// envoy suite: multiplies every request count (1.0 is about 20 s per round here).
+    #[arg(long, default_value_t = 1.0)]
+    pub scale: f64,
+    /// relay suite: round trips measured per round.
     #[arg(long, default_value_t = 5000)]
     pub pingpongs: usize,
-    /// Message size of the ping-pong, in bytes.
-    #[arg(long, default_value_t = 64)]
-    pub size: usize,
-    /// connect()+close cycles measured per round.
+    /// relay suite: connect()+close cycles measured per round.
     #[arg(long, default_value_t = 300)]
     pub connects: usize,
-    /// Directory for results.json and results.md.
+    /// The meshlane binary (default: `meshlane` next to this program).
+    #[arg(long)]
+    pub meshlane: Option<PathBuf>,
+    /// Directory for results.json, results.md and the SVG plots.
     #[arg(long, default_value = "benchmarks/out")]
     pub out: PathBuf,
-    /// Tiny counts, to prove the harness works (CI).
+    /// Tiny counts, one round, to prove the harness works (CI). The numbers mean nothing.
     #[arg(long)]
     pub smoke: bool,
 }
 
-pub const SCENARIOS: [&str; 2] = ["plain", "meshlane"];
+impl Args {
+    pub fn meshlane_bin(&self) -> Result<PathBuf> {
+        let bin = match &self.meshlane {
+            Some(p) => p.clone(),
+            None => std::env::current_exe()?
+                .parent()
+                .context("the directory of meshlane-bench")?
+                .join("meshlane"),
+        };
+        if !bin.is_file() {
+            bail!(
+                "{} not found; build it (cargo build -p meshlane) or pass --meshlane",
+                bin.display()
+            );
+        }
+        Ok(bin)
+    }
+}
 
 fn main() -> Result<()> {
     let mut args = Args::parse();
     if args.smoke {
-        args.rounds = 2;
+        args.rounds = args.rounds.min(2);
         args.pingpongs = 200;
         args.connects = 20;
     }
-    if !nix_is_root() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
         bail!("meshlane-bench needs root (network namespaces, iptables, BPF)");
     }
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, Arc::clone(&stop))?;
     }
-    // Everything below is dropped (namespaces, cgroup, pins) before main returns, also on Ctrl-C.
-    let results = run(&args, &stop)?;
+    // Everything is dropped (namespaces, cgroup, daemon, pins) before these return, also on
+    // Ctrl-C and on errors.
+    let result = match args.suite.as_str() {
+        "relay" => relay::suite(&args, &stop),
+        _ => suite::suite(&args, &stop),
+    };
     if stop.load(Ordering::Relaxed) {
         eprintln!("interrupted; everything was cleaned up");
-        return Ok(());
+        std::process::exit(130);
     }
-    report::print(&args, &results);
-    report::write(&args, &results)?;
-    Ok(())
-}
-
-fn nix_is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// One scenario's measurements in one round.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Round {
-    pub scenario: &'static str,
-    pub round: usize,
-    pub rtt: measure::Percentiles,
-    pub connect: measure::Percentiles,
-    pub pairs: u64,
-    pub redirected_bytes: u64,
-}
-
-fn run(args: &Args, stop: &AtomicBool) -> Result<Vec<Round>> {
-    let cgroup = Cgroup::new("bench")?;
-    let _inside = cgroup.enter()?;
-    let mesh = TwoPods::new(201, CaptureConfig::default(), CaptureConfig::default())?;
-    let dst = SocketAddrV4::new(mesh.server.ip, 8080);
-    let _app = EchoServer::spawn(&mesh.server.ns, dst)?;
-    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/meshlane-bench-{}", std::process::id()));
-    let opts = Options {
-        pin_dir: pin_dir.clone(),
-        cgroup: cgroup.path().to_path_buf(),
-    };
-    let mut out = Vec::new();
-    let total = args.rounds * SCENARIOS.len();
-    for round in 0..args.rounds {
-        for (k, &scenario) in SCENARIOS.iter().enumerate() {
-            if stop.load(Ordering::Relaxed) {
-                return Ok(out);
-            }
-            let dp = if scenario == "meshlane" {
-                Some(attach(&opts, &mesh)?)
-            } else {
-                None
-            };
-            let rtt = measure::pingpong(&mesh.client.ns, dst, args.size, args.pingpongs)?;
-            let connect = measure::connects(&mesh.client.ns, dst, args.connects)?;
-            let (pairs, redirected_bytes) = match &dp {
-                Some(dp) => {
-                    let c = dp.counters()?;
-                    (c.pairs(), c.redirected_bytes())
-                }
-                None => (0, 0),
-            };
-            drop(dp);
-            datapath::detach(&pin_dir)?;
-            if scenario == "meshlane" && pairs == 0 {
-                bail!("the meshlane scenario paired nothing; the numbers would be meaningless");
-            }
-            eprintln!(
-                "[{:>2}/{total}] {scenario:<8} rtt p50 {:>6.1} us  p99 {:>6.1} us  connect p50 {:>6.1} us  pairs {pairs}",
-                round * SCENARIOS.len() + k + 1,
-                rtt.p50_us,
-                rtt.p99_us,
-                connect.p50_us
-            );
-            out.push(Round {
-                scenario,
-                round,
-                rtt,
-                connect,
-                pairs,
-                redirected_bytes,
-            });
-        }
-    }
-    Ok(out)
-}
-
-/// Loads the datapath on the bench cgroup and lists both pods.
-fn attach(opts: &Options, mesh: &TwoPods) -> Result<Datapath> {
-    let mut dp = Datapath::open(opts).context("load meshlane")?;
-    for pod in [&mesh.client, &mesh.server] {
-        // minimesh installs istio-init's default capture, so the model is Istio's defaults.
-        let model = meshlane::model::Pod::with_istio_defaults(pod.ns.name(), pod.ns.path());
-        dp.set_pod(pod.ns.cookie()?, &meshlane::policy::pod_policy(&model)?)?;
-    }
-    Ok(dp)
+    result
 }

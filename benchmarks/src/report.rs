@@ -5,7 +5,10 @@ use std::fmt::Write as _;
 
 use anyhow::Result;
 
-use crate::{Args, Round, SCENARIOS};
+use crate::{
+    relay::{Round, SCENARIOS},
+    Args,
+};
 
 /// Median and range of one metric over the rounds of one scenario.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
@@ -58,7 +61,7 @@ fn table(args: &Args, results: &[Round]) -> String {
     let _ = writeln!(
         t,
         "relay chain, {} B ping-pong x {} per round, {} connects per round, {} interleaved rounds per scenario",
-        args.size, args.pingpongs, args.connects, args.rounds
+        64, args.pingpongs, args.connects, args.rounds
     );
     let _ = writeln!(
         t,
@@ -88,15 +91,15 @@ pub fn print(args: &Args, results: &[Round]) {
 pub fn write(args: &Args, results: &[Round]) -> Result<()> {
     std::fs::create_dir_all(&args.out)?;
     let json = serde_json::json!({
-        "args": {"rounds": args.rounds, "pingpongs": args.pingpongs, "size": args.size, "connects": args.connects},
+        "args": {"rounds": args.rounds, "pingpongs": args.pingpongs, "size": 64, "connects": args.connects},
         "rounds": results,
         "summary": summary(results).iter().map(|(n, p, f)| serde_json::json!({"metric": n, "plain": p, "meshlane": f})).collect::<Vec<_>>(),
     });
     std::fs::write(
-        args.out.join("results.json"),
+        args.out.join("relay.json"),
         serde_json::to_string_pretty(&json)?,
     )?;
-    std::fs::write(args.out.join("results.md"), table(args, results))?;
-    eprintln!("wrote {}/results.json and results.md", args.out.display());
+    std::fs::write(args.out.join("relay.md"), table(args, results))?;
+    eprintln!("wrote {}/relay.json and relay.md", args.out.display());
     Ok(())
 }

@@ -46,7 +46,7 @@ pub use netns::{enter_netns_current_thread, Netns};
 pub use nginx::Nginx;
 pub use relay::{Relay, RelayConfig, RelayStats};
 pub use syncap::{SynCapture, SynRecord};
-pub use topology::{Pod, TwoPods};
+pub use topology::{BarePods, Pod, TwoPods};
 pub use veth::{add_addr, veth_link};
 
 use std::sync::atomic::{AtomicU64, Ordering};

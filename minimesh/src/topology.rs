@@ -86,3 +86,34 @@ impl Pod {
         self.relay.as_ref().map(Relay::stats).unwrap_or_default()
     }
 }
+
+/// Scenario "no mesh": a client and a server namespace joined by a veth pair, with no capture
+/// rules and no sidecar, so apps talk to each other directly. Benchmarks compare it with
+/// [`crate::EnvoyPods`] on the same machine to measure the sidecar tax.
+#[derive(Debug)]
+pub struct BarePods {
+    pub client_ip: Ipv4Addr,
+    pub server_ip: Ipv4Addr,
+    pub client: Netns,
+    pub server: Netns,
+}
+
+impl BarePods {
+    /// Both namespaces on `10.<subnet>.0.0/24` (client `.1`, server `.2`).
+    pub fn new(subnet: u8) -> Result<BarePods> {
+        let client = Netns::new("bcli")?;
+        let server = Netns::new("bsrv")?;
+        let (client_ip, server_ip) = (
+            Ipv4Addr::new(10, subnet, 0, 1),
+            Ipv4Addr::new(10, subnet, 0, 2),
+        );
+        veth_link(&client, "eth0", client_ip, &server, "eth0", server_ip, 24)
+            .context("bare pod link")?;
+        Ok(BarePods {
+            client_ip,
+            server_ip,
+            client,
+            server,
+        })
+    }
+}

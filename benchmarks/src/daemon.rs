@@ -1,0 +1,245 @@
+//! The real meshlane daemon as scenario C's switch: `meshlane run` with local discovery (no pod
+//! list), on the benchmark's own cgroup, pins, API socket and metrics port, stopped with SIGTERM
+//! and `--detach-on-exit` so that a B round runs with nothing loaded.
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+
+/// How long start-up may take (programs loaded, both pods discovered and accelerated).
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where the daemon runs and what it must find.
+#[derive(Debug, Clone)]
+pub struct DaemonSpec {
+    pub bin: PathBuf,
+    pub pin_dir: PathBuf,
+    pub cgroup: PathBuf,
+    pub api_socket: PathBuf,
+    pub metrics_port: u16,
+    pub log: PathBuf,
+    /// Network-namespace cookies of the benchmark's two Envoy pods.
+    pub cookies: [u64; 2],
+}
+
+/// A running daemon; SIGTERM (then SIGKILL), wait and a belt-and-braces detach on drop.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Child,
+    spec: DaemonSpec,
+}
+
+impl Daemon {
+    /// Starts `meshlane run --discovery local --detach-on-exit` and returns once `/readyz` is 200
+    /// and `meshlane status` lists both benchmark pods as accelerated.
+    pub fn start(spec: &DaemonSpec) -> Result<Daemon> {
+        let log = std::fs::File::create(&spec.log)
+            .with_context(|| format!("creating {}", spec.log.display()))?;
+        let child = Command::new(&spec.bin)
+            .arg("run")
+            .arg("--pin-dir")
+            .arg(&spec.pin_dir)
+            .arg("--cgroup")
+            .arg(&spec.cgroup)
+            .arg("--api-socket")
+            .arg(&spec.api_socket)
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{}", spec.metrics_port))
+            .args(["--discovery", "local", "--resync", "1s", "--detach-on-exit"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", spec.bin.display()))?;
+        let mut d = Daemon {
+            child,
+            spec: spec.clone(),
+        };
+        d.wait_accelerated().map_err(|e| {
+            let log = std::fs::read_to_string(&spec.log).unwrap_or_default();
+            let tail = &log[log.len().saturating_sub(3000)..];
+            e.context(format!("meshlane run did not get ready; its log:\n{tail}"))
+        })?;
+        Ok(d)
+    }
+
+    fn wait_accelerated(&mut self) -> Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                bail!("meshlane run exited during start-up ({st})");
+            }
+            let ready = matches!(http_get(self.spec.metrics_port, "/readyz"), Ok((200, _)));
+            if ready && self.accelerated_pods()? == 2 {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "after {READY_TIMEOUT:?}: readyz {ready}, benchmark pods accelerated {}",
+                self.accelerated_pods().unwrap_or(0)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// How many of the benchmark's pods `meshlane status --json` shows as accelerated (other
+    /// Envoys on the node are ignored by netns cookie).
+    pub fn accelerated_pods(&self) -> Result<usize> {
+        let out = Command::new(&self.spec.bin)
+            .args(["status", "--json", "--api-socket"])
+            .arg(&self.spec.api_socket)
+            .stderr(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            return Ok(0);
+        }
+        let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        Ok(st["pods"]
+            .as_array()
+            .map(|pods| {
+                pods.iter()
+                    .filter(|p| {
+                        p["state"] == "accelerated"
+                            && p["netns_cookie"]
+                                .as_u64()
+                                .is_some_and(|c| self.spec.cookies.contains(&c))
+                    })
+                    .count()
+            })
+            .unwrap_or(0))
+    }
+
+    /// The node counters from `/metrics`. sock_ops acts only on the benchmark's cgroup, so they
+    /// count the benchmark's own connections.
+    pub fn counters(&self) -> Result<Counters> {
+        let (code, body) = http_get(self.spec.metrics_port, "/metrics")?;
+        ensure!(code == 200, "/metrics answered {code}");
+        let sum = |prefix: &str| -> u64 {
+            body.lines()
+                .filter(|l| l.starts_with(prefix))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>() as u64
+        };
+        Ok(Counters {
+            pairs_outbound: sum("meshlane_pairs_total{hop=\"outbound\"}"),
+            pairs_inbound: sum("meshlane_pairs_total{hop=\"inbound\"}"),
+            redirected_bytes: sum("meshlane_redirected_bytes_total{"),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, wait, then check that nothing is left: no pin directory, no sock_ops program
+    /// on the cgroup.
+    pub fn stop(mut self) -> Result<()> {
+        self.terminate();
+        ensure_detached(&self.spec.pin_dir, &self.spec.cgroup)
+    }
+
+    fn terminate(&mut self) {
+        if self.child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.terminate();
+        let _ = std::fs::remove_file(&self.spec.api_socket);
+        if let Err(e) = meshlane::datapath::detach(&self.spec.pin_dir) {
+            eprintln!("cleanup: detach {}: {e:#}", self.spec.pin_dir.display());
+        }
+    }
+}
+
+/// Node counters of one moment.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Counters {
+    pub pairs_outbound: u64,
+    pub pairs_inbound: u64,
+    pub redirected_bytes: u64,
+}
+
+impl Counters {
+    pub fn since(&self, before: &Counters) -> Counters {
+        Counters {
+            pairs_outbound: self.pairs_outbound.saturating_sub(before.pairs_outbound),
+            pairs_inbound: self.pairs_inbound.saturating_sub(before.pairs_inbound),
+            redirected_bytes: self
+                .redirected_bytes
+                .saturating_sub(before.redirected_bytes),
+        }
+    }
+}
+
+/// Fails unless the pin directory is gone and `bpftool cgroup show` lists no program on the
+/// cgroup (when bpftool is installed).
+pub fn ensure_detached(pin_dir: &Path, cgroup: &Path) -> Result<()> {
+    ensure!(
+        !pin_dir.exists(),
+        "{} still exists after the daemon stopped",
+        pin_dir.display()
+    );
+    if let Ok(out) = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(cgroup)
+        .stderr(Stdio::null())
+        .output()
+    {
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            !text.contains("sock_ops"),
+            "a sock_ops program is still attached to {}:\n{text}",
+            cgroup.display()
+        );
+    }
+    Ok(())
+}
+
+/// A TCP port free on 127.0.0.1 right now.
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_secs(2),
+    )?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("not an HTTP answer")?;
+    Ok((code, body.to_string()))
+}

@@ -1,0 +1,113 @@
+//! The relay-chain suite (`--suite relay`): before/after latency of the relay chain.
+//!
+//! client app -> (REDIRECT) -> client sidecar -> veth -> (REDIRECT) -> server sidecar -> server app
+//!
+//! The sidecars are minimesh relays (uid 1337, SO_ORIGINAL_DST), so both local hops of both pods
+//! are what meshlane accelerates. Each round runs one scenario on a fresh connection; scenarios
+//! alternate round by round (plain, meshlane, plain, ...) so drift on this noisy machine hits both
+//! alike. Reported: per-round percentiles, then the median over rounds with the min..max spread.
+//! "plain" means no meshlane program loaded at all; "meshlane" means loaded, attached, pods listed.
+//! The datapath is loaded in-process here; the Envoy suite runs the real daemon.
+
+use std::{
+    net::SocketAddrV4,
+    path::PathBuf,
+    sync::atomic::{AtomicBool, Ordering},
+};
+
+use anyhow::{bail, Context, Result};
+use meshlane::datapath::{self, Datapath, Options};
+use minimesh::{CaptureConfig, Cgroup, EchoServer, TwoPods};
+
+use crate::{measure, report, Args};
+
+pub const SCENARIOS: [&str; 2] = ["plain", "meshlane"];
+
+/// Runs the suite and prints/writes its results (nothing when interrupted).
+pub fn suite(args: &Args, stop: &AtomicBool) -> Result<()> {
+    let results = run(args, stop)?;
+    if stop.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    report::print(args, &results);
+    report::write(args, &results)
+}
+
+/// One scenario's measurements in one round.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Round {
+    pub scenario: &'static str,
+    pub round: usize,
+    pub rtt: measure::Percentiles,
+    pub connect: measure::Percentiles,
+    pub pairs: u64,
+    pub redirected_bytes: u64,
+}
+
+pub fn run(args: &Args, stop: &AtomicBool) -> Result<Vec<Round>> {
+    let cgroup = Cgroup::new("bench")?;
+    let _inside = cgroup.enter()?;
+    let mesh = TwoPods::new(201, CaptureConfig::default(), CaptureConfig::default())?;
+    let dst = SocketAddrV4::new(mesh.server.ip, 8080);
+    let _app = EchoServer::spawn(&mesh.server.ns, dst)?;
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/meshlane-bench-{}", std::process::id()));
+    let opts = Options {
+        pin_dir: pin_dir.clone(),
+        cgroup: cgroup.path().to_path_buf(),
+    };
+    let mut out = Vec::new();
+    let total = args.rounds * SCENARIOS.len();
+    for round in 0..args.rounds {
+        for (k, &scenario) in SCENARIOS.iter().enumerate() {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(out);
+            }
+            let dp = if scenario == "meshlane" {
+                Some(attach(&opts, &mesh)?)
+            } else {
+                None
+            };
+            let rtt = measure::pingpong(&mesh.client.ns, dst, 64, args.pingpongs)?;
+            let connect = measure::connects(&mesh.client.ns, dst, args.connects)?;
+            let (pairs, redirected_bytes) = match &dp {
+                Some(dp) => {
+                    let c = dp.counters()?;
+                    (c.pairs(), c.redirected_bytes())
+                }
+                None => (0, 0),
+            };
+            drop(dp);
+            datapath::detach(&pin_dir)?;
+            if scenario == "meshlane" && pairs == 0 {
+                bail!("the meshlane scenario paired nothing; the numbers would be meaningless");
+            }
+            eprintln!(
+                "[{:>2}/{total}] {scenario:<8} rtt p50 {:>6.1} us  p99 {:>6.1} us  connect p50 {:>6.1} us  pairs {pairs}",
+                round * SCENARIOS.len() + k + 1,
+                rtt.p50_us,
+                rtt.p99_us,
+                connect.p50_us
+            );
+            out.push(Round {
+                scenario,
+                round,
+                rtt,
+                connect,
+                pairs,
+                redirected_bytes,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Loads the datapath on the bench cgroup and lists both pods.
+fn attach(opts: &Options, mesh: &TwoPods) -> Result<Datapath> {
+    let mut dp = Datapath::open(opts).context("load meshlane")?;
+    for pod in [&mesh.client, &mesh.server] {
+        // minimesh installs istio-init's default capture, so the model is Istio's defaults.
+        let model = meshlane::model::Pod::with_istio_defaults(pod.ns.name(), pod.ns.path());
+        dp.set_pod(pod.ns.cookie()?, &meshlane::policy::pod_policy(&model)?)?;
+    }
+    Ok(dp)
+}

@@ -1,0 +1,268 @@
+//! The Envoy suite (default): scenarios A (no mesh), B (Envoy sidecars with istio-init's
+//! capture) and C (B plus the meshlane daemon), interleaved round by round on one mini-mesh.
+//!
+//! ```text
+//! A  client ns ------------------------------veth-----------------------------> server ns app
+//! B  app -REDIRECT 15001-> Envoy -veth-> REDIRECT 15006 -> Envoy -127.0.0.6-> app
+//! C  B, with `meshlane run --discovery local` attached to the benchmark's cgroup
+//! ```
+//!
+//! Each scenario round starts fresh apps (so no pooled upstream connection of Envoy outlives a
+//! round) and opens fresh connections. C rounds start the real daemon and wait until `/readyz`
+//! is 200 and `meshlane status` shows both pods accelerated; each C workload must move the
+//! pair counters by at least its connection count, or its numbers are discarded and counted as
+//! rejected. B rounds run with the daemon stopped (SIGTERM with `--detach-on-exit`) and are
+//! checked to have no pins and no sock_ops program on the cgroup.
+
+use std::{
+    net::SocketAddrV4,
+    path::PathBuf,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Instant,
+};
+
+use anyhow::{bail, Context, Result};
+use minimesh::{grpc::GrpcServer, BarePods, Cgroup, EchoServer, EnvoyPods, Nginx, Protocol};
+
+use crate::{
+    daemon::{self, Counters, Daemon, DaemonSpec},
+    summary,
+    workload::{self, Kind, Measured, Targets, Workload},
+    Args,
+};
+
+pub const SCENARIOS: [&str; 3] = ["A", "B", "C"];
+const ECHO: u16 = 8080;
+const HTTP: u16 = 8081;
+const GRPC: u16 = 8082;
+
+/// One workload in one scenario round.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Row {
+    pub scenario: &'static str,
+    pub round: usize,
+    pub workload: String,
+    #[serde(flatten)]
+    pub measured: Measured,
+    /// CPU (user+system) of client, sidecars, server apps and daemon, per request, in µs.
+    pub cpu_us_per_req: f64,
+    /// C only: what the daemon's counters moved by during this workload.
+    pub counters: Option<Counters>,
+    /// C only: false when the counters show the workload was not accelerated (row discarded).
+    pub accelerated: bool,
+}
+
+/// The workload matrix, counts scaled by `scale`.
+pub fn workloads(scale: f64) -> Vec<Workload> {
+    let n = |base: usize| ((base as f64 * scale).round() as usize).max(5);
+    let mut v = Vec::new();
+    let mut add = |name: &str, kind, size, conns, count| {
+        v.push(Workload {
+            name: name.to_string(),
+            kind,
+            size,
+            conns,
+            count,
+        })
+    };
+    add("tcp 64B x1", Kind::TcpPingPong, 64, 1, n(2000));
+    add("tcp 1KiB x1", Kind::TcpPingPong, 1024, 1, n(2000));
+    add("tcp 16KiB x1", Kind::TcpPingPong, 16 << 10, 1, n(1000));
+    add("tcp 64KiB x1", Kind::TcpPingPong, 64 << 10, 1, n(500));
+    add("tcp 64B x16", Kind::TcpPingPong, 64, 16, n(200));
+    add("tcp 64B x64", Kind::TcpPingPong, 64, 64, n(50));
+    add("http 1KiB x1", Kind::Http, 1024, 1, n(1000));
+    add("http 1KiB x16", Kind::Http, 1024, 16, n(100));
+    add("http 1KiB x64", Kind::Http, 1024, 64, n(30));
+    add("grpc 1KiB x1", Kind::Grpc, 1024, 1, n(500));
+    add("grpc 1KiB x16", Kind::Grpc, 1024, 16, n(50));
+    add("connect+close", Kind::Connect, 1, 1, n(300));
+    let bulk = ((64 << 20) as f64 * scale).max((2 << 20) as f64) as usize;
+    add("bulk 64KiB writes", Kind::Bulk, 64 << 10, 1, bulk);
+    add("bulk 1MiB writes", Kind::Bulk, 1 << 20, 1, bulk);
+    v
+}
+
+/// The apps of one scenario round, fresh each time.
+struct Apps {
+    // Dropped in order; nginx killed, servers stop listening.
+    _echo: EchoServer,
+    nginx: Nginx,
+    _grpc: GrpcServer,
+}
+
+impl Apps {
+    fn start(ns: &minimesh::Netns, ip: std::net::Ipv4Addr) -> Result<Apps> {
+        Ok(Apps {
+            _echo: EchoServer::spawn(ns, SocketAddrV4::new(ip, ECHO))?,
+            nginx: Nginx::spawn(ns, SocketAddrV4::new(ip, HTTP))?,
+            _grpc: GrpcServer::spawn(ns, SocketAddrV4::new(ip, GRPC))?,
+        })
+    }
+}
+
+/// Runs the suite; prints and writes the results unless interrupted.
+pub fn suite(args: &Args, stop: &AtomicBool) -> Result<()> {
+    let scale = if args.smoke { 0.02 } else { args.scale };
+    let rounds = if args.smoke { 1 } else { args.rounds };
+    let matrix = workloads(scale);
+    let started = Instant::now();
+
+    let cgroup = Cgroup::new("bench")?;
+    let _inside = cgroup.enter()?;
+    eprintln!("[bench] building the mini-mesh: no-mesh pods (A) and two Envoy pods (B, C)");
+    let bare = BarePods::new(211)?;
+    let services = [
+        ("echo".to_string(), ECHO, Protocol::Tcp),
+        ("web".to_string(), HTTP, Protocol::Http),
+        ("grpc".to_string(), GRPC, Protocol::Http),
+    ];
+    let mesh = EnvoyPods::new(212, &services).context("Envoy pods")?;
+    let id = std::process::id();
+    let spec = DaemonSpec {
+        bin: args.meshlane_bin()?,
+        pin_dir: PathBuf::from(format!("/sys/fs/bpf/meshlane-bench-{id}")),
+        cgroup: cgroup.path().to_path_buf(),
+        api_socket: std::env::temp_dir().join(format!("meshlane-bench-{id}.sock")),
+        metrics_port: daemon::free_port()?,
+        log: std::env::temp_dir().join(format!("meshlane-bench-{id}.log")),
+        cookies: [mesh.client.ns.cookie()?, mesh.server.ns.cookie()?],
+    };
+    let _log = RemoveOnDrop(spec.log.clone());
+    daemon::ensure_detached(&spec.pin_dir, &spec.cgroup)?;
+
+    let mut rows: Vec<Row> = Vec::new();
+    let steps = rounds * SCENARIOS.len();
+    let mut step = 0;
+    for round in 0..rounds {
+        for k in 0..SCENARIOS.len() {
+            // Rotate the order each round so no scenario always runs first or last.
+            let scenario = SCENARIOS[(k + round) % SCENARIOS.len()];
+            if stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            step += 1;
+            let t0 = Instant::now();
+            let got = scenario_round(scenario, round, &matrix, &bare, &mesh, &spec, stop)?;
+            if stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let elapsed = started.elapsed().as_secs_f64();
+            let left = elapsed / step as f64 * (steps - step) as f64;
+            let key = |name: &str| {
+                got.iter()
+                    .find(|r| r.workload == name)
+                    .map(|r| r.measured.latency.p50_us)
+                    .unwrap_or(f64::NAN)
+            };
+            let rejected = got.iter().filter(|r| !r.accelerated).count();
+            eprintln!(
+                "[{step:>2}/{steps}] round {} {scenario}: tcp 64B p50 {:.1} us, http p50 {:.1} us, grpc p50 {:.1} us ({:.1} s){}; {:.0} s elapsed, ~{:.0} s left",
+                round + 1,
+                key("tcp 64B x1"),
+                key("http 1KiB x1"),
+                key("grpc 1KiB x1"),
+                t0.elapsed().as_secs_f64(),
+                if rejected > 0 { format!(", {rejected} workloads NOT accelerated (discarded)") } else { String::new() },
+                elapsed,
+                left,
+            );
+            rows.extend(got);
+        }
+    }
+    let accepted_c = rows
+        .iter()
+        .filter(|r| r.scenario == "C" && r.accelerated)
+        .count();
+    if accepted_c == 0 {
+        bail!("no C workload was accelerated; the comparison would be meaningless");
+    }
+    let report = summary::Report::new(args, rounds, scale, &matrix, rows);
+    println!("{}", report.table());
+    report.write(&args.out)?;
+    eprintln!(
+        "[bench] wrote {}/results.json, results.md and plots in {:.0} s",
+        args.out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn scenario_round(
+    scenario: &'static str,
+    round: usize,
+    matrix: &[Workload],
+    bare: &BarePods,
+    mesh: &EnvoyPods,
+    spec: &DaemonSpec,
+    stop: &AtomicBool,
+) -> Result<Vec<Row>> {
+    let (client_ns, server_ns, server_ip) = match scenario {
+        "A" => (&bare.client, &bare.server, bare.server_ip),
+        _ => (&mesh.client.ns, &mesh.server.ns, mesh.server.ip),
+    };
+    let apps = Apps::start(server_ns, server_ip)?;
+    let targets = Targets {
+        echo: SocketAddrV4::new(server_ip, ECHO),
+        http: SocketAddrV4::new(server_ip, HTTP),
+        grpc: SocketAddrV4::new(server_ip, GRPC),
+    };
+    let daemon = match scenario {
+        "C" => Some(Daemon::start(spec)?),
+        _ => {
+            daemon::ensure_detached(&spec.pin_dir, &spec.cgroup)?;
+            None
+        }
+    };
+    let mut pids = vec![std::process::id(), apps.nginx.pid()];
+    if scenario != "A" {
+        pids.extend([mesh.client_envoy.pid(), mesh.server_envoy.pid()]);
+    }
+    if let Some(d) = &daemon {
+        pids.push(d.pid());
+    }
+    let mut rows = Vec::new();
+    for w in matrix {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let before = daemon.as_ref().map(Daemon::counters).transpose()?;
+        let cpu0 = workload::cpu_us(&pids);
+        let measured = workload::run(w, client_ns, targets)
+            .with_context(|| format!("{} in scenario {scenario}, round {}", w.name, round + 1))?;
+        let cpu = workload::cpu_us(&pids).saturating_sub(cpu0);
+        let counters = match (&daemon, before) {
+            (Some(d), Some(b)) => Some(d.counters()?.since(&b)),
+            _ => None,
+        };
+        let conns = match w.kind {
+            Kind::Connect => w.count,
+            _ => w.conns,
+        } as u64;
+        // Every connection the client opened must have been paired with its sidecar, and
+        // bytes must have been redirected; otherwise this is not a C measurement.
+        let accelerated =
+            counters.is_none_or(|c| c.pairs_outbound >= conns && c.redirected_bytes > 0);
+        rows.push(Row {
+            scenario,
+            round,
+            workload: w.name.clone(),
+            cpu_us_per_req: cpu as f64 / measured.requests.max(1) as f64,
+            measured,
+            counters,
+            accelerated,
+        });
+    }
+    if let Some(d) = daemon {
+        d.stop()?;
+    }
+    drop(apps);
+    Ok(rows)
+}
+
+struct RemoveOnDrop(PathBuf);
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

@@ -1,0 +1,440 @@
+//! The Envoy suite's results: medians over rounds with min..max spread, C/B ratios and the share
+//! of the sidecar tax (B - A) that C removes; as a table, JSON, Markdown and SVG plots.
+
+use std::{fmt::Write as _, path::Path};
+
+use anyhow::Result;
+
+use crate::{
+    report::Spread,
+    suite::{Row, SCENARIOS},
+    workload::{Kind, Workload},
+    Args,
+};
+
+type Metric = (&'static str, fn(&Row) -> f64);
+
+/// The per-round metrics summarised.
+const METRICS: [Metric; 6] = [
+    ("p50_us", |r| r.measured.latency.p50_us),
+    ("p90_us", |r| r.measured.latency.p90_us),
+    ("p99_us", |r| r.measured.latency.p99_us),
+    ("p999_us", |r| r.measured.latency.p999_us),
+    ("throughput", |r| r.measured.throughput),
+    ("cpu_us_per_req", |r| r.cpu_us_per_req),
+];
+
+/// One workload's summary: per scenario and metric, the spread over the accepted rounds.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WorkloadSummary {
+    pub workload: Workload,
+    /// `[scenario][metric]`, scenarios A, B, C; metrics as [`METRICS`].
+    pub spreads: Vec<Vec<(String, Spread)>>,
+    /// Rounds that count, per scenario (C rounds whose counters did not move are left out).
+    pub rounds: Vec<usize>,
+}
+
+impl WorkloadSummary {
+    fn get(&self, scenario: usize, metric: usize) -> Spread {
+        self.spreads[scenario][metric].1
+    }
+    fn ratio(&self, metric: usize) -> f64 {
+        self.get(2, metric).median / self.get(1, metric).median
+    }
+    /// (B - C) / (B - A): the share of the sidecar tax that meshlane removes.
+    fn tax_removed(&self, metric: usize) -> f64 {
+        let (a, b, c) = (
+            self.get(0, metric).median,
+            self.get(1, metric).median,
+            self.get(2, metric).median,
+        );
+        // Meaningless when the sidecars add nothing (connect() to a local sidecar is faster
+        // than a handshake across the veth).
+        if b - a > 0.05 * b {
+            (b - c) / (b - a)
+        } else {
+            f64::NAN
+        }
+    }
+}
+
+pub struct Report {
+    pub rounds: usize,
+    pub scale: f64,
+    pub smoke: bool,
+    pub rows: Vec<Row>,
+    pub summaries: Vec<WorkloadSummary>,
+}
+
+fn spread(mut v: Vec<f64>) -> Spread {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    };
+    Spread {
+        median,
+        min: v.first().copied().unwrap_or(f64::NAN),
+        max: v.last().copied().unwrap_or(f64::NAN),
+    }
+}
+
+fn fmt(s: Spread) -> String {
+    let p = |x: f64| {
+        if x >= 1000.0 {
+            format!("{x:.0}")
+        } else {
+            format!("{x:.1}")
+        }
+    };
+    format!("{} [{}..{}]", p(s.median), p(s.min), p(s.max))
+}
+
+impl Report {
+    pub fn new(
+        args: &Args,
+        rounds: usize,
+        scale: f64,
+        matrix: &[Workload],
+        rows: Vec<Row>,
+    ) -> Report {
+        let summaries = matrix
+            .iter()
+            .map(|w| {
+                let of = |sc: &str| -> Vec<&Row> {
+                    rows.iter()
+                        .filter(|r| r.workload == w.name && r.scenario == sc && r.accelerated)
+                        .collect()
+                };
+                WorkloadSummary {
+                    workload: w.clone(),
+                    spreads: SCENARIOS
+                        .iter()
+                        .map(|sc| {
+                            METRICS
+                                .iter()
+                                .map(|(name, f)| {
+                                    (
+                                        name.to_string(),
+                                        spread(of(sc).into_iter().map(f).collect()),
+                                    )
+                                })
+                                .collect()
+                        })
+                        .collect(),
+                    rounds: SCENARIOS.iter().map(|sc| of(sc).len()).collect(),
+                }
+            })
+            .collect();
+        Report {
+            rounds,
+            scale,
+            smoke: args.smoke,
+            rows,
+            summaries,
+        }
+    }
+
+    /// The Markdown table printed on stdout and written to results.md.
+    pub fn table(&self) -> String {
+        let mut t = String::new();
+        let rejected = self.rows.iter().filter(|r| !r.accelerated).count();
+        let _ = writeln!(
+            t,
+            "Envoy mini-mesh: A = no mesh, B = Envoy sidecars (iptables capture), C = B + meshlane daemon\n\
+             {} interleaved rounds per scenario (scale {}){}; median over rounds [min..max]\n\
+             latency in us; C/B below 1 means meshlane is faster; tax removed = (B - C) / (B - A)\n\
+             C workloads discarded because the daemon's counters did not move: {rejected}\n",
+            self.rounds,
+            self.scale,
+            if self.smoke { ", SMOKE RUN: numbers mean nothing" } else { "" },
+        );
+        let _ = writeln!(
+            t,
+            "| workload | A p50 | B p50 | C p50 | C/B p50 | tax removed p50 | A p99 | B p99 | C p99 | C/B p99 | tax removed p99 |"
+        );
+        let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|---|---|");
+        for s in self
+            .summaries
+            .iter()
+            .filter(|s| s.workload.kind != Kind::Bulk)
+        {
+            let _ = writeln!(
+                t,
+                "| {} | {} | {} | {} | {:.2} | {} | {} | {} | {} | {:.2} | {} |",
+                s.workload.name,
+                fmt(s.get(0, 0)),
+                fmt(s.get(1, 0)),
+                fmt(s.get(2, 0)),
+                s.ratio(0),
+                pct(s.tax_removed(0)),
+                fmt(s.get(0, 2)),
+                fmt(s.get(1, 2)),
+                fmt(s.get(2, 2)),
+                s.ratio(2),
+                pct(s.tax_removed(2)),
+            );
+        }
+        let _ = writeln!(
+            t,
+            "\nThroughput (requests/s; bulk: MiB/s echoed) and CPU per request (us, user+system of \
+             client, sidecars, server apps and, in C, the daemon; from /proc, 10 ms ticks):\n"
+        );
+        let _ = writeln!(
+            t,
+            "| workload | A thr | B thr | C thr | C/B thr | B cpu/req | C cpu/req | C/B cpu |"
+        );
+        let _ = writeln!(t, "|---|---|---|---|---|---|---|---|");
+        for s in &self.summaries {
+            let _ = writeln!(
+                t,
+                "| {} | {} | {} | {} | {:.2} | {} | {} | {:.2} |",
+                s.workload.name,
+                fmt(s.get(0, 4)),
+                fmt(s.get(1, 4)),
+                fmt(s.get(2, 4)),
+                s.ratio(4),
+                fmt(s.get(1, 5)),
+                fmt(s.get(2, 5)),
+                s.ratio(5),
+            );
+        }
+        t
+    }
+
+    fn tails(&self) -> String {
+        let mut t = String::from(
+            "\n| workload | A p90 | B p90 | C p90 | A p99.9 | B p99.9 | C p99.9 | C/B p99.9 |\n|---|---|---|---|---|---|---|---|\n",
+        );
+        for s in self
+            .summaries
+            .iter()
+            .filter(|s| s.workload.kind != Kind::Bulk)
+        {
+            let _ = writeln!(
+                t,
+                "| {} | {} | {} | {} | {} | {} | {} | {:.2} |",
+                s.workload.name,
+                fmt(s.get(0, 1)),
+                fmt(s.get(1, 1)),
+                fmt(s.get(2, 1)),
+                fmt(s.get(0, 3)),
+                fmt(s.get(1, 3)),
+                fmt(s.get(2, 3)),
+                s.ratio(3),
+            );
+        }
+        t
+    }
+
+    pub fn write(&self, out: &Path) -> Result<()> {
+        std::fs::create_dir_all(out)?;
+        let json = serde_json::json!({
+            "rounds": self.rounds,
+            "scale": self.scale,
+            "smoke": self.smoke,
+            "scenarios": {"A": "no mesh", "B": "Envoy sidecars, iptables capture", "C": "B + meshlane daemon (local discovery)"},
+            "summary": self.summaries.iter().map(|s| serde_json::json!({
+                "workload": s.workload,
+                "rounds": s.rounds,
+                "A": s.spreads[0].iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+                "B": s.spreads[1].iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+                "C": s.spreads[2].iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+                "c_over_b": {"p50": s.ratio(0), "p99": s.ratio(2), "throughput": s.ratio(4), "cpu_us_per_req": s.ratio(5)},
+                "tax_removed": {"p50": s.tax_removed(0), "p99": s.tax_removed(2)},
+            })).collect::<Vec<_>>(),
+            "rows": self.rows,
+        });
+        // NaN (an empty scenario) is not JSON: serde_json writes null.
+        std::fs::write(
+            out.join("results.json"),
+            serde_json::to_string_pretty(&json)?,
+        )?;
+        let md = format!(
+            "{}\nTail percentiles:\n{}\n![latency](latency.svg)\n\n![ratio per size](ratio.svg)\n",
+            self.table(),
+            self.tails()
+        );
+        std::fs::write(out.join("results.md"), md)?;
+        std::fs::write(out.join("latency.svg"), self.latency_svg())?;
+        std::fs::write(out.join("ratio.svg"), self.ratio_svg())?;
+        Ok(())
+    }
+
+    /// Grouped bars: for each latency workload, p50 and p99 of A, B, C (log scale).
+    fn latency_svg(&self) -> String {
+        let ws: Vec<&WorkloadSummary> = self
+            .summaries
+            .iter()
+            .filter(|s| s.workload.kind != Kind::Bulk)
+            .collect();
+        let colors = ["#7f7f7f", "#d62728", "#2ca02c"];
+        let (w, h, left, bottom, top) = (90.0 * ws.len() as f64 + 80.0, 420.0, 60.0, 110.0, 40.0);
+        let plot_h = h - bottom - top;
+        let max = ws
+            .iter()
+            .flat_map(|s| (0..3).map(move |k| s.get(k, 2).median))
+            .filter(|x| x.is_finite())
+            .fold(10.0_f64, f64::max);
+        let (lo, hi) = (1.0_f64.log10(), max.log10().ceil());
+        let y = |v: f64| top + plot_h * (1.0 - (v.max(1.0).log10() - lo) / (hi - lo));
+        let mut s = svg_head(
+            w,
+            h,
+            "Latency per scenario: bar = p50, tick = p99 (us, log scale)",
+        );
+        let mut e = 0;
+        while (e as f64) <= hi {
+            let v = 10f64.powi(e);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{left}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end" font-size="11">{v}</text>"##,
+                w - 10.0,
+                left - 4.0,
+                y(v) + 4.0,
+                y = y(v)
+            );
+            e += 1;
+        }
+        for (i, ws) in ws.iter().enumerate() {
+            let x0 = left + 10.0 + 90.0 * i as f64;
+            for k in 0..3 {
+                let (p50, p99) = (ws.get(k, 0).median, ws.get(k, 2).median);
+                if !p50.is_finite() {
+                    continue;
+                }
+                let x = x0 + 22.0 * k as f64;
+                let _ = writeln!(
+                    s,
+                    r#"<rect x="{x:.1}" y="{:.1}" width="18" height="{:.1}" fill="{}"><title>{} {}: p50 {p50:.1} us, p99 {p99:.1} us</title></rect><line x1="{x:.1}" x2="{:.1}" y1="{:.1}" y2="{:.1}" stroke="black" stroke-width="2"/>"#,
+                    y(p50),
+                    (h - bottom) - y(p50),
+                    colors[k],
+                    ws.workload.name,
+                    SCENARIOS[k],
+                    x + 18.0,
+                    y(p99),
+                    y(p99),
+                );
+            }
+            let _ = writeln!(
+                s,
+                r#"<text transform="translate({:.1},{:.1}) rotate(-40)" font-size="11" text-anchor="end">{}</text>"#,
+                x0 + 40.0,
+                h - bottom + 14.0,
+                ws.workload.name
+            );
+        }
+        legend(
+            &mut s,
+            w,
+            &["A no mesh", "B Envoy", "C Envoy + meshlane"],
+            &colors,
+        );
+        s.push_str("</svg>\n");
+        s
+    }
+
+    /// C/B of p50 and p99 per TCP ping-pong message size, with the 1.0 line.
+    fn ratio_svg(&self) -> String {
+        let ws: Vec<&WorkloadSummary> = self
+            .summaries
+            .iter()
+            .filter(|s| s.workload.kind == Kind::TcpPingPong && s.workload.conns == 1)
+            .collect();
+        let colors = ["#1f77b4", "#ff7f0e"];
+        let (w, h, left, bottom, top) = (100.0 * ws.len() as f64 + 100.0, 360.0, 60.0, 50.0, 40.0);
+        let plot_h = h - bottom - top;
+        let hi = ws
+            .iter()
+            .flat_map(|s| [s.ratio(0), s.ratio(2)])
+            .filter(|x| x.is_finite())
+            .fold(1.2_f64, f64::max);
+        let y = |v: f64| top + plot_h * (1.0 - v / hi);
+        let mut s = svg_head(
+            w,
+            h,
+            "C/B latency ratio per TCP message size (below 1: meshlane faster)",
+        );
+        for k in 0..=((hi / 0.2) as usize) {
+            let v = 0.2 * k as f64;
+            let _ = writeln!(
+                s,
+                r##"<line x1="{left}" x2="{}" y1="{yv:.1}" y2="{yv:.1}" stroke="{}"/><text x="{}" y="{:.1}" text-anchor="end" font-size="11">{v:.1}</text>"##,
+                w - 10.0,
+                if (v - 1.0).abs() < 1e-9 {
+                    "#000"
+                } else {
+                    "#ddd"
+                },
+                left - 4.0,
+                y(v) + 4.0,
+                yv = y(v)
+            );
+        }
+        for (i, ws) in ws.iter().enumerate() {
+            let x0 = left + 20.0 + 100.0 * i as f64;
+            for (k, m) in [0, 2].into_iter().enumerate() {
+                let r = ws.ratio(m);
+                if !r.is_finite() {
+                    continue;
+                }
+                let x = x0 + 30.0 * k as f64;
+                let _ = writeln!(
+                    s,
+                    r#"<rect x="{x:.1}" y="{:.1}" width="26" height="{:.1}" fill="{}"><title>{r:.2}</title></rect><text x="{:.1}" y="{:.1}" font-size="10" text-anchor="middle">{r:.2}</text>"#,
+                    y(r),
+                    (h - bottom) - y(r),
+                    colors[k],
+                    x + 13.0,
+                    y(r) - 3.0
+                );
+            }
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{:.1}" font-size="11" text-anchor="middle">{}</text>"#,
+                x0 + 28.0,
+                h - bottom + 16.0,
+                ws.workload
+                    .name
+                    .trim_start_matches("tcp ")
+                    .trim_end_matches(" x1")
+            );
+        }
+        legend(&mut s, w, &["p50 C/B", "p99 C/B"], &colors);
+        s.push_str("</svg>\n");
+        s
+    }
+}
+
+fn pct(x: f64) -> String {
+    if x.is_finite() {
+        format!("{:.0}%", 100.0 * x)
+    } else {
+        "n/a".to_string()
+    }
+}
+
+fn svg_head(w: f64, h: f64, title: &str) -> String {
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"10\" y=\"20\" font-size=\"14\">{title}</text>\n"
+    )
+}
+
+fn legend(s: &mut String, w: f64, names: &[&str], colors: &[&str]) {
+    for (k, (n, c)) in names.iter().zip(colors).enumerate() {
+        let y = 30.0 + 14.0 * k as f64;
+        let _ = writeln!(
+            s,
+            r#"<rect x="{:.1}" y="{:.1}" width="10" height="10" fill="{c}"/><text x="{:.1}" y="{:.1}" font-size="11">{n}</text>"#,
+            w - 170.0,
+            y,
+            w - 155.0,
+            y + 9.0
+        );
+    }
+}

@@ -1,0 +1,281 @@
+//! The workloads of the Envoy suite: closed-loop load generators on blocking sockets, one thread
+//! per connection, every request timed, every reply checked. Percentiles are exact (sorted
+//! samples), not bucketed.
+
+use std::{
+    io::{BufReader, Read, Write},
+    net::{SocketAddrV4, TcpStream},
+    time::{Duration, Instant},
+};
+
+use anyhow::{ensure, Context, Result};
+use minimesh::{grpc::GrpcClient, Netns};
+
+use crate::measure::Percentiles;
+
+/// How long one reply may take before the workload fails.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What one workload does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Kind {
+    /// `size`-byte writes echoed back, through `tcp_proxy`.
+    TcpPingPong,
+    /// HTTP/1.1 keep-alive `GET /1k` from nginx, through the HTTP chains.
+    Http,
+    /// gRPC unary calls with `size`-byte payloads (tonic), through the HTTP chains (h2c).
+    Grpc,
+    /// connect(), one byte echoed, close: connection-setup cost.
+    Connect,
+    /// One connection streaming `total` bytes in `size`-byte writes to the echo server.
+    Bulk,
+}
+
+/// One workload of the matrix.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Workload {
+    pub name: String,
+    pub kind: Kind,
+    pub size: usize,
+    pub conns: usize,
+    /// Requests per connection (bulk: bytes in total).
+    pub count: usize,
+}
+
+/// What one workload measured in one round.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Measured {
+    pub latency: Percentiles,
+    /// Requests (or connect cycles) per second; bulk: MiB/s.
+    pub throughput: f64,
+    pub requests: u64,
+    pub wall_s: f64,
+}
+
+/// Where the workload's servers are, for one scenario.
+#[derive(Debug, Clone, Copy)]
+pub struct Targets {
+    pub echo: SocketAddrV4,
+    pub http: SocketAddrV4,
+    pub grpc: SocketAddrV4,
+}
+
+fn connect(ns: &Netns, dst: SocketAddrV4) -> Result<TcpStream> {
+    let s = ns
+        .run(|| TcpStream::connect_timeout(&dst.into(), Duration::from_secs(5)))?
+        .with_context(|| format!("connect to {dst}"))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(READ_TIMEOUT))?;
+    s.set_write_timeout(Some(Duration::from_secs(20)))?;
+    Ok(s)
+}
+
+/// Runs one workload from the client namespace.
+pub fn run(w: &Workload, ns: &Netns, t: Targets) -> Result<Measured> {
+    match w.kind {
+        Kind::TcpPingPong | Kind::Http | Kind::Grpc => closed_loop(w, ns, t),
+        Kind::Connect => connects(w, ns, t.echo),
+        Kind::Bulk => bulk(w, ns, t.echo),
+    }
+}
+
+/// `conns` connections opened first, then all of them run `count` requests each (after a 10%
+/// warm-up), started together.
+fn closed_loop(w: &Workload, ns: &Netns, t: Targets) -> Result<Measured> {
+    let warm = (w.count / 10).max(5);
+    let mut clients = Vec::with_capacity(w.conns);
+    for _ in 0..w.conns {
+        clients.push(Client::open(w, ns, t)?);
+    }
+    let barrier = std::sync::Barrier::new(w.conns + 1);
+    let (samples, wall) = std::thread::scope(|s| -> Result<(Vec<u64>, Duration)> {
+        let handles: Vec<_> = clients
+            .into_iter()
+            .map(|mut c| {
+                let barrier = &barrier;
+                s.spawn(move || -> Result<Vec<u64>> {
+                    let warmed = (0..warm).try_for_each(|_| c.request());
+                    // Reach the barrier even after a failure (a sidecar killed by Ctrl-C), or
+                    // every other thread and the caller would wait for this one forever.
+                    barrier.wait();
+                    warmed?;
+                    let mut v = Vec::with_capacity(w.count);
+                    for _ in 0..w.count {
+                        let t0 = Instant::now();
+                        c.request()?;
+                        v.push(t0.elapsed().as_nanos() as u64);
+                    }
+                    Ok(v)
+                })
+            })
+            .collect();
+        barrier.wait();
+        let t0 = Instant::now();
+        let mut all = Vec::with_capacity(w.conns * w.count);
+        let mut first_err = None;
+        for h in handles {
+            match h.join().expect("load thread") {
+                Ok(v) => all.extend(v),
+                Err(e) => first_err = first_err.or(Some(e)),
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        Ok((all, t0.elapsed()))
+    })?;
+    let n = samples.len() as u64;
+    Ok(Measured {
+        latency: Percentiles::of(samples),
+        throughput: n as f64 / wall.as_secs_f64(),
+        requests: n,
+        wall_s: wall.as_secs_f64(),
+    })
+}
+
+enum Client {
+    Tcp {
+        s: TcpStream,
+        msg: Vec<u8>,
+        buf: Vec<u8>,
+    },
+    Http(BufReader<TcpStream>, String),
+    Grpc(Box<GrpcClient>, usize),
+}
+
+impl Client {
+    fn open(w: &Workload, ns: &Netns, t: Targets) -> Result<Client> {
+        Ok(match w.kind {
+            Kind::TcpPingPong => Client::Tcp {
+                s: connect(ns, t.echo)?,
+                msg: (0..w.size).map(|i| (i % 251) as u8).collect(),
+                buf: vec![0; w.size],
+            },
+            Kind::Http => Client::Http(BufReader::new(connect(ns, t.http)?), t.http.to_string()),
+            Kind::Grpc => Client::Grpc(Box::new(GrpcClient::connect(ns, t.grpc)?), w.size),
+            Kind::Connect | Kind::Bulk => unreachable!("not a closed-loop workload"),
+        })
+    }
+
+    fn request(&mut self) -> Result<()> {
+        match self {
+            Client::Tcp { s, msg, buf } => {
+                s.write_all(msg)?;
+                read_exact_patient(s, buf)?;
+                ensure!(buf == msg, "echo returned different bytes");
+            }
+            Client::Http(conn, host) => {
+                let r = minimesh::nginx::get(conn, host, "/1k")?;
+                ensure!(
+                    r.status == 200 && r.body.len() == 1024,
+                    "GET /1k: {} with {} bytes",
+                    r.status,
+                    r.body.len()
+                );
+            }
+            Client::Grpc(c, size) => {
+                c.unary_latency(1, *size)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// connect() latency over `count` cycles of connect, 64 bytes echoed, close (only connect()
+/// timed); throughput is whole cycles per second. Not one byte: the server sidecar's
+/// `tls_inspector` holds a connection until it has seen enough bytes to rule out TLS.
+fn connects(w: &Workload, ns: &Netns, dst: SocketAddrV4) -> Result<Measured> {
+    ns.run(|| -> Result<Measured> {
+        let mut samples = Vec::with_capacity(w.count);
+        let t0 = Instant::now();
+        for _ in 0..w.count {
+            let t = Instant::now();
+            let mut s = TcpStream::connect_timeout(&dst.into(), Duration::from_secs(5))?;
+            samples.push(t.elapsed().as_nanos() as u64);
+            s.set_read_timeout(Some(READ_TIMEOUT))?;
+            s.write_all(&[b'x'; 64])?;
+            let mut b = [0u8; 64];
+            read_exact_patient(&mut s, &mut b)?;
+        }
+        let wall = t0.elapsed();
+        Ok(Measured {
+            latency: Percentiles::of(samples),
+            throughput: w.count as f64 / wall.as_secs_f64(),
+            requests: w.count as u64,
+            wall_s: wall.as_secs_f64(),
+        })
+    })?
+}
+
+/// One connection: a writer thread sends `count` bytes in `size`-byte writes, this thread reads
+/// the echo back; throughput in MiB/s of payload (each byte crosses the chain twice).
+fn bulk(w: &Workload, ns: &Netns, dst: SocketAddrV4) -> Result<Measured> {
+    let s = connect(ns, dst)?;
+    let chunk = vec![0x42u8; w.size];
+    let writes = w.count.div_ceil(w.size);
+    let total = writes * w.size;
+    let t0 = Instant::now();
+    std::thread::scope(|sc| -> Result<()> {
+        let mut ws = s.try_clone()?;
+        let writer = sc.spawn(move || -> Result<()> {
+            for _ in 0..writes {
+                ws.write_all(&chunk)?;
+            }
+            Ok(())
+        });
+        let mut rs = &s;
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut got = 0;
+        while got < total {
+            match rs.read(&mut buf) {
+                Ok(0) => anyhow::bail!("echo ended after {got} of {total} bytes"),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && t0.elapsed() < 6 * READ_TIMEOUT => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        writer.join().expect("bulk writer")
+    })?;
+    let wall = t0.elapsed();
+    Ok(Measured {
+        latency: Percentiles::default(),
+        throughput: total as f64 / (1 << 20) as f64 / wall.as_secs_f64(),
+        requests: writes as u64,
+        wall_s: wall.as_secs_f64(),
+    })
+}
+
+/// read_exact that waits out a spurious EAGAIN on a blocking socket (a kernel quirk of sockets in
+/// a sockmap; see the README) instead of failing the benchmark, but not a real read timeout.
+fn read_exact_patient(s: &mut TcpStream, mut buf: &mut [u8]) -> std::io::Result<()> {
+    let deadline = Instant::now() + READ_TIMEOUT;
+    while !buf.is_empty() {
+        match s.read(buf) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => buf = &mut buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// CPU time (user + system, all threads) of a set of processes, from /proc/<pid>/stat, in µs.
+pub fn cpu_us(pids: &[u32]) -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    pids.iter()
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // Fields after the parenthesised comm: state is field 3; utime, stime are 14, 15.
+            let rest = stat.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+            Some(ticks * 1_000_000 / hz)
+        })
+        .sum()
+}
