@@ -192,27 +192,20 @@ impl Counters {
     }
 }
 
-/// Fails unless the pin directory is gone and `bpftool cgroup show` lists no program on the
-/// cgroup (when bpftool is installed).
+/// Fails unless the pin directory is gone and no sock_ops program is attached to the cgroup
+/// (asked of the kernel directly, with BPF_PROG_QUERY).
 pub fn ensure_detached(pin_dir: &Path, cgroup: &Path) -> Result<()> {
     ensure!(
         !pin_dir.exists(),
         "{} still exists after the daemon stopped",
         pin_dir.display()
     );
-    if let Ok(out) = Command::new("bpftool")
-        .args(["cgroup", "show"])
-        .arg(cgroup)
-        .stderr(Stdio::null())
-        .output()
-    {
-        let text = String::from_utf8_lossy(&out.stdout);
-        ensure!(
-            !text.contains("sock_ops"),
-            "a sock_ops program is still attached to {}:\n{text}",
-            cgroup.display()
-        );
-    }
+    let attached = meshlane::datapath::sock_ops_attached(cgroup)?;
+    ensure!(
+        attached == 0,
+        "{attached} sock_ops program(s) still attached to {}",
+        cgroup.display()
+    );
     Ok(())
 }
 
