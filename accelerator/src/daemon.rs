@@ -20,7 +20,7 @@ use anyhow::Context as _;
 use crate::{
     config,
     datapath::{self, Datapath, Origin},
-    discovery::{self, kubernetes, Discoverer, Discovery},
+    discovery::{self, kubernetes, xds, Discoverer, Discovery},
     node, policy, probe,
     telemetry::{self, Phase, PodStatus, Shared},
 };
@@ -31,6 +31,8 @@ pub struct RunOptions {
     pub discovery: Option<discovery::Options>,
     /// Kubernetes discovery (pods of this node from the API server, netns from procfs); None: off.
     pub kubernetes: Option<kubernetes::Options>,
+    /// ADS server to cross-check each Kubernetes-discovered pod's capture ports against.
+    pub xds_server: Option<String>,
     pub config: Option<PathBuf>,
     pub resync: Duration,
     pub detach_on_exit: bool,
@@ -43,6 +45,7 @@ pub struct RunOptions {
 const CONFIG_SOURCE: &str = "config";
 const LOCAL_SOURCE: &str = "local";
 const KUBE_SOURCE: &str = "kubernetes";
+const XDS_SOURCE: &str = "xds";
 /// How long local discovery trusts a namespace's reading while its sidecar processes stay the
 /// same (a changed sidecar is read again at once).
 const DISCOVERY_REFRESH: Duration = Duration::from_secs(30);
@@ -86,6 +89,12 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
             .discovery
             .clone()
             .map(|o| Discoverer::new(o, DISCOVERY_REFRESH)),
+        xds: opts
+            .xds_server
+            .clone()
+            .map(xds::Pool::new)
+            .transpose()
+            .context("start the xDS runtime")?,
         config: opts.config.clone(),
         last_good: None,
         identities: BTreeMap::new(),
@@ -186,6 +195,8 @@ struct Sources {
     /// What discovered pods are attributed to in status.
     primary: &'static str,
     kube: Option<kubernetes::Source>,
+    /// One ADS stream per Kubernetes-discovered pod (--xds-server).
+    xds: Option<xds::Pool>,
     discoverer: Option<Discoverer>,
     config: Option<PathBuf>,
     /// The last pod list file that parsed; kept while a bad one is refused.
@@ -219,6 +230,7 @@ impl Sources {
             }
             d = snap.discovery;
             self.identities = snap.identities;
+            self.cross_check_xds(shared, &mut d);
         }
         if let Some(disc) = &mut self.discoverer {
             d = disc.pass();
@@ -243,6 +255,51 @@ impl Sources {
             }
         }
         Some(d)
+    }
+
+    /// Holds each pod against what its sidecar's own Listeners (xDS) say: a TPROXY sidecar is
+    /// declined, differing ports are noted (the capture rules win: they decide where traffic
+    /// goes). Pods xDS has not answered for yet pass as they are.
+    fn cross_check_xds(&mut self, shared: &Shared, d: &mut Discovery) {
+        let Some(pool) = &mut self.xds else { return };
+        let wanted: BTreeMap<String, String> = d
+            .pods
+            .iter()
+            .filter_map(|p| {
+                let (_, ips) = self.identities.get(&p.name)?;
+                let ip = ips.iter().find(|i| i.is_ipv4()).or(ips.first())?;
+                Some((p.name.clone(), xds::istio_node_id(&p.name, *ip)?))
+            })
+            .collect();
+        pool.sync(&wanted);
+        match pool.health() {
+            Ok(()) => source_ok(shared, XDS_SOURCE),
+            Err(e) => source_failed(shared, XDS_SOURCE, e),
+        }
+        let mut kept = Vec::with_capacity(d.pods.len());
+        for pod in std::mem::take(&mut d.pods) {
+            let Some(cap) = pool.status(&pod.name).and_then(|s| s.capture) else {
+                kept.push(pod);
+                continue;
+            };
+            match xds::cross_check(&pod, &cap) {
+                xds::Verdict::Agree => kept.push(pod),
+                xds::Verdict::Tproxy => d.skipped.push(discovery::Skipped {
+                    name: pod.name.clone(),
+                    netns: pod.netns.clone(),
+                    reason: discovery::Reason::Tproxy,
+                    detail: "xDS: the sidecar's virtualInbound listener is transparent (TPROXY interception)".into(),
+                }),
+                xds::Verdict::Differ(m) => {
+                    d.notes.push(discovery::Note {
+                        pod: pod.name.clone(),
+                        message: m,
+                    });
+                    kept.push(pod);
+                }
+            }
+        }
+        d.pods = kept;
     }
 
     /// Fills in the pod's UID and IPs, when the Kubernetes source knows the name.

@@ -25,6 +25,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start-up: the size of the `run` variant costs nothing worth boxing for.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Load (or adopt) the datapath and keep it in step with the pod list until stopped.
@@ -60,6 +62,11 @@ enum Command {
         /// The node's /proc (where each pod's network namespace is found by its UID).
         #[arg(long, default_value = "/proc")]
         proc_root: PathBuf,
+        /// Control plane to ask for each pod's Listener resources, as the pod's own sidecar
+        /// does (ADS, e.g. http://istiod.istio-system.svc:15010), to cross-check the capture
+        /// ports and spot TPROXY sidecars. Needs --discovery kubernetes (for each pod's identity).
+        #[arg(long, env = "MESHLANE_XDS_SERVER")]
+        xds_server: Option<String>,
         /// Pod list (TOML; see the README). Re-read every --resync and on SIGHUP. With
         /// discovery on, the file wins for the namespaces it names, and `accelerate = false`
         /// opts a discovered pod out.
@@ -182,6 +189,7 @@ fn main() -> ExitCode {
             node_name,
             kube_api,
             proc_root,
+            xds_server,
             config,
             resync,
             detach_on_exit,
@@ -189,6 +197,14 @@ fn main() -> ExitCode {
             metrics_addr,
             api_socket,
         } => kube_options(&discovery, node_name, kube_api, &proc_root)
+            .and_then(|k| {
+                if xds_server.is_some() && k.is_none() {
+                    anyhow::bail!(
+                        "--xds-server needs --discovery kubernetes: each pod's xDS identity (pod IP, name, namespace) comes from the API"
+                    );
+                }
+                Ok(k)
+            })
             .and_then(|kubernetes| {
                 Ok((
                     kubernetes,
@@ -203,6 +219,7 @@ fn main() -> ExitCode {
                         ..Default::default()
                     }),
                     kubernetes,
+                    xds_server,
                     config,
                     resync,
                     detach_on_exit,

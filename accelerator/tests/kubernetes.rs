@@ -1120,3 +1120,123 @@ fn daemon_follows_the_watch_into_the_policy_map() {
     assert!(in_map(&accel).is_some());
     daemon.terminate();
 }
+
+/// With --xds-server, each Kubernetes-discovered pod gets an ADS stream with its own sidecar
+/// identity; its Listeners are held against the pod's capture: differing ports are reported
+/// (the capture rules still decide), a transparent (TPROXY) inbound listener declines the pod.
+#[test]
+fn daemon_cross_checks_each_pod_against_its_sidecars_xds_listeners() {
+    let Some(py) = support::AdsServer::python() else {
+        return;
+    };
+    let Some(accel) = support::Accel::cgroup_only("daemon_cross_checks_xds") else {
+        return;
+    };
+    let ns = minimesh::Netns::new("kxds").expect("netns");
+    let cookie = ns.cookie().expect("cookie");
+    let tmp = TempDir::new("xds");
+    let uid = "1b4e28ba-2fa1-11d2-883f-0016d3cca427";
+    let proc_root = fake_proc(&tmp.0, &[uid]);
+    let link = proc_root.join("1000/ns/net");
+    std::fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(ns.path(), &link).unwrap();
+    let server = ApiServer::start(
+        vec![fixture("injected-istio-init.json")],
+        vec![namespace("bookinfo", json!({}))],
+    );
+    let xds_port = support::free_port();
+    // The sidecar's inbound listener is on 15016 while istio-init redirects to 15006.
+    let ads = support::AdsServer::start(
+        &py,
+        xds_port,
+        &json!([{"version": "1", "listeners": support::istio_listeners(15001, 15016, false)}]),
+        "differ",
+    );
+    let log = tmp.0.join("daemon.log");
+    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
+    let in_map = |accel: &support::Accel| {
+        meshlane::datapath::pinned_pods(&accel.pin_dir)
+            .map(|p| p.contains_key(&cookie))
+            .unwrap_or(false)
+    };
+    let start = |accel: &support::Accel| {
+        support::Daemon(
+            std::process::Command::new(env!("CARGO_BIN_EXE_meshlane"))
+                .arg("run")
+                .arg("--pin-dir")
+                .arg(&accel.pin_dir)
+                .arg("--cgroup")
+                .arg(accel.cgroup.path())
+                .arg("--api-socket")
+                .arg(&accel.api_socket)
+                .arg("--metrics-addr")
+                .arg(format!("127.0.0.1:{}", accel.metrics_port))
+                .args([
+                    "--discovery",
+                    "kubernetes",
+                    "--node-name",
+                    "node-a",
+                    "--kube-api",
+                ])
+                .arg(&server.addr)
+                .arg("--proc-root")
+                .arg(&proc_root)
+                .arg("--xds-server")
+                .arg(format!("http://127.0.0.1:{xds_port}"))
+                .args(["--resync", "200ms"])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .expect("start meshlane run"),
+        )
+    };
+    let mut daemon = start(&accel);
+    support::wait_until("the disagreement reported", || {
+        logs().contains("xDS and the capture rules disagree")
+    });
+    assert!(
+        logs().contains("inbound listener 15016, capture rules 15006"),
+        "{}",
+        logs()
+    );
+    support::wait_until("the pod accelerated (the rules decide)", || in_map(&accel));
+    // The stream was opened as the pod's own sidecar.
+    let reqs = ads.requests();
+    assert_eq!(
+        reqs[0]["node_id"],
+        "sidecar~10.244.1.17~reviews-v1-5b5d6494f4-abcde.bookinfo~bookinfo.svc.cluster.local",
+        "{reqs:#?}"
+    );
+    support::wait_until("xds source healthy", || {
+        support::try_status_json(&accel).is_some_and(|st| {
+            st["sources"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|x| x["name"] == "xds" && x["healthy"] == true))
+        })
+    });
+
+    // The control plane now says TPROXY: the pod is declined and leaves the map.
+    ads.stop();
+    let _ads = support::AdsServer::start(
+        &py,
+        xds_port,
+        &json!([{"version": "2", "listeners": support::istio_listeners(15001, 15006, true)}]),
+        "tproxy",
+    );
+    support::wait_until("the TPROXY pod out of the map", || !in_map(&accel));
+    let st = support::status_json(&accel);
+    let pod = st["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "bookinfo/reviews-v1-5b5d6494f4-abcde")
+        .cloned()
+        .expect("pod in status");
+    assert_eq!(pod["state"], "not_accelerated", "{pod}");
+    assert!(
+        pod["reason"].as_str().unwrap().contains("transparent"),
+        "{pod}"
+    );
+    daemon.terminate();
+}

@@ -4,102 +4,13 @@
 //! stays, and a restarted server must see the client come back and resubscribe. No privileges
 //! needed; everything listens on 127.0.0.1.
 
-use std::{
-    io::{BufRead, BufReader},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+mod support;
+
+use std::time::{Duration, Instant};
 
 use meshlane::discovery::xds::{Capture, Client, Config, Status};
-use serde_json::{json, Value};
-
-/// The venv scripts/setup.sh makes for this server.
-fn python() -> Option<PathBuf> {
-    let p = std::env::var_os("MESHLANE_XDS_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "/opt/meshlane-tools/xds-venv/bin/python".into());
-    if p.exists() {
-        return Some(p);
-    }
-    assert!(
-        std::env::var("CI").is_err(),
-        "{} is missing: scripts/setup.sh installs grpcio and xds-protos there",
-        p.display()
-    );
-    eprintln!("skipping: no {}", p.display());
-    None
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// One run of the scripted server; killed on drop.
-struct Server {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Server {
-    fn start(python: &PathBuf, port: u16, script: Value, tag: &str) -> Server {
-        let dir =
-            std::env::temp_dir().join(format!("meshlane-xds-{}-{port}-{tag}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let script_path = dir.join("script.json");
-        std::fs::write(&script_path, script.to_string()).unwrap();
-        let log = dir.join("requests.jsonl");
-        let _ = std::fs::remove_file(&log);
-        let mut child = Command::new(python)
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/xds/ads_server.py"
-            ))
-            .arg("--port")
-            .arg(port.to_string())
-            .arg("--script")
-            .arg(&script_path)
-            .arg("--log")
-            .arg(&log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start the ADS server");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line.trim(), "ready", "the ADS server did not start");
-        Server { child, log }
-    }
-
-    /// Every request the server received, in order.
-    fn requests(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
-
-    fn stop(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Some(dir) = self.log.parent() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
+use serde_json::json;
+use support::{free_port, istio_listeners, AdsServer};
 
 fn config(port: u16) -> Config {
     Config {
@@ -126,25 +37,17 @@ fn wait_for(client: &Client, what: &str, ok: impl Fn(&Status) -> bool) -> Status
     }
 }
 
-/// Istio's two capture listeners plus an ordinary per-service one.
-fn istio_listeners(outbound: u16, inbound: u16) -> Value {
-    json!([
-        {"name": "virtualOutbound", "port": outbound, "use_original_dst": true},
-        {"name": "virtualInbound", "port": inbound,
-         "listener_filters": ["envoy.filters.listener.original_dst", "envoy.filters.listener.tls_inspector"]},
-        {"name": "0.0.0.0_9080", "port": 9080}
-    ])
-}
-
 #[test]
 fn good_updates_are_acked_bad_ones_nacked_naming_the_field_and_the_last_good_kept() {
-    let Some(py) = python() else { return };
+    let Some(py) = AdsServer::python() else {
+        return;
+    };
     let port = free_port();
-    let server = Server::start(
+    let server = AdsServer::start(
         &py,
         port,
-        json!([
-            {"version": "1", "listeners": istio_listeners(15001, 15006)},
+        &json!([
+            {"version": "1", "listeners": istio_listeners(15001, 15006, false)},
             {"version": "2", "garbage": true},
             {"version": "3", "listeners": [{"name": "virtualInbound"}]},
             {"version": "4", "type_url": "type.googleapis.com/envoy.config.cluster.v3.Cluster"},
@@ -200,12 +103,14 @@ fn good_updates_are_acked_bad_ones_nacked_naming_the_field_and_the_last_good_kep
 
 #[test]
 fn a_restarted_server_sees_the_client_come_back_and_resubscribe() {
-    let Some(py) = python() else { return };
+    let Some(py) = AdsServer::python() else {
+        return;
+    };
     let port = free_port();
-    let first = Server::start(
+    let first = AdsServer::start(
         &py,
         port,
-        json!([{"version": "7", "listeners": istio_listeners(15001, 15006)}]),
+        &json!([{"version": "7", "listeners": istio_listeners(15001, 15006, false)}]),
         "first",
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -222,10 +127,10 @@ fn a_restarted_server_sees_the_client_come_back_and_resubscribe() {
     );
     // Let a few reconnect attempts fail (backoff), then bring the server back.
     std::thread::sleep(Duration::from_millis(700));
-    let second = Server::start(
+    let second = AdsServer::start(
         &py,
         port,
-        json!([{"version": "8", "listeners": istio_listeners(15011, 15016)}]),
+        &json!([{"version": "8", "listeners": istio_listeners(15011, 15016, false)}]),
         "second",
     );
     let st = wait_for(&client, "the update from the restarted server", |s| {

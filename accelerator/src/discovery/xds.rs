@@ -325,6 +325,120 @@ fn judge(resp: &DiscoveryResponse, shared: &Shared) -> DiscoveryRequest {
     }
 }
 
+/// Istio's node id for a sidecar: `sidecar~<pod ip>~<pod>.<namespace>~<namespace>.svc.cluster.local`,
+/// from a pod named `<namespace>/<pod>`.
+pub fn istio_node_id(pod: &str, ip: std::net::IpAddr) -> Option<String> {
+    let (ns, name) = pod.split_once('/')?;
+    Some(format!("sidecar~{ip}~{name}.{ns}~{ns}.svc.cluster.local"))
+}
+
+/// What the sidecar's own listeners say, held against the capture the pod was mapped with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// They agree (or xDS has not answered yet).
+    Agree,
+    /// The inbound listener is transparent: TPROXY, which meshlane declines.
+    Tproxy,
+    /// The ports differ: the capture rules decide where the kernel sends traffic, so they are
+    /// used, and this is said.
+    Differ(String),
+}
+
+pub fn cross_check(pod: &crate::model::Pod, cap: &Capture) -> Verdict {
+    if cap.tproxy {
+        return Verdict::Tproxy;
+    }
+    let mut diffs = Vec::new();
+    if let Some(p) = cap.outbound_port.filter(|p| *p != pod.outbound_port) {
+        diffs.push(format!(
+            "outbound listener {p}, capture rules {}",
+            pod.outbound_port
+        ));
+    }
+    if let Some(p) = cap.inbound_port.filter(|p| *p != pod.inbound_port) {
+        diffs.push(format!(
+            "inbound listener {p}, capture rules {}",
+            pod.inbound_port
+        ));
+    }
+    if diffs.is_empty() {
+        Verdict::Agree
+    } else {
+        Verdict::Differ(format!(
+            "xDS and the capture rules disagree ({}); the rules decide where traffic goes, so they are used",
+            diffs.join("; ")
+        ))
+    }
+}
+
+/// One ADS stream per pod, each with the pod's own identity, on a small runtime of its own.
+pub struct Pool {
+    server: String,
+    rt: tokio::runtime::Runtime,
+    clients: std::collections::BTreeMap<String, (String, Client)>,
+}
+
+impl Pool {
+    pub fn new(server: String) -> std::io::Result<Pool> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("meshlane-xds")
+            .enable_all()
+            .build()?;
+        Ok(Pool {
+            server,
+            rt,
+            clients: std::collections::BTreeMap::new(),
+        })
+    }
+
+    /// Keeps exactly one stream per wanted pod (name -> node id): new pods get one, a pod
+    /// whose identity changed gets a fresh one, pods gone are dropped.
+    pub fn sync(&mut self, wanted: &std::collections::BTreeMap<String, String>) {
+        self.clients
+            .retain(|pod, (node, _)| wanted.get(pod) == Some(node));
+        for (pod, node) in wanted {
+            if self.clients.contains_key(pod) {
+                continue;
+            }
+            let _guard = self.rt.enter();
+            let client = Client::spawn(Config {
+                server: self.server.clone(),
+                node_id: node.clone(),
+                cluster: pod
+                    .split_once('/')
+                    .map_or_else(|| pod.clone(), |(ns, name)| format!("{name}.{ns}")),
+                backoff_min: Duration::from_millis(250),
+                backoff_max: Duration::from_secs(30),
+            });
+            self.clients.insert(pod.clone(), (node.clone(), client));
+        }
+    }
+
+    pub fn status(&self, pod: &str) -> Option<Status> {
+        self.clients.get(pod).map(|(_, c)| c.status())
+    }
+
+    /// Healthy when every stream is up and its last update was accepted; else the first
+    /// problem, named by pod.
+    pub fn health(&self) -> Result<(), String> {
+        for (pod, (_, c)) in &self.clients {
+            let s = c.status();
+            if !s.connected || !s.last_error.is_empty() {
+                return Err(format!(
+                    "{pod}: {}",
+                    if s.last_error.is_empty() {
+                        "not connected".to_string()
+                    } else {
+                        s.last_error
+                    }
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use envoy_types::pb::{
@@ -356,6 +470,35 @@ mod tests {
             }),
             ..Listener::default()
         }
+    }
+
+    #[test]
+    fn node_ids_and_cross_checks() {
+        let ip: std::net::IpAddr = "10.1.2.3".parse().unwrap();
+        assert_eq!(
+            istio_node_id("bookinfo/reviews-v1", ip).as_deref(),
+            Some("sidecar~10.1.2.3~reviews-v1.bookinfo~bookinfo.svc.cluster.local")
+        );
+        assert_eq!(istio_node_id("no-namespace", ip), None);
+        let pod = crate::model::Pod::with_istio_defaults("ns/p", "/proc/1/ns/net");
+        let same = Capture {
+            outbound_port: Some(15001),
+            inbound_port: Some(15006),
+            ..Capture::default()
+        };
+        assert_eq!(cross_check(&pod, &same), Verdict::Agree);
+        let moved = Capture {
+            inbound_port: Some(15016),
+            ..same.clone()
+        };
+        assert!(
+            matches!(cross_check(&pod, &moved), Verdict::Differ(m) if m.contains("inbound listener 15016, capture rules 15006"))
+        );
+        let tproxy = Capture {
+            tproxy: true,
+            ..same
+        };
+        assert_eq!(cross_check(&pod, &tproxy), Verdict::Tproxy);
     }
 
     #[test]

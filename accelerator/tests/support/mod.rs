@@ -473,3 +473,101 @@ pub fn assert_accelerated(test: &str, c: &Counters) {
         "{test}: nothing was redirected: {c:?}"
     );
 }
+
+/// The scripted ADS server (tests/xds/ads_server.py: grpcio on the reference protobufs, in the
+/// venv scripts/setup.sh makes) on 127.0.0.1:port; killed on drop. None when the venv is
+/// missing outside CI.
+pub struct AdsServer {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl AdsServer {
+    pub fn python() -> Option<PathBuf> {
+        let p = std::env::var_os("MESHLANE_XDS_PYTHON")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "/opt/meshlane-tools/xds-venv/bin/python".into());
+        if p.exists() {
+            return Some(p);
+        }
+        assert!(
+            std::env::var("CI").is_err(),
+            "{} is missing: scripts/setup.sh installs grpcio and xds-protos there",
+            p.display()
+        );
+        eprintln!("skipping: no {}", p.display());
+        None
+    }
+
+    /// Starts the server with `script` (see ads_server.py) and waits until it listens.
+    pub fn start(
+        python: &std::path::Path,
+        port: u16,
+        script: &serde_json::Value,
+        tag: &str,
+    ) -> AdsServer {
+        use std::io::BufRead;
+        let dir =
+            std::env::temp_dir().join(format!("meshlane-xds-{}-{port}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script_path = dir.join("script.json");
+        std::fs::write(&script_path, script.to_string()).unwrap();
+        let log = dir.join("requests.jsonl");
+        let _ = std::fs::remove_file(&log);
+        let mut child = std::process::Command::new(python)
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/xds/ads_server.py"
+            ))
+            .arg("--port")
+            .arg(port.to_string())
+            .arg("--script")
+            .arg(&script_path)
+            .arg("--log")
+            .arg(&log)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the ADS server");
+        let mut line = String::new();
+        io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready", "the ADS server did not start");
+        AdsServer { child, log }
+    }
+
+    /// Every request the server received, in order.
+    pub fn requests(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    pub fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for AdsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(dir) = self.log.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Istio's two capture listeners plus an ordinary per-service one, for an ADS script.
+pub fn istio_listeners(outbound: u16, inbound: u16, transparent: bool) -> serde_json::Value {
+    serde_json::json!([
+        {"name": "virtualOutbound", "port": outbound, "use_original_dst": true},
+        {"name": "virtualInbound", "port": inbound, "transparent": transparent,
+         "listener_filters": ["envoy.filters.listener.original_dst", "envoy.filters.listener.tls_inspector"]},
+        {"name": "0.0.0.0_9080", "port": 9080}
+    ])
+}
