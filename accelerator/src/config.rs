@@ -190,6 +190,9 @@ pub fn parse_all(path: &Path, text: &str) -> Result<PodList, Error> {
             continue;
         }
         pods.push(Pod {
+            uid: String::new(),
+            ips: Vec::new(),
+            interception: crate::model::Interception::Redirect,
             name: e.name,
             netns: e.netns,
             proxy_uid: e.proxy_uid,

@@ -499,6 +499,9 @@ fn proxy_namespace(opts: &Options, path: PathBuf, procs: &[procfs::Process]) -> 
     };
     let pod = Pod {
         name: name.clone(),
+        uid: String::new(),
+        ips: Vec::new(),
+        interception: crate::model::Interception::Redirect,
         netns: path.clone(),
         proxy_uid,
         proxy_gid,

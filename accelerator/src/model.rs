@@ -1,6 +1,9 @@
 //! The daemon's picture of the pods on this node: the single input to policy.
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+};
 
 /// An IPv4 prefix as written by Istio (`10.0.0.0/8`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,11 +39,27 @@ pub enum OutboundRanges {
     Only(Vec<Cidr>),
 }
 
+/// How the sidecar intercepts traffic (`sidecar.istio.io/interceptionMode`, istio-init `-m`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Interception {
+    /// iptables REDIRECT: what meshlane accelerates.
+    #[default]
+    Redirect,
+    /// TPROXY: Envoy runs as uid 0 / gid 1337 and inbound does not come from 127.0.0.6; the
+    /// datapath's pairing rules do not hold, so policy declines it.
+    Tproxy,
+}
+
 /// One meshed pod and how its sidecar captures traffic.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pod {
     /// namespace/name, for logs and status.
     pub name: String,
+    /// Kubernetes UID, when a source knows it (empty otherwise).
+    pub uid: String,
+    /// Pod IPs (v4 and v6), when a source knows them.
+    pub ips: Vec<IpAddr>,
+    pub interception: Interception,
     /// Path of the pod's network namespace (`/run/netns/X`, `/proc/PID/ns/net`).
     pub netns: PathBuf,
     pub proxy_uid: u32,
@@ -62,6 +81,9 @@ impl Pod {
     pub fn with_istio_defaults(name: impl Into<String>, netns: impl Into<PathBuf>) -> Pod {
         Pod {
             name: name.into(),
+            uid: String::new(),
+            ips: Vec::new(),
+            interception: Interception::Redirect,
             netns: netns.into(),
             proxy_uid: 1337,
             proxy_gid: 1337,

@@ -20,10 +20,15 @@ pub enum Error {
     },
     #[error("pod {pod}: {field} contains port 0")]
     PortZero { pod: String, field: &'static str },
+    #[error("pod {0}: interception mode TPROXY is not accelerated (Envoy runs as uid 0 and inbound does not come from 127.0.0.6, so the pairing rules do not hold)")]
+    Tproxy(String),
 }
 
 /// The datapath entry for `pod`.
 pub fn pod_policy(pod: &Pod) -> Result<PodPolicy, Error> {
+    if pod.interception == crate::model::Interception::Tproxy {
+        return Err(Error::Tproxy(pod.name.clone()));
+    }
     let mut p = PodPolicy::istio_default();
     p.proxy_uid = pod.proxy_uid;
     p.proxy_gid = pod.proxy_gid;
@@ -151,6 +156,9 @@ mod tests {
     fn pod() -> Pod {
         Pod {
             name: "ns/p".into(),
+            uid: String::new(),
+            ips: Vec::new(),
+            interception: crate::model::Interception::Redirect,
             netns: "/run/netns/x".into(),
             proxy_uid: 1337,
             proxy_gid: 1337,
@@ -184,6 +192,13 @@ mod tests {
         p.exclude_outbound_ports = (1..=40).collect();
         let err = pod_policy(&p).unwrap_err();
         assert!(err.to_string().contains("excludeOutboundPorts"), "{err}");
+    }
+
+    #[test]
+    fn tproxy_pods_are_declined_by_policy() {
+        let mut p = pod();
+        p.interception = crate::model::Interception::Tproxy;
+        assert!(matches!(pod_policy(&p), Err(Error::Tproxy(_))));
     }
 
     #[test]

@@ -67,6 +67,9 @@ fn istio_init_injected_pod() {
         ]
     );
     let p = m.verdict.expect("accelerated");
+    // The model carries the identity too: it is the single input to policy.
+    assert_eq!((&p.uid, &p.ips), (&m.uid, &m.ips));
+    assert_eq!(p.interception, meshlane::model::Interception::Redirect);
     assert_eq!((p.proxy_uid, p.proxy_gid), (1337, 1337));
     assert_eq!((p.outbound_port, p.inbound_port), (15001, 15006));
     // -d, plus the inbound tunnel port istio-iptables always returns.

@@ -121,7 +121,10 @@ pub fn map(pod: &ApiPod, ns: Option<&NamespaceFacts>) -> Option<Mapped> {
             return Err(bad("metadata.uid", "missing"));
         }
         out.ips = pod_ips(pod)?;
-        map_capture(pod, ns, &out.name, &mut out.notes)
+        let mut p = map_capture(pod, ns, &out.name, &mut out.notes)?;
+        p.uid = out.uid.clone();
+        p.ips = out.ips.clone();
+        Ok(p)
     })();
     Some(out)
 }
@@ -560,6 +563,9 @@ fn map_capture(
 
     let pod = Pod {
         name: name.to_string(),
+        uid: String::new(),
+        ips: Vec::new(),
+        interception: crate::model::Interception::Redirect,
         netns: PathBuf::new(),
         proxy_uid,
         proxy_gid,
