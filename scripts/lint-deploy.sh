@@ -243,6 +243,7 @@ must_fail() {
     fi
   done <<'EOF'
 --set discovery.source=xds|does not implement the xds source
+--set discovery.xdsServer=http://istiod.istio-system.svc:15010|needs discovery.source=kubernetes
 --set discovery.source=bogus|unknown source
 --set discovery.local.pods[0].name=x|netns is required
 --set discovery.local.pods[0].name=x --set discovery.local.pods[0].netns=/y --set discovery.local.pods[0].nets=1|unknown key nets

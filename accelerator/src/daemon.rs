@@ -33,6 +33,8 @@ pub struct RunOptions {
     pub kubernetes: Option<kubernetes::Options>,
     /// ADS server to cross-check each Kubernetes-discovered pod's capture ports against.
     pub xds_server: Option<String>,
+    /// Which namespaces' discovered pods may be accelerated.
+    pub namespaces: discovery::NamespaceFilter,
     pub config: Option<PathBuf>,
     pub resync: Duration,
     pub detach_on_exit: bool,
@@ -95,6 +97,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
             .map(xds::Pool::new)
             .transpose()
             .context("start the xDS runtime")?,
+        namespaces: opts.namespaces.clone(),
         config: opts.config.clone(),
         last_good: None,
         identities: BTreeMap::new(),
@@ -198,6 +201,7 @@ struct Sources {
     /// One ADS stream per Kubernetes-discovered pod (--xds-server).
     xds: Option<xds::Pool>,
     discoverer: Option<Discoverer>,
+    namespaces: discovery::NamespaceFilter,
     config: Option<PathBuf>,
     /// The last pod list file that parsed; kept while a bad one is refused.
     last_good: Option<config::PodList>,
@@ -239,6 +243,9 @@ impl Sources {
                 None => source_ok(shared, LOCAL_SOURCE),
             }
         }
+        // The operator's namespace choice applies to discovered pods; the pod list file, the
+        // operator's explicit word, is folded in after it and wins.
+        self.namespaces.apply(&mut d);
         if let Some(path) = &self.config {
             match config::load_all(path) {
                 Ok(list) => {

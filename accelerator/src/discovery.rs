@@ -192,6 +192,53 @@ impl Discovery {
     }
 }
 
+/// The operator's namespace choice (`--namespace-include`, `--namespace-exclude`): which
+/// discovered pods may be accelerated, by the namespace in their `namespace/name`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NamespaceFilter {
+    /// If not empty, only these namespaces.
+    pub include: Vec<String>,
+    /// Never these (wins over `include`).
+    pub exclude: Vec<String>,
+}
+
+impl NamespaceFilter {
+    /// None if `pod` may be accelerated, else why not.
+    pub fn refuses(&self, pod: &str) -> Option<String> {
+        let ns = pod.split_once('/').map_or(pod, |(ns, _)| ns);
+        if self.exclude.iter().any(|e| e == ns) {
+            return Some(format!("namespace {ns} is excluded (--namespace-exclude)"));
+        }
+        if !self.include.is_empty() && !self.include.iter().any(|i| i == ns) {
+            return Some(format!(
+                "namespace {ns} is not among the included ones (--namespace-include {})",
+                self.include.join(",")
+            ));
+        }
+        None
+    }
+
+    /// Moves the pods it refuses to `skipped`, as opted out.
+    pub fn apply(&self, d: &mut Discovery) {
+        if self.include.is_empty() && self.exclude.is_empty() {
+            return;
+        }
+        let mut kept = Vec::with_capacity(d.pods.len());
+        for pod in std::mem::take(&mut d.pods) {
+            match self.refuses(&pod.name) {
+                None => kept.push(pod),
+                Some(why) => d.skipped.push(Skipped {
+                    name: pod.name,
+                    netns: pod.netns,
+                    reason: Reason::OptedOut,
+                    detail: why,
+                }),
+            }
+        }
+        d.pods = kept;
+    }
+}
+
 /// One pass over the node (see the module docs), reading every namespace afresh.
 pub fn discover(opts: &Options) -> Discovery {
     Discoverer::new(opts.clone(), Duration::ZERO).pass()
@@ -533,5 +580,22 @@ fn pick_owner(kind: &str, process: u32, exempted: &[u32], notes: &mut Vec<String
             ));
             *first
         }
+    }
+}
+
+#[cfg(test)]
+mod namespace_filter_tests {
+    use super::NamespaceFilter;
+
+    #[test]
+    fn exclude_wins_and_include_limits() {
+        let f = NamespaceFilter {
+            include: vec!["shop".into(), "web".into()],
+            exclude: vec!["web".into()],
+        };
+        assert_eq!(f.refuses("shop/cart-0"), None);
+        assert!(f.refuses("web/front-0").unwrap().contains("excluded"));
+        assert!(f.refuses("kube-system/dns").unwrap().contains("not among"));
+        assert_eq!(NamespaceFilter::default().refuses("any/pod"), None);
     }
 }

@@ -67,6 +67,14 @@ enum Command {
         /// ports and spot TPROXY sidecars. Needs --discovery kubernetes (for each pod's identity).
         #[arg(long, env = "MESHLANE_XDS_SERVER")]
         xds_server: Option<String>,
+        /// Accelerate discovered pods only in these namespaces (repeat, or comma-separated).
+        #[arg(long, value_delimiter = ',', value_name = "NAMESPACE")]
+        namespace_include: Vec<String>,
+        /// Never accelerate discovered pods in these namespaces (repeat, or comma-separated);
+        /// wins over --namespace-include. Per pod or namespace, the meshlane.io/accelerate
+        /// annotation/label does the same with --discovery kubernetes.
+        #[arg(long, value_delimiter = ',', value_name = "NAMESPACE")]
+        namespace_exclude: Vec<String>,
         /// Pod list (TOML; see the README). Re-read every --resync and on SIGHUP. With
         /// discovery on, the file wins for the namespaces it names, and `accelerate = false`
         /// opts a discovered pod out.
@@ -190,6 +198,8 @@ fn main() -> ExitCode {
             kube_api,
             proc_root,
             xds_server,
+            namespace_include,
+            namespace_exclude,
             config,
             resync,
             detach_on_exit,
@@ -220,6 +230,10 @@ fn main() -> ExitCode {
                     }),
                     kubernetes,
                     xds_server,
+                    namespaces: meshlane::discovery::NamespaceFilter {
+                        include: namespace_include,
+                        exclude: namespace_exclude,
+                    },
                     config,
                     resync,
                     detach_on_exit,

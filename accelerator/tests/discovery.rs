@@ -563,3 +563,78 @@ fn the_daemon_finds_and_accelerates_envoy_pods_with_no_pod_list() {
     assert!(daemon.terminate().success());
     let _ = std::fs::remove_file(&log);
 }
+
+#[test]
+fn excluded_namespaces_are_left_alone_and_say_why() {
+    let Some(accel) = Accel::cgroup_only("daemon_namespace_exclude") else {
+        return;
+    };
+    let pods = EnvoyPods::new(164, &[("echo".into(), ECHO, Protocol::Tcp)]).expect("Envoy pods");
+    // minimesh's sidecars identify as pods of namespace "default".
+    let mut daemon = Daemon(
+        std::process::Command::new(env!("CARGO_BIN_EXE_meshlane"))
+            .arg("run")
+            .arg("--pin-dir")
+            .arg(&accel.pin_dir)
+            .arg("--cgroup")
+            .arg(accel.cgroup.path())
+            .arg("--api-socket")
+            .arg(&accel.api_socket)
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{}", accel.metrics_port))
+            .args([
+                "--resync",
+                "200ms",
+                "--namespace-exclude",
+                "kube-system,default",
+            ])
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start meshlane run"),
+    );
+    let cookies = [
+        pods.client.ns.cookie().unwrap(),
+        pods.server.ns.cookie().unwrap(),
+    ];
+    let inodes = [inode(&pods.client.ns.path()), inode(&pods.server.ns.path())];
+    wait_until("/readyz", || {
+        matches!(accel.http_get("/readyz"), Ok((200, _)))
+    });
+    // Skipped pods have no cookie in status: find ours by their namespace's identity.
+    let ours = |st: &serde_json::Value| -> Vec<serde_json::Value> {
+        st["pods"]
+            .as_array()
+            .map(|p| {
+                p.iter()
+                    .filter(|p| {
+                        p["netns"]
+                            .as_str()
+                            .and_then(|n| std::fs::metadata(n).ok())
+                            .is_some_and(|m| inodes.contains(&m.ino()))
+                    })
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    wait_until("both pods listed as opted out", || {
+        try_status_json(&accel).is_some_and(|st| {
+            let o = ours(&st);
+            o.len() == 2 && o.iter().all(|p| p["state"] == "not_accelerated")
+        })
+    });
+    for p in ours(&status_json(&accel)) {
+        let reason = p["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("opted_out") && reason.contains("namespace default is excluded"),
+            "{p}"
+        );
+    }
+    let map = meshlane::datapath::pinned_pods(&accel.pin_dir).unwrap();
+    assert!(
+        cookies.iter().all(|c| !map.contains_key(c)),
+        "an excluded pod reached the policy map"
+    );
+    assert!(daemon.terminate().success());
+}

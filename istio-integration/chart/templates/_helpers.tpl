@@ -51,9 +51,12 @@ DaemonSet so that `helm template`, `helm install` and `helm lint` all stop on it
 {{- $planned := list "xds" -}}
 {{- $working := list "local" "kubernetes" -}}
 {{- if has $source $planned -}}
-{{- fail (printf "discovery.source=%s: this meshlane (%s) does not implement the %s source yet; the working sources are local (sidecars found on each node) and kubernetes (this node's pods from the API server)" $source .Chart.AppVersion $source) -}}
+{{- fail (printf "discovery.source=%s: this meshlane (%s) does not implement the %s source on its own: xDS cross-checks the kubernetes source (set discovery.source=kubernetes and discovery.xdsServer); the working sources are local (sidecars found on each node) and kubernetes (this node's pods from the API server)" $source .Chart.AppVersion $source) -}}
 {{- else if not (has $source $working) -}}
-{{- fail (printf "discovery.source=%v: unknown source; the working sources are local and kubernetes (xds is planned)" $source) -}}
+{{- fail (printf "discovery.source=%v: unknown source; the working sources are local and kubernetes" $source) -}}
+{{- end -}}
+{{- if and .Values.discovery.xdsServer (ne $source "kubernetes") -}}
+{{- fail "discovery.xdsServer needs discovery.source=kubernetes: each pod's xDS identity (pod IP, name, namespace) comes from the API" -}}
 {{- end -}}
 {{- $known := list "name" "netns" "proxy_uid" "proxy_gid" "outbound_port" "inbound_port" "inbound_bind" "exclude_outbound_ports" "exclude_inbound_ports" "exclude_outbound_cidrs" "include_outbound_cidrs" "accelerate" -}}
 {{- range $i, $pod := .Values.discovery.local.pods -}}
