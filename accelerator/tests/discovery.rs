@@ -477,18 +477,9 @@ fn the_daemon_finds_and_accelerates_envoy_pods_with_no_pod_list() {
     ));
     // `meshlane run` as a user would start it: no --config, discovery on by default.
     let mut daemon = Daemon(
-        std::process::Command::new(env!("CARGO_BIN_EXE_meshlane"))
-            .arg("run")
-            .arg("--pin-dir")
-            .arg(&accel.pin_dir)
-            .arg("--cgroup")
-            .arg(accel.cgroup.path())
-            .arg("--api-socket")
-            .arg(&accel.api_socket)
-            .arg("--metrics-addr")
-            .arg(format!("127.0.0.1:{}", accel.metrics_port))
+        accel
+            .daemon_command()
             .args(["--resync", "200ms"])
-            .stdin(std::process::Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start meshlane run"),
@@ -572,23 +563,14 @@ fn excluded_namespaces_are_left_alone_and_say_why() {
     let pods = EnvoyPods::new(164, &[("echo".into(), ECHO, Protocol::Tcp)]).expect("Envoy pods");
     // minimesh's sidecars identify as pods of namespace "default".
     let mut daemon = Daemon(
-        std::process::Command::new(env!("CARGO_BIN_EXE_meshlane"))
-            .arg("run")
-            .arg("--pin-dir")
-            .arg(&accel.pin_dir)
-            .arg("--cgroup")
-            .arg(accel.cgroup.path())
-            .arg("--api-socket")
-            .arg(&accel.api_socket)
-            .arg("--metrics-addr")
-            .arg(format!("127.0.0.1:{}", accel.metrics_port))
+        accel
+            .daemon_command()
             .args([
                 "--resync",
                 "200ms",
                 "--namespace-exclude",
                 "kube-system,default",
             ])
-            .stdin(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("start meshlane run"),

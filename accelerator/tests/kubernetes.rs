@@ -946,16 +946,8 @@ fn start_kube_daemon(
         .append(true)
         .open(log)
         .unwrap();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_meshlane"))
-        .arg("run")
-        .arg("--pin-dir")
-        .arg(&accel.pin_dir)
-        .arg("--cgroup")
-        .arg(accel.cgroup.path())
-        .arg("--api-socket")
-        .arg(&accel.api_socket)
-        .arg("--metrics-addr")
-        .arg(format!("127.0.0.1:{}", accel.metrics_port))
+    let child = accel
+        .daemon_command()
         .args([
             "--discovery",
             "kubernetes",
@@ -968,7 +960,6 @@ fn start_kube_daemon(
         .arg(proc_root)
         // Only watch events may trigger a reconcile within the test's time frame.
         .args(["--resync", "1m"])
-        .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .spawn()
@@ -1164,16 +1155,8 @@ fn daemon_cross_checks_each_pod_against_its_sidecars_xds_listeners() {
     };
     let start = |accel: &support::Accel| {
         support::Daemon(
-            std::process::Command::new(env!("CARGO_BIN_EXE_meshlane"))
-                .arg("run")
-                .arg("--pin-dir")
-                .arg(&accel.pin_dir)
-                .arg("--cgroup")
-                .arg(accel.cgroup.path())
-                .arg("--api-socket")
-                .arg(&accel.api_socket)
-                .arg("--metrics-addr")
-                .arg(format!("127.0.0.1:{}", accel.metrics_port))
+            accel
+                .daemon_command()
                 .args([
                     "--discovery",
                     "kubernetes",
@@ -1187,7 +1170,6 @@ fn daemon_cross_checks_each_pod_against_its_sidecars_xds_listeners() {
                 .arg("--xds-server")
                 .arg(format!("http://127.0.0.1:{xds_port}"))
                 .args(["--resync", "200ms"])
-                .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
                 .stderr(std::fs::File::create(&log).unwrap())
                 .spawn()

@@ -79,8 +79,17 @@ impl Accel {
         }
     }
 
-    /// `meshlane run` on this test's pins, cgroup, API socket and metrics port.
+    /// `meshlane run` on this test's pins, cgroup, API socket and metrics port, with discovery
+    /// off: tests name their pods, and sidecars of other tests running on the node stay out.
     pub fn run_command(&self) -> std::process::Command {
+        let mut cmd = self.daemon_command();
+        cmd.args(["--discovery", "none"]);
+        cmd
+    }
+
+    /// Like [`Accel::run_command`], with the daemon's own discovery default (the caller may
+    /// pass `--discovery ...`).
+    pub fn daemon_command(&self) -> std::process::Command {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_meshlane"));
         cmd.arg("run")
             .arg("--pin-dir")
@@ -91,8 +100,6 @@ impl Accel {
             .arg(&self.api_socket)
             .arg("--metrics-addr")
             .arg(format!("127.0.0.1:{}", self.metrics_port))
-            // Tests name their pods; sidecars of other tests running on the node stay out.
-            .args(["--discovery", "none"])
             .stdin(std::process::Stdio::null());
         cmd
     }
