@@ -37,6 +37,18 @@ fn wait_for(client: &Client, what: &str, ok: impl Fn(&Status) -> bool) -> Status
     }
 }
 
+/// The server's request log once it holds at least `n` requests (or after 20 s, as it is).
+fn logged(server: &AdsServer, n: usize) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let reqs = server.requests();
+        if reqs.len() >= n || Instant::now() > deadline {
+            return reqs;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn good_updates_are_acked_bad_ones_nacked_naming_the_field_and_the_last_good_kept() {
     let Some(py) = AdsServer::python() else {
@@ -75,7 +87,8 @@ fn good_updates_are_acked_bad_ones_nacked_naming_the_field_and_the_last_good_kep
     assert!(st.connected);
     assert!(st.last_error.contains("type_url"), "{st:?}");
 
-    let reqs = server.requests();
+    // The client counts a reply before it is on the wire: wait for the server to log it.
+    let reqs = logged(&server, 5);
     assert_eq!(reqs.len(), 5, "{reqs:#?}");
     // Subscribe: no version yet, as the sidecar's node, to Listeners.
     assert_eq!(reqs[0]["version_info"], "");
@@ -143,7 +156,7 @@ fn a_restarted_server_sees_the_client_come_back_and_resubscribe() {
         st.capture.map(|c| (c.outbound_port, c.inbound_port)),
         Some((Some(15011), Some(15016)))
     );
-    let reqs = second.requests();
+    let reqs = logged(&second, 2);
     assert_eq!(
         reqs[0]["version_info"], "7",
         "the client resubscribes with the version it holds: {reqs:#?}"
