@@ -17,7 +17,7 @@ use std::{
 
 use aya::{
     maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, SockHash},
-    programs::{links::FdLink, CgroupAttachMode, RawTracePoint, SkMsg, SockOps},
+    programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr, RawTracePoint, SkMsg, SockOps},
     Ebpf, EbpfLoader,
 };
 pub use fs::{cgroup2_root, ensure_bpffs};
@@ -32,6 +32,8 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/meshlane";
 const PIN_PROG_SOCK_OPS: &str = "prog_sockops";
 const PIN_PROG_SK_MSG: &str = "prog_sk_msg";
 const PIN_LINK_SOCK_OPS: &str = "link_sockops";
+/// The connect hook's link (it records who calls connect(), for sock_ops).
+const PIN_LINK_CONNECT: &str = "link_connect4";
 /// The read tracer's link; absent on kernels without the tracepoint (before 6.4).
 const PIN_LINK_RECV: &str = "link_recv";
 /// `BPF_NOEXIST` map update flag: create only.
@@ -58,7 +60,7 @@ pub enum Error {
     )]
     MountBpffs(String),
     #[error(
-        "this kernel cannot run meshlane's programs ({0}); it needs BPF sock_ops with TCP header options, sockhash and sk_msg, socket storage (Linux 5.10 or newer with CONFIG_BPF_SYSCALL, CONFIG_CGROUP_BPF, CONFIG_NET_SOCK_MSG)"
+        "this kernel cannot run meshlane's programs ({0}); they need BPF sock_ops with TCP header options, cgroup connect hooks, sockhash and sk_msg, socket storage and BTF (Linux 6.1 or newer with CONFIG_BPF_SYSCALL, CONFIG_CGROUP_BPF, CONFIG_NET_SOCK_MSG, CONFIG_DEBUG_INFO_BTF)"
     )]
     Kernel(String),
     #[error(
@@ -210,12 +212,16 @@ impl Datapath {
         let Attached {
             ebpf: _ebpf,
             sock_ops_link,
+            connect_link,
             recv_link,
         } = load_and_attach(&opts.cgroup, Some(&opts.pin_dir))?;
         if let Some(link) = recv_link {
             link.pin(opts.pin_dir.join(PIN_LINK_RECV))
                 .map_err(|e| Error::Kernel(format!("pin the read tracer's link: {e}")))?;
         }
+        connect_link
+            .pin(opts.pin_dir.join(PIN_LINK_CONNECT))
+            .map_err(|e| Error::Kernel(format!("pin the connect hook's link: {e}")))?;
         // The sock_ops link is pinned last: its pin marks a complete datapath.
         sock_ops_link
             .pin(opts.pin_dir.join(PIN_LINK_SOCK_OPS))
@@ -364,6 +370,7 @@ impl Datapath {
 struct Attached {
     ebpf: Ebpf,
     sock_ops_link: FdLink,
+    connect_link: FdLink,
     /// None where the kernel has no `sock_recv_length` tracepoint: no unread budget there.
     recv_link: Option<FdLink>,
 }
@@ -409,6 +416,19 @@ fn load_and_attach(cgroup: &Path, pin_dir: Option<&Path>) -> Result<Attached, Er
     // The read tracer before sock_ops, so every read of a paired socket is counted.
     let recv_link = attach_read_tracer(&mut ebpf)?;
 
+    // The connect hook before sock_ops, so sock_ops finds the owner of every connect it sees
+    // (one it does not find is left on TCP).
+    let connect: &mut CgroupSockAddr = program(&mut ebpf, programs::CONNECT4)?;
+    connect.load().map_err(Error::from_load)?;
+    let link = connect
+        .attach(&cgroup_fd, CgroupAttachMode::Single)
+        .map_err(Error::from_load)?;
+    let connect_link: FdLink = connect
+        .take_link(link)
+        .map_err(Error::from_load)?
+        .try_into()
+        .map_err(|e| Error::Kernel(format!("connect hook link is not a bpf_link: {e}")))?;
+
     let sock_ops: &mut SockOps = program(&mut ebpf, programs::SOCK_OPS)?;
     sock_ops.load().map_err(Error::from_load)?;
     if let Some(dir) = pin_dir {
@@ -429,6 +449,7 @@ fn load_and_attach(cgroup: &Path, pin_dir: Option<&Path>) -> Result<Attached, Er
     Ok(Attached {
         ebpf,
         sock_ops_link,
+        connect_link,
         recv_link,
     })
 }
@@ -548,7 +569,7 @@ where
 }
 
 /// The key and value sizes this build's programs use, per map.
-fn expected_layout() -> [(&'static str, usize, usize); 8] {
+fn expected_layout() -> [(&'static str, usize, usize); 9] {
     use meshlane_common::{PairKey, SockState, Waiter};
     use std::mem::size_of;
     [
@@ -560,6 +581,7 @@ fn expected_layout() -> [(&'static str, usize, usize); 8] {
         (maps::POD_STATS, size_of::<u64>(), size_of::<PodStats>()),
         (maps::UNREAD, size_of::<u64>(), size_of::<i64>()),
         (maps::SOCK_ADDRS, size_of::<u64>(), size_of::<u64>()),
+        (maps::OWNERS, size_of::<u64>(), size_of::<u64>()),
     ]
 }
 
@@ -657,9 +679,12 @@ enum PinState {
 }
 
 fn pin_names() -> impl Iterator<Item = &'static str> {
-    maps::ALL
-        .into_iter()
-        .chain([PIN_PROG_SOCK_OPS, PIN_PROG_SK_MSG, PIN_LINK_SOCK_OPS])
+    maps::ALL.into_iter().chain([
+        PIN_PROG_SOCK_OPS,
+        PIN_PROG_SK_MSG,
+        PIN_LINK_CONNECT,
+        PIN_LINK_SOCK_OPS,
+    ])
 }
 
 fn pin_state(dir: &Path) -> PinState {
@@ -681,7 +706,8 @@ pub struct DetachReport {
 /// Detaches and removes everything under `pin_dir`:
 /// 1. drain: sk_msg stops redirecting, so every accelerated direction continues on TCP after the
 ///    bytes it already handed over (the receiver reads those first, so order holds);
-/// 2. sock_ops comes off the cgroup, so no new socket is tracked or stamped;
+/// 2. sock_ops comes off the cgroup, so no new socket is tracked or stamped, then the connect
+///    hook;
 /// 3. sk_msg comes off the sockhash and every pin is removed.
 ///
 /// Nothing is deleted from the sockhash: deleting a socket purges redirected bytes it has not
@@ -706,6 +732,12 @@ pub fn detach(pin_dir: &Path) -> Result<DetachReport, Error> {
     if let Ok(link) = sys::obj_get(&pin_dir.join(PIN_LINK_SOCK_OPS)) {
         if let Err(e) = sys::link_detach(&link) {
             tracing::warn!(error = %e, "sock_ops link detach");
+        }
+    }
+    // After sock_ops: a connect it still sees finds its owner.
+    if let Ok(link) = sys::obj_get(&pin_dir.join(PIN_LINK_CONNECT)) {
+        if let Err(e) = sys::link_detach(&link) {
+            tracing::warn!(error = %e, "connect hook link detach");
         }
     }
     if let Ok(link) = sys::obj_get(&pin_dir.join(PIN_LINK_RECV)) {

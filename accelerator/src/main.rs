@@ -313,6 +313,13 @@ fn probe(json: bool, cgroup: Option<&std::path::Path>) -> ExitCode {
             Ok(j) => println!("{j}"),
             Err(e) => eprintln!("meshlane: {e}"),
         }
+        if !report.ok {
+            // The JSON is for machines; say why on stderr for the human reading the logs.
+            eprintln!(
+                "meshlane probe: acceleration is NOT safe on this kernel: {}",
+                report.reasons()
+            );
+        }
     } else {
         print!("{}", report.render());
     }

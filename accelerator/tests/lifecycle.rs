@@ -24,6 +24,9 @@ fn start_daemon(accel: &Accel, config: &Path, log: &Path) -> Daemon {
         .unwrap();
     let child = accel
         .run_command()
+        // This test is about the datapath outliving its daemon, on every kernel of the matrix,
+        // including those whose probe refuses acceleration (probe.rs tests that gate).
+        .arg("--force")
         .args(["--resync", "200ms"])
         .arg("--config")
         .arg(config)

@@ -254,7 +254,9 @@ pub fn msg_peek(ns: &ScratchNs) -> Outcome {
     )))
 }
 
-/// FIONREAD counts redirected bytes (apps that size their reads with it stall otherwise).
+/// FIONREAD counts redirected bytes. Where it does not (6.1's sockmap has no FIONREAD of its
+/// own), an app that sizes its reads with it, or takes 0 for "nothing yet", waits for bytes that
+/// are already there: a hang, the failure that ended other meshes' eBPF modes. So it refuses.
 pub fn fionread(ns: &ScratchNs) -> Outcome {
     let (proxy, app) = inbound_pair(ns).map_err(io("connect"))?;
     (&proxy).write_all(&pattern(8, 1000)).map_err(io("write"))?;
@@ -265,9 +267,9 @@ pub fn fionread(ns: &ScratchNs) -> Outcome {
             "FIONREAD reports the 1000 redirected bytes".into(),
         ))
     } else {
-        Ok(Verdict::Warn(format!(
-            "FIONREAD reports {n} of 1000 redirected bytes; apps that size reads with FIONREAD may stall"
-        )))
+        Err(format!(
+            "FIONREAD reports {n} of 1000 redirected bytes waiting: apps that size their reads with FIONREAD would stall on this kernel's sockmap"
+        ))
     }
 }
 

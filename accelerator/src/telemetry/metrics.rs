@@ -204,6 +204,7 @@ impl prometheus_client::collector::Collector for Collector {
                 ("early_data", "skip_early_data"),
                 ("pair_rejected", "pair_rejected"),
                 ("over_budget", "pass_over_budget"),
+                ("owner_unknown", "connect_owner_unknown"),
             ]
             .map(|(reason, name)| (vec![("reason", reason)], c.get(name)));
             family(

@@ -276,7 +276,10 @@ pub mod counter {
     /// A direction moved to TCP because its reader had more than [`super::UNREAD_BUDGET`]
     /// redirected bytes unread.
     pub const PASS_OVER_BUDGET: u32 = 24;
-    pub const COUNT: u32 = 25;
+    /// A connect() sock_ops saw without the owner the connect hook records: the connection is
+    /// left alone (its socket connected before meshlane attached, or the owner map was full).
+    pub const CONNECT_OWNER_UNKNOWN: u32 = 25;
+    pub const COUNT: u32 = 26;
 
     /// Names for userspace, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -305,6 +308,7 @@ pub mod counter {
         "pair_rejected",
         "connect_not_captured",
         "pass_over_budget",
+        "connect_owner_unknown",
     ];
 }
 
@@ -320,14 +324,19 @@ pub mod maps {
     pub const POD_STATS: &str = "ML_POD_STATS";
     pub const UNREAD: &str = "ML_UNREAD";
     pub const SOCK_ADDRS: &str = "ML_SOCK_ADDRS";
-    pub const ALL: [&str; 10] = [
+    pub const OWNERS: &str = "ML_OWNERS";
+    pub const ALL: [&str; 11] = [
         POLICY, SOCKS, RENDEZVOUS, PEERS, SOCK_STATE, COUNTERS, CONTROL, POD_STATS, UNREAD,
-        SOCK_ADDRS,
+        SOCK_ADDRS, OWNERS,
     ];
     pub const POLICY_MAX: u32 = 4096;
     pub const SOCKS_MAX: u32 = 65536;
     pub const RENDEZVOUS_MAX: u32 = 65536;
     pub const PEERS_MAX: u32 = 131072;
+    /// connect() calls in flight in listed pods (an entry lives from the connect hook to
+    /// sock_ops' TCP_CONNECT_CB, microseconds later; LRU, so a connect that never got that far
+    /// cannot fill it).
+    pub const OWNERS_MAX: u32 = 16384;
 }
 
 /// Program names in the object file.
@@ -335,6 +344,8 @@ pub mod programs {
     pub const SOCK_OPS: &str = "meshlane_sockops";
     pub const SK_MSG: &str = "meshlane_sk_msg";
     pub const RECV: &str = "meshlane_recv";
+    /// cgroup/connect4: records who calls connect(), for sock_ops (see `owner.rs`).
+    pub const CONNECT4: &str = "meshlane_connect4";
     /// The raw tracepoint `RECV` attaches to: fired after every recvmsg() with the socket, the
     /// bytes read and the flags (Linux 6.4+).
     pub const RECV_TRACEPOINT: &str = "sock_recv_length";

@@ -1,6 +1,7 @@
 //! meshlane's eBPF programs: `sock_ops` pairs the two ends of each local hop between an app and its
 //! sidecar, `sk_msg` hands bytes from one end straight to the other through the sockhash, and a
-//! read tracer (`recv.rs`) counts what receivers read, to bound what they leave unread.
+//! read tracer (`recv.rs`) counts what receivers read, to bound what they leave unread, and a
+//! connect hook (`owner.rs`) records who calls connect(), for sock_ops.
 //!
 //! One file per hook (`sockops.rs`, `sk_msg.rs`), every map in `maps.rs`, counters in `counters.rs`.
 //! Types shared with the daemon live in `meshlane-common`.
@@ -12,19 +13,27 @@
 
 mod counters;
 mod maps;
+mod owner;
 mod recv;
 mod sk_msg;
 mod sockops;
 
 use aya_ebpf::{
-    macros::{raw_tracepoint, sk_msg, sock_ops},
-    programs::{RawTracePointContext, SkMsgContext, SockOpsContext},
+    macros::{cgroup_sock_addr, raw_tracepoint, sk_msg, sock_ops},
+    programs::{RawTracePointContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
 
 #[sock_ops]
 pub fn meshlane_sockops(ctx: SockOpsContext) -> u32 {
     sockops::handle(&ctx);
     // sock_ops' return value only matters for ops that ask for a reply; none of ours do.
+    1
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn meshlane_connect4(ctx: SockAddrContext) -> i32 {
+    owner::on_connect(&ctx);
+    // 1 lets the connect() proceed unchanged; meshlane never refuses one.
     1
 }
 

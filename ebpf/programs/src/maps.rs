@@ -1,12 +1,12 @@
 //! Every map of the datapath. Names come from `meshlane_common::maps` (the loader pins them there).
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, SkStorage, SockHash},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SkStorage, SockHash},
     macros::btf_map,
 };
 use meshlane_common::{
     counter::COUNT,
-    maps::{PEERS_MAX, POLICY_MAX, RENDEZVOUS_MAX, SOCKS_MAX},
+    maps::{OWNERS_MAX, PEERS_MAX, POLICY_MAX, RENDEZVOUS_MAX, SOCKS_MAX},
     PairKey, PodPolicy, PodStats, SockState, Waiter,
 };
 
@@ -66,3 +66,11 @@ pub static ML_UNREAD: HashMap<u64, i64, { PEERS_MAX as usize }> = HashMap::new()
 /// Reader: the read tracer. Max: PEERS_MAX.
 #[btf_map]
 pub static ML_SOCK_ADDRS: HashMap<u64, u64, { PEERS_MAX as usize }> = HashMap::new();
+
+/// Who called connect() on a socket of a listed pod: `bpf_get_current_uid_gid()` (gid << 32 |
+/// uid) as the connect hook saw it. Key: socket cookie. Writer: the connect hook. Reader and
+/// remover: sock_ops at TCP_CONNECT_CB. sock_ops cannot ask for the caller's uid itself on
+/// older kernels (the kernel matrix saw 6.1 and 6.12 refuse the helper there; 6.18 and 7.x
+/// offer it), while connect hooks have it on every kernel. Max: OWNERS_MAX, LRU.
+#[btf_map]
+pub static ML_OWNERS: LruHashMap<u64, u64, { OWNERS_MAX as usize }> = LruHashMap::new();

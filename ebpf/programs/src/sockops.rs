@@ -24,23 +24,23 @@ use aya_ebpf::{
         BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
     },
     helpers::generated::{
-        bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_load_hdr_opt,
-        bpf_reserve_hdr_opt, bpf_sk_storage_get, bpf_store_hdr_opt,
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_load_hdr_opt, bpf_reserve_hdr_opt,
+        bpf_sk_storage_get, bpf_store_hdr_opt,
     },
     programs::SockOpsContext,
 };
 use meshlane_common::{
-    counter, partner_role, PairKey, PodPolicy, SockState, Waiter, CONTROL_DRAIN, CONTROL_FLAGS,
-    MAX_CIDRS, MAX_PORTS, POLICY_INBOUND, POLICY_INCLUDE_CIDRS, POLICY_OUTBOUND, ROLE_IN_APP,
-    ROLE_IN_PROXY, ROLE_OUT_APP, ROLE_OUT_PROXY, SOCK_IN_MAP, SOCK_STAMP_PENDING, SOCK_WAITING,
-    TCP_OPT_EXID, TCP_OPT_KIND, TCP_OPT_LEN,
+    counter, partner_role, Cidr4, PairKey, PodPolicy, SockState, Waiter, CONTROL_DRAIN,
+    CONTROL_FLAGS, MAX_CIDRS, MAX_PORTS, POLICY_INBOUND, POLICY_INCLUDE_CIDRS, POLICY_OUTBOUND,
+    ROLE_IN_APP, ROLE_IN_PROXY, ROLE_OUT_APP, ROLE_OUT_PROXY, SOCK_IN_MAP, SOCK_STAMP_PENDING,
+    SOCK_WAITING, TCP_OPT_EXID, TCP_OPT_KIND, TCP_OPT_LEN,
 };
 
 use crate::{
     counters::{inc, opaque, pod},
     maps::{
-        ML_CONTROL, ML_PEERS, ML_POLICY, ML_RENDEZVOUS, ML_SOCKS, ML_SOCK_ADDRS, ML_SOCK_STATE,
-        ML_UNREAD,
+        ML_CONTROL, ML_OWNERS, ML_PEERS, ML_POLICY, ML_RENDEZVOUS, ML_SOCKS, ML_SOCK_ADDRS,
+        ML_SOCK_STATE, ML_UNREAD,
     },
 };
 
@@ -74,8 +74,15 @@ pub fn handle(ctx: &SockOpsContext) {
 
 /// Active open, in the connecting process's context: who connects decides the role.
 fn on_connect(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy) {
-    // SAFETY: plain helper; in TCP_CONNECT_CB `current` is the process calling connect().
-    let uid_gid = unsafe { bpf_get_current_uid_gid() };
+    // The connect hook ran earlier in this same connect() and recorded the caller (sock_ops
+    // itself may not ask on older kernels). No record: leave the connection alone.
+    let sock = cookie(ctx);
+    // SAFETY: read-only copy of a u64 value.
+    let Some(uid_gid) = (unsafe { ML_OWNERS.get(sock) }).copied() else {
+        inc(counter::CONNECT_OWNER_UNKNOWN);
+        return;
+    };
+    let _ = ML_OWNERS.remove(sock);
     let (uid, gid) = (uid_gid as u32, (uid_gid >> 32) as u32);
     let dport = remote_port(ctx);
     if uid == policy.proxy_uid || gid == policy.proxy_gid {
@@ -118,26 +125,11 @@ fn predict_captured(ctx: &SockOpsContext, policy: &PodPolicy, dport: u16) -> boo
     if port_listed(&policy.exclude_outbound_ports, dport) {
         return false;
     }
-    let n = policy.n_exclude_cidrs as usize;
-    for i in 0..MAX_CIDRS {
-        if i >= n {
-            break;
-        }
-        if policy.exclude_outbound_cidrs[i].contains(dst) {
-            return false;
-        }
+    if in_cidrs(&policy.exclude_outbound_cidrs, policy.n_exclude_cidrs, dst) {
+        return false;
     }
     if policy.flags & POLICY_INCLUDE_CIDRS != 0 {
-        let n = policy.n_include_cidrs as usize;
-        for i in 0..MAX_CIDRS {
-            if i >= n {
-                break;
-            }
-            if policy.include_outbound_cidrs[i].contains(dst) {
-                return true;
-            }
-        }
-        return false;
+        return in_cidrs(&policy.include_outbound_cidrs, policy.n_include_cidrs, dst);
     }
     true
 }
@@ -394,6 +386,24 @@ fn tuple_key(ctx: &SockOpsContext, netns: u64) -> PairKey {
 /// `remote_port` is the network-order port in the upper 16 bits on little-endian hosts.
 fn remote_port(ctx: &SockOpsContext) -> u16 {
     u32::from_be(ctx.remote_port()) as u16
+}
+
+/// Whether `ip` is in one of the first `n` of `cidrs`. The index goes through `opaque` and is
+/// checked on every turn: the optimiser otherwise turns the loop into a pointer walk whose bound
+/// the 6.1 verifier loses ("invalid access to map value"), and the program does not load there.
+fn in_cidrs(cidrs: &[Cidr4; MAX_CIDRS], n: u16, ip: u32) -> bool {
+    for i in 0..MAX_CIDRS as u32 {
+        let i = opaque(i) as usize;
+        if i >= n as usize {
+            return false;
+        }
+        match cidrs.get(i) {
+            Some(c) if c.contains(ip) => return true,
+            Some(_) => {}
+            None => return false,
+        }
+    }
+    false
 }
 
 fn port_listed(ports: &[u16; MAX_PORTS], port: u16) -> bool {
