@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of meshlane: formatting and lints, unit tests, and the privileged tests on the
-# real kernel (network namespaces, iptables, cgroups, BPF), then a smoke run of the benchmark and
-# a check that nothing was left on the machine. Run as root on Debian bookworm; installs what it
+# real kernel (network namespaces, iptables, cgroups, BPF), a smoke run of the benchmark, the
+# kernel matrix (the datapath tests on other kernels under QEMU) and a check that nothing was
+# left on the machine. Run as root on Debian bookworm; installs what it
 # needs first (scripts/setup.sh). With CI=true a privileged test that cannot run fails loudly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +31,10 @@ istio-integration/check-capabilities.sh target/debug/meshlane
 step "benchmark smoke run (tiny counts, A/B/C through real Envoy and the daemon; measures nothing)"
 cargo build --locked -p meshlane -p meshlane-benchmarks
 "${CARGO_TARGET_DIR:-target}/debug/meshlane-bench" --smoke --out "${CARGO_TARGET_DIR:-target}/bench-smoke"
+
+step "kernel matrix: the datapath tests and the probe on 6.1, 6.12 and 7.x under QEMU, and natively"
+python3 -m unittest discover -s scripts/kernel-matrix
+./scripts/kernel-matrix/run.py --check-readme
 
 step "nothing left behind"
 ./scripts/leftovers.sh
