@@ -16,7 +16,8 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /run
-mount -t tmpfs tmpfs /tmp
+# /tmp stays on the (writable) initramfs: nothing may be mounted over it, because the tests look
+# for meshlane at the path cargo built it under, which may be in /tmp (a CI checkout).
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount -t bpf bpf /sys/fs/bpf
 ip link set lo up
@@ -30,6 +31,7 @@ while read -r m; do
 done </matrix/modules.order
 
 per_test=$(cat /matrix/per-test-timeout)
+[ -x "$(cat /matrix/meshlane-path)" ] || echo "MATRIX-SETUP-FAILED meshlane is not at $(cat /matrix/meshlane-path)"
 echo "MATRIX-KERNEL $(uname -r)"
 
 echo "MATRIX-PROBE-BEGIN"

@@ -401,6 +401,10 @@ def common_tree(build: Build, tools: Path, per_test_timeout: int, filt: str) -> 
     # meshlane where the tests look for it (the path cargo compiled in), and a short name.
     t.file(build.meshlane_path, build.meshlane)
     t.link("matrix/bin/meshlane", build.meshlane_path)
+    if build.meshlane_path.startswith(("/proc/", "/sys/", "/dev/", "/run/")):
+        raise SetupError(f"the tests look for meshlane at {build.meshlane_path}, under a directory the guest "
+                         "mounts over; build from a checkout elsewhere")
+    t.file("matrix/meshlane-path", f"{build.meshlane_path}\n".encode(), 0o644)
     for suite, b in build.tests.items():
         t.file(f"matrix/tests/{suite}", b)
     for tool in GUEST_TOOLS:
@@ -485,6 +489,8 @@ def parse_console(text: str) -> Outcome:
             o.trouble.append(line.strip())
         if m := re.search(r"MATRIX-KERNEL (\S+)", line):
             o.release = m.group(1)
+        elif m := re.search(r"MATRIX-SETUP-FAILED (.*)", line):
+            o.trouble.append(f"guest set-up: {m.group(1)}")
         elif m := re.search(r"MATRIX-MODULE-FAILED (\S+)(.*)", line):
             o.trouble.append(f"insmod {m.group(1)} failed:{m.group(2)}")
         elif "MATRIX-PROBE-BEGIN" in line:

@@ -61,6 +61,10 @@ class ParseConsole(unittest.TestCase):
         o = run.parse_console(console(("a::x", 0), extra=["[   12.3] WARNING: CPU: 1 PID: 99 at net/core/skmsg.c:700"]))
         self.assertEqual(len(run.failures(o, ["a::x"])), 1)
 
+    def test_a_guest_set_up_failure_fails_the_kernel(self):
+        o = run.parse_console(console(("a::x", 0), extra=["MATRIX-SETUP-FAILED meshlane is not at /x/meshlane"]))
+        self.assertIn("kernel: guest set-up: meshlane is not at /x/meshlane", [w for _, w in run.failures(o, ["a::x"])])
+
     def test_a_probe_without_a_report_fails(self):
         text = console(("a::x", 0)).replace('"ok": true', '"ok": tru')
         o = run.parse_console(text)
