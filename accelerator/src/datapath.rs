@@ -423,11 +423,7 @@ fn load_and_attach(cgroup: &Path, pin_dir: Option<&Path>) -> Result<Attached, Er
     let link = connect
         .attach(&cgroup_fd, CgroupAttachMode::Single)
         .map_err(Error::from_load)?;
-    let connect_link: FdLink = connect
-        .take_link(link)
-        .map_err(Error::from_load)?
-        .try_into()
-        .map_err(|e| Error::Kernel(format!("connect hook link is not a bpf_link: {e}")))?;
+    let connect_link = fd_link(connect.take_link(link), "connect hook")?;
 
     let sock_ops: &mut SockOps = program(&mut ebpf, programs::SOCK_OPS)?;
     sock_ops.load().map_err(Error::from_load)?;
@@ -441,17 +437,26 @@ fn load_and_attach(cgroup: &Path, pin_dir: Option<&Path>) -> Result<Attached, Er
     let link = sock_ops
         .attach(&cgroup_fd, CgroupAttachMode::Single)
         .map_err(Error::from_load)?;
-    let sock_ops_link: FdLink = sock_ops
-        .take_link(link)
-        .map_err(Error::from_load)?
-        .try_into()
-        .map_err(|e| Error::Kernel(format!("sock_ops link is not a bpf_link: {e}")))?;
+    let sock_ops_link = fd_link(sock_ops.take_link(link), "sock_ops")?;
     Ok(Attached {
         ebpf,
         sock_ops_link,
         connect_link,
         recv_link,
     })
+}
+
+/// A cgroup attachment taken from its program as the bpf_link the caller pins (cgroup programs
+/// attach with bpf_link_create on 5.7+, which every kernel meshlane loads on has).
+fn fd_link<L>(taken: Result<L, aya::programs::ProgramError>, what: &str) -> Result<FdLink, Error>
+where
+    L: TryInto<FdLink>,
+    L::Error: std::fmt::Display,
+{
+    taken
+        .map_err(Error::from_load)?
+        .try_into()
+        .map_err(|e| Error::Kernel(format!("{what} link is not a bpf_link: {e}")))
 }
 
 /// Attaches the read tracer and turns the unread budget on; on a kernel without the tracepoint

@@ -94,7 +94,7 @@ fn on_connect(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy) {
         {
             if let Some(st) = state(ctx, true) {
                 st.role = ROLE_IN_PROXY;
-                st.cookie = cookie(ctx);
+                st.cookie = sock;
                 st.netns = netns;
             }
         }
@@ -109,7 +109,7 @@ fn on_connect(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy) {
     }
     let Some(st) = state(ctx, true) else { return };
     st.role = ROLE_OUT_APP;
-    st.cookie = cookie(ctx);
+    st.cookie = sock;
     st.netns = netns;
 }
 
