@@ -598,7 +598,7 @@ fn check_layout(pin_dir: &Path) -> Result<(), Error> {
         let data = MapData::from_pin(pin_dir.join(name))
             .map_err(|e| Error::Map(name, format!("open pin: {e}")))?;
         let info = data.info().map_err(|e| Error::Map(name, e.to_string()))?;
-        let counters_ok = name != maps::COUNTERS || info.max_entries() == counter::COUNT;
+        let counters_ok = name != maps::COUNTERS || info.max_entries() == counter::SLOTS;
         if info.key_size() as usize != key || info.value_size() as usize != value || !counters_ok {
             return Err(Error::Incompatible(format!(
                 "{name} has key/value sizes {}/{} and {} entries, this build expects {key}/{value}",

@@ -27,6 +27,11 @@ pub const POLICY_OUTBOUND: u32 = 1;
 pub const POLICY_INBOUND: u32 = 2;
 /// [`PodPolicy::flags`]: `include_outbound_cidrs` is a real list (absent means Istio's `*`).
 pub const POLICY_INCLUDE_CIDRS: u32 = 4;
+/// [`PodPolicy::flags`]: the opt-in "two-way" mode: also redirect sidecar -> app, into the app's
+/// socket. Without it (the default, the reader rule of DESIGN.md invariant 7) only directions the
+/// sidecar reads are redirected, the sidecar's sockets sit in [`maps::TARGETS`] (no programs,
+/// so their sends stay on plain TCP) and the app's socket never receives a redirected byte.
+pub const POLICY_INTO_APP: u32 = 8;
 
 /// An IPv4 prefix, both fields in network byte order as the kernel stores addresses.
 #[repr(C)]
@@ -180,7 +185,11 @@ pub fn partner_role(role: u8) -> u8 {
 pub struct Waiter {
     pub cookie: u64,
     pub role: u8,
-    pub _pad: [u8; 7],
+    /// 1 when this end joined under the pod's two-way opt-in ([`POLICY_INTO_APP`]). Both ends
+    /// must agree: a sidecar end that would redirect into an app end joined under the reader
+    /// rule (which leaves the sockhash at its half-close) could strand bytes there.
+    pub two_way: u8,
+    pub _pad: [u8; 6],
 }
 const _: () = assert!(size_of::<Waiter>() == 16);
 
@@ -191,8 +200,11 @@ pub const SOCK_WAITING: u8 = 2;
 /// [`SockState::flags`]: bytes from this socket once took the TCP path; they stay there
 /// (invariant 2, first byte or never).
 pub const SOCK_TCP_PINNED: u8 = 4;
-/// [`SockState::flags`]: the socket is in the sockhash.
+/// [`SockState::flags`]: the socket is in a sockhash ([`maps::SOCKS`] or [`maps::TARGETS`]).
 pub const SOCK_IN_MAP: u8 = 8;
+/// [`SockState::flags`]: an app socket under the reader rule: its peer is in [`maps::TARGETS`],
+/// and it leaves [`maps::SOCKS`] at its own half-close.
+pub const SOCK_READER_RULE: u8 = 16;
 
 /// Per-socket state in socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`), freed with the socket.
 /// sk_msg may not call `bpf_get_socket_cookie`, so the cookie is kept here by sock_ops.
@@ -279,7 +291,14 @@ pub mod counter {
     /// A connect() sock_ops saw without the owner the connect hook records: the connection is
     /// left alone (its socket connected before meshlane attached, or the owner map was full).
     pub const CONNECT_OWNER_UNKNOWN: u32 = 25;
-    pub const COUNT: u32 = 26;
+    /// An app socket left the sockhash at its own half-close (reader rule): its later reads
+    /// are plain TCP again.
+    pub const APP_UNPAIRED_AT_HALF_CLOSE: u32 = 26;
+    /// Counters with a name (the rest of [`SLOTS`] is spare).
+    pub const COUNT: u32 = 27;
+    /// Size of the counter array. Spare slots let a later build add counters without changing
+    /// the pinned map's size, so an upgrade can adopt the pins instead of needing a detach.
+    pub const SLOTS: u32 = 64;
 
     /// Names for userspace, indexed by counter.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -309,6 +328,7 @@ pub mod counter {
         "connect_not_captured",
         "pass_over_budget",
         "connect_owner_unknown",
+        "app_unpaired_at_half_close",
     ];
 }
 
@@ -325,9 +345,11 @@ pub mod maps {
     pub const UNREAD: &str = "ML_UNREAD";
     pub const SOCK_ADDRS: &str = "ML_SOCK_ADDRS";
     pub const OWNERS: &str = "ML_OWNERS";
-    pub const ALL: [&str; 11] = [
+    /// Sockets that only ever receive redirected bytes: the sidecar ends under the reader rule.
+    pub const TARGETS: &str = "ML_TARGETS";
+    pub const ALL: [&str; 12] = [
         POLICY, SOCKS, RENDEZVOUS, PEERS, SOCK_STATE, COUNTERS, CONTROL, POD_STATS, UNREAD,
-        SOCK_ADDRS, OWNERS,
+        SOCK_ADDRS, OWNERS, TARGETS,
     ];
     pub const POLICY_MAX: u32 = 4096;
     pub const SOCKS_MAX: u32 = 65536;

@@ -5,7 +5,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use meshlane_common::{
-    counter::COUNT,
+    counter::SLOTS,
     maps::{OWNERS_MAX, PEERS_MAX, POLICY_MAX, RENDEZVOUS_MAX, SOCKS_MAX},
     PairKey, PodPolicy, PodStats, SockState, Waiter,
 };
@@ -21,6 +21,15 @@ pub static ML_POLICY: HashMap<u64, PodPolicy, { POLICY_MAX as usize }> = HashMap
 /// Reader: sk_msg (`bpf_msg_redirect_hash`). Max: SOCKS_MAX sockets; when full, new hops stay on TCP.
 #[btf_map]
 pub static ML_SOCKS: SockHash<u64, { SOCKS_MAX as usize }> = SockHash::new();
+
+/// Redirect targets that never send through meshlane: the sidecar's ends of the app hops under
+/// the reader rule (DESIGN.md invariant 7). No program is attached to this map, so the kernel
+/// gives its sockets only the receive side of `tcp_bpf` (they can read redirected bytes) and
+/// leaves their sends on the plain TCP path: no copy into an sk_msg, no verdict run.
+/// Writer: sock_ops (insert at establishment); the kernel removes a socket when it closes.
+/// Reader: sk_msg, as the target of the app's redirects. Max: SOCKS_MAX.
+#[btf_map]
+pub static ML_TARGETS: SockHash<u64, { SOCKS_MAX as usize }> = SockHash::new();
 
 /// Where the two ends of a hop meet. Key: [`PairKey`]. Value: the first end to arrive ([`Waiter`]).
 /// Writer/reader: sock_ops; the second end removes the entry, a closing first end removes its own.
@@ -40,7 +49,7 @@ pub static ML_SOCK_STATE: SkStorage<SockState> = SkStorage::new();
 
 /// Per-CPU counters, indexed by `meshlane_common::counter`. Writer: both programs. Reader: daemon.
 #[btf_map]
-pub static ML_COUNTERS: PerCpuArray<u64, { COUNT as usize }> = PerCpuArray::new();
+pub static ML_COUNTERS: PerCpuArray<u64, { SLOTS as usize }> = PerCpuArray::new();
 
 /// Control words from the daemon (`CONTROL_FLAGS`: `CONTROL_DRAIN`). Writer: daemon. Reader: both.
 #[btf_map]

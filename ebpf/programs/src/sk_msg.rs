@@ -1,4 +1,6 @@
 //! sk_msg: redirect a paired socket's bytes to its peer's receive queue, or pass them to TCP.
+//! Under the reader rule (DESIGN.md invariant 7) this runs only for app sockets: the sidecar's
+//! ends sit in a map without programs, so their sends never come here.
 //!
 //! Invariant 2 (first byte or never): the first message that passes pins the socket's direction
 //! to TCP for good. The reverse move (redirect, then TCP) is safe because the receiver always
@@ -13,12 +15,12 @@ use aya_ebpf::{
 };
 use meshlane_common::{
     counter, SockState, CONTROL_BUDGET, CONTROL_DRAIN, CONTROL_FLAGS, ROLE_IN_APP, ROLE_OUT_APP,
-    SOCK_TCP_PINNED, UNREAD_BUDGET,
+    SOCK_READER_RULE, SOCK_TCP_PINNED, UNREAD_BUDGET,
 };
 
 use crate::{
     counters::{add, atomic_add, inc, opaque, pod},
-    maps::{ML_CONTROL, ML_PEERS, ML_SOCKS, ML_SOCK_STATE, ML_UNREAD},
+    maps::{ML_CONTROL, ML_PEERS, ML_SOCKS, ML_SOCK_STATE, ML_TARGETS, ML_UNREAD},
 };
 
 pub fn verdict(ctx: &SkMsgContext) -> u32 {
@@ -58,7 +60,14 @@ pub fn verdict(ctx: &SkMsgContext) -> u32 {
             return SK_PASS;
         }
     }
-    if ML_SOCKS.redirect_msg(ctx, &mut peer, BPF_F_INGRESS as u64) != SK_PASS as i64 {
+    // Under the reader rule the peer is a sidecar end in the program-less target map; with the
+    // two-way opt-in both ends are in the sockhash this program is attached to.
+    let redirected = if st.flags & SOCK_READER_RULE != 0 {
+        ML_TARGETS.redirect_msg(ctx, &mut peer, BPF_F_INGRESS as u64)
+    } else {
+        ML_SOCKS.redirect_msg(ctx, &mut peer, BPF_F_INGRESS as u64)
+    };
+    if redirected != SK_PASS as i64 {
         // The peer left the sockhash (it closed): this direction continues on TCP.
         st.flags |= SOCK_TCP_PINNED;
         inc(counter::PASS_PEER_GONE);

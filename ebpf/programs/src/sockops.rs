@@ -24,27 +24,28 @@ use aya_ebpf::{
         BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
     },
     helpers::generated::{
-        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_load_hdr_opt, bpf_reserve_hdr_opt,
-        bpf_sk_storage_get, bpf_store_hdr_opt,
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_load_hdr_opt, bpf_map_delete_elem,
+        bpf_reserve_hdr_opt, bpf_sk_storage_get, bpf_store_hdr_opt,
     },
     programs::SockOpsContext,
 };
 use meshlane_common::{
     counter, partner_role, Cidr4, PairKey, PodPolicy, SockState, Waiter, CONTROL_DRAIN,
-    CONTROL_FLAGS, MAX_CIDRS, MAX_PORTS, POLICY_INBOUND, POLICY_INCLUDE_CIDRS, POLICY_OUTBOUND,
-    ROLE_IN_APP, ROLE_IN_PROXY, ROLE_OUT_APP, ROLE_OUT_PROXY, SOCK_IN_MAP, SOCK_STAMP_PENDING,
-    SOCK_WAITING, TCP_OPT_EXID, TCP_OPT_KIND, TCP_OPT_LEN,
+    CONTROL_FLAGS, MAX_CIDRS, MAX_PORTS, POLICY_INBOUND, POLICY_INCLUDE_CIDRS, POLICY_INTO_APP,
+    POLICY_OUTBOUND, ROLE_IN_APP, ROLE_IN_PROXY, ROLE_OUT_APP, ROLE_OUT_PROXY, SOCK_IN_MAP,
+    SOCK_READER_RULE, SOCK_STAMP_PENDING, SOCK_WAITING, TCP_OPT_EXID, TCP_OPT_KIND, TCP_OPT_LEN,
 };
 
 use crate::{
     counters::{inc, opaque, pod},
     maps::{
         ML_CONTROL, ML_OWNERS, ML_PEERS, ML_POLICY, ML_RENDEZVOUS, ML_SOCKS, ML_SOCK_ADDRS,
-        ML_SOCK_STATE, ML_UNREAD,
+        ML_SOCK_STATE, ML_TARGETS, ML_UNREAD,
     },
 };
 
 const AF_INET: u32 = 2;
+const TCP_FIN_WAIT1: u32 = 4;
 const TCP_CLOSE: u32 = 7;
 const TCPHDR_SYN: u32 = 0x02;
 const EEXIST: i32 = 17;
@@ -53,6 +54,13 @@ const BPF_SK_STORAGE_GET_F_CREATE: u64 = 1;
 pub fn handle(ctx: &SockOpsContext) {
     // IPv6 and v4-mapped sockets are left on TCP for now (fail open).
     if ctx.family() != AF_INET {
+        return;
+    }
+    // State changes only come for sockets that joined: they clean up (and, under the reader
+    // rule, unpair at the app's half-close) whether or not their pod is still listed, so a
+    // pod removed while its sockets live leaves nothing behind in the pairing maps.
+    if ctx.op() == BPF_SOCK_OPS_STATE_CB {
+        on_state(ctx);
         return;
     }
     // SAFETY: ctx.ops is the kernel's sock_ops context for this call.
@@ -65,9 +73,8 @@ pub fn handle(ctx: &SockOpsContext) {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(ctx, netns, policy),
         BPF_SOCK_OPS_HDR_OPT_LEN_CB => on_hdr_opt_len(ctx),
         BPF_SOCK_OPS_WRITE_HDR_OPT_CB => on_write_hdr_opt(ctx),
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(ctx, netns),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(ctx, netns, policy),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(ctx, netns, policy),
-        BPF_SOCK_OPS_STATE_CB => on_state(ctx),
         _ => {}
     }
 }
@@ -187,7 +194,7 @@ fn on_write_hdr_opt(ctx: &SockOpsContext) {
     }
 }
 
-fn on_active_established(ctx: &SockOpsContext, netns: u64) {
+fn on_active_established(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy) {
     let Some(st) = state(ctx, false) else { return };
     let key = match st.role {
         ROLE_OUT_APP => PairKey::token(netns, st.cookie),
@@ -206,7 +213,7 @@ fn on_active_established(ctx: &SockOpsContext, netns: u64) {
         st.flags |= SOCK_STAMP_PENDING;
         let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
     }
-    join(ctx, st, key);
+    join(ctx, st, key, policy);
 }
 
 fn on_passive_established(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy) {
@@ -238,12 +245,18 @@ fn on_passive_established(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy) 
     st.role = role;
     st.cookie = cookie(ctx);
     st.netns = netns;
-    join(ctx, st, key);
+    join(ctx, st, key, policy);
 }
 
-/// A tracked socket closes: drop what it left in the pairing maps. The sockhash forgets it on its own.
+/// A joined socket changes state: at the app's own half-close it leaves the sockhash (reader
+/// rule), at close it drops what it left in the pairing maps (the sockhash forgets it itself).
 fn on_state(ctx: &SockOpsContext) {
-    if ctx.arg(1) != TCP_CLOSE {
+    let new_state = ctx.arg(1);
+    if new_state == TCP_FIN_WAIT1 {
+        on_own_half_close(ctx);
+        return;
+    }
+    if new_state != TCP_CLOSE {
         return;
     }
     let Some(st) = state(ctx, false) else { return };
@@ -267,18 +280,52 @@ fn on_state(ctx: &SockOpsContext) {
     }
 }
 
+/// The app shut down its sending side (`shutdown(SHUT_WR)`; this runs inside that call, under
+/// the socket lock). Under the reader rule nothing was ever redirected *into* the app's socket,
+/// so leaving the sockhash now loses nothing, and its reads from here on take the kernel's TCP
+/// path again: a blocking read woken by its own FIN being acknowledged waits for the reply as
+/// on plain TCP instead of returning EAGAIN (`tcp_bpf_recvmsg`). It sends nothing more, so the
+/// sk_msg program is no longer needed either. Two-way sockets stay: they may hold queued bytes.
+fn on_own_half_close(ctx: &SockOpsContext) {
+    let Some(st) = state(ctx, false) else { return };
+    if st.flags & (SOCK_READER_RULE | SOCK_IN_MAP) != SOCK_READER_RULE | SOCK_IN_MAP {
+        return;
+    }
+    st.flags &= !SOCK_IN_MAP;
+    let key = st.cookie;
+    // SAFETY: deleting by key from the sockhash sock_ops may update; the key lives on the stack.
+    let ret = unsafe {
+        bpf_map_delete_elem(
+            ptr::from_ref(&ML_SOCKS).cast_mut().cast(),
+            ptr::from_ref(&key).cast(),
+        )
+    };
+    if ret == 0 {
+        inc(counter::APP_UNPAIRED_AT_HALF_CLOSE);
+    }
+}
+
 /// Put this end in the sockhash, then meet the other end at `key`. The second end to arrive
 /// writes the pair both ways, so whoever sees a peer knows both are already in the sockhash.
-fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey) {
+///
+/// Under the reader rule (the default; DESIGN.md invariant 7) the sidecar's end goes into
+/// [`ML_TARGETS`], which has no program, so it only ever *receives* redirected bytes and its own
+/// sends stay on plain TCP; the app's end goes into [`ML_SOCKS`] so sk_msg sees what it sends,
+/// and never receives a redirected byte. With the pod's two-way opt-in both go into `ML_SOCKS`.
+fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey, policy: &PodPolicy) {
     if draining() {
         return;
     }
-    // Unread accounting first: by the time a peer can redirect to us, the read tracer must
-    // already know this socket.
-    if ML_UNREAD.insert(st.cookie, 0, BPF_ANY as u64).is_err()
-        || ML_SOCK_ADDRS
-            .insert(sk_addr(ctx), st.cookie, BPF_ANY as u64)
-            .is_err()
+    let reader_rule = policy.flags & POLICY_INTO_APP == 0;
+    let sidecar_end = st.role == ROLE_OUT_PROXY || st.role == ROLE_IN_PROXY;
+    // Only a socket that may receive redirected bytes needs unread accounting; it must be in
+    // place before a peer can redirect to it.
+    let receives = sidecar_end || !reader_rule;
+    if receives
+        && (ML_UNREAD.insert(st.cookie, 0, BPF_ANY as u64).is_err()
+            || ML_SOCK_ADDRS
+                .insert(sk_addr(ctx), st.cookie, BPF_ANY as u64)
+                .is_err())
     {
         let _ = ML_UNREAD.remove(st.cookie);
         inc(counter::PEERS_FULL);
@@ -287,20 +334,27 @@ fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey) {
     let mut sock_key = st.cookie;
     // SAFETY: ctx.ops is the live context of an established callback, where sockhash updates
     // are allowed.
-    if ML_SOCKS
-        .update(&mut sock_key, unsafe { &mut *ctx.ops }, BPF_NOEXIST as u64)
-        .is_err()
-    {
+    let ops = unsafe { &mut *ctx.ops };
+    let inserted = if reader_rule && sidecar_end {
+        ML_TARGETS.update(&mut sock_key, ops, BPF_NOEXIST as u64)
+    } else {
+        ML_SOCKS.update(&mut sock_key, ops, BPF_NOEXIST as u64)
+    };
+    if inserted.is_err() {
         inc(counter::SOCKHASH_FULL);
         return;
     }
     st.flags |= SOCK_IN_MAP;
+    if reader_rule && !sidecar_end {
+        st.flags |= SOCK_READER_RULE;
+    }
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
 
     let me = Waiter {
         cookie: st.cookie,
         role: st.role,
-        _pad: [0; 7],
+        two_way: u8::from(!reader_rule),
+        _pad: [0; 6],
     };
     match ML_RENDEZVOUS.insert(key, me, BPF_NOEXIST as u64) {
         Ok(()) => {
@@ -313,8 +367,12 @@ fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey) {
                 inc(counter::PAIR_REJECTED);
                 return;
             };
-            // Exactly one app end and one sidecar end of the same hop kind may meet.
-            if other.role != partner_role(st.role) || other.cookie == st.cookie {
+            // Exactly one app end and one sidecar end of the same hop kind may meet, both
+            // joined under the same mode (the pod's opt-in may change between the two joins).
+            if other.role != partner_role(st.role)
+                || other.cookie == st.cookie
+                || other.two_way != me.two_way
+            {
                 inc(counter::PAIR_REJECTED);
                 return;
             }
