@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod datapath;
 pub mod discovery;
+pub mod mode;
 pub mod model;
 pub mod node;
 pub mod policy;

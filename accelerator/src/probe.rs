@@ -7,7 +7,9 @@
 //! happened. A failed check means acceleration is unsafe here; a warning names a caveat that does
 //! not hurt event-driven sidecars such as Envoy. Nothing outlives the probe.
 
+pub mod appview;
 mod checks;
+mod modes;
 mod scratch;
 mod sys;
 
@@ -20,7 +22,10 @@ use std::{
 use meshlane_common::PodPolicy;
 use serde::Serialize;
 
-use crate::datapath::{self, Scratch};
+use crate::{
+    datapath::{self, Scratch},
+    mode::Mode,
+};
 use checks::Verdict;
 use scratch::ScratchNs;
 
@@ -47,9 +52,64 @@ pub struct Report {
     /// No check failed: acceleration is safe on this kernel.
     pub ok: bool,
     pub checks: Vec<Check>,
+    /// What an app would notice in each mode on this kernel (DESIGN.md invariant 7).
+    pub modes: Vec<ModeReport>,
+}
+
+/// One mode, measured: whether the datapath did what the mode promises, and every app-visible
+/// behaviour that differed from plain TCP.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModeReport {
+    pub mode: Mode,
+    /// The hops paired and exactly the mode's directions were redirected; for two-way, the
+    /// kernel also passed the checks that redirecting into an app needs (FIONREAD, EOF).
+    pub safe: bool,
+    /// Why not safe; empty when safe.
+    pub problem: String,
+    pub differences: Vec<Difference>,
+}
+
+/// An app-visible behaviour (`probe::appview`) whose outcome differed from plain TCP.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Difference {
+    pub behaviour: &'static str,
+    /// The app socket it was seen on: `outbound` (the app connects) or `inbound` (it accepts).
+    pub hop: &'static str,
+    pub plain: String,
+    pub meshlane: String,
+}
+
+impl ModeReport {
+    /// The differing behaviours' names, each once.
+    pub fn difference_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for d in &self.differences {
+            if !names.iter().any(|n| n == d.behaviour) {
+                names.push(d.behaviour.to_string());
+            }
+        }
+        names
+    }
+
+    /// One line per difference, for status and logs.
+    pub fn describe(&self) -> Vec<String> {
+        self.differences
+            .iter()
+            .map(|d| {
+                format!(
+                    "{} ({} hop): plain TCP {:?}, meshlane {:?}",
+                    d.behaviour, d.hop, d.plain, d.meshlane
+                )
+            })
+            .collect()
+    }
 }
 
 impl Report {
+    pub fn mode(&self, mode: Mode) -> Option<&ModeReport> {
+        self.modes.iter().find(|m| m.mode == mode)
+    }
+
     /// The failed checks, as one sentence for logs.
     pub fn reasons(&self) -> String {
         self.checks
@@ -74,17 +134,33 @@ impl Report {
                 c.name, c.ms, c.detail
             ));
         }
+        for m in &self.modes {
+            let verdict = if !m.safe {
+                format!("unsafe: {}", m.problem)
+            } else if m.differences.is_empty() {
+                "apps see plain TCP in every probed behaviour".into()
+            } else {
+                format!("apps can notice: {}", m.difference_names().join(", "))
+            };
+            out.push_str(&format!("  mode {:<8} {verdict}\n", m.mode.as_str()));
+            for d in m.describe() {
+                out.push_str(&format!("      {d}\n"));
+            }
+        }
         out.push_str(if self.ok {
-            "result: acceleration is safe on this kernel\n"
+            "result: the datapath is safe on this kernel\n"
         } else {
             "result: acceleration is NOT safe on this kernel; meshlane will not accelerate\n"
         });
+        let auto = crate::mode::decide(crate::mode::Choice::Auto, Some(self));
+        out.push_str(&format!("mode: {} ({})\n", auto.mode.as_str(), auto.why));
         out
     }
 }
 
 struct Recorder {
     checks: Vec<Check>,
+    modes: Vec<ModeReport>,
 }
 
 impl Recorder {
@@ -102,6 +178,17 @@ impl Recorder {
             ms: t.elapsed().as_millis() as u64,
         });
         status != Status::Fail
+    }
+
+    /// Like `record`, for a check that decides one opt-in mode only: a failure makes that
+    /// mode unsafe (the caller marks it) and shows as a warning, not as a failed probe.
+    fn record_soft(&mut self, name: &'static str, run: impl FnOnce() -> checks::Outcome) -> bool {
+        let ok = self.record(name, run);
+        if let Some(c) = self.checks.last_mut().filter(|c| c.status == Status::Fail) {
+            c.status = Status::Warn;
+            c.detail = format!("refuses the two-way mode: {}", c.detail);
+        }
+        ok
     }
 
     fn skip(&mut self, name: &'static str, why: String) {
@@ -128,7 +215,10 @@ pub fn own_cgroup() -> Result<PathBuf, String> {
 
 /// Runs every check. `cgroup` overrides where the private copy attaches (default: own cgroup).
 pub fn run(cgroup: Option<&Path>) -> Report {
-    let mut r = Recorder { checks: Vec::new() };
+    let mut r = Recorder {
+        checks: Vec::new(),
+        modes: Vec::new(),
+    };
     let kernel = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
@@ -138,6 +228,7 @@ pub fn run(cgroup: Option<&Path>) -> Report {
         kernel,
         ok,
         checks: r.checks,
+        modes: r.modes,
     }
 }
 
@@ -196,14 +287,14 @@ fn run_checks(r: &mut Recorder, cgroup: Option<&Path>) -> bool {
         return false;
     }
 
-    r.record("inbound hop", || checks::inbound_hop(&ns, &dp));
+    // The default mode first: the reader rule.
+    let inbound_ok = r.record("inbound hop", || checks::inbound_hop(&ns, &dp, false));
     r.record("reads counted", || checks::read_accounting(&ns, &dp));
     r.record("end of stream", || checks::end_of_stream(&ns));
     r.record("MSG_PEEK", || checks::msg_peek(&ns));
-    r.record("FIONREAD", || checks::fionread(&ns));
 
     // The outbound hop needs istio-init's REDIRECT, which needs iptables in the namespace.
-    match outbound_setup(&ns) {
+    let sidecar = match outbound_setup(&ns) {
         Ok(sidecar) => {
             r.record("outbound hop", || checks::outbound_hop(&ns, &dp, &sidecar));
             r.record("first byte order", || {
@@ -212,12 +303,60 @@ fn run_checks(r: &mut Recorder, cgroup: Option<&Path>) -> bool {
             r.record("half-close then read", || {
                 checks::half_close_then_read(&ns, &sidecar)
             });
+            Some(sidecar)
         }
         Err(e) => {
             for name in ["outbound hop", "first byte order", "half-close then read"] {
                 r.skip(name, format!("no REDIRECT in the scratch namespace ({e})"));
             }
+            None
         }
+    };
+    // What an app sees in each mode, against the same hops in a namespace meshlane does not
+    // list (measured while the reader rule is measured: different namespaces, no shared state).
+    let mut reader = None;
+    let mut plain = None;
+    r.record("app view: reader", || {
+        let (p, (seen, problem)) = std::thread::scope(|s| {
+            let p = s.spawn(modes::plain);
+            let fast = modes::accelerated(&ns, &dp, sidecar.as_ref(), Mode::Reader);
+            (p.join(), fast)
+        });
+        let p = p
+            .map_err(|_| "the plain baseline panicked".to_string())?
+            .map_err(|e| format!("cannot make the plain baseline namespace: {e}"))?;
+        let m = modes::judge(Mode::Reader, &p, &seen, problem, inbound_ok);
+        let v = modes::verdict(&m);
+        reader = Some(m);
+        plain = Some(p);
+        Ok(v)
+    });
+    r.modes.extend(reader);
+    if let Some(plain) = plain {
+        if let Err(e) = dp.set_pod(cookie, &modes::two_way_policy()) {
+            r.record("policy", || Err(e.to_string()));
+            return false;
+        }
+        let two_way_in = r.record_soft("two-way inbound hop", || {
+            checks::inbound_hop(&ns, &dp, true)
+        });
+        let two_way_fionread = r.record_soft("two-way FIONREAD", || checks::fionread(&ns));
+        let two_way_eos = r.record_soft("two-way end of stream", || checks::end_of_stream(&ns));
+        let mut two_way = None;
+        r.record("app view: two-way", || {
+            let (seen, problem) = modes::accelerated(&ns, &dp, sidecar.as_ref(), Mode::TwoWay);
+            let m = modes::judge(
+                Mode::TwoWay,
+                &plain,
+                &seen,
+                problem,
+                two_way_in && two_way_fionread && two_way_eos,
+            );
+            let v = modes::verdict(&m);
+            two_way = Some(m);
+            Ok(v)
+        });
+        r.modes.extend(two_way);
     }
     r.record("survives detach", || checks::survives_detach(&ns, dp));
     true

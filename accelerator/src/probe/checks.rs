@@ -84,8 +84,10 @@ fn both_ways(a: TcpStream, b: TcpStream, a_to_b: &[u8], b_to_a: &[u8]) -> Result
     })
 }
 
-/// The sidecar -> app hop pairs by 4-tuple and carries 64 KiB each way exactly.
-pub fn inbound_hop(ns: &ScratchNs, dp: &Scratch) -> Outcome {
+/// The sidecar -> app hop pairs by 4-tuple and carries 64 KiB each way exactly; the sidecar's
+/// direction into the app is redirected only in the two-way mode (the reader rule keeps it on
+/// TCP).
+pub fn inbound_hop(ns: &ScratchNs, dp: &Scratch, two_way: bool) -> Outcome {
     let before = dp.counters().map_err(|e| e.to_string())?;
     let (proxy, app) = inbound_pair(ns).map_err(io("connect from 127.0.0.6"))?;
     both_ways(proxy, app, &pattern(1, 64 * 1024), &pattern(2, 64 * 1024))?;
@@ -93,14 +95,17 @@ pub fn inbound_hop(ns: &ScratchNs, dp: &Scratch) -> Outcome {
     let pairs = delta(&before, &after, "pairs_inbound");
     let to_app = delta(&before, &after, "bytes_redirected_inbound_sidecar_to_app");
     let to_proxy = delta(&before, &after, "bytes_redirected_inbound_app_to_sidecar");
-    if pairs != 1 || to_app != 64 * 1024 || to_proxy != 64 * 1024 {
+    let want_to_app = if two_way { 64 * 1024 } else { 0 };
+    if pairs != 1 || to_app != want_to_app || to_proxy != 64 * 1024 {
         return Err(format!(
-            "not accelerated: {pairs} pairs, {to_app} and {to_proxy} bytes redirected (want 1, 65536, 65536)"
+            "not accelerated as the mode says: {pairs} pairs, {to_app} bytes redirected into the app and {to_proxy} into the sidecar (want 1, {want_to_app}, 65536)"
         ));
     }
-    Ok(Verdict::Pass(
-        "paired by 4-tuple; 64 KiB each way, all redirected".into(),
-    ))
+    Ok(Verdict::Pass(if two_way {
+        "paired by 4-tuple; 64 KiB each way, all redirected".into()
+    } else {
+        "paired by 4-tuple; 64 KiB app -> sidecar redirected, the reply on TCP (reader rule)".into()
+    }))
 }
 
 /// Reads are counted, so a reader that stops holds its writer back (`UNREAD_BUDGET`): after

@@ -1,0 +1,181 @@
+//! Which directions of the app <-> sidecar hops meshlane redirects, chosen per kernel from what
+//! the probe measured (DESIGN.md invariant 7, "the reader rule").
+//!
+//! A socket in a sockhash reads through the kernel's `tcp_bpf` code. Bytes redirected *into* an
+//! app's socket change what the app observes (splice, MSG_WAITALL, SO_RCVLOWAT, ...), and on some
+//! kernels even an app socket that only *sends* through meshlane answers FIONREAD differently.
+//! So the operator names a wish (`--mode`), the probe measures each mode's app-visible
+//! behaviour on the running kernel, and [`decide`] turns the two into the mode the daemon uses,
+//! with the reason, for status, metrics and logs.
+
+use serde::Serialize;
+
+use crate::probe;
+
+/// What the daemon redirects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// The reader rule: only app -> sidecar, on both hops. The app's socket never receives a
+    /// redirected byte and leaves the sockhash at its own half-close.
+    Reader,
+    /// Opt-in: both directions of both hops, also into the app's socket. Apps can tell (the
+    /// probe lists how on this kernel).
+    TwoWay,
+    /// Nothing: app sockets are left alone and nothing is attached.
+    Off,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Reader => "reader",
+            Mode::TwoWay => "two-way",
+            Mode::Off => "off",
+        }
+    }
+
+    pub const ALL: [Mode; 3] = [Mode::Reader, Mode::TwoWay, Mode::Off];
+
+    /// The names of `--mode`, the pod list's `mode` and the `meshlane.io/mode` annotation.
+    pub fn parse(s: &str) -> Option<Mode> {
+        Mode::ALL.into_iter().find(|m| m.as_str() == s.trim())
+    }
+}
+
+/// What the operator asked for with `--mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Choice {
+    /// The widest mode the probe found identical to plain TCP for apps on this kernel; where
+    /// none is, app sockets are left alone.
+    Auto,
+    /// The reader rule even where the probe found app-visible differences (they are listed).
+    Reader,
+    /// Also redirect into the app's socket; refused where the probe finds it unsafe.
+    TwoWay,
+    /// Accelerate nothing.
+    Off,
+}
+
+/// The mode in force and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    pub mode: Mode,
+    /// One sentence for status and logs.
+    pub why: String,
+    /// App-visible behaviours that differ from plain TCP in the chosen mode (accepted by an
+    /// explicit opt-in), or that decided against a mode.
+    pub differences: Vec<String>,
+}
+
+/// Combines the operator's `choice` with the probe's measurements. Without a report (`--force`
+/// skipped the probe) the choice is taken at its word and `auto` means the reader rule.
+pub fn decide(choice: Choice, report: Option<&probe::Report>) -> Decision {
+    let Some(report) = report else {
+        let mode = match choice {
+            Choice::Auto | Choice::Reader => Mode::Reader,
+            Choice::TwoWay => Mode::TwoWay,
+            Choice::Off => Mode::Off,
+        };
+        return Decision {
+            mode,
+            why: format!(
+                "--mode {} with the probe skipped (--force): not measured on this kernel",
+                mode.as_str()
+            ),
+            differences: Vec::new(),
+        };
+    };
+    if choice == Choice::Off {
+        return Decision {
+            mode: Mode::Off,
+            why: "--mode off".into(),
+            differences: Vec::new(),
+        };
+    }
+    if !report.ok {
+        return Decision {
+            mode: Mode::Off,
+            why: format!("the safety probe failed: {}", report.reasons()),
+            differences: Vec::new(),
+        };
+    }
+    let reader = report.mode(Mode::Reader);
+    match choice {
+        Choice::Auto => match reader {
+            Some(r) if r.safe && r.differences.is_empty() => Decision {
+                mode: Mode::Reader,
+                why: "the reader rule: app sockets behaved exactly as on plain TCP in every probed behaviour".into(),
+                differences: Vec::new(),
+            },
+            Some(r) if r.safe => Decision {
+                mode: Mode::Off,
+                why: format!(
+                    "app sockets left alone: under the reader rule an app would notice on this kernel ({}); --mode reader accepts that",
+                    r.difference_names().join(", ")
+                ),
+                differences: r.describe(),
+            },
+            Some(r) => Decision {
+                mode: Mode::Off,
+                why: format!("app sockets left alone: the reader rule is unsafe here ({})", r.problem),
+                differences: r.describe(),
+            },
+            None => Decision {
+                mode: Mode::Off,
+                why: "app sockets left alone: the probe could not measure the reader rule".into(),
+                differences: Vec::new(),
+            },
+        },
+        Choice::Reader | Choice::TwoWay => {
+            let mode = if choice == Choice::Reader {
+                Mode::Reader
+            } else {
+                Mode::TwoWay
+            };
+            match report.mode(mode) {
+                Some(m) if m.safe => Decision {
+                    mode,
+                    why: if m.differences.is_empty() {
+                        format!("--mode {}: identical to plain TCP for apps here", mode.as_str())
+                    } else {
+                        format!(
+                            "--mode {} (opt-in): apps can notice {}",
+                            mode.as_str(),
+                            m.difference_names().join(", ")
+                        )
+                    },
+                    differences: m.describe(),
+                },
+                Some(m) => Decision {
+                    mode: Mode::Off,
+                    why: format!(
+                        "--mode {} refused: unsafe on this kernel ({})",
+                        mode.as_str(),
+                        m.problem
+                    ),
+                    differences: m.describe(),
+                },
+                None => Decision {
+                    mode: Mode::Off,
+                    why: format!(
+                        "--mode {} refused: the probe could not measure it",
+                        mode.as_str()
+                    ),
+                    differences: Vec::new(),
+                },
+            }
+        }
+        Choice::Off => unreachable_off(),
+    }
+}
+
+/// `Choice::Off` returns before the match; kept as a value instead of a panic (the daemon never
+/// panics on its input).
+fn unreachable_off() -> Decision {
+    Decision {
+        mode: Mode::Off,
+        why: "--mode off".into(),
+        differences: Vec::new(),
+    }
+}
