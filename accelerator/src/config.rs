@@ -17,6 +17,8 @@
 //! # accelerate = true                # false: leave this pod alone
 //! # accelerate_outbound = true
 //! # accelerate_inbound = true
+//! # mode = "reader"                  # this pod's redirect mode: "reader", "two-way" or "off"
+//! #                                  # (default: the node's --mode; README "What an app can notice")
 //! ```
 
 use std::{
@@ -83,6 +85,8 @@ struct PodEntry {
     accelerate_outbound: bool,
     #[serde(default = "d_true")]
     accelerate_inbound: bool,
+    #[serde(default)]
+    mode: Option<String>,
 }
 
 fn d_uid() -> u32 {
@@ -181,6 +185,15 @@ pub fn parse_all(path: &Path, text: &str) -> Result<PodList, Error> {
             Some(list) if list.iter().any(|s| s.trim() == "*") => OutboundRanges::All,
             Some(list) => OutboundRanges::Only(cidrs("include_outbound_cidrs", list)?),
         };
+        let mode = match e.mode.as_deref() {
+            None => None,
+            Some(m) => Some(crate::mode::Mode::parse(m).ok_or_else(|| {
+                field_err(
+                    "mode",
+                    format!("{m:?} is not one of \"reader\", \"two-way\", \"off\""),
+                )
+            })?),
+        };
         if !e.accelerate {
             tracing::info!(pod = %e.name, "accelerate = false; leaving the pod alone");
             opted_out.push(OptOut {
@@ -206,6 +219,7 @@ pub fn parse_all(path: &Path, text: &str) -> Result<PodList, Error> {
             include_outbound,
             accelerate_outbound: e.accelerate_outbound,
             accelerate_inbound: e.accelerate_inbound,
+            mode,
         });
     }
     Ok(PodList { pods, opted_out })
@@ -248,6 +262,19 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("bogus"), "{err}");
+        let err = parse(
+            Path::new("t.toml"),
+            "[[pod]]\nname = \"a/b\"\nnetns = \"/x\"\nmode = \"fast\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("mode") && err.contains("fast"), "{err}");
+        let pods = parse(
+            Path::new("t.toml"),
+            "[[pod]]\nname = \"a/b\"\nnetns = \"/x\"\nmode = \"two-way\"\n",
+        )
+        .unwrap();
+        assert_eq!(pods[0].mode, Some(crate::mode::Mode::TwoWay));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::{
     config,
     datapath::{self, Datapath, Origin},
     discovery::{self, kubernetes, xds, Discoverer, Discovery},
-    node, policy, probe,
+    mode, node, policy, probe,
     telemetry::{self, Phase, PodStatus, Shared},
 };
 
@@ -40,6 +40,8 @@ pub struct RunOptions {
     pub detach_on_exit: bool,
     /// Skip the start-up safety probe (break-glass).
     pub force: bool,
+    /// The operator's redirect mode; the probe's measurements decide what it becomes.
+    pub mode: mode::Choice,
     pub endpoints: telemetry::Endpoints,
 }
 
@@ -70,7 +72,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
     ));
     let _servers = telemetry::start(&opts.endpoints, Arc::clone(&shared))?;
 
-    start_datapath(&opts, &shared);
+    let deferred = start_datapath(&opts, &shared);
 
     // Sources that learn of changes by themselves (the watch) wake the loop at once.
     let wake = kubernetes::Wake::default();
@@ -102,6 +104,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         last_good: None,
         identities: BTreeMap::new(),
         logged: BTreeMap::new(),
+        deferred,
     };
     let mut next = Instant::now();
     while !stop.load(Ordering::Relaxed) {
@@ -130,9 +133,12 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
 /// Probe, then load or adopt. Any failure leaves the daemon in pass-through with the reason:
 /// nothing is attached, so all traffic takes the normal TCP path, and the daemon stays up to
 /// say so instead of crash-looping.
-fn start_datapath(opts: &RunOptions, shared: &Shared) {
-    if opts.force {
+/// Returns the datapath options when the mode is off, so the datapath can be loaded later for
+/// the first pod that opts in.
+fn start_datapath(opts: &RunOptions, shared: &Shared) -> Option<datapath::Options> {
+    let report = if opts.force {
         tracing::warn!("--force: the start-up safety probe is skipped");
+        None
     } else {
         let report = probe::run(None);
         log_probe(&report);
@@ -142,15 +148,37 @@ fn start_datapath(opts: &RunOptions, shared: &Shared) {
                 report.reasons()
             )
         });
-        shared.write().probe = Some(report);
+        shared.write().probe = Some(report.clone());
         if let Some(reason) = verdict {
             pass_through(shared, reason);
-            return;
+            return None;
         }
+        Some(report)
+    };
+    let decision = mode::decide(opts.mode, report.as_ref());
+    for d in &decision.differences {
+        tracing::warn!(mode = decision.mode.as_str(), "app-visible difference: {d}");
     }
-    match Datapath::open(&opts.datapath) {
+    tracing::info!(mode = decision.mode.as_str(), why = %decision.why, "redirect mode decided");
+    let off = decision.mode == mode::Mode::Off;
+    let why = decision.why.clone();
+    shared.write().mode = Some(decision);
+    if off {
+        // Nothing to redirect: attach nothing, so meshlane costs nothing on this node, until a
+        // pod opts in with a mode of its own (`reconcile` loads the datapath then).
+        tracing::info!(why = %why, "mode off: nothing attached until a pod opts in (meshlane.io/mode, the pod list's mode)");
+        shared.write().phase = Phase::PassThrough(format!("mode off: {why}"));
+        return Some(opts.datapath.clone());
+    }
+    open_datapath(&opts.datapath, shared);
+    None
+}
+
+/// Loads or adopts the datapath; a failure leaves the daemon in pass-through with the reason.
+fn open_datapath(opts: &datapath::Options, shared: &Shared) {
+    match Datapath::open(opts) {
         Ok(mut dp) => {
-            tracing::info!(origin = ?dp.origin(), pin_dir = %opts.datapath.pin_dir.display(), cgroup = %opts.datapath.cgroup.display(), "datapath ready");
+            tracing::info!(origin = ?dp.origin(), pin_dir = %opts.pin_dir.display(), cgroup = %opts.cgroup.display(), "datapath ready");
             // A daemon that adopts pins left in drain mode by an interrupted detach resumes.
             if let Err(e) = dp.set_draining(false) {
                 tracing::error!(error = %e, "cannot clear drain mode; adopted pins stay draining");
@@ -209,6 +237,9 @@ struct Sources {
     identities: BTreeMap<String, (String, Vec<std::net::IpAddr>)>,
     /// What was last logged per pod (skip reasons, notes), so a steady state logs once.
     logged: BTreeMap<String, String>,
+    /// The datapath not loaded because the node's mode is off; loaded for the first pod that
+    /// opts into a mode of its own.
+    deferred: Option<datapath::Options>,
 }
 
 impl Sources {
@@ -370,6 +401,7 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
             inbound_port: 0,
             uid: String::new(),
             ips: Vec::new(),
+            mode: None,
         };
         sources.identify(&mut st);
         st.decline(sk.reason.as_str(), format!("{}: {}", sk.reason, sk.detail));
@@ -377,13 +409,26 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
     }
     let pods = found.pods;
 
+    // Each pod's mode: its own opt-in (checked against the probe like --mode), else the node's.
+    let modes: Vec<mode::Decision> = {
+        let s = shared.read();
+        pods.iter()
+            .map(|p| pod_mode(p.mode, s.mode.as_ref(), s.probe.as_ref()))
+            .collect()
+    };
+    if modes.iter().any(|m| m.mode != mode::Mode::Off) {
+        if let Some(opts) = sources.deferred.take() {
+            tracing::info!("a pod opted into a redirect mode of its own: loading the datapath");
+            open_datapath(&opts, shared);
+        }
+    }
     let pass_reason = match &shared.read().phase {
         Phase::PassThrough(r) => Some(("pass_through", format!("daemon in pass-through: {r}"))),
         Phase::Starting => Some(("starting", "daemon starting".to_string())),
         Phase::Accelerating => None,
     };
     let mut desired = BTreeMap::new();
-    for pod in &pods {
+    for (pod, pod_mode) in pods.iter().zip(&modes) {
         let mut st = PodStatus {
             name: pod.name.clone(),
             netns: pod.netns.clone(),
@@ -401,8 +446,14 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
             inbound_port: pod.inbound_port,
             uid: String::new(),
             ips: Vec::new(),
+            mode: Some(pod_mode.mode),
         };
         sources.identify(&mut st);
+        // In pass-through (a failed probe, or the node's mode off with nothing attached) the
+        // pass-through reason below says it; otherwise a pod whose own mode is off says so.
+        if pod_mode.mode == mode::Mode::Off && pass_reason.is_none() {
+            st.decline("mode_off", format!("redirect mode off: {}", pod_mode.why));
+        }
         match node::netns_cookie(&pod.netns) {
             Ok(c) => st.netns_cookie = Some(c),
             Err(e) => {
@@ -412,7 +463,10 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
         }
         if let (Some(cookie), true) = (st.netns_cookie, st.accelerated()) {
             match policy::pod_policy(pod) {
-                Ok(p) => {
+                Ok(mut p) => {
+                    if pod_mode.mode == mode::Mode::TwoWay {
+                        p.flags |= meshlane_common::POLICY_INTO_APP;
+                    }
                     desired.insert(cookie, (p, statuses.len()));
                 }
                 Err(e) => {
@@ -503,4 +557,28 @@ fn source_failed(shared: &Shared, name: &str, error: String) {
     h.healthy = false;
     h.last_error = error;
     h.errors_total += 1;
+}
+
+/// A pod's redirect mode: the node's decision, unless the pod names its own, which is judged
+/// against the probe exactly like `--mode` (an unsafe opt-in is refused: mode off, with why).
+fn pod_mode(
+    own: Option<mode::Mode>,
+    node: Option<&mode::Decision>,
+    report: Option<&probe::Report>,
+) -> mode::Decision {
+    let Some(own) = own else {
+        return node.cloned().unwrap_or(mode::Decision {
+            mode: mode::Mode::Off,
+            why: "the node's mode is not decided yet".into(),
+            differences: Vec::new(),
+        });
+    };
+    let choice = match own {
+        mode::Mode::Reader => mode::Choice::Reader,
+        mode::Mode::TwoWay => mode::Choice::TwoWay,
+        mode::Mode::Off => mode::Choice::Off,
+    };
+    let mut d = mode::decide(choice, report);
+    d.why = format!("the pod's own mode: {}", d.why);
+    d
 }

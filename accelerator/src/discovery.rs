@@ -561,6 +561,7 @@ fn proxy_namespace(opts: &Options, path: PathBuf, procs: &[procfs::Process]) -> 
         include_outbound: cap.include_outbound,
         accelerate_outbound,
         accelerate_inbound: true,
+        mode: None,
     };
     if let Err(e) = crate::policy::pod_policy(&pod) {
         return skip(&name, Reason::Policy, e.to_string());

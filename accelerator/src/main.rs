@@ -90,6 +90,15 @@ enum Command {
         /// Without it, a failed probe keeps the daemon up but accelerating nothing.
         #[arg(long)]
         force: bool,
+        /// Which directions to redirect. "auto" (default): the reader rule (only app -> sidecar,
+        /// so the app's socket never receives a redirected byte) if the probe found apps see
+        /// exactly plain TCP under it on this kernel, otherwise nothing (app sockets left alone;
+        /// status names the behaviour that decided it). "reader": the reader rule even where
+        /// the probe lists app-visible differences. "two-way": also sidecar -> app, into the
+        /// app's socket (apps can tell: splice, MSG_WAITALL, SO_RCVLOWAT, ...; refused where the
+        /// probe finds it unsafe). "off": accelerate nothing. README: "What an app can notice".
+        #[arg(long, env = "MESHLANE_MODE", value_enum, default_value = "auto")]
+        mode: meshlane::mode::Choice,
         /// Address for Prometheus `/metrics`, `/healthz` (liveness) and `/readyz` (readiness:
         /// start-up decided, accelerating or in pass-through). "off" disables it.
         #[arg(long, env = "MESHLANE_METRICS_ADDR", default_value = "127.0.0.1:9464", value_parser = parse_metrics_addr)]
@@ -204,6 +213,7 @@ fn main() -> ExitCode {
             resync,
             detach_on_exit,
             force,
+            mode,
             metrics_addr,
             api_socket,
         } => kube_options(&discovery, node_name, kube_api, &proc_root)
@@ -238,6 +248,7 @@ fn main() -> ExitCode {
                     resync,
                     detach_on_exit,
                     force,
+                    mode,
                     endpoints: telemetry::Endpoints {
                         metrics: metrics_addr.0,
                         api_socket: (api_socket.as_os_str() != "off").then_some(api_socket),

@@ -73,6 +73,9 @@ pub struct Pod {
     pub include_outbound: OutboundRanges,
     pub accelerate_outbound: bool,
     pub accelerate_inbound: bool,
+    /// The pod's own redirect mode (`meshlane.io/mode`, the pod list's `mode`); None follows
+    /// the node's (`--mode`). An opt-in is still refused where the probe finds it unsafe.
+    pub mode: Option<crate::mode::Mode>,
 }
 
 impl Pod {
@@ -96,6 +99,7 @@ impl Pod {
             include_outbound: OutboundRanges::All,
             accelerate_outbound: true,
             accelerate_inbound: true,
+            mode: None,
         }
     }
 }

@@ -171,6 +171,7 @@ mod tests {
             include_outbound: OutboundRanges::All,
             accelerate_outbound: true,
             accelerate_inbound: true,
+            mode: None,
         }
     }
 

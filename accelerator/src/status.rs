@@ -56,6 +56,12 @@ fn render(s: &pb::Status) -> String {
             s.origin, s.pin_dir, s.cgroup
         );
     }
+    if !s.mode.is_empty() {
+        let _ = writeln!(o, "mode: {} ({})", s.mode, s.mode_reason);
+        for d in &s.mode_differences {
+            let _ = writeln!(o, "  {d}");
+        }
+    }
     match &s.probe {
         Some(p) if p.ran => {
             let warns = p
@@ -175,6 +181,9 @@ fn to_json(s: &pb::Status) -> Value {
         "cgroup": s.cgroup,
         "origin": s.origin,
         "last_reconcile_unix": s.last_reconcile_unix,
+        "mode": s.mode,
+        "mode_reason": s.mode_reason,
+        "mode_differences": s.mode_differences,
         "probe": s.probe.as_ref().map(|p| json!({
             "ran": p.ran,
             "ok": p.ok,
@@ -196,6 +205,7 @@ fn to_json(s: &pb::Status) -> Value {
             "netns_cookie": p.netns_cookie,
             "state": if p.state() == pb::PodState::Accelerated { "accelerated" } else { "not_accelerated" },
             "reason": p.reason,
+            "mode": p.mode,
             "source": p.source,
             "uid": p.uid,
             "pod_ips": p.pod_ips,

@@ -26,6 +26,8 @@ pub struct DaemonSpec {
     pub log: PathBuf,
     /// Network-namespace cookies of the benchmark's two Envoy pods.
     pub cookies: [u64; 2],
+    /// `meshlane run --mode`: which directions C redirects.
+    pub mode: String,
 }
 
 /// A running daemon; SIGTERM (then SIGKILL), wait and a belt-and-braces detach on drop.
@@ -52,6 +54,7 @@ impl Daemon {
             .arg("--metrics-addr")
             .arg(format!("127.0.0.1:{}", spec.metrics_port))
             .args(["--discovery", "local", "--resync", "1s", "--detach-on-exit"])
+            .args(["--mode", &spec.mode])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

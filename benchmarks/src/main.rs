@@ -53,6 +53,11 @@ pub struct Args {
     /// Tiny counts, one round, to prove the harness works (CI). The numbers mean nothing.
     #[arg(long)]
     pub smoke: bool,
+    /// envoy suite: the daemon's `--mode` for C. "reader" (only app -> sidecar redirected) is
+    /// named explicitly because `auto` accelerates nothing on kernels where the probe finds the
+    /// reader rule visible to apps; "two-way" measures the opt-in.
+    #[arg(long, default_value = "reader", value_parser = ["reader", "two-way"])]
+    pub mode: String,
 }
 
 impl Args {

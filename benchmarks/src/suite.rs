@@ -127,6 +127,7 @@ pub fn suite(args: &Args, stop: &AtomicBool) -> Result<()> {
         metrics_port: daemon::free_port()?,
         log: std::env::temp_dir().join(format!("meshlane-bench-{id}.log")),
         cookies: [mesh.client.ns.cookie()?, mesh.server.ns.cookie()?],
+        mode: args.mode.clone(),
     };
     let _log = RemoveOnDrop(spec.log.clone());
     daemon::ensure_detached(&spec.pin_dir, &spec.cgroup)?;

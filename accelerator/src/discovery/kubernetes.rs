@@ -34,6 +34,9 @@ use crate::model::{Cidr, OutboundRanges, Pod};
 
 /// Pod annotation (and namespace label) that opts out: `"false"`.
 pub const OPT_OUT: &str = "meshlane.io/accelerate";
+/// Pod annotation (and namespace label) naming the pod's redirect mode: `reader`, `two-way` or
+/// `off` (absent: the node's `--mode`). The pod's annotation wins over its namespace's label.
+pub const MODE_KEY: &str = "meshlane.io/mode";
 const STATUS: &str = "sidecar.istio.io/status";
 const MODE: &str = "sidecar.istio.io/interceptionMode";
 const TRAFFIC: &str = "traffic.sidecar.istio.io/";
@@ -561,6 +564,23 @@ fn map_capture(
         Some(s) => OutboundRanges::Only(cidrs(&s, notes)?),
     };
 
+    let parse_mode = |field: String, v: &str| {
+        crate::mode::Mode::parse(v).ok_or_else(|| {
+            bad(
+                field,
+                format!("{v:?}: expected \"reader\", \"two-way\" or \"off\""),
+            )
+        })
+    };
+    let mode = match (ann.get(MODE_KEY), ns.and_then(|n| n.labels.get(MODE_KEY))) {
+        (Some(v), _) => Some(parse_mode(ann_field(MODE_KEY), v)?),
+        (None, Some(v)) => Some(parse_mode(
+            format!("namespace metadata.labels[{MODE_KEY:?}]"),
+            v,
+        )?),
+        (None, None) => None,
+    };
+
     let pod = Pod {
         name: name.to_string(),
         uid: String::new(),
@@ -578,6 +598,7 @@ fn map_capture(
         include_outbound,
         accelerate_outbound,
         accelerate_inbound,
+        mode,
     };
     if let Err(e) = crate::policy::pod_policy(&pod) {
         return Err(decline(Reason::Policy, e.to_string()));

@@ -118,6 +118,11 @@ fn build_status(shared: &Shared) -> pb::Status {
                 source: p.source.clone(),
                 uid: p.uid.clone(),
                 pod_ips: p.ips.iter().map(|ip| ip.to_string()).collect(),
+                mode: p
+                    .mode
+                    .filter(|_| p.accelerated())
+                    .map(|m| m.as_str().to_string())
+                    .unwrap_or_default(),
                 counters: p
                     .netns_cookie
                     .and_then(|c| stats.get(&c))
@@ -126,6 +131,21 @@ fn build_status(shared: &Shared) -> pb::Status {
             .collect(),
         counters: counters.as_ref().map(counters_pb),
         probe: Some(probe_pb(snap.probe.as_ref())),
+        mode: snap
+            .mode
+            .as_ref()
+            .map(|m| m.mode.as_str().to_string())
+            .unwrap_or_default(),
+        mode_reason: snap
+            .mode
+            .as_ref()
+            .map(|m| m.why.clone())
+            .unwrap_or_default(),
+        mode_differences: snap
+            .mode
+            .as_ref()
+            .map(|m| m.differences.clone())
+            .unwrap_or_default(),
         sources: snap
             .sources
             .iter()

@@ -234,6 +234,13 @@ impl prometheus_client::collector::Collector for Collector {
                 ]
                 .map(|(m, n)| (vec![("map", m)], c.get(n))),
             )?;
+            family(
+                &mut enc,
+                "meshlane_app_unpaired_at_half_close",
+                "App sockets that left the sockhash at their own half-close (reader rule): their later reads are plain TCP",
+                Counter,
+                &[(vec![], c.get("app_unpaired_at_half_close"))],
+            )?;
         }
 
         // Per pod: pod stats are keyed by netns cookie; name them from the snapshot.
@@ -308,6 +315,39 @@ impl prometheus_client::collector::Collector for Collector {
             Gauge,
             &cap,
         )?;
+
+        // The mode in force (1) and the others (0); absent until decided.
+        if let Some(d) = &snap.mode {
+            let modes: Vec<_> = crate::mode::Mode::ALL
+                .iter()
+                .map(|m| (vec![("mode", m.as_str())], u64::from(*m == d.mode)))
+                .collect();
+            family(
+                &mut enc,
+                "meshlane_mode",
+                "1 for the redirect mode in force: reader (app -> sidecar only), two-way (opt-in, also into the app) or off (app sockets left alone)",
+                Gauge,
+                &modes,
+            )?;
+        }
+        if let Some(r) = &snap.probe {
+            let differs: Vec<_> = r
+                .modes
+                .iter()
+                .map(|m| {
+                    let names = m.difference_names();
+                    (m.mode.as_str(), names.len() as u64)
+                })
+                .map(|(mode, n)| (vec![("mode", mode)], n))
+                .collect();
+            family(
+                &mut enc,
+                "meshlane_mode_app_differences",
+                "App-visible behaviours the probe found different from plain TCP, per mode, on this kernel",
+                Gauge,
+                &differs,
+            )?;
+        }
 
         // Probe: 1 passed, 0 failed; absent when it has not run (or was skipped with --force).
         if let Some(r) = &snap.probe {

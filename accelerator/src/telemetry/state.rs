@@ -43,6 +43,8 @@ pub struct PodStatus {
     /// The Kubernetes pod UID and IPs, when the source knows them.
     pub uid: String,
     pub ips: Vec<std::net::IpAddr>,
+    /// The redirect mode it gets, when accelerated.
+    pub mode: Option<crate::mode::Mode>,
 }
 
 impl PodStatus {
@@ -74,6 +76,8 @@ pub struct Snapshot {
     pub origin: Option<&'static str>,
     /// None until the probe ran, and when it was skipped (--force).
     pub probe: Option<probe::Report>,
+    /// The mode in force and why; None until decided.
+    pub mode: Option<crate::mode::Decision>,
     pub pods: Vec<PodStatus>,
     pub sources: BTreeMap<String, SourceHealth>,
     pub last_reconcile: Option<SystemTime>,
@@ -98,6 +102,7 @@ impl Shared {
                 cgroup,
                 origin: None,
                 probe: None,
+                mode: None,
                 pods: Vec::new(),
                 sources: BTreeMap::new(),
                 last_reconcile: None,
