@@ -32,14 +32,25 @@ fn exchanges(mesh: &TwoPods, n: u64, size: usize) {
 
 #[test]
 fn streams_are_byte_exact_through_both_hops_and_counters_prove_the_redirect() {
-    let Some(mut accel) = Accel::new("streams_are_byte_exact") else {
+    byte_exact_through_both_hops("streams_are_byte_exact", 71, false);
+}
+
+#[test]
+fn two_way_streams_are_byte_exact_and_redirect_into_the_app_too() {
+    byte_exact_through_both_hops("two_way_streams_are_byte_exact", 61, true);
+}
+
+/// Under the reader rule only app -> sidecar is redirected (the sidecar's replies into the app
+/// stay on TCP); in the two-way opt-in every direction of both hops is.
+fn byte_exact_through_both_hops(test: &str, subnet: u8, two_way: bool) {
+    let Some(mut accel) = Accel::new(test) else {
         return;
     };
-    let mesh = mesh(71);
+    let mesh = mesh(subnet);
     let _app =
         EchoServer::spawn(&mesh.server.ns, SocketAddrV4::new(mesh.server.ip, APP_PORT)).unwrap();
-    accel.add_pod(&mesh.client.ns, &mesh.client.capture);
-    accel.add_pod(&mesh.server.ns, &mesh.server.capture);
+    accel.add_pod_in(&mesh.client.ns, &mesh.client.capture, two_way);
+    accel.add_pod_in(&mesh.server.ns, &mesh.server.capture, two_way);
 
     const N: u64 = 6;
     const SIZE: usize = 1 << 20;
@@ -58,17 +69,23 @@ fn streams_are_byte_exact_through_both_hops_and_counters_prove_the_redirect() {
     );
     assert_eq!(c.get("stamps_written"), N);
     assert_eq!(c.get("stamps_found"), N);
-    for dir in [
-        "outbound_app_to_sidecar",
-        "outbound_sidecar_to_app",
-        "inbound_sidecar_to_app",
-        "inbound_app_to_sidecar",
+    let into_app = if two_way { N * SIZE as u64 } else { 0 };
+    for (dir, want) in [
+        ("outbound_app_to_sidecar", N * SIZE as u64),
+        ("outbound_sidecar_to_app", into_app),
+        ("inbound_sidecar_to_app", into_app),
+        ("inbound_app_to_sidecar", N * SIZE as u64),
     ] {
-        // Every byte of every stream went through the sockhash on both hops, in both directions.
+        // Every byte of every stream the mode redirects went through the sockhash, and under the
+        // reader rule not one byte went into an app's socket.
+        assert_eq!(c.get(&format!("bytes_redirected_{dir}")), want, "{dir}");
+    }
+    if !two_way {
         assert_eq!(
-            c.get(&format!("bytes_redirected_{dir}")),
-            N * SIZE as u64,
-            "{dir}"
+            c.get("app_unpaired_at_half_close"),
+            N,
+            "each client app socket left the sockhash at its own half-close (the server app's \
+             close comes after the client's FIN: LAST_ACK, not a half-close of its own)"
         );
     }
     assert_eq!(c.get("pass_no_peer"), 0, "no direction fell back to TCP");
@@ -80,14 +97,15 @@ fn streams_are_byte_exact_through_both_hops_and_counters_prove_the_redirect() {
     let all = N * SIZE as u64;
     assert_eq!(client.pairs, [N, 0], "client pod pairs");
     assert_eq!(server.pairs, [0, N], "server pod pairs");
+    let into = if two_way { all } else { 0 };
     assert_eq!(
         client.bytes,
-        [all, all, 0, 0],
+        [all, into, 0, 0],
         "client pod bytes by direction"
     );
     assert_eq!(
         server.bytes,
-        [0, 0, all, all],
+        [0, 0, into, all],
         "server pod bytes by direction"
     );
     let relay = mesh.client.relay_stats();

@@ -301,6 +301,41 @@ fn opt_out_by_pod_annotation_or_namespace_label() {
 }
 
 #[test]
+fn a_pod_or_its_namespace_names_its_redirect_mode() {
+    use meshlane::mode::Mode;
+    let mode_of = |m: &Mapped| m.verdict.as_ref().expect("accelerated").mode;
+    let plain = fixture("injected-istio-init.json");
+    assert_eq!(
+        mode_of(&map(plain.clone())),
+        None,
+        "no opt-in: the node's mode"
+    );
+    let mut v = plain.clone();
+    annotate(&mut v, "meshlane.io/mode", "two-way");
+    assert_eq!(mode_of(&map(v.clone())), Some(Mode::TwoWay));
+    let reader_ns = NamespaceFacts {
+        labels: BTreeMap::from([("meshlane.io/mode".to_string(), "reader".to_string())]),
+        ..Default::default()
+    };
+    assert_eq!(
+        mode_of(&map_ns(plain.clone(), Some(&reader_ns))),
+        Some(Mode::Reader)
+    );
+    // The pod's annotation wins over its namespace's label.
+    assert_eq!(
+        mode_of(&map_ns(v.clone(), Some(&reader_ns))),
+        Some(Mode::TwoWay)
+    );
+    annotate(&mut v, "meshlane.io/mode", "sideways");
+    let (r, d) = declined(&map(v));
+    assert_eq!(r, Reason::BadResource);
+    assert!(
+        d.contains("meshlane.io/mode") && d.contains("sideways"),
+        "{d}"
+    );
+}
+
+#[test]
 fn pods_that_are_not_meshed() {
     let (r, d) = declined(&map(fixture("no-sidecar.json")));
     assert_eq!(r, Reason::NoSidecar);

@@ -221,7 +221,12 @@ fn half_close_works_in_each_direction() {
     }) else {
         return;
     };
-    assert!(c.get("bytes_redirected_outbound_sidecar_to_app") >= 2 << 20);
+    assert!(c.get("bytes_redirected_outbound_app_to_sidecar") >= 2 << 20);
+    assert_eq!(
+        c.get("bytes_redirected_outbound_sidecar_to_app"),
+        0,
+        "the reader rule never redirects into the app"
+    );
 }
 
 /// What the client saw when the server app went away.

@@ -187,7 +187,7 @@ fn status_and_metrics_match_the_kernel_counters_and_prometheus_scrapes_them() {
     );
     assert_eq!(server["counters"]["pairs_inbound"], N, "{server}");
     assert_eq!(
-        server["counters"]["redirected_bytes"]["inbound_sidecar_to_app"],
+        server["counters"]["redirected_bytes"]["inbound_app_to_sidecar"],
         all
     );
     assert_eq!(gone["state"], "not_accelerated");
@@ -248,7 +248,9 @@ fn status_and_metrics_match_the_kernel_counters_and_prometheus_scrapes_them() {
         ("meshlane_pairs_total{hop=\"outbound\"}", N),
         ("meshlane_pairs_total{hop=\"inbound\"}", N),
         ("meshlane_redirected_bytes_total{direction=\"inbound_app_to_sidecar\"}", all),
-        ("meshlane_pod_redirected_bytes_total{pod=\"demo/client\",direction=\"outbound_sidecar_to_app\"}", all),
+        ("meshlane_pod_redirected_bytes_total{pod=\"demo/client\",direction=\"outbound_app_to_sidecar\"}", all),
+        ("meshlane_pod_redirected_bytes_total{pod=\"demo/client\",direction=\"outbound_sidecar_to_app\"}", 0),
+        ("meshlane_mode{mode=\"reader\"}", 1),
         ("meshlane_pod_pairs_total{pod=\"demo/server\",hop=\"inbound\"}", N),
         ("meshlane_pods{state=\"accelerated\",reason=\"\"}", 2),
         ("meshlane_pods{state=\"not_accelerated\",reason=\"netns_not_found\"}", 1),

@@ -35,8 +35,9 @@ REPO = HERE.parent.parent
 
 # The test binaries the guests run: every privileged test that needs no Envoy (pairing, the
 # first-byte rule, pod isolation with identical addresses, EOF, half-close, RST, large and tiny
-# writes, the unread budget, daemon restart and detach, the probe and a refusing daemon).
-TEST_SUITES = ["datapath", "semantics", "lifecycle", "probe"]
+# writes, the unread budget, daemon restart and detach, the probe and a refusing daemon, the
+# redirect mode each kernel gets, and the socket-API conformance suite).
+TEST_SUITES = ["datapath", "semantics", "lifecycle", "probe", "appview"]
 
 # Host tools the tests run, copied into the guest with the shared libraries they load.
 GUEST_TOOLS = ["ip", "nsenter", "iptables-restore", "iptables-save", "iptables"]
@@ -529,6 +530,47 @@ def probe_cell(o: Outcome) -> str:
     return "safe" if o.probe.get("ok") else "refuses: " + ", ".join(fails)
 
 
+def _mode(o: Outcome, name: str) -> dict | None:
+    return next((m for m in (o.probe or {}).get("modes", []) if m.get("mode") == name), None)
+
+
+def mode_cell(o: Outcome) -> str:
+    """The mode `meshlane run` takes with its default `--mode auto` on this kernel (the same rule
+    as accelerator/src/mode.rs): the reader rule only where apps see exactly plain TCP under it."""
+    if o.probe is None:
+        return "not run"
+    if not o.probe.get("ok"):
+        return "off (the probe refuses)"
+    reader = _mode(o, "reader")
+    if reader is None:
+        return "off (reader rule not measured)"
+    if not reader.get("safe"):
+        return "off (reader rule unsafe)"
+    return "reader" if not reader.get("differences") else "off (apps could tell)"
+
+
+def two_way_cell(o: Outcome) -> str:
+    """Whether the two-way opt-in is allowed, and which of its checks refuse it."""
+    m = _mode(o, "two-way")
+    if o.probe is None or m is None:
+        return "not run"
+    if m.get("safe"):
+        return "allowed"
+    refusing = [c["name"].removeprefix("two-way ") for c in o.probe.get("checks", [])
+                if c["name"].startswith("two-way ") and c.get("status") != "pass"]
+    return "refused: " + (", ".join(refusing) or "its redirects were not seen")
+
+
+def app_view_cell(o: Outcome, mode: str) -> str:
+    """The behaviours an app could tell apart from plain TCP in `mode` (this run; kept out of
+    --check-readme like the warnings: appview.rs asserts them against the suite)."""
+    m = _mode(o, mode)
+    if m is None:
+        return "not run"
+    names = sorted({d["behaviour"] for d in m.get("differences", [])})
+    return ", ".join(names) or "none"
+
+
 def warnings_cell(o: Outcome) -> str:
     """The probe's warnings. Kept out of --check-readme: some caveats depend on timing (the
     half-close EAGAIN shows when a read outwaits the peer's delayed ACK), so one run may see one
@@ -659,6 +701,12 @@ def table(columns: list[tuple[str, str, Outcome]], tests: list[str]) -> str:
     rows.append("| kernel | " + " | ".join(c[1] for c in columns) + " |")
     rows.append("| `meshlane probe` | " + " | ".join(probe_cell(c[2]) for c in columns) + " |")
     rows.append("| probe warnings (this run) | " + " | ".join(warnings_cell(c[2]) for c in columns) + " |")
+    rows.append("| mode with `--mode auto` | " + " | ".join(mode_cell(c[2]) for c in columns) + " |")
+    rows.append("| two-way opt-in | " + " | ".join(two_way_cell(c[2]) for c in columns) + " |")
+    rows.append("| apps could tell, reader rule (this run) | "
+                + " | ".join(app_view_cell(c[2], "reader") for c in columns) + " |")
+    rows.append("| apps could tell, two-way (this run) | "
+                + " | ".join(app_view_cell(c[2], "two-way") for c in columns) + " |")
     for t in tests:
         rows.append(f"| {t} | " + " | ".join(cell(c[2], t, notes) for c in columns) + " |")
     rows.append("| kernel log | " + " | ".join("clean" if not c[2].trouble else "TROUBLE" for c in columns) + " |")
@@ -673,7 +721,7 @@ def table(columns: list[tuple[str, str, Outcome]], tests: list[str]) -> str:
 def result_rows(md: str) -> list[str]:
     """The table's rows and notes without the kernel and warnings rows: what --check-readme
     compares (a point release of a kernel line changes the version, not the result)."""
-    skip = ("| kernel |", "| probe warnings")
+    skip = ("| kernel |", "| probe warnings", "| apps could tell")
     return [r for r in md.strip().splitlines() if r.startswith(("|", "[^")) and not r.startswith(skip)]
 
 

@@ -78,6 +78,36 @@ class ParseConsole(unittest.TestCase):
         self.assertEqual(run.probe_cell(run.parse_console(console(probe=refusing, probe_rc=1))), "refuses: FIONREAD")
 
 
+class Modes(unittest.TestCase):
+    def modes(self, reader_diffs, two_way_safe=True):
+        checks = PROBE_OK["checks"] + [{"name": "two-way FIONREAD", "status": "pass" if two_way_safe else "warn"}]
+        return dict(PROBE_OK, checks=checks, modes=[
+            {"mode": "reader", "safe": True, "problem": "", "differences": [{"behaviour": b} for b in reader_diffs]},
+            {"mode": "two-way", "safe": two_way_safe, "problem": "" if two_way_safe else "a check failed",
+             "differences": [{"behaviour": "splice_to_pipe"}, {"behaviour": "splice_to_pipe"}]},
+        ])
+
+    def test_auto_takes_the_reader_rule_only_where_apps_cannot_tell(self):
+        o = run.parse_console(console(probe=self.modes([])))
+        self.assertEqual(run.mode_cell(o), "reader")
+        self.assertEqual(run.app_view_cell(o, "reader"), "none")
+        o = run.parse_console(console(probe=self.modes(["fionread_tcp", "signal_restart", "fionread_tcp"])))
+        self.assertEqual(run.mode_cell(o), "off (apps could tell)")
+        self.assertEqual(run.app_view_cell(o, "reader"), "fionread_tcp, signal_restart")
+        self.assertEqual(run.app_view_cell(o, "two-way"), "splice_to_pipe")
+
+    def test_a_refused_two_way_names_the_check(self):
+        o = run.parse_console(console(probe=self.modes([], two_way_safe=False)))
+        self.assertEqual(run.two_way_cell(o), "refused: FIONREAD")
+        self.assertEqual(run.two_way_cell(run.parse_console(console(probe=self.modes([])))), "allowed")
+
+    def test_the_timing_dependent_rows_are_not_checked_but_the_mode_is(self):
+        o = run.parse_console(console(("a::x", 0), probe=self.modes(["oob_send"])))
+        rows = run.result_rows(run.table([("6.12", "6.12.1", o)], ["a::x"]))
+        self.assertIn("| mode with `--mode auto` | off (apps could tell) |", rows)
+        self.assertFalse(any(r.startswith("| apps could tell") for r in rows))
+
+
 class KnownFailures(unittest.TestCase):
     def test_a_known_failure_does_not_fail_the_kernel_but_is_shown_with_its_reason(self):
         o = run.parse_console(console(("a::x", 101), ("b::y", 0)))

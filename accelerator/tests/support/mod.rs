@@ -88,8 +88,18 @@ impl Accel {
     }
 
     /// Like [`Accel::run_command`], with the daemon's own discovery default (the caller may
-    /// pass `--discovery ...`).
+    /// pass `--discovery ...`). The mode is the reader rule, named explicitly: `auto` leaves
+    /// app sockets alone on kernels where the probe finds the reader rule visible to apps (this
+    /// machine's FIONREAD), and these tests are about pairing and telemetry, not that choice
+    /// (`modes.rs` tests it).
     pub fn daemon_command(&self) -> std::process::Command {
+        let mut cmd = self.daemon_command_auto();
+        cmd.args(["--mode", "reader"]);
+        cmd
+    }
+
+    /// The daemon exactly as a user starts it: `--mode auto`.
+    pub fn daemon_command_auto(&self) -> std::process::Command {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_meshlane"));
         cmd.arg("run")
             .arg("--pin-dir")
@@ -113,11 +123,21 @@ impl Accel {
         self.dp.as_mut().expect("datapath open")
     }
 
-    /// Registers a pod whose sidecar captures as `capture` says.
+    /// Registers a pod whose sidecar captures as `capture` says, in the default mode (the
+    /// reader rule: only app -> sidecar is redirected).
     pub fn add_pod(&mut self, ns: &Netns, capture: &CaptureConfig) {
+        self.add_pod_in(ns, capture, false)
+    }
+
+    /// Registers a pod, in the two-way opt-in (also sidecar -> app, into the app's socket)
+    /// when `two_way` is set.
+    pub fn add_pod_in(&mut self, ns: &Netns, capture: &CaptureConfig, two_way: bool) {
         let pod = pod_model(ns, capture);
         let cookie = ns.cookie().expect("netns cookie");
-        let p = policy::pod_policy(&pod).expect("policy");
+        let mut p = policy::pod_policy(&pod).expect("policy");
+        if two_way {
+            p.flags |= meshlane_common::POLICY_INTO_APP;
+        }
         self.dp().set_pod(cookie, &p).expect("policy write");
     }
 

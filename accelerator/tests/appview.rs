@@ -1,0 +1,184 @@
+//! Socket-API conformance: what an app observes through both accelerated hops, against plain
+//! TCP through the same pods (DESIGN.md invariant 7, the reader rule). Every behaviour of
+//! `meshlane::probe::appview` runs with the app as client (its socket is the outbound hop's app
+//! end) and as server (the inbound hop's app end), through the pods' uid-1337 relays, three ways:
+//! plain (pods unlisted), the default reader rule, and the two-way opt-in. The counters must show
+//! that each accelerated run redirected exactly the directions its mode promises, or the
+//! comparison would prove nothing.
+
+mod support;
+
+use std::net::{SocketAddrV4, TcpListener, TcpStream};
+
+use meshlane::{
+    mode::{self, Mode},
+    probe::{self, appview},
+};
+use minimesh::{CaptureConfig, TwoPods};
+use support::*;
+
+type Observations = Vec<(&'static str, String)>;
+
+/// (app as client, app as server) observations.
+fn observe(mesh: &TwoPods, port: u16) -> (Observations, Observations) {
+    let dst = SocketAddrV4::new(mesh.server.ip, port);
+    let l = mesh
+        .server
+        .ns
+        .run(|| TcpListener::bind(dst))
+        .unwrap()
+        .unwrap();
+    let pair = || -> std::io::Result<(TcpStream, TcpStream)> {
+        let c = connect(&mesh.client.ns, dst)?;
+        let (s, _) = l.accept()?;
+        Ok((c, s))
+    };
+    let as_client = appview::observe_all(&pair);
+    let as_server = appview::observe_all(&|| pair().map(|(c, s)| (s, c)));
+    (as_client, as_server)
+}
+
+fn differences(plain: &Observations, fast: &Observations) -> Vec<String> {
+    plain
+        .iter()
+        .zip(fast)
+        .filter(|((_, p), (_, f))| p != f)
+        .map(|((n, p), (_, f))| format!("{n}: plain {p:?}, meshlane {f:?}"))
+        .collect()
+}
+
+fn names(diffs: &[String]) -> Vec<String> {
+    let mut n: Vec<String> = diffs
+        .iter()
+        .map(|d| d.split(':').next().unwrap_or_default().to_string())
+        .collect();
+    n.sort();
+    n.dedup();
+    n
+}
+
+struct Run {
+    diffs: Vec<String>,
+    counters: meshlane::datapath::Counters,
+}
+
+/// Plain, then accelerated in `two_way` or the reader rule, on fresh pods.
+fn run(test: &str, subnet: u8, two_way: bool) -> Option<Run> {
+    let mut accel = Accel::new(test)?;
+    let mesh = TwoPods::new(subnet, CaptureConfig::default(), CaptureConfig::default()).unwrap();
+    let (pc, ps) = observe(&mesh, 8080);
+    assert_eq!(
+        accel.counters().pairs(),
+        0,
+        "{test}: the plain run touched the datapath"
+    );
+    accel.add_pod_in(&mesh.client.ns, &mesh.client.capture, two_way);
+    accel.add_pod_in(&mesh.server.ns, &mesh.server.capture, two_way);
+    let (fc, fs) = observe(&mesh, 8081);
+    let counters = accel.counters();
+    let mut diffs: Vec<String> = differences(&pc, &fc)
+        .into_iter()
+        .map(|d| format!("{d} [app as client]"))
+        .collect();
+    diffs.extend(
+        differences(&ps, &fs)
+            .into_iter()
+            .map(|d| format!("{d} [app as server]")),
+    );
+    eprintln!(
+        "{test}: {} of {} behaviours differ:",
+        names(&diffs).len(),
+        appview::ALL.len()
+    );
+    for d in &diffs {
+        eprintln!("  {d}");
+    }
+    Some(Run { diffs, counters })
+}
+
+/// Both app -> sidecar directions were redirected; into the app, only with `two_way`.
+fn assert_directions(test: &str, c: &meshlane::datapath::Counters, two_way: bool) {
+    for dir in ["outbound_app_to_sidecar", "inbound_app_to_sidecar"] {
+        assert!(
+            c.get(&format!("bytes_redirected_{dir}")) > 0,
+            "{test}: {dir} never redirected: {c:?}"
+        );
+    }
+    for dir in ["outbound_sidecar_to_app", "inbound_sidecar_to_app"] {
+        let n = c.get(&format!("bytes_redirected_{dir}"));
+        if two_way {
+            assert!(n > 0, "{test}: {dir} never redirected in two-way: {c:?}");
+        } else {
+            assert_eq!(n, 0, "{test}: the reader rule redirected {dir}: {c:?}");
+        }
+    }
+}
+
+/// The default mode is what `auto` picks on this kernel. Where the probe finds the reader rule
+/// identical to plain TCP, the suite must find no difference either; where it does not, the
+/// suite must find differences too, and `auto` must leave app sockets alone and name them.
+#[test]
+fn the_default_mode_is_invisible_to_apps_or_leaves_them_alone() {
+    let Some(r) = run("default_mode_apps_see_plain_tcp", 91, false) else {
+        return;
+    };
+    assert_directions("reader", &r.counters, false);
+    assert!(
+        r.counters.get("app_unpaired_at_half_close") > 0,
+        "no app socket left the sockhash at its own half-close: {:?}",
+        r.counters
+    );
+    let report = probe::run(None);
+    assert!(report.ok, "{}", report.render());
+    let decision = mode::decide(mode::Choice::Auto, Some(&report));
+    let reader = report
+        .mode(Mode::Reader)
+        .expect("the probe measured the reader rule");
+    if r.diffs.is_empty() {
+        assert_eq!(decision.mode, Mode::Reader, "{}", report.render());
+    } else {
+        assert_eq!(
+            decision.mode,
+            Mode::Off,
+            "apps can tell under the reader rule here, so auto must leave them alone:\n{}",
+            report.render()
+        );
+        // What decided it is named in the reason, and the probe saw the same behaviours the
+        // suite saw through real relays (the suite may see more: it has more timing paths).
+        for n in reader.difference_names() {
+            assert!(
+                decision.why.contains(&n),
+                "{n} not named in {:?}",
+                decision.why
+            );
+            assert!(
+                names(&r.diffs).contains(&n),
+                "the probe reports {n}, the suite does not: {:?}",
+                r.diffs
+            );
+        }
+        assert!(
+            !reader.differences.is_empty(),
+            "the suite found {:?} but the probe found nothing",
+            r.diffs
+        );
+    }
+}
+
+/// The opt-in: every direction redirected, and the differences documented (printed); the
+/// behaviours that make the reader rule necessary must show up here.
+#[test]
+fn the_two_way_opt_in_redirects_into_the_app_and_its_differences_are_listed() {
+    let Some(r) = run("two_way_differences", 92, true) else {
+        return;
+    };
+    assert_directions("two-way", &r.counters, true);
+    let n = names(&r.diffs);
+    for known in ["splice_to_pipe", "recv_waitall"] {
+        assert!(
+            n.iter().any(|x| x == known),
+            "two-way should differ in {known} (tcp_bpf reads redirected bytes): {:?}",
+            r.diffs
+        );
+    }
+}
