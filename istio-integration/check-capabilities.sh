@@ -128,6 +128,10 @@ while [ $i -lt ${#rendered[@]} ]; do
     --pin-dir) args+=("$a" "$pins"); i=$((i + 1)) ;;
     --cgroup) args+=("$a" "$cg"); i=$((i + 1)) ;;
     --config) args+=("$a" "$work/pods.toml"); i=$((i + 1)) ;;
+    # The capabilities are what loading the datapath needs. The chart's `auto` attaches nothing
+    # on kernels where the probe finds apps could tell (this one), so name the reader rule here
+    # to make the daemon load it.
+    --mode) args+=("$a" reader); i=$((i + 1)) ;;
     --api-socket | --metrics-addr)
       if printf '%s\n' "${run_help[@]}" | grep -q -- "$a"; then
         if [ "$a" = --metrics-addr ]; then metrics=127.0.0.1:19801; args+=("$a" "$metrics"); else args+=("$a" "$work/api.sock"); fi

@@ -248,6 +248,7 @@ must_fail() {
 --set discovery.local.pods[0].name=x|netns is required
 --set discovery.local.pods[0].name=x --set discovery.local.pods[0].netns=/y --set discovery.local.pods[0].nets=1|unknown key nets
 --set capabilities[0]=CAP_BPF|without the CAP_ prefix
+--set mode=fast|mode=fast: expected one of
 EOF
   return $ok
 }

@@ -58,7 +58,11 @@ DaemonSet so that `helm template`, `helm install` and `helm lint` all stop on it
 {{- if and .Values.discovery.xdsServer (ne $source "kubernetes") -}}
 {{- fail "discovery.xdsServer needs discovery.source=kubernetes: each pod's xDS identity (pod IP, name, namespace) comes from the API" -}}
 {{- end -}}
-{{- $known := list "name" "netns" "proxy_uid" "proxy_gid" "outbound_port" "inbound_port" "inbound_bind" "exclude_outbound_ports" "exclude_inbound_ports" "exclude_outbound_cidrs" "include_outbound_cidrs" "accelerate" -}}
+{{- $modes := list "auto" "reader" "two-way" "off" -}}
+{{- if not (has .Values.mode $modes) -}}
+{{- fail (printf "mode=%v: expected one of %s" .Values.mode (join ", " $modes)) -}}
+{{- end -}}
+{{- $known := list "name" "netns" "proxy_uid" "proxy_gid" "outbound_port" "inbound_port" "inbound_bind" "exclude_outbound_ports" "exclude_inbound_ports" "exclude_outbound_cidrs" "include_outbound_cidrs" "accelerate" "mode" -}}
 {{- range $i, $pod := .Values.discovery.local.pods -}}
 {{- if not (kindIs "map" $pod) -}}
 {{- fail (printf "discovery.local.pods[%d]: each pod is a map with at least name and netns" $i) -}}
