@@ -449,9 +449,9 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
             mode: Some(pod_mode.mode),
         };
         sources.identify(&mut st);
-        // In pass-through (a failed probe, or the node's mode off with nothing attached) the
-        // pass-through reason below says it; otherwise a pod whose own mode is off says so.
-        if pod_mode.mode == mode::Mode::Off && pass_reason.is_none() {
+        // A pod whose own mode is off or refused says so; one that follows the node's mode off
+        // gets the pass-through reason below (it names the node's decision).
+        if pod_mode.mode == mode::Mode::Off && (pass_reason.is_none() || pod.mode.is_some()) {
             st.decline("mode_off", format!("redirect mode off: {}", pod_mode.why));
         }
         match node::netns_cookie(&pod.netns) {

@@ -96,7 +96,9 @@ enum Command {
         /// status names the behaviour that decided it). "reader": the reader rule even where
         /// the probe lists app-visible differences. "two-way": also sidecar -> app, into the
         /// app's socket (apps can tell: splice, MSG_WAITALL, SO_RCVLOWAT, ...; refused where the
-        /// probe finds it unsafe). "off": accelerate nothing. README: "What an app can notice".
+        /// probe finds it unsafe). "off": accelerate nothing. A pod's own mode wins (the pod list's
+        /// `mode`, the meshlane.io/mode pod annotation or namespace label), judged by the same
+        /// probe. README: "What an app can notice".
         #[arg(long, env = "MESHLANE_MODE", value_enum, default_value = "auto")]
         mode: meshlane::mode::Choice,
         /// Address for Prometheus `/metrics`, `/healthz` (liveness) and `/readyz` (readiness:

@@ -179,3 +179,84 @@ fn unreachable_off() -> Decision {
         differences: Vec::new(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probe::{Difference, ModeReport, Report};
+
+    fn report(reader_diffs: &[&'static str], two_way_safe: bool) -> Report {
+        let diff = |b: &'static str| Difference {
+            behaviour: b,
+            hop: "inbound",
+            plain: "a".into(),
+            meshlane: "b".into(),
+        };
+        Report {
+            kernel: "test".into(),
+            ok: true,
+            checks: Vec::new(),
+            modes: vec![
+                ModeReport {
+                    mode: Mode::Reader,
+                    safe: true,
+                    problem: String::new(),
+                    differences: reader_diffs.iter().map(|b| diff(b)).collect(),
+                },
+                ModeReport {
+                    mode: Mode::TwoWay,
+                    safe: two_way_safe,
+                    problem: if two_way_safe {
+                        String::new()
+                    } else {
+                        "FIONREAD misses redirected bytes".into()
+                    },
+                    differences: vec![diff("splice_to_pipe")],
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn auto_takes_the_reader_rule_only_where_apps_cannot_tell() {
+        let d = decide(Choice::Auto, Some(&report(&[], true)));
+        assert_eq!(d.mode, Mode::Reader);
+        assert!(d.differences.is_empty());
+        let d = decide(Choice::Auto, Some(&report(&["fionread_tcp", "oob_send"], true)));
+        assert_eq!(d.mode, Mode::Off);
+        assert!(
+            d.why.contains("fionread_tcp") && d.why.contains("oob_send"),
+            "{}",
+            d.why
+        );
+        assert_eq!(d.differences.len(), 2);
+    }
+
+    #[test]
+    fn an_opt_in_accepts_differences_but_not_an_unsafe_mode() {
+        let r = report(&["fionread_tcp"], false);
+        let d = decide(Choice::Reader, Some(&r));
+        assert_eq!(d.mode, Mode::Reader);
+        assert!(d.why.contains("fionread_tcp"), "{}", d.why);
+        let d = decide(Choice::TwoWay, Some(&r));
+        assert_eq!(d.mode, Mode::Off);
+        assert!(d.why.contains("two-way refused"), "{}", d.why);
+        assert!(d.why.contains("FIONREAD"), "{}", d.why);
+        assert_eq!(
+            decide(Choice::TwoWay, Some(&report(&[], true))).mode,
+            Mode::TwoWay
+        );
+    }
+
+    #[test]
+    fn a_failed_probe_or_off_accelerates_nothing_and_force_takes_the_word() {
+        let mut r = report(&[], true);
+        r.ok = false;
+        assert_eq!(decide(Choice::Reader, Some(&r)).mode, Mode::Off);
+        assert_eq!(decide(Choice::Off, Some(&report(&[], true))).mode, Mode::Off);
+        assert_eq!(decide(Choice::Auto, None).mode, Mode::Reader);
+        assert_eq!(decide(Choice::TwoWay, None).mode, Mode::TwoWay);
+        assert_eq!(Mode::parse(" two-way "), Some(Mode::TwoWay));
+        assert_eq!(Mode::parse("fast"), None);
+    }
+}

@@ -205,6 +205,8 @@ pub const SOCK_IN_MAP: u8 = 8;
 /// [`SockState::flags`]: an app socket under the reader rule: its peer is in [`maps::TARGETS`],
 /// and it leaves [`maps::SOCKS`] at its own half-close.
 pub const SOCK_READER_RULE: u8 = 16;
+/// [`SockState::flags`]: `peer` holds the paired socket's cookie (sk_msg found it once).
+pub const SOCK_PEER_KNOWN: u8 = 32;
 
 /// Per-socket state in socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`), freed with the socket.
 /// sk_msg may not call `bpf_get_socket_cookie`, so the cookie is kept here by sock_ops.
@@ -219,8 +221,11 @@ pub struct SockState {
     pub role: u8,
     pub flags: u8,
     pub _pad: [u8; 6],
+    /// The peer's cookie once sk_msg has looked it up ([`SOCK_PEER_KNOWN`]), so later messages
+    /// skip the [`maps::PEERS`] lookup.
+    pub peer: u64,
 }
-const _: () = assert!(size_of::<SockState>() == 48);
+const _: () = assert!(size_of::<SockState>() == 56);
 
 /// One pod's traffic through the fast lane (per CPU; userspace sums). The daemon creates the
 /// entry when it lists the pod and deletes it when the pod goes; the programs only add.

@@ -15,7 +15,7 @@ use aya_ebpf::{
 };
 use meshlane_common::{
     counter, SockState, CONTROL_BUDGET, CONTROL_DRAIN, CONTROL_FLAGS, ROLE_IN_APP, ROLE_OUT_APP,
-    SOCK_READER_RULE, SOCK_TCP_PINNED, UNREAD_BUDGET,
+    SOCK_PEER_KNOWN, SOCK_READER_RULE, SOCK_TCP_PINNED, UNREAD_BUDGET,
 };
 
 use crate::{
@@ -34,23 +34,34 @@ pub fn verdict(ctx: &SkMsgContext) -> u32 {
         inc(counter::PASS_TCP_PINNED);
         return SK_PASS;
     }
-    if ML_CONTROL
-        .get(CONTROL_FLAGS)
-        .is_some_and(|f| *f & CONTROL_DRAIN != 0)
-    {
+    // One read of the control word per message: drain, and whether the budget applies.
+    let flags = ML_CONTROL.get(CONTROL_FLAGS).copied().unwrap_or(0);
+    if flags & CONTROL_DRAIN != 0 {
         st.flags |= SOCK_TCP_PINNED;
         inc(counter::PASS_DRAINING);
         return SK_PASS;
     }
-    // SAFETY: read-only view of a hash map value, copied out at once.
-    let Some(mut peer) = (unsafe { ML_PEERS.get(st.cookie) }).copied() else {
-        st.flags |= SOCK_TCP_PINNED;
-        inc(counter::PASS_NO_PEER);
-        return SK_PASS;
+    // The peer is looked up once and kept in the socket's own state: a cookie is never reused,
+    // so a peer that closed later is simply not found by the redirect (and this direction then
+    // moves to TCP, below).
+    let mut peer = st.peer;
+    if st.flags & SOCK_PEER_KNOWN == 0 {
+        // SAFETY: read-only view of a hash map value, copied out at once.
+        let Some(p) = (unsafe { ML_PEERS.get(st.cookie) }).copied() else {
+            st.flags |= SOCK_TCP_PINNED;
+            inc(counter::PASS_NO_PEER);
+            return SK_PASS;
+        };
+        peer = p;
+        st.peer = p;
+        st.flags |= SOCK_PEER_KNOWN;
+    }
+    let unread = if flags & CONTROL_BUDGET != 0 {
+        ML_UNREAD.get_ptr_mut(peer)
+    } else {
+        None
     };
-    let flags = ML_CONTROL.get(CONTROL_FLAGS).copied().unwrap_or(0);
-    let unread = ML_UNREAD.get_ptr_mut(peer);
-    if let (Some(unread), true) = (unread, flags & CONTROL_BUDGET != 0) {
+    if let Some(unread) = unread {
         // SAFETY: a live map value; a racing update only makes the budget a little soft.
         if unsafe { *unread } > UNREAD_BUDGET {
             // The reader is not keeping up: hand this direction to TCP, whose flow control

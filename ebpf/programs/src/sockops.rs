@@ -58,10 +58,20 @@ pub fn handle(ctx: &SockOpsContext) {
     }
     // State changes only come for sockets that joined: they clean up (and, under the reader
     // rule, unpair at the app's half-close) whether or not their pod is still listed, so a
-    // pod removed while its sockets live leaves nothing behind in the pairing maps.
-    if ctx.op() == BPF_SOCK_OPS_STATE_CB {
-        on_state(ctx);
-        return;
+    // pod removed while its sockets live leaves nothing behind in the pairing maps. The header
+    // callbacks only come for a socket whose stamp is pending.
+    // The kernel calls sock_ops for every TCP socket under the cgroup, several times per
+    // connection (RTO and window initialisation, ECN, ...): ops meshlane does not handle return
+    // before anything is looked up, and the header callbacks need only the socket's own state.
+    let op = ctx.op();
+    match op {
+        BPF_SOCK_OPS_STATE_CB => return on_state(ctx),
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB => return on_hdr_opt_len(ctx),
+        BPF_SOCK_OPS_WRITE_HDR_OPT_CB => return on_write_hdr_opt(ctx),
+        BPF_SOCK_OPS_TCP_CONNECT_CB
+        | BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+        | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {}
+        _ => return,
     }
     // SAFETY: ctx.ops is the kernel's sock_ops context for this call.
     let netns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
@@ -69,13 +79,10 @@ pub fn handle(ctx: &SockOpsContext) {
     let Some(policy) = (unsafe { ML_POLICY.get(netns) }) else {
         return;
     };
-    match ctx.op() {
+    match op {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(ctx, netns, policy),
-        BPF_SOCK_OPS_HDR_OPT_LEN_CB => on_hdr_opt_len(ctx),
-        BPF_SOCK_OPS_WRITE_HDR_OPT_CB => on_write_hdr_opt(ctx),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(ctx, netns, policy),
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(ctx, netns, policy),
-        _ => {}
+        _ => on_passive_established(ctx, netns, policy),
     }
 }
 
