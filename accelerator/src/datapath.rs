@@ -302,6 +302,7 @@ impl Datapath {
     pub fn map_usage(&self) -> Result<Vec<MapUsage>, Error> {
         let dir = &self.opts.pin_dir;
         let socks: SockHash<MapData, u64> = typed(dir, maps::SOCKS)?;
+        let targets: SockHash<MapData, u64> = typed(dir, maps::TARGETS)?;
         let rendezvous: HashMap<MapData, meshlane_common::PairKey, meshlane_common::Waiter> =
             typed(dir, maps::RENDEZVOUS)?;
         let peers: HashMap<MapData, u64, u64> = typed(dir, maps::PEERS)?;
@@ -315,6 +316,11 @@ impl Datapath {
             MapUsage {
                 name: maps::SOCKS,
                 entries: count(socks.keys().filter(Result::is_ok).count()),
+                capacity: maps::SOCKS_MAX,
+            },
+            MapUsage {
+                name: maps::TARGETS,
+                entries: count(targets.keys().filter(Result::is_ok).count()),
                 capacity: maps::SOCKS_MAX,
             },
             MapUsage {
