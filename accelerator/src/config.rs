@@ -6,7 +6,7 @@
 //! name = "default/client"            # namespace/name, for logs and status
 //! netns = "/run/netns/client"        # or /proc/<pid>/ns/net
 //! # proxy_uid = 1337                 # istio-init -u
-//! # proxy_gid = 1337                 # istio-init -g
+//! # proxy_gid = 1337                 # istio-init -g (default: proxy_uid, as istio-iptables)
 //! # outbound_port = 15001            # istio-init -p
 //! # inbound_port = 15006             # istio-init -z
 //! # inbound_bind = "127.0.0.6"       # the sidecar's inbound source address
@@ -63,8 +63,9 @@ struct PodEntry {
     netns: PathBuf,
     #[serde(default = "d_uid")]
     proxy_uid: u32,
-    #[serde(default = "d_uid")]
-    proxy_gid: u32,
+    /// Unset: the same as `proxy_uid`, as istio-iptables' `-g` defaults to `-u`.
+    #[serde(default)]
+    proxy_gid: Option<u32>,
     #[serde(default = "d_out")]
     outbound_port: u16,
     #[serde(default = "d_in")]
@@ -209,7 +210,7 @@ pub fn parse_all(path: &Path, text: &str) -> Result<PodList, Error> {
             name: e.name,
             netns: e.netns,
             proxy_uid: e.proxy_uid,
-            proxy_gid: e.proxy_gid,
+            proxy_gid: e.proxy_gid.unwrap_or(e.proxy_uid),
             outbound_port: e.outbound_port,
             inbound_port: e.inbound_port,
             inbound_bind,
@@ -275,6 +276,22 @@ mod tests {
         )
         .unwrap();
         assert_eq!(pods[0].mode, Some(crate::mode::Mode::TwoWay));
+    }
+
+    #[test]
+    fn proxy_gid_follows_proxy_uid_like_istio_iptables() {
+        let pods = parse(
+            Path::new("t.toml"),
+            "[[pod]]\nname = \"a/b\"\nnetns = \"/x\"\nproxy_uid = 1000\n",
+        )
+        .unwrap();
+        assert_eq!((pods[0].proxy_uid, pods[0].proxy_gid), (1000, 1000));
+        let pods = parse(
+            Path::new("t.toml"),
+            "[[pod]]\nname = \"a/b\"\nnetns = \"/x\"\nproxy_uid = 1000\nproxy_gid = 7\n",
+        )
+        .unwrap();
+        assert_eq!((pods[0].proxy_uid, pods[0].proxy_gid), (1000, 7));
     }
 
     #[test]

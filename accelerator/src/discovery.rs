@@ -24,7 +24,7 @@ use std::{
     collections::BTreeMap,
     fs::File,
     net::{Ipv4Addr, SocketAddrV4},
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -334,7 +334,7 @@ impl Discoverer {
             let outcome = match self.cache.get(&key) {
                 Some((at, o)) if now.duration_since(*at) < self.refresh => o.clone(),
                 _ if procs.is_empty() => bare_namespace(opts, path),
-                _ => proxy_namespace(opts, path, procs),
+                _ => isolated(&path, || proxy_namespace(opts, path.clone(), procs)),
             };
             match &outcome {
                 Outcome::Pod { pod, notes } => {
@@ -410,6 +410,25 @@ fn admin_candidates(opts: &Options, procs: &[procfs::Process]) -> (Vec<SocketAdd
 }
 
 /// A namespace with proxy processes: a pod, or skipped with the reason.
+/// Reads one pod's namespace so that a bug triggered by what that pod serves (its admin API,
+/// its rules) is that pod's error: a panic becomes a skipped pod, never the daemon's end.
+fn isolated(path: &Path, read: impl FnOnce() -> Outcome) -> Outcome {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)).unwrap_or_else(|p| {
+        let what = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(netns = %path.display(), panic = %what, "reading this pod's namespace panicked; the pod is skipped");
+        Outcome::Skipped(Skipped {
+            name: fallback_name(path, None),
+            netns: path.to_path_buf(),
+            reason: Reason::BadAdminConfig,
+            detail: format!("reading this pod panicked ({what}); please report it"),
+        })
+    })
+}
+
 fn proxy_namespace(opts: &Options, path: PathBuf, procs: &[procfs::Process]) -> Outcome {
     let Some(proxy) = procs.first() else {
         return Outcome::Nothing;
@@ -580,6 +599,25 @@ fn pick_owner(kind: &str, process: u32, exempted: &[u32], notes: &mut Vec<String
                 "the proxy runs as {kind} {process} but iptables exempts {kind} {exempted:?}; using {first}"
             ));
             *first
+        }
+    }
+}
+
+#[cfg(test)]
+mod isolation_tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_while_reading_one_pod_skips_that_pod() {
+        let out = isolated(Path::new("/run/netns/hostile"), || {
+            panic!("bad admin answer")
+        });
+        match out {
+            Outcome::Skipped(s) => {
+                assert_eq!(s.reason, Reason::BadAdminConfig);
+                assert!(s.detail.contains("bad admin answer"), "{}", s.detail);
+            }
+            _ => panic!("not skipped"),
         }
     }
 }

@@ -178,13 +178,21 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     let n: u64 = num
         .parse()
         .map_err(|_| format!("{s:?}: expected a duration like 500ms, 2s, 1m"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" | "" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" | "" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
+    };
+    // The loop adds it to the clock: an unbounded value would overflow there.
+    if !(MIN_RESYNC..=MAX_RESYNC).contains(&d) {
+        return Err(format!("{s:?}: must be between 10ms and 1h"));
     }
+    Ok(d)
 }
+
+const MIN_RESYNC: Duration = Duration::from_millis(10);
+const MAX_RESYNC: Duration = Duration::from_secs(3600);
 
 #[derive(Clone, Debug)]
 struct MetricsAddr(Option<std::net::SocketAddr>);

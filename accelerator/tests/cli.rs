@@ -194,3 +194,52 @@ fn a_bad_pod_list_is_refused_by_field_and_the_last_good_state_kept() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Bad flags end the daemon with the flag named before anything is loaded, and never destroy
+/// what is already on disk.
+#[test]
+fn bad_flags_are_refused_without_side_effects() {
+    let Some(accel) = Accel::cgroup_only("bad_flags") else {
+        return;
+    };
+    for resync in [
+        "99999999999999999999m",
+        "18446744073709551615m",
+        "61m",
+        "0ms",
+        "2h",
+    ] {
+        let err = run_err(accel.run_command().args(["--resync", resync]));
+        assert!(
+            err.contains("--resync")
+                && (err.contains("between") || err.contains("expected") || err.contains("unit")),
+            "{resync}: {err}"
+        );
+    }
+    // --api-socket naming an ordinary file: refused, and the file is left as it was.
+    let file = std::env::temp_dir().join(format!("meshlane-not-a-socket-{}", std::process::id()));
+    std::fs::write(&file, b"keep me").unwrap();
+    let err = run_err(
+        meshlane()
+            .args([
+                "run",
+                "--discovery",
+                "none",
+                "--metrics-addr",
+                "off",
+                "--pin-dir",
+            ])
+            .arg(&accel.pin_dir)
+            .arg("--cgroup")
+            .arg(accel.cgroup.path())
+            .arg("--api-socket")
+            .arg(&file),
+    );
+    assert!(err.contains("not a socket"), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+    assert!(
+        !accel.pin_dir.exists(),
+        "nothing loaded after a refused start"
+    );
+    let _ = std::fs::remove_file(&file);
+}

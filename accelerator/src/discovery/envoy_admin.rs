@@ -66,6 +66,8 @@ const LISTENER_FIELDS: [&str; 5] = [
     "listener_filters",
 ];
 const MAX_BODY: usize = 64 << 20;
+/// Header lines read before a response is refused.
+const MAX_HEADERS: usize = 100;
 
 /// The admin requests [`fetch`] makes, as (what, path).
 pub fn requests() -> Vec<(&'static str, String)> {
@@ -511,10 +513,16 @@ pub fn read_response(r: &mut impl BufRead) -> io::Result<(u16, Vec<u8>)> {
         .filter(|_| version.starts_with("HTTP/1."))
         .ok_or_else(|| bad(format!("bad status line {status_line:?}")))?;
     let (mut length, mut chunked) = (None, false);
+    // The pod controls this server: a response may not keep the daemon reading headers forever.
+    let mut headers = 0;
     loop {
         let line = read_line(r)?;
         if line.is_empty() {
             break;
+        }
+        headers += 1;
+        if headers > MAX_HEADERS {
+            return Err(bad(format!("more than {MAX_HEADERS} header lines")));
         }
         let (k, v) = line
             .split_once(':')
@@ -539,7 +547,8 @@ pub fn read_response(r: &mut impl BufRead) -> io::Result<(u16, Vec<u8>)> {
                 while !read_line(r)?.is_empty() {}
                 break;
             }
-            if body.len() + size > MAX_BODY {
+            // `size` is the pod's number: compare without adding, which could wrap.
+            if size > MAX_BODY - body.len() {
                 return Err(bad(format!("body over {MAX_BODY} bytes")));
             }
             let start = body.len();
@@ -715,5 +724,40 @@ mod tests {
         ] {
             assert!(read_response(&mut &bad[..]).is_err());
         }
+    }
+
+    /// What a hostile pod's admin port can answer: each is an error for that pod, never a
+    /// panic or an unbounded read.
+    #[test]
+    fn hostile_responses_are_errors() {
+        let chunk = |size: &str| {
+            format!("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1\r\na\r\n{size}\r\nbc\r\n0\r\n\r\n")
+        };
+        for size in [
+            "ffffffffffffffff",
+            "fffffffffffffffe",
+            "4000001",
+            "10000000000000000",
+        ] {
+            let text = chunk(size);
+            let err = read_response(&mut text.as_bytes()).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{size}: {err}");
+        }
+        let sized = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", usize::MAX);
+        assert!(read_response(&mut sized.as_bytes()).is_err());
+        let many = format!("HTTP/1.1 200 OK\r\n{}\r\n", "x-a: b\r\n".repeat(10_000));
+        assert!(read_response(&mut many.as_bytes()).is_err());
+        let bytes = b"HTTP/1.1 200 OK\r\nx-\xff\xfe: \xc3\r\n\r\n";
+        assert!(read_response(&mut &bytes[..]).is_err());
+        // A body without an end stops at the limit.
+        let endless = std::io::Read::chain(
+            &b"HTTP/1.1 200 OK\r\n\r\n"[..],
+            std::io::repeat(b'x').take(MAX_BODY as u64 + 10),
+        );
+        let (_, body) = read_response(&mut std::io::BufReader::new(endless)).unwrap();
+        assert_eq!(body.len(), MAX_BODY);
+        // Deeply nested JSON is a parse error, not a stack overflow.
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let _ = parse(&deep, &deep, &deep, &deep, None);
     }
 }
