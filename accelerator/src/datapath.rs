@@ -306,6 +306,8 @@ impl Datapath {
         let rendezvous: HashMap<MapData, meshlane_common::PairKey, meshlane_common::Waiter> =
             typed(dir, maps::RENDEZVOUS)?;
         let peers: HashMap<MapData, u64, u64> = typed(dir, maps::PEERS)?;
+        let unread: HashMap<MapData, u64, i64> = typed(dir, maps::UNREAD)?;
+        let addrs: HashMap<MapData, u64, u64> = typed(dir, maps::SOCK_ADDRS)?;
         let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         Ok(vec![
             MapUsage {
@@ -331,6 +333,16 @@ impl Datapath {
             MapUsage {
                 name: maps::PEERS,
                 entries: count(peers.keys().filter(Result::is_ok).count()),
+                capacity: maps::PEERS_MAX,
+            },
+            MapUsage {
+                name: maps::UNREAD,
+                entries: count(unread.keys().filter(Result::is_ok).count()),
+                capacity: maps::PEERS_MAX,
+            },
+            MapUsage {
+                name: maps::SOCK_ADDRS,
+                entries: count(addrs.keys().filter(Result::is_ok).count()),
                 capacity: maps::PEERS_MAX,
             },
         ])

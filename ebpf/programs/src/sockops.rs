@@ -214,13 +214,13 @@ fn on_active_established(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy) {
         inc(counter::SKIP_EARLY_DATA);
         return;
     }
-    if st.role == ROLE_OUT_APP {
+    // A socket that could not join is never stamped: no sidecar end may pair with it.
+    if join(ctx, st, key, policy) && st.role == ROLE_OUT_APP {
         // The kernel sends the handshake's final ACK right after this callback; the flag makes it
         // ask us for option space (HDR_OPT_LEN) and then for the bytes (WRITE_HDR_OPT).
         st.flags |= SOCK_STAMP_PENDING;
         let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
     }
-    join(ctx, st, key, policy);
 }
 
 fn on_passive_established(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy) {
@@ -319,9 +319,10 @@ fn on_own_half_close(ctx: &SockOpsContext) {
 /// [`ML_TARGETS`], which has no program, so it only ever *receives* redirected bytes and its own
 /// sends stay on plain TCP; the app's end goes into [`ML_SOCKS`] so sk_msg sees what it sends,
 /// and never receives a redirected byte. With the pod's two-way opt-in both go into `ML_SOCKS`.
-fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey, policy: &PodPolicy) {
+/// Returns whether this end is in a sockhash (whether or not its partner is there yet).
+fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey, policy: &PodPolicy) -> bool {
     if draining() {
-        return;
+        return false;
     }
     let reader_rule = policy.flags & POLICY_INTO_APP == 0;
     let sidecar_end = st.role == ROLE_OUT_PROXY || st.role == ROLE_IN_PROXY;
@@ -336,7 +337,7 @@ fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey, policy: &PodPoli
     {
         let _ = ML_UNREAD.remove(st.cookie);
         inc(counter::PEERS_FULL);
-        return;
+        return false;
     }
     let mut sock_key = st.cookie;
     // SAFETY: ctx.ops is the live context of an established callback, where sockhash updates
@@ -348,8 +349,14 @@ fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey, policy: &PodPoli
         ML_SOCKS.update(&mut sock_key, ops, BPF_NOEXIST as u64)
     };
     if inserted.is_err() {
+        // Nothing of this socket may stay behind: it never joined, so no state callback of
+        // ours will come to clean up.
+        if receives {
+            let _ = ML_UNREAD.remove(st.cookie);
+            let _ = ML_SOCK_ADDRS.remove(sk_addr(ctx));
+        }
         inc(counter::SOCKHASH_FULL);
-        return;
+        return false;
     }
     st.flags |= SOCK_IN_MAP;
     if reader_rule && !sidecar_end {
@@ -372,7 +379,7 @@ fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey, policy: &PodPoli
             // SAFETY: read-only view of a hash map value, copied out at once.
             let Some(other) = (unsafe { ML_RENDEZVOUS.get(key) }).copied() else {
                 inc(counter::PAIR_REJECTED);
-                return;
+                return true;
             };
             // Exactly one app end and one sidecar end of the same hop kind may meet, both
             // joined under the same mode (the pod's opt-in may change between the two joins).
@@ -381,14 +388,14 @@ fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey, policy: &PodPoli
                 || other.two_way != me.two_way
             {
                 inc(counter::PAIR_REJECTED);
-                return;
+                return true;
             }
             if ML_PEERS
                 .insert(st.cookie, other.cookie, BPF_ANY as u64)
                 .is_err()
             {
                 inc(counter::PEERS_FULL);
-                return;
+                return true;
             }
             if ML_PEERS
                 .insert(other.cookie, st.cookie, BPF_ANY as u64)
@@ -396,7 +403,7 @@ fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey, policy: &PodPoli
             {
                 let _ = ML_PEERS.remove(st.cookie);
                 inc(counter::PEERS_FULL);
-                return;
+                return true;
             }
             let _ = ML_RENDEZVOUS.remove(key);
             let hop = if st.role == ROLE_OUT_APP || st.role == ROLE_OUT_PROXY {
@@ -413,6 +420,7 @@ fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey, policy: &PodPoli
         }
         Err(_) => inc(counter::RENDEZVOUS_FULL),
     }
+    true
 }
 
 /// The app socket's cookie from the stamp on the segment that completed the handshake.
