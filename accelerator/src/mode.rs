@@ -222,7 +222,10 @@ mod tests {
         let d = decide(Choice::Auto, Some(&report(&[], true)));
         assert_eq!(d.mode, Mode::Reader);
         assert!(d.differences.is_empty());
-        let d = decide(Choice::Auto, Some(&report(&["fionread_tcp", "oob_send"], true)));
+        let d = decide(
+            Choice::Auto,
+            Some(&report(&["fionread_tcp", "oob_send"], true)),
+        );
         assert_eq!(d.mode, Mode::Off);
         assert!(
             d.why.contains("fionread_tcp") && d.why.contains("oob_send"),
@@ -253,7 +256,10 @@ mod tests {
         let mut r = report(&[], true);
         r.ok = false;
         assert_eq!(decide(Choice::Reader, Some(&r)).mode, Mode::Off);
-        assert_eq!(decide(Choice::Off, Some(&report(&[], true))).mode, Mode::Off);
+        assert_eq!(
+            decide(Choice::Off, Some(&report(&[], true))).mode,
+            Mode::Off
+        );
         assert_eq!(decide(Choice::Auto, None).mode, Mode::Reader);
         assert_eq!(decide(Choice::TwoWay, None).mode, Mode::TwoWay);
         assert_eq!(Mode::parse(" two-way "), Some(Mode::TwoWay));
