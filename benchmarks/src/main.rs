@@ -8,6 +8,7 @@
 
 mod daemon;
 mod measure;
+mod progstats;
 mod relay;
 mod report;
 mod suite;

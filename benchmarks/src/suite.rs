@@ -13,6 +13,9 @@
 //! pair counters by at least its connection count, or its numbers are discarded and counted as
 //! rejected. B rounds run with the daemon stopped (SIGTERM with `--detach-on-exit`) and are
 //! checked to have no pins and no sock_ops program on the cgroup.
+//!
+//! With `kernel.bpf_stats_enabled` on for the whole run, each C workload also records what the
+//! daemon's own BPF programs cost in the kernel during it (`progstats.rs`).
 
 use std::{
     net::SocketAddrV4,
@@ -26,6 +29,7 @@ use minimesh::{grpc::GrpcServer, BarePods, Cgroup, EchoServer, EnvoyPods, Nginx,
 
 use crate::{
     daemon::{self, Counters, Daemon, DaemonSpec},
+    progstats::{self, ProgCost, Programs, StatsEnabled},
     summary,
     workload::{self, Kind, Measured, Targets, Workload},
     Args,
@@ -50,6 +54,18 @@ pub struct Row {
     pub counters: Option<Counters>,
     /// C only: false when the counters show the workload was not accelerated (row discarded).
     pub accelerated: bool,
+    /// C only: runs and time of each of the daemon's BPF programs during this workload (kernel
+    /// bpf_stats); empty when the round's programs could not be told apart from another copy's.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub prog: Vec<ProgCost>,
+}
+
+/// One C round's BPF program cost from the daemon ready to just before it stopped (workloads
+/// and what ran between them, such as the `/metrics` reads).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RoundProgCost {
+    pub round: usize,
+    pub prog: Vec<ProgCost>,
 }
 
 /// The workload matrix, counts scaled by `scale`.
@@ -107,6 +123,8 @@ pub fn suite(args: &Args, stop: &AtomicBool) -> Result<()> {
     let rounds = if args.smoke { 1 } else { args.rounds };
     let matrix = workloads(scale);
     let started = Instant::now();
+    // Restored when this returns, also on errors and Ctrl-C.
+    let _bpf_stats = StatsEnabled::enable()?;
 
     let cgroup = Cgroup::new("bench")?;
     let _inside = cgroup.enter()?;
@@ -133,6 +151,7 @@ pub fn suite(args: &Args, stop: &AtomicBool) -> Result<()> {
     daemon::ensure_detached(&spec.pin_dir, &spec.cgroup)?;
 
     let mut rows: Vec<Row> = Vec::new();
+    let mut prog_rounds: Vec<RoundProgCost> = Vec::new();
     let steps = rounds * SCENARIOS.len();
     let mut step = 0;
     for round in 0..rounds {
@@ -144,7 +163,8 @@ pub fn suite(args: &Args, stop: &AtomicBool) -> Result<()> {
             }
             step += 1;
             let t0 = Instant::now();
-            let got = scenario_round(scenario, round, &matrix, &bare, &mesh, &spec, stop)?;
+            let (got, prog_round) =
+                scenario_round(scenario, round, &matrix, &bare, &mesh, &spec, stop)?;
             if stop.load(Ordering::Relaxed) {
                 return Ok(());
             }
@@ -169,6 +189,7 @@ pub fn suite(args: &Args, stop: &AtomicBool) -> Result<()> {
                 left,
             );
             rows.extend(got);
+            prog_rounds.extend(prog_round);
         }
     }
     let accepted_c = rows
@@ -178,7 +199,7 @@ pub fn suite(args: &Args, stop: &AtomicBool) -> Result<()> {
     if accepted_c == 0 {
         bail!("no C workload was accelerated; the comparison would be meaningless");
     }
-    let report = summary::Report::new(args, rounds, scale, &matrix, rows);
+    let report = summary::Report::new(args, rounds, scale, &matrix, rows, prog_rounds);
     println!("{}", report.table());
     report.write(&args.out)?;
     eprintln!(
@@ -197,7 +218,7 @@ fn scenario_round(
     mesh: &EnvoyPods,
     spec: &DaemonSpec,
     stop: &AtomicBool,
-) -> Result<Vec<Row>> {
+) -> Result<(Vec<Row>, Option<RoundProgCost>)> {
     let (client_ns, server_ns, server_ip) = match scenario {
         "A" => (&bare.client, &bare.server, bare.server_ip),
         _ => (&mesh.client.ns, &mesh.server.ns, mesh.server.ip),
@@ -208,13 +229,28 @@ fn scenario_round(
         http: SocketAddrV4::new(server_ip, HTTP),
         grpc: SocketAddrV4::new(server_ip, GRPC),
     };
-    let daemon = match scenario {
-        "C" => Some(Daemon::start(spec)?),
+    let (daemon, progs) = match scenario {
+        "C" => {
+            let before = progstats::meshlane_ids()?;
+            let d = Daemon::start(spec)?;
+            let progs = match Programs::since(&before) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    eprintln!(
+                        "[bench] round {} C: no BPF program cost this round: {e:#}",
+                        round + 1
+                    );
+                    None
+                }
+            };
+            (Some(d), progs)
+        }
         _ => {
             daemon::ensure_detached(&spec.pin_dir, &spec.cgroup)?;
-            None
+            (None, None)
         }
     };
+    let ready = progs.as_ref().map(Programs::snapshot).transpose()?;
     let mut pids = vec![std::process::id(), apps.nginx.pid()];
     if scenario != "A" {
         pids.extend([mesh.client_envoy.pid(), mesh.server_envoy.pid()]);
@@ -229,8 +265,15 @@ fn scenario_round(
         }
         let before = daemon.as_ref().map(Daemon::counters).transpose()?;
         let cpu0 = workload::cpu_us(&pids);
+        // Taken after the /metrics read and before the next, so their connections' sock_ops
+        // and connect4 runs are not the workload's.
+        let prog0 = progs.as_ref().map(Programs::snapshot).transpose()?;
         let measured = workload::run(w, client_ns, targets)
             .with_context(|| format!("{} in scenario {scenario}, round {}", w.name, round + 1))?;
+        let prog = match (&progs, prog0) {
+            (Some(p), Some(p0)) => p.cost(&p0, &p.snapshot()?),
+            _ => Vec::new(),
+        };
         let cpu = workload::cpu_us(&pids).saturating_sub(cpu0);
         let counters = match (&daemon, before) {
             (Some(d), Some(b)) => Some(d.counters()?.since(&b)),
@@ -252,13 +295,21 @@ fn scenario_round(
             measured,
             counters,
             accelerated,
+            prog,
         });
     }
+    let prog_round = match (&progs, ready) {
+        (Some(p), Some(r)) => Some(RoundProgCost {
+            round,
+            prog: p.cost(&r, &p.snapshot()?),
+        }),
+        _ => None,
+    };
     if let Some(d) = daemon {
         d.stop()?;
     }
     drop(apps);
-    Ok(rows)
+    Ok((rows, prog_round))
 }
 
 struct RemoveOnDrop(PathBuf);

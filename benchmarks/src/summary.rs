@@ -1,14 +1,16 @@
 //! The Envoy suite's results: medians over rounds with min..max spread, C/B ratios and the share
-//! of the sidecar tax (B - A) that C removes; as a table, JSON, Markdown and SVG plots.
+//! of the sidecar tax (B - A) that C removes, and what meshlane's BPF programs cost in C; as a
+//! table, JSON, Markdown and SVG plots.
 
 use std::{fmt::Write as _, path::Path};
 
 use anyhow::Result;
 
 use crate::{
+    progstats::KINDS,
     report::Spread,
-    suite::{Row, SCENARIOS},
-    workload::{Kind, Workload},
+    suite::{RoundProgCost, Row, SCENARIOS},
+    workload::{self, Kind, Workload},
     Args,
 };
 
@@ -32,6 +34,20 @@ pub struct WorkloadSummary {
     pub spreads: Vec<Vec<(String, Spread)>>,
     /// Rounds that count, per scenario (C rounds whose counters did not move are left out).
     pub rounds: Vec<usize>,
+    /// Per BPF program kind ([`KINDS`]), its cost over the accepted C rounds.
+    pub bpf: Vec<ProgSummary>,
+}
+
+/// What one of meshlane's BPF programs cost in one workload, over the accepted C rounds.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProgSummary {
+    pub kind: &'static str,
+    /// Accepted C rounds with this program's counters.
+    pub rounds: usize,
+    /// Time in the program per run (rounds where it ran).
+    pub ns_per_run: Spread,
+    /// Runs per request sent, warm-up included (bulk: per write; connect: per cycle).
+    pub runs_per_req: Spread,
 }
 
 impl WorkloadSummary {
@@ -64,6 +80,8 @@ pub struct Report {
     pub smoke: bool,
     pub rows: Vec<Row>,
     pub summaries: Vec<WorkloadSummary>,
+    /// Per C round, the daemon's programs from ready to stop.
+    pub prog_rounds: Vec<RoundProgCost>,
 }
 
 fn spread(mut v: Vec<f64>) -> Spread {
@@ -99,6 +117,7 @@ impl Report {
         scale: f64,
         matrix: &[Workload],
         rows: Vec<Row>,
+        prog_rounds: Vec<RoundProgCost>,
     ) -> Report {
         let summaries = matrix
             .iter()
@@ -125,6 +144,7 @@ impl Report {
                         })
                         .collect(),
                     rounds: SCENARIOS.iter().map(|sc| of(sc).len()).collect(),
+                    bpf: prog_summaries(w, &of("C")),
                 }
             })
             .collect();
@@ -134,6 +154,7 @@ impl Report {
             smoke: args.smoke,
             rows,
             summaries,
+            prog_rounds,
         }
     }
 
@@ -201,6 +222,35 @@ impl Report {
                 s.ratio(5),
             );
         }
+        t.push_str(&self.bpf_table());
+        t
+    }
+
+    /// Per workload and program: median ns per run and runs per request in C.
+    fn bpf_table(&self) -> String {
+        let mut t = String::from(
+            "\nBPF program cost during C (kernel bpf_stats): median over rounds of ns per run \
+             (runs per request, warm-up included; bulk: per write); the daemon's own programs; \
+             recv is the read tracer, which runs on every recvmsg() of the node:\n\n\
+             | workload | sock_ops ns/run (runs/req) | sk_msg ns/run (runs/req) | connect4 ns/run (runs/req) | recv tracer ns/run (runs/req) |\n\
+             |---|---|---|---|---|\n",
+        );
+        for s in &self.summaries {
+            let cells: Vec<String> = s
+                .bpf
+                .iter()
+                .map(|p| match p.rounds {
+                    0 => "-".to_string(),
+                    _ if p.ns_per_run.median.is_finite() => format!(
+                        "{:.0} ({})",
+                        p.ns_per_run.median,
+                        per_req(p.runs_per_req.median)
+                    ),
+                    _ => format!("n/a ({})", per_req(p.runs_per_req.median)),
+                })
+                .collect();
+            let _ = writeln!(t, "| {} | {} |", s.workload.name, cells.join(" | "));
+        }
         t
     }
 
@@ -244,8 +294,10 @@ impl Report {
                 "C": s.spreads[2].iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
                 "c_over_b": {"p50": s.ratio(0), "p99": s.ratio(2), "throughput": s.ratio(4), "cpu_us_per_req": s.ratio(5)},
                 "tax_removed": {"p50": s.tax_removed(0), "p99": s.tax_removed(2)},
+                "c_bpf_prog": s.bpf,
             })).collect::<Vec<_>>(),
             "rows": self.rows,
+            "c_rounds_bpf_prog": self.prog_rounds,
         });
         // NaN (an empty scenario) is not JSON: serde_json writes null.
         std::fs::write(
@@ -406,6 +458,47 @@ impl Report {
         legend(&mut s, w, &["p50 C/B", "p99 C/B"], &colors);
         s.push_str("</svg>\n");
         s
+    }
+}
+
+/// Per kind in [`KINDS`], the cost of the program over `c_rows` (one workload's accepted C rounds).
+fn prog_summaries(w: &Workload, c_rows: &[&Row]) -> Vec<ProgSummary> {
+    KINDS
+        .iter()
+        .map(|&kind| {
+            let costs: Vec<(u64, u64, u64)> = c_rows
+                .iter()
+                .filter_map(|r| {
+                    let c = r.prog.iter().find(|p| p.kind == kind)?;
+                    Some((c.runs, c.ns, workload::requests_sent(w, &r.measured)))
+                })
+                .collect();
+            ProgSummary {
+                kind,
+                rounds: costs.len(),
+                ns_per_run: spread(
+                    costs
+                        .iter()
+                        .filter(|(runs, _, _)| *runs > 0)
+                        .map(|&(runs, ns, _)| ns as f64 / runs as f64)
+                        .collect(),
+                ),
+                runs_per_req: spread(
+                    costs
+                        .iter()
+                        .map(|&(runs, _, sent)| runs as f64 / sent.max(1) as f64)
+                        .collect(),
+                ),
+            }
+        })
+        .collect()
+}
+
+fn per_req(x: f64) -> String {
+    if x >= 100.0 {
+        format!("{x:.0}")
+    } else {
+        format!("{x:.2}")
     }
 }
 

@@ -79,10 +79,25 @@ pub fn run(w: &Workload, ns: &Netns, t: Targets) -> Result<Measured> {
     }
 }
 
+/// Requests a workload sends in all, the unrecorded warm-up included (`Measured::requests`
+/// counts only the timed ones): what the kernel's per-program counters see.
+pub fn requests_sent(w: &Workload, measured: &Measured) -> u64 {
+    let warm = match w.kind {
+        Kind::TcpPingPong | Kind::Http | Kind::Grpc => warmup(w) * w.conns,
+        Kind::Connect | Kind::Bulk => 0,
+    };
+    measured.requests + warm as u64
+}
+
+/// Unrecorded requests per connection before a closed-loop workload's timed ones.
+fn warmup(w: &Workload) -> usize {
+    (w.count / 10).max(5)
+}
+
 /// `conns` connections opened first, then all of them run `count` requests each (after a 10%
 /// warm-up), started together.
 fn closed_loop(w: &Workload, ns: &Netns, t: Targets) -> Result<Measured> {
-    let warm = (w.count / 10).max(5);
+    let warm = warmup(w);
     let mut clients = Vec::with_capacity(w.conns);
     for _ in 0..w.conns {
         clients.push(Client::open(w, ns, t)?);
