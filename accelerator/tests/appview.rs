@@ -114,9 +114,11 @@ fn assert_directions(test: &str, c: &meshlane::datapath::Counters, two_way: bool
     }
 }
 
-/// The default mode is what `auto` picks on this kernel. Where the probe finds the reader rule
-/// identical to plain TCP, the suite must find no difference either; where it does not, the
-/// suite must find differences too, and `auto` must leave app sockets alone and name them.
+/// The default mode is what `auto` picks on this kernel. The probe must not miss what the suite
+/// sees through real relays: where the suite finds a difference the probe must find one too, and
+/// `auto` must then leave app sockets alone and name what the probe found. (Some differences
+/// depend on timing, e.g. a wake-up racing the app's own half-close under emulation, so either
+/// side may see one the other did not in a given run; none of them may go unreported.)
 #[test]
 fn the_default_mode_is_invisible_to_apps_or_leaves_them_alone() {
     let Some(r) = run("default_mode_apps_see_plain_tcp", 91, false) else {
@@ -134,33 +136,26 @@ fn the_default_mode_is_invisible_to_apps_or_leaves_them_alone() {
     let reader = report
         .mode(Mode::Reader)
         .expect("the probe measured the reader rule");
-    if r.diffs.is_empty() {
+    if r.diffs.is_empty() && reader.differences.is_empty() {
         assert_eq!(decision.mode, Mode::Reader, "{}", report.render());
-    } else {
-        assert_eq!(
-            decision.mode,
-            Mode::Off,
-            "apps can tell under the reader rule here, so auto must leave them alone:\n{}",
-            report.render()
-        );
-        // What decided it is named in the reason, and the probe saw the same behaviours the
-        // suite saw through real relays (the suite may see more: it has more timing paths).
-        for n in reader.difference_names() {
-            assert!(
-                decision.why.contains(&n),
-                "{n} not named in {:?}",
-                decision.why
-            );
-            assert!(
-                names(&r.diffs).contains(&n),
-                "the probe reports {n}, the suite does not: {:?}",
-                r.diffs
-            );
-        }
+        return;
+    }
+    assert!(
+        !reader.differences.is_empty(),
+        "the suite found {:?} but the probe found nothing: auto could pick a mode apps notice",
+        r.diffs
+    );
+    assert_eq!(
+        decision.mode,
+        Mode::Off,
+        "apps can tell under the reader rule here, so auto must leave them alone:\n{}",
+        report.render()
+    );
+    for n in reader.difference_names() {
         assert!(
-            !reader.differences.is_empty(),
-            "the suite found {:?} but the probe found nothing",
-            r.diffs
+            decision.why.contains(&n),
+            "{n} not named in {:?}",
+            decision.why
         );
     }
 }

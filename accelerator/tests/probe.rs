@@ -390,13 +390,16 @@ fn the_daemon_picks_its_mode_from_the_probe_and_says_why() {
             !accel.pin_dir.exists(),
             "mode off attaches nothing, so it costs nothing"
         );
-        for name in reader.difference_names() {
-            assert!(
-                st["mode_reason"].as_str().unwrap().contains(&name),
-                "{name} not named: {st:#}"
-            );
+        // The daemon ran its own probe: timing-dependent behaviours may differ from this one's,
+        // but it names what it found.
+        let why = st["mode_reason"].as_str().unwrap();
+        assert!(why.contains("app sockets left alone"), "{st:#}");
+        let differences = st["mode_differences"].as_array().unwrap();
+        assert!(!differences.is_empty(), "{st:#}");
+        for d in differences {
+            let name = d.as_str().unwrap().split(' ').next().unwrap();
+            assert!(why.contains(name), "{name} not named: {st:#}");
         }
-        assert!(!st["mode_differences"].as_array().unwrap().is_empty());
     } else {
         assert_eq!(st["state"], "accelerating", "{st:#}");
     }
@@ -414,8 +417,8 @@ fn the_daemon_picks_its_mode_from_the_probe_and_says_why() {
     assert_eq!(st["mode"], "reader", "{st:#}");
     assert_eq!(st["state"], "accelerating", "{st:#}");
     assert_eq!(
-        st["mode_differences"].as_array().unwrap().len(),
-        reader.differences.len(),
+        st["mode_differences"].as_array().unwrap().is_empty(),
+        reader.differences.is_empty(),
         "{st:#}"
     );
     assert!(daemon.terminate().success());
