@@ -265,7 +265,15 @@ pub fn msg_peek(ns: &ScratchNs) -> Outcome {
 pub fn fionread(ns: &ScratchNs) -> Outcome {
     let (proxy, app) = inbound_pair(ns).map_err(io("connect"))?;
     (&proxy).write_all(&pattern(8, 1000)).map_err(io("write"))?;
-    std::thread::sleep(Duration::from_millis(20));
+    // Wait until all 1000 bytes are there (a peek sees them either way), so a slow machine
+    // cannot make FIONREAD look short.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let mut peek = [0u8; 1000];
+    while app.peek(&mut peek).map_err(io("peek"))? < peek.len()
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let n = super::sys::fionread(&app).map_err(io("FIONREAD"))?;
     if n == 1000 {
         Ok(Verdict::Pass(
