@@ -9,6 +9,10 @@
 mod fs;
 mod sys;
 
+/// The raw bpf(2) call, for the commands aya has no public call for (the benchmark reads program
+/// statistics with it).
+pub use sys::bpf;
+
 use std::{
     collections::BTreeMap,
     fs as stdfs, io,

@@ -7,6 +7,7 @@
 //! before `Daemon::start`, compared once it is ready). Other meshlane copies on the node (tests)
 //! are left out; if one loaded during that window too, the round is ambiguous and says so.
 
+use meshlane::datapath::bpf;
 use std::{
     collections::BTreeSet,
     io,
@@ -219,25 +220,6 @@ const _: () = {
     assert!(std::mem::offset_of!(ProgInfo, run_time_ns) == 192);
     assert!(std::mem::offset_of!(ProgInfo, run_cnt) == 200);
 };
-
-/// bpf(2) with `attr` as the attribute prefix; any pointer inside it must be valid for the call.
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
-    // SAFETY: attr is a properly sized, zero-padded bpf_attr prefix for `cmd`, valid for the
-    // call; the pointers it carries are the callers' (see `info`).
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut T as *mut libc::c_void,
-            std::mem::size_of::<T>(),
-        )
-    };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
 
 /// The id of the first program after `id`, or None after the last.
 fn next_id(id: u32) -> io::Result<Option<u32>> {

@@ -27,8 +27,12 @@ struct LinkDetachAttr {
     _pad: [u32; 15],
 }
 
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
-    // SAFETY: attr is a properly sized, zero-padded bpf_attr prefix for `cmd`.
+/// bpf(2) with `attr` as the attribute prefix for `cmd` (a `#[repr(C)]`, zero-padded prefix of
+/// `union bpf_attr`); any pointer inside it must be valid for the call. Returns the kernel's
+/// non-negative result (an fd, or 0).
+pub fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: attr is a properly sized, zero-padded bpf_attr prefix for `cmd`; the pointers it
+    // carries are the caller's to keep valid (see the doc comment).
     let ret = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -40,7 +44,7 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
     if ret < 0 {
         Err(io::Error::last_os_error())
     } else {
-        Ok(())
+        Ok(ret)
     }
 }
 
@@ -52,7 +56,7 @@ pub fn prog_detach(target: &impl AsRawFd, prog: &impl AsRawFd, attach_type: u32)
         attach_type,
         ..Default::default()
     };
-    bpf(BPF_PROG_DETACH, &mut attr)
+    bpf(BPF_PROG_DETACH, &mut attr).map(drop)
 }
 
 /// Detaches a link from its hook even while other references to it remain.
@@ -61,7 +65,7 @@ pub fn link_detach(link: &impl AsRawFd) -> io::Result<()> {
         link_fd: link.as_raw_fd() as u32,
         ..Default::default()
     };
-    bpf(BPF_LINK_DETACH, &mut attr)
+    bpf(BPF_LINK_DETACH, &mut attr).map(drop)
 }
 
 const BPF_OBJ_GET: libc::c_long = 7;
