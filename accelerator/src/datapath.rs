@@ -9,9 +9,9 @@
 mod fs;
 mod sys;
 
-/// The raw bpf(2) call, for the commands aya has no public call for (the benchmark reads program
-/// statistics with it).
-pub use sys::bpf;
+/// The raw bpf(2) call and the program-statistics commands aya has no public call for (the
+/// benchmark and the tests read what each program costs with them).
+pub use sys::{bpf, enable_stats, prog_fd_by_id, prog_info, prog_next_id, ProgInfo};
 
 use std::{
     collections::BTreeMap,
@@ -21,8 +21,10 @@ use std::{
 
 use aya::{
     maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, SockHash},
-    programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr, RawTracePoint, SkMsg, SockOps},
-    Ebpf, EbpfLoader,
+    programs::{
+        links::FdLink, CgroupAttachMode, CgroupSockAddr, FExit, RawTracePoint, SkMsg, SockOps,
+    },
+    Btf, Ebpf, EbpfLoader,
 };
 pub use fs::{cgroup2_root, ensure_bpffs};
 use meshlane_common::{
@@ -38,8 +40,12 @@ const PIN_PROG_SK_MSG: &str = "prog_sk_msg";
 const PIN_LINK_SOCK_OPS: &str = "link_sockops";
 /// The connect hook's link (it records who calls connect(), for sock_ops).
 const PIN_LINK_CONNECT: &str = "link_connect4";
-/// The read tracer's link; absent on kernels without the tracepoint (before 6.4).
+/// The read tracer's link when it is the fexit on `tcp_bpf_recvmsg` (sockhash sockets only).
+const PIN_LINK_RECV_EXIT: &str = "link_recv_exit";
+/// The read tracer's link when it is the `sock_recv_length` tracepoint (every read on the node).
 const PIN_LINK_RECV: &str = "link_recv";
+/// Both read tracer links; at most one exists, none where the kernel offers neither.
+const PIN_LINKS_RECV: [&str; 2] = [PIN_LINK_RECV_EXIT, PIN_LINK_RECV];
 /// `BPF_NOEXIST` map update flag: create only.
 const BPF_NOEXIST: u64 = 1;
 
@@ -219,13 +225,18 @@ impl Datapath {
             connect_link,
             recv_link,
         } = load_and_attach(&opts.cgroup, Some(&opts.pin_dir))?;
-        if let Some(link) = recv_link {
-            link.pin(opts.pin_dir.join(PIN_LINK_RECV))
+        if let Some((tracer, link)) = recv_link {
+            let pin = match tracer {
+                ReadTracer::Exit => PIN_LINK_RECV_EXIT,
+                ReadTracer::Tracepoint => PIN_LINK_RECV,
+            };
+            link.pin(opts.pin_dir.join(pin))
                 .map_err(|e| Error::Kernel(format!("pin the read tracer's link: {e}")))?;
         }
-        connect_link
-            .pin(opts.pin_dir.join(PIN_LINK_CONNECT))
-            .map_err(|e| Error::Kernel(format!("pin the connect hook's link: {e}")))?;
+        if let Some(link) = connect_link {
+            link.pin(opts.pin_dir.join(PIN_LINK_CONNECT))
+                .map_err(|e| Error::Kernel(format!("pin the connect hook's link: {e}")))?;
+        }
         // The sock_ops link is pinned last: its pin marks a complete datapath.
         sock_ops_link
             .pin(opts.pin_dir.join(PIN_LINK_SOCK_OPS))
@@ -386,22 +397,83 @@ impl Datapath {
             .get(&CONTROL_FLAGS, 0)
             .is_ok_and(|f| f & CONTROL_BUDGET != 0)
     }
+
+    /// Each attached program's run statistics, by what it is: `sock_ops`, `sk_msg`, `connect4`
+    /// and `recv` (the read tracer, where attached). They only move while the kernel's
+    /// statistics are on (`kernel.bpf_stats_enabled=1`).
+    pub fn program_stats(&self) -> Result<Vec<(&'static str, ProgInfo)>, Error> {
+        let dir = &self.opts.pin_dir;
+        let io_err = |what: &str, e| Error::Io(format!("program statistics: {what}"), e);
+        let mut out = Vec::new();
+        for (kind, pin) in [("sock_ops", PIN_PROG_SOCK_OPS), ("sk_msg", PIN_PROG_SK_MSG)] {
+            let prog = sys::obj_get(&dir.join(pin)).map_err(|e| io_err(pin, e))?;
+            out.push((kind, sys::prog_info(&prog).map_err(|e| io_err(pin, e))?));
+        }
+        for (kind, pin) in [
+            ("connect4", PIN_LINK_CONNECT),
+            ("recv", PIN_LINK_RECV_EXIT),
+            ("recv", PIN_LINK_RECV),
+        ] {
+            let link = match sys::obj_get(&dir.join(pin)) {
+                Ok(link) => link,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(pin, e)),
+            };
+            let id = sys::link_prog_id(&link).map_err(|e| io_err(pin, e))?;
+            let Some(prog) = sys::prog_fd_by_id(id).map_err(|e| io_err(pin, e))? else {
+                continue;
+            };
+            out.push((kind, sys::prog_info(&prog).map_err(|e| io_err(pin, e))?));
+        }
+        Ok(out)
+    }
+
+    /// Which read tracer is attached, from the link pinned for it.
+    pub fn read_tracer(&self) -> Option<ReadTracer> {
+        if self.opts.pin_dir.join(PIN_LINK_RECV_EXIT).exists() {
+            Some(ReadTracer::Exit)
+        } else if self.opts.pin_dir.join(PIN_LINK_RECV).exists() {
+            Some(ReadTracer::Tracepoint)
+        } else {
+            None
+        }
+    }
+}
+
+/// How the read tracer (the unread budget's reads) is attached; DESIGN.md, "Kernel facts".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadTracer {
+    /// fexit on `tcp_bpf_recvmsg`: runs only for reads of sockets in a sockhash.
+    Exit,
+    /// The `sock_recv_length` raw tracepoint (6.4+): runs for every read on the node.
+    Tracepoint,
+}
+
+impl ReadTracer {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadTracer::Exit => "fexit",
+            ReadTracer::Tracepoint => "tracepoint",
+        }
+    }
 }
 
 /// The programs loaded into the kernel and attached, still held by this process.
 struct Attached {
     ebpf: Ebpf,
     sock_ops_link: FdLink,
-    connect_link: FdLink,
-    /// None where the kernel has no `sock_recv_length` tracepoint: no unread budget there.
-    recv_link: Option<FdLink>,
+    /// None where sock_ops asks for the caller itself (the kernel offers it the helper).
+    connect_link: Option<FdLink>,
+    /// None where the kernel offers neither attachment: no unread budget there.
+    recv_link: Option<(ReadTracer, FdLink)>,
 }
 
 /// Loads the object, attaches sk_msg to the sockhash and sock_ops to `cgroup`. With `pin_dir`,
 /// maps and programs are pinned there before anything is attached (the caller pins the link).
 fn load_and_attach(cgroup: &Path, pin_dir: Option<&Path>) -> Result<Attached, Error> {
     let cgroup_fd = stdfs::File::open(cgroup).map_err(|_| Error::NoCgroup(cgroup.to_path_buf()))?;
-    let mut ebpf: Ebpf = EbpfLoader::new().load(OBJECT).map_err(Error::from_load)?;
+    let (mut ebpf, owner_in_sockops) = load_object()?;
     if let Some(dir) = pin_dir {
         for name in maps::ALL {
             let map = ebpf
@@ -439,16 +511,19 @@ fn load_and_attach(cgroup: &Path, pin_dir: Option<&Path>) -> Result<Attached, Er
     let recv_link = attach_read_tracer(&mut ebpf)?;
 
     // The connect hook before sock_ops, so sock_ops finds the owner of every connect it sees
-    // (one it does not find is left on TCP).
-    let connect: &mut CgroupSockAddr = program(&mut ebpf, programs::CONNECT4)?;
-    connect.load().map_err(Error::from_load)?;
-    let link = connect
-        .attach(&cgroup_fd, CgroupAttachMode::Single)
-        .map_err(Error::from_load)?;
-    let connect_link = fd_link(connect.take_link(link), "connect hook")?;
+    // (one it does not find is left on TCP). Not needed where sock_ops asks itself.
+    let connect_link = if owner_in_sockops {
+        None
+    } else {
+        let connect: &mut CgroupSockAddr = program(&mut ebpf, programs::CONNECT4)?;
+        connect.load().map_err(Error::from_load)?;
+        let link = connect
+            .attach(&cgroup_fd, CgroupAttachMode::Single)
+            .map_err(Error::from_load)?;
+        Some(fd_link(connect.take_link(link), "connect hook")?)
+    };
 
     let sock_ops: &mut SockOps = program(&mut ebpf, programs::SOCK_OPS)?;
-    sock_ops.load().map_err(Error::from_load)?;
     if let Some(dir) = pin_dir {
         sock_ops
             .pin(dir.join(PIN_PROG_SOCK_OPS))
@@ -468,6 +543,30 @@ fn load_and_attach(cgroup: &Path, pin_dir: Option<&Path>) -> Result<Attached, Er
     })
 }
 
+/// Creates the object's maps and loads sock_ops, which decides how it learns who connects: it
+/// asks the kernel itself where sock_ops may call `bpf_get_current_uid_gid` (6.18 and 7.x
+/// allow it), which spares every connect() in the cgroup a second program; elsewhere (6.1,
+/// 6.12) the verifier refuses that build and the object is loaded again for the connect hook.
+fn load_object() -> Result<(Ebpf, bool), Error> {
+    let mut ebpf = EbpfLoader::new()
+        .override_global(programs::OWNER_IN_SOCKOPS, &1u8, true)
+        .load(OBJECT)
+        .map_err(Error::from_load)?;
+    let sock_ops: &mut SockOps = program(&mut ebpf, programs::SOCK_OPS)?;
+    match sock_ops.load() {
+        Ok(()) => return Ok((ebpf, true)),
+        Err(e) => tracing::debug!(
+            error = %Error::from_load(e),
+            "sock_ops may not ask for the caller's uid on this kernel; the connect hook records it"
+        ),
+    }
+    drop(ebpf);
+    let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(Error::from_load)?;
+    let sock_ops: &mut SockOps = program(&mut ebpf, programs::SOCK_OPS)?;
+    sock_ops.load().map_err(Error::from_load)?;
+    Ok((ebpf, false))
+}
+
 /// A cgroup attachment taken from its program as the bpf_link the caller pins (cgroup programs
 /// attach with bpf_link_create on 5.7+, which every kernel meshlane loads on has).
 fn fd_link<L>(taken: Result<L, aya::programs::ProgramError>, what: &str) -> Result<FdLink, Error>
@@ -481,23 +580,39 @@ where
         .map_err(|e| Error::Kernel(format!("{what} link is not a bpf_link: {e}")))
 }
 
-/// Attaches the read tracer and turns the unread budget on; on a kernel without the tracepoint
-/// (before 6.4) it says so and leaves the budget off, as redirects were before it existed.
-fn attach_read_tracer(ebpf: &mut Ebpf) -> Result<Option<FdLink>, Error> {
-    let prog: &mut RawTracePoint = program(ebpf, programs::RECV)?;
-    prog.load().map_err(Error::from_load)?;
-    let link = match prog.attach(programs::RECV_TRACEPOINT) {
-        Ok(link) => link,
-        Err(e) => {
-            tracing::warn!(
-                tracepoint = programs::RECV_TRACEPOINT,
-                error = %e,
-                "no read tracer on this kernel (Linux 6.4+ has the tracepoint): a reader that stops reading no longer holds its writer back, its queue grows without bound"
+/// Attaches the read tracer and turns the unread budget on. The fexit on `tcp_bpf_recvmsg` is
+/// preferred: that function is the `recvmsg` of sockets in a sockhash only, so no other read on
+/// the node runs a program. Without BTF or trampolines it falls back to the `sock_recv_length`
+/// tracepoint (6.4+), which runs on every read; with neither it says so and leaves the budget
+/// off, as redirects were before it existed.
+fn attach_read_tracer(ebpf: &mut Ebpf) -> Result<Option<(ReadTracer, FdLink)>, Error> {
+    let link = match attach_read_exit(ebpf) {
+        Ok(link) => (ReadTracer::Exit, link),
+        Err(exit_err) => {
+            tracing::info!(
+                function = programs::RECV_FUNCTION,
+                error = %exit_err,
+                "no fexit on this kernel; the read tracer falls back to a tracepoint on every read"
             );
-            return Ok(None);
+            let prog: &mut RawTracePoint = program(ebpf, programs::RECV)?;
+            prog.load().map_err(Error::from_load)?;
+            match prog.attach(programs::RECV_TRACEPOINT) {
+                Ok(link) => (
+                    ReadTracer::Tracepoint,
+                    prog.take_link(link).map_err(Error::from_load)?.into(),
+                ),
+                Err(e) => {
+                    tracing::warn!(
+                        function = programs::RECV_FUNCTION,
+                        tracepoint = programs::RECV_TRACEPOINT,
+                        error = %e,
+                        "no read tracer on this kernel (needs BTF and fexit, or Linux 6.4+): a reader that stops reading no longer holds its writer back, its queue grows without bound"
+                    );
+                    return Ok(None);
+                }
+            }
         }
     };
-    let link: FdLink = prog.take_link(link).map_err(Error::from_load)?.into();
     let mut control: Array<&mut MapData, u32> = Array::try_from(
         ebpf.map_mut(maps::CONTROL)
             .ok_or(Error::Map(maps::CONTROL, "missing".into()))?,
@@ -509,6 +624,15 @@ fn attach_read_tracer(ebpf: &mut Ebpf) -> Result<Option<FdLink>, Error> {
     Ok(Some(link))
 }
 
+fn attach_read_exit(ebpf: &mut Ebpf) -> Result<FdLink, Error> {
+    let btf = Btf::from_sys_fs().map_err(|e| Error::Kernel(format!("kernel BTF: {e}")))?;
+    let prog: &mut FExit = program(ebpf, programs::RECV_EXIT)?;
+    prog.load(programs::RECV_FUNCTION, &btf)
+        .map_err(Error::from_load)?;
+    let link = prog.attach().map_err(Error::from_load)?;
+    Ok(prog.take_link(link).map_err(Error::from_load)?.into())
+}
+
 /// A private, unpinned copy of the datapath for `meshlane probe`: attached to `cgroup` while
 /// this value lives, gone (link closed, maps freed) when it drops. It acts only on the pods put
 /// in its own policy map, so it cannot touch the live datapath's pods or any other socket.
@@ -516,7 +640,7 @@ pub struct Scratch {
     policy: HashMap<MapData, u64, PodPolicy>,
     counters: PerCpuArray<MapData, u64>,
     unread: HashMap<MapData, u64, i64>,
-    budget: bool,
+    tracer: Option<ReadTracer>,
     _attached: Attached,
 }
 
@@ -537,14 +661,19 @@ impl Scratch {
             policy,
             counters,
             unread,
-            budget: attached.recv_link.is_some(),
+            tracer: attached.recv_link.as_ref().map(|(t, _)| *t),
             _attached: attached,
         })
     }
 
     /// Whether the read tracer is attached (and so the unread budget enforced).
     pub fn budget_enforced(&self) -> bool {
-        self.budget
+        self.tracer.is_some()
+    }
+
+    /// How the read tracer is attached, if it is.
+    pub fn read_tracer(&self) -> Option<ReadTracer> {
+        self.tracer
     }
 
     /// Redirected bytes not yet read, summed over every paired socket still open.
@@ -705,14 +834,15 @@ enum PinState {
     Complete,
 }
 
+/// The pins every complete datapath has.
 fn pin_names() -> impl Iterator<Item = &'static str> {
-    maps::ALL.into_iter().chain([
-        PIN_PROG_SOCK_OPS,
-        PIN_PROG_SK_MSG,
-        PIN_LINK_CONNECT,
-        PIN_LINK_SOCK_OPS,
-    ])
+    maps::ALL
+        .into_iter()
+        .chain([PIN_PROG_SOCK_OPS, PIN_PROG_SK_MSG, PIN_LINK_SOCK_OPS])
 }
+
+/// Pins a datapath has or not, depending on the kernel: the connect hook, the read tracer.
+const OPTIONAL_PINS: [&str; 3] = [PIN_LINK_CONNECT, PIN_LINK_RECV_EXIT, PIN_LINK_RECV];
 
 fn pin_state(dir: &Path) -> PinState {
     let present = pin_names().filter(|n| dir.join(n).exists()).count();
@@ -767,9 +897,11 @@ pub fn detach(pin_dir: &Path) -> Result<DetachReport, Error> {
             tracing::warn!(error = %e, "connect hook link detach");
         }
     }
-    if let Ok(link) = sys::obj_get(&pin_dir.join(PIN_LINK_RECV)) {
-        if let Err(e) = sys::link_detach(&link) {
-            tracing::warn!(error = %e, "read tracer link detach");
+    for pin in PIN_LINKS_RECV {
+        if let Ok(link) = sys::obj_get(&pin_dir.join(pin)) {
+            if let Err(e) = sys::link_detach(&link) {
+                tracing::warn!(error = %e, "read tracer link detach");
+            }
         }
     }
     if let (Ok(prog), Ok(socks)) = (
@@ -787,7 +919,7 @@ pub fn detach(pin_dir: &Path) -> Result<DetachReport, Error> {
 
 fn remove_pins(dir: &Path) -> Result<Vec<String>, Error> {
     let mut removed = Vec::new();
-    for name in pin_names().chain([PIN_LINK_RECV]) {
+    for name in pin_names().chain(OPTIONAL_PINS) {
         let p = dir.join(name);
         match stdfs::remove_file(&p) {
             Ok(()) => removed.push(name.to_string()),

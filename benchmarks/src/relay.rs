@@ -19,7 +19,11 @@ use anyhow::{bail, Context, Result};
 use meshlane::datapath::{self, Datapath, Options};
 use minimesh::{CaptureConfig, Cgroup, EchoServer, TwoPods};
 
-use crate::{measure, report, Args};
+use crate::{
+    measure,
+    progstats::{self, ProgCost, Programs, StatsEnabled},
+    report, Args,
+};
 
 pub const SCENARIOS: [&str; 2] = ["plain", "meshlane"];
 
@@ -42,6 +46,10 @@ pub struct Round {
     pub connect: measure::Percentiles,
     pub pairs: u64,
     pub redirected_bytes: u64,
+    /// meshlane rounds: what each program cost during the ping-pong (per round trip) and
+    /// during the connect cycles (per connect+exchange+close), as the kernel measured it.
+    pub pingpong_progs: Vec<ProgCost>,
+    pub connect_progs: Vec<ProgCost>,
 }
 
 pub fn run(args: &Args, stop: &AtomicBool) -> Result<Vec<Round>> {
@@ -55,6 +63,7 @@ pub fn run(args: &Args, stop: &AtomicBool) -> Result<Vec<Round>> {
         pin_dir: pin_dir.clone(),
         cgroup: cgroup.path().to_path_buf(),
     };
+    let _bpf_stats = StatsEnabled::enable()?;
     let mut out = Vec::new();
     let total = args.rounds * SCENARIOS.len();
     for round in 0..args.rounds {
@@ -62,13 +71,23 @@ pub fn run(args: &Args, stop: &AtomicBool) -> Result<Vec<Round>> {
             if stop.load(Ordering::Relaxed) {
                 return Ok(out);
             }
-            let dp = if scenario == "meshlane" {
-                Some(attach(&opts, &mesh)?)
+            let (dp, progs) = if scenario == "meshlane" {
+                let before = progstats::meshlane_ids()?;
+                let dp = attach(&opts, &mesh)?;
+                (Some(dp), Some(Programs::since(&before)?))
             } else {
-                None
+                (None, None)
             };
+            let snap = || progs.as_ref().map(Programs::snapshot).transpose();
+            let s0 = snap()?;
             let rtt = measure::pingpong(&mesh.client.ns, dst, 64, args.pingpongs)?;
+            let s1 = snap()?;
             let connect = measure::connects(&mesh.client.ns, dst, args.connects)?;
+            let s2 = snap()?;
+            let (pingpong_progs, connect_progs) = match (&progs, s0, s1, s2) {
+                (Some(p), Some(s0), Some(s1), Some(s2)) => (p.cost(&s0, &s1), p.cost(&s1, &s2)),
+                _ => (Vec::new(), Vec::new()),
+            };
             let (pairs, redirected_bytes) = match &dp {
                 Some(dp) => {
                     let c = dp.counters()?;
@@ -95,6 +114,8 @@ pub fn run(args: &Args, stop: &AtomicBool) -> Result<Vec<Round>> {
                 connect,
                 pairs,
                 redirected_bytes,
+                pingpong_progs,
+                connect_progs,
             });
         }
     }

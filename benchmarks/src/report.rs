@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use anyhow::Result;
 
 use crate::{
+    progstats::{ProgCost, KINDS},
     relay::{Round, SCENARIOS},
     Args,
 };
@@ -81,6 +82,63 @@ fn table(args: &Args, results: &[Round]) -> String {
             plain.median, plain.min, plain.max, fast.median, fast.min, fast.max
         );
     }
+    let _ = writeln!(
+        t,
+        "\nBPF program cost in the meshlane rounds (kernel bpf_stats): median over rounds of ns per run, and runs per round trip / per connect cycle (the app's connect, a 1-byte echo and close, which also makes the relays' two further connections)\n"
+    );
+    let _ = writeln!(
+        t,
+        "| program | ping-pong ns/run | runs per round trip | connect ns/run | runs per connect | ns per connect |"
+    );
+    let _ = writeln!(t, "|---|---|---|---|---|---|");
+    let fast: Vec<&Round> = results
+        .iter()
+        .filter(|r| r.scenario == SCENARIOS[1])
+        .collect();
+    let mut total = Vec::new();
+    for kind in KINDS {
+        let of = |costs: &dyn Fn(&Round) -> &Vec<ProgCost>, per: usize| {
+            let mut ns = Vec::new();
+            let mut runs = Vec::new();
+            for r in &fast {
+                if let Some(c) = costs(r).iter().find(|c| c.kind == kind) {
+                    ns.push(if c.runs > 0 {
+                        c.ns as f64 / c.runs as f64
+                    } else {
+                        0.0
+                    });
+                    runs.push(c.runs as f64 / per.max(1) as f64);
+                }
+            }
+            (ns, runs)
+        };
+        let (pp_ns, pp_runs) = of(&|r| &r.pingpong_progs, args.pingpongs + args.pingpongs / 10);
+        let (c_ns, c_runs) = of(&|r| &r.connect_progs, args.connects);
+        if pp_ns.is_empty() && c_ns.is_empty() {
+            let _ = writeln!(t, "| {kind} | not attached | | | | |");
+            continue;
+        }
+        let per_connect: Vec<f64> = fast
+            .iter()
+            .filter_map(|r| r.connect_progs.iter().find(|c| c.kind == kind))
+            .map(|c| c.ns as f64 / args.connects.max(1) as f64)
+            .collect();
+        total.push(spread(per_connect.clone()).median);
+        let _ = writeln!(
+            t,
+            "| {kind} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} |",
+            spread(pp_ns).median,
+            spread(pp_runs).median,
+            spread(c_ns).median,
+            spread(c_runs).median,
+            spread(per_connect).median
+        );
+    }
+    let _ = writeln!(
+        t,
+        "| all programs | | | | | {:.0} |",
+        total.iter().sum::<f64>()
+    );
     t
 }
 

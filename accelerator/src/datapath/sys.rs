@@ -133,3 +133,159 @@ pub fn prog_count(target: &impl AsRawFd, attach_type: u32) -> io::Result<u32> {
     bpf(BPF_PROG_QUERY, &mut attr)?;
     Ok(attr.prog_cnt)
 }
+
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_ENABLE_STATS: libc::c_long = 32;
+/// `enum bpf_stats_type`: BPF_STATS_RUN_TIME.
+const BPF_STATS_RUN_TIME: u32 = 0;
+
+/// The prefix of `union bpf_attr` for BPF_PROG_GET_NEXT_ID and BPF_PROG_GET_FD_BY_ID.
+#[repr(C)]
+#[derive(Default)]
+struct IdAttr {
+    id: u32,
+    next_id: u32,
+    open_flags: u32,
+}
+
+/// The prefix of `union bpf_attr` for BPF_OBJ_GET_INFO_BY_FD.
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The prefix of `struct bpf_prog_info` up to `run_cnt`; the kernel fills what it has of it.
+#[repr(C)]
+struct RawProgInfo {
+    prog_type: u32,
+    id: u32,
+    _tag_to_map_ids: [u8; 56],
+    name: [u8; 16],
+    _ifindex_to_prog_tags: [u8; 112],
+    run_time_ns: u64,
+    run_cnt: u64,
+}
+
+const _: () = {
+    assert!(std::mem::offset_of!(RawProgInfo, name) == 64);
+    assert!(std::mem::offset_of!(RawProgInfo, run_time_ns) == 192);
+    assert!(std::mem::offset_of!(RawProgInfo, run_cnt) == 200);
+};
+
+/// The prefix of `struct bpf_link_info` every link type shares.
+#[repr(C)]
+#[derive(Default)]
+struct RawLinkInfo {
+    link_type: u32,
+    id: u32,
+    prog_id: u32,
+    _rest: [u32; 13],
+}
+
+/// One loaded program's identity and run statistics (`run_cnt`/`run_time_ns` only move while
+/// statistics are enabled: `kernel.bpf_stats_enabled=1` or a [`enable_stats`] descriptor).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgInfo {
+    pub prog_type: u32,
+    pub id: u32,
+    /// The kernel's name, truncated to 15 bytes.
+    pub name: String,
+    pub run_cnt: u64,
+    pub run_time_ns: u64,
+}
+
+/// The program's info, from a program descriptor.
+pub fn prog_info(prog: &impl AsRawFd) -> io::Result<ProgInfo> {
+    // SAFETY: plain integers and byte arrays, for which all zeroes is valid; zeroed pointer and
+    // count fields ask the kernel for no arrays.
+    let mut info: RawProgInfo = unsafe { std::mem::zeroed() };
+    // attr.info points at `info`, which outlives the call and is as long as info_len says.
+    let mut attr = InfoAttr {
+        bpf_fd: prog.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<RawProgInfo>() as u32,
+        info: &mut info as *mut RawProgInfo as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    // The kernel writes back how much of the struct it knows; run_cnt came with Linux 5.1.
+    if (attr.info_len as usize) < std::mem::size_of::<RawProgInfo>() {
+        return Err(io::Error::other(format!(
+            "the kernel's bpf_prog_info has no run_cnt ({} bytes)",
+            attr.info_len
+        )));
+    }
+    let name_len = info.name.iter().position(|&b| b == 0).unwrap_or(16);
+    Ok(ProgInfo {
+        prog_type: info.prog_type,
+        id: info.id,
+        name: String::from_utf8_lossy(&info.name[..name_len]).into_owned(),
+        run_cnt: info.run_cnt,
+        run_time_ns: info.run_time_ns,
+    })
+}
+
+/// The id of the program a link runs, from a link descriptor.
+pub fn link_prog_id(link: &impl AsRawFd) -> io::Result<u32> {
+    let mut info = RawLinkInfo::default();
+    // attr.info points at `info`, which outlives the call and is as long as info_len says.
+    let mut attr = InfoAttr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<RawLinkInfo>() as u32,
+        info: &mut info as *mut RawLinkInfo as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info.prog_id)
+}
+
+/// A descriptor of program `id`, or None if it is no longer loaded.
+pub fn prog_fd_by_id(id: u32) -> io::Result<Option<std::os::fd::OwnedFd>> {
+    use std::os::fd::FromRawFd;
+    let mut attr = IdAttr {
+        id,
+        ..Default::default()
+    };
+    match bpf(BPF_PROG_GET_FD_BY_ID, &mut attr) {
+        // SAFETY: on success the kernel returned a fresh descriptor that nothing else owns.
+        Ok(fd) => Ok(Some(unsafe {
+            std::os::fd::OwnedFd::from_raw_fd(fd as i32)
+        })),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The id of the first program after `id`, or None after the last.
+pub fn prog_next_id(id: u32) -> io::Result<Option<u32>> {
+    const BPF_PROG_GET_NEXT_ID: libc::c_long = 11;
+    let mut attr = IdAttr {
+        id,
+        ..Default::default()
+    };
+    match bpf(BPF_PROG_GET_NEXT_ID, &mut attr) {
+        Ok(_) => Ok(Some(attr.next_id)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Turns run statistics on for every program until the returned descriptor closes (Linux 5.8+);
+/// the kernel counts holders, so this never turns off statistics someone else wanted.
+pub fn enable_stats() -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    #[repr(C)]
+    #[derive(Default)]
+    struct EnableStatsAttr {
+        stats_type: u32,
+        _pad: [u32; 3],
+    }
+    let mut attr = EnableStatsAttr {
+        stats_type: BPF_STATS_RUN_TIME,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_ENABLE_STATS, &mut attr)?;
+    // SAFETY: the kernel returned a fresh descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}

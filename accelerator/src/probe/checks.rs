@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use crate::datapath::{Counters, Scratch};
+use crate::datapath::{Counters, ReadTracer, Scratch};
 
 use super::scratch::{self, accept, connect_from, drain, echo, pattern, ScratchNs};
 
@@ -114,7 +114,7 @@ pub fn inbound_hop(ns: &ScratchNs, dp: &Scratch, two_way: bool) -> Outcome {
 pub fn read_accounting(ns: &ScratchNs, dp: &Scratch) -> Outcome {
     if !dp.budget_enforced() {
         return Ok(Verdict::Warn(
-            "no sock_recv_length tracepoint (Linux 6.4+): a reader that stops reading does not hold its writer back; its queue grows until TCP memory limits".into(),
+            "no read tracer (neither fexit on tcp_bpf_recvmsg nor the sock_recv_length tracepoint): a reader that stops reading does not hold its writer back; its queue grows until TCP memory limits".into(),
         ));
     }
     const SIZE: usize = 256 * 1024;
@@ -148,8 +148,12 @@ pub fn read_accounting(ns: &ScratchNs, dp: &Scratch) -> Outcome {
             "{unread} bytes still counted unread after every byte was read: the read tracer misses reads, so live pairs would fall back to TCP"
         ));
     }
+    let by = match dp.read_tracer() {
+        Some(ReadTracer::Exit) => "fexit on tcp_bpf_recvmsg, sockhash sockets only",
+        _ => "the sock_recv_length tracepoint, which runs on every read of the node: this kernel refused fexit",
+    };
     Ok(Verdict::Pass(format!(
-        "every read counted (256 KiB each way, peeks excluded); a reader that stops holds its writer back after {} MiB unread",
+        "every read counted (256 KiB each way, peeks excluded; by {by}); a reader that stops holds its writer back after {} MiB unread",
         meshlane_common::UNREAD_BUDGET >> 20
     )))
 }

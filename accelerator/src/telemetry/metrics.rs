@@ -108,15 +108,17 @@ impl prometheus_client::collector::Collector for Collector {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
         let snap = self.0.read().clone();
         // Read the kernel's maps once per scrape, outside the snapshot lock.
-        let (counters, pod_stats, maps, budget) = match self.0.datapath().as_ref() {
+        let (counters, pod_stats, maps, budget, tracer, progs) = match self.0.datapath().as_ref() {
             Some(dp) => (
                 dp.counters().ok(),
                 dp.pod_stats().unwrap_or_default(),
                 dp.map_usage().unwrap_or_default(),
                 dp.budget_enforced()
                     .then_some(meshlane_common::UNREAD_BUDGET as u64),
+                dp.read_tracer(),
+                dp.program_stats().unwrap_or_default(),
             ),
-            None => (None, BTreeMap::new(), Vec::new(), None),
+            None => (None, BTreeMap::new(), Vec::new(), None, None, Vec::new()),
         };
 
         family(
@@ -289,10 +291,40 @@ impl prometheus_client::collector::Collector for Collector {
         family(
             &mut enc,
             "meshlane_unread_budget_bytes",
-            "Redirected bytes a reader may leave unread before its writer moves to TCP (0: not enforced, this kernel has no read tracepoint)",
+            "Redirected bytes a reader may leave unread before its writer moves to TCP (0: not enforced, this kernel offers no read tracer)",
             Gauge,
             &[(vec![], budget.unwrap_or(0))],
         )?;
+        if let Some(tracer) = tracer {
+            family(
+                &mut enc,
+                "meshlane_read_tracer",
+                "1 for how reads are counted for the unread budget: fexit (tcp_bpf_recvmsg, sockets in a sockhash only) or tracepoint (sock_recv_length, every read on the node)",
+                Gauge,
+                &[(vec![("attachment", tracer.as_str())], 1)],
+            )?;
+        }
+        let runs: Vec<_> = progs
+            .iter()
+            .map(|(kind, p)| (vec![("program", *kind)], p.run_cnt))
+            .collect();
+        family(
+            &mut enc,
+            "meshlane_program_runs",
+            "Runs of each meshlane BPF program, as the kernel counts them (only while kernel.bpf_stats_enabled=1)",
+            Counter,
+            &runs,
+        )?;
+        let mut m = enc.encode_descriptor(
+            "meshlane_program_run_seconds",
+            "Time spent inside each meshlane BPF program, as the kernel measures it (only while kernel.bpf_stats_enabled=1); divided by meshlane_program_runs_total, the cost per run",
+            None,
+            Counter,
+        )?;
+        for (kind, p) in &progs {
+            ConstCounter::new(p.run_time_ns as f64 / 1e9)
+                .encode(m.encode_family(&vec![("program", *kind)])?)?;
+        }
         let usage: Vec<_> = maps
             .iter()
             .map(|m| (vec![("map", m.name)], u64::from(m.entries)))

@@ -255,8 +255,8 @@ pub const CONTROL_FLAGS: u32 = 0;
 /// redirecting moves to TCP for good; the receiver still reads its queued redirected bytes first.
 pub const CONTROL_DRAIN: u32 = 1;
 /// Control bit: the read tracer is attached, so unread counts are real and sk_msg enforces
-/// [`UNREAD_BUDGET`]. Without it (a kernel with no `sock_recv_length` tracepoint, before 6.4)
-/// the counts would only grow, so the budget is not applied.
+/// [`UNREAD_BUDGET`]. Without it (a kernel that offers neither attachment of the tracer, see
+/// [`programs::RECV_EXIT`]) the counts would only grow, so the budget is not applied.
 pub const CONTROL_BUDGET: u32 = 2;
 
 /// Redirected bytes a receiver may leave unread before its peer's direction moves to TCP.
@@ -370,7 +370,16 @@ pub mod maps {
 pub mod programs {
     pub const SOCK_OPS: &str = "meshlane_sockops";
     pub const SK_MSG: &str = "meshlane_sk_msg";
+    /// The read tracer as a raw tracepoint on [`RECV_TRACEPOINT`]: the fallback, it runs on
+    /// every read of the node.
     pub const RECV: &str = "meshlane_recv";
+    /// The read tracer as fexit on [`RECV_FUNCTION`]: runs only for sockets in a sockhash.
+    pub const RECV_EXIT: &str = "meshlane_recv_exit";
+    /// `recvmsg` of TCP sockets in a sockmap or sockhash (net/ipv4/tcp_bpf.c).
+    pub const RECV_FUNCTION: &str = "tcp_bpf_recvmsg";
+    /// The read-only global that tells sock_ops to ask for the caller's uid/gid itself; set by
+    /// the loader where the kernel allows it, and then [`CONNECT4`] is not attached.
+    pub const OWNER_IN_SOCKOPS: &str = "MESHLANE_OWNER_IN_SOCKOPS";
     /// cgroup/connect4: records who calls connect(), for sock_ops (see `owner.rs`).
     pub const CONNECT4: &str = "meshlane_connect4";
     /// The raw tracepoint `RECV` attaches to: fired after every recvmsg() with the socket, the

@@ -1,5 +1,5 @@
 //! meshlane's eBPF programs: `sock_ops` pairs the two ends of each local hop between an app and its
-//! sidecar, `sk_msg` hands bytes from one end straight to the other through the sockhash, and a
+//! sidecar, `sk_msg` hands bytes from one end straight to the other through the sockhash, a
 //! read tracer (`recv.rs`) counts what receivers read, to bound what they leave unread, and a
 //! connect hook (`owner.rs`) records who calls connect(), for sock_ops.
 //!
@@ -19,8 +19,8 @@ mod sk_msg;
 mod sockops;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, raw_tracepoint, sk_msg, sock_ops},
-    programs::{RawTracePointContext, SkMsgContext, SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock_addr, fexit, raw_tracepoint, sk_msg, sock_ops},
+    programs::{FExitContext, RawTracePointContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
 
 #[sock_ops]
@@ -40,6 +40,12 @@ pub fn meshlane_connect4(ctx: SockAddrContext) -> i32 {
 #[sk_msg]
 pub fn meshlane_sk_msg(ctx: SkMsgContext) -> u32 {
     sk_msg::verdict(&ctx)
+}
+
+#[fexit(function = "tcp_bpf_recvmsg")]
+pub fn meshlane_recv_exit(ctx: FExitContext) -> i32 {
+    recv::on_bpf_read(&ctx);
+    0
 }
 
 #[raw_tracepoint(tracepoint = "sock_recv_length")]

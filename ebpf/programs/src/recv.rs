@@ -1,7 +1,13 @@
-//! Raw tracepoint `sock_recv_length`: what a paired socket's reader reads leaves its unread count,
-//! so sk_msg can tell a reader that keeps up from one that stopped (`UNREAD_BUDGET`).
+//! The read tracer: what a paired socket's reader reads leaves its unread count, so sk_msg can
+//! tell a reader that keeps up from one that stopped (`UNREAD_BUDGET`).
+//!
+//! Two attachments, the daemon picks the first the kernel offers (DESIGN.md, "Kernel facts"):
+//! - fexit on `tcp_bpf_recvmsg`: the `recvmsg` of sockets that are in a sockhash only, so it
+//!   never runs for a socket meshlane did not put there (every kernel with BTF and trampolines);
+//! - the raw tracepoint `sock_recv_length` (6.4+): fired after *every* `recvmsg()` on the node,
+//!   which costs every process a map lookup per read; only a fallback.
 
-use aya_ebpf::programs::RawTracePointContext;
+use aya_ebpf::programs::{FExitContext, RawTracePointContext};
 
 use crate::{
     counters::atomic_add,
@@ -10,21 +16,33 @@ use crate::{
 
 const MSG_PEEK: i32 = 2;
 
+/// `sock_recv_length`: TP_PROTO(struct sock *sk, int ret, int flags).
 pub fn on_read(ctx: &RawTracePointContext) {
-    // TP_PROTO(struct sock *sk, int ret, int flags)
-    let sk: u64 = ctx.arg(0);
-    let read: i64 = ctx.arg(1);
-    let flags: i64 = ctx.arg(2);
+    count(
+        ctx.arg(0),
+        ctx.arg::<i64>(1) as i32,
+        ctx.arg::<i64>(2) as i32,
+    );
+}
+
+/// `int tcp_bpf_recvmsg(struct sock *sk, struct msghdr *msg, size_t len, int flags,
+/// int *addr_len)` (the signature since 5.19; the kernel checks argument access against BTF).
+pub fn on_bpf_read(ctx: &FExitContext) {
+    let Ok(read) = ctx.ret::<i32>() else { return };
+    count(ctx.arg(0), read, ctx.arg(3));
+}
+
+fn count(sk: u64, read: i32, flags: i32) {
     // A peek leaves the bytes queued; errors and EOF read nothing.
-    if (flags as i32) & MSG_PEEK != 0 || (read as i32) <= 0 {
+    if flags & MSG_PEEK != 0 || read <= 0 {
         return;
     }
-    // Only sockets meshlane joined are known here; every other read on the node is skipped.
+    // Only sockets that may receive redirected bytes are known here.
     // SAFETY: read-only view of a hash map value, copied out at once.
     let Some(cookie) = (unsafe { ML_SOCK_ADDRS.get(sk) }).copied() else {
         return;
     };
     if let Some(unread) = ML_UNREAD.get_ptr_mut(cookie) {
-        atomic_add(unread, -i64::from(read as i32));
+        atomic_add(unread, -i64::from(read));
     }
 }

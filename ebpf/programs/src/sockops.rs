@@ -24,8 +24,8 @@ use aya_ebpf::{
         BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
     },
     helpers::generated::{
-        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_load_hdr_opt, bpf_map_delete_elem,
-        bpf_reserve_hdr_opt, bpf_sk_storage_get, bpf_store_hdr_opt,
+        bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_load_hdr_opt,
+        bpf_map_delete_elem, bpf_reserve_hdr_opt, bpf_sk_storage_get, bpf_store_hdr_opt,
     },
     programs::SockOpsContext,
 };
@@ -50,6 +50,18 @@ const TCP_CLOSE: u32 = 7;
 const TCPHDR_SYN: u32 = 0x02;
 const EEXIST: i32 = 17;
 const BPF_SK_STORAGE_GET_F_CREATE: u64 = 1;
+
+/// 1 when this kernel lets sock_ops call `bpf_get_current_uid_gid`: the loader sets it (a
+/// read-only global, so the verifier only follows the branch it selects and never sees the helper
+/// call on a kernel that refuses it), and then attaches no connect hook at all.
+#[unsafe(no_mangle)]
+static MESHLANE_OWNER_IN_SOCKOPS: u8 = 0;
+
+#[inline(always)]
+fn owner_in_sockops() -> bool {
+    // SAFETY: reads a global; volatile so the compiler does not fold the build-time value.
+    unsafe { ptr::read_volatile(&MESHLANE_OWNER_IN_SOCKOPS) != 0 }
+}
 
 pub fn handle(ctx: &SockOpsContext) {
     // IPv6 and v4-mapped sockets are left on TCP for now (fail open).
@@ -88,15 +100,22 @@ pub fn handle(ctx: &SockOpsContext) {
 
 /// Active open, in the connecting process's context: who connects decides the role.
 fn on_connect(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy) {
-    // The connect hook ran earlier in this same connect() and recorded the caller (sock_ops
-    // itself may not ask on older kernels). No record: leave the connection alone.
+    // Who connects: asked here where the kernel lets sock_ops ask (6.18 and 7.x do), else what
+    // the connect hook recorded earlier in this same connect(). No record: leave it alone.
     let sock = cookie(ctx);
-    // SAFETY: read-only copy of a u64 value.
-    let Some(uid_gid) = (unsafe { ML_OWNERS.get(sock) }).copied() else {
-        inc(counter::CONNECT_OWNER_UNKNOWN);
-        return;
+    let uid_gid = if owner_in_sockops() {
+        // SAFETY: a helper this kernel offers sock_ops (the loader checked); TCP_CONNECT_CB
+        // runs inside the caller's connect(), so `current` is the caller.
+        unsafe { bpf_get_current_uid_gid() }
+    } else {
+        // SAFETY: read-only copy of a u64 value.
+        let Some(uid_gid) = (unsafe { ML_OWNERS.get(sock) }).copied() else {
+            inc(counter::CONNECT_OWNER_UNKNOWN);
+            return;
+        };
+        let _ = ML_OWNERS.remove(sock);
+        uid_gid
     };
-    let _ = ML_OWNERS.remove(sock);
     let (uid, gid) = (uid_gid as u32, (uid_gid >> 32) as u32);
     let dport = remote_port(ctx);
     if uid == policy.proxy_uid || gid == policy.proxy_gid {
