@@ -320,7 +320,6 @@ impl Datapath {
         let targets: SockHash<MapData, u64> = typed(dir, maps::TARGETS)?;
         let rendezvous: HashMap<MapData, meshlane_common::PairKey, meshlane_common::Waiter> =
             typed(dir, maps::RENDEZVOUS)?;
-        let peers: HashMap<MapData, u64, u64> = typed(dir, maps::PEERS)?;
         let unread: HashMap<MapData, u64, i64> = typed(dir, maps::UNREAD)?;
         let addrs: HashMap<MapData, u64, u64> = typed(dir, maps::SOCK_ADDRS)?;
         let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
@@ -344,11 +343,6 @@ impl Datapath {
                 name: maps::RENDEZVOUS,
                 entries: count(rendezvous.keys().filter(Result::is_ok).count()),
                 capacity: maps::RENDEZVOUS_MAX,
-            },
-            MapUsage {
-                name: maps::PEERS,
-                entries: count(peers.keys().filter(Result::is_ok).count()),
-                capacity: maps::PEERS_MAX,
             },
             MapUsage {
                 name: maps::UNREAD,
@@ -725,13 +719,12 @@ where
 }
 
 /// The key and value sizes this build's programs use, per map.
-fn expected_layout() -> [(&'static str, usize, usize); 9] {
+fn expected_layout() -> [(&'static str, usize, usize); 8] {
     use meshlane_common::{PairKey, SockState, Waiter};
     use std::mem::size_of;
     [
         (maps::POLICY, size_of::<u64>(), size_of::<PodPolicy>()),
         (maps::RENDEZVOUS, size_of::<PairKey>(), size_of::<Waiter>()),
-        (maps::PEERS, size_of::<u64>(), size_of::<u64>()),
         (maps::SOCK_STATE, size_of::<i32>(), size_of::<SockState>()),
         (maps::COUNTERS, size_of::<u32>(), size_of::<u64>()),
         (maps::POD_STATS, size_of::<u64>(), size_of::<PodStats>()),

@@ -359,7 +359,7 @@ fn pins_from_an_incompatible_build_are_not_adopted() {
     // Stand in for an old build: a policy map whose values have another size.
     let policy = accel.pin_dir.join(meshlane_common::maps::POLICY);
     std::fs::remove_file(&policy).unwrap();
-    aya::maps::MapData::from_pin(accel.pin_dir.join(meshlane_common::maps::PEERS))
+    aya::maps::MapData::from_pin(accel.pin_dir.join(meshlane_common::maps::UNREAD))
         .unwrap()
         .pin(&policy)
         .unwrap();

@@ -27,7 +27,6 @@ fn per_socket_entries(accel: &mut Accel) -> Vec<(&'static str, u32)> {
                 maps::SOCKS,
                 maps::TARGETS,
                 maps::RENDEZVOUS,
-                maps::PEERS,
                 maps::UNREAD,
                 maps::SOCK_ADDRS,
             ]
@@ -66,7 +65,7 @@ fn closing_after_the_pod_was_removed_leaves_every_map_empty() {
     let busy = per_socket_entries(&mut accel);
     assert!(
         busy.iter()
-            .any(|(n, e)| *n == meshlane_common::maps::PEERS && *e > 0),
+            .any(|(n, e)| *n == meshlane_common::maps::RENDEZVOUS && *e > 0),
         "the open connections are in the maps: {busy:?}"
     );
 

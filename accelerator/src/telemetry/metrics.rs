@@ -232,7 +232,7 @@ impl prometheus_client::collector::Collector for Collector {
                 &[
                     ("socks", "sockhash_full"),
                     ("rendezvous", "rendezvous_full"),
-                    ("peers", "peers_full"),
+                    ("unread", "unread_full"),
                 ]
                 .map(|(m, n)| (vec![("map", m)], c.get(n))),
             )?;

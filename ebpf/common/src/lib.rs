@@ -179,7 +179,10 @@ pub fn partner_role(role: u8) -> u8 {
     }
 }
 
-/// Value of the rendezvous map: the first end to arrive.
+/// Value of the rendezvous map: the first end to arrive, and once the second end has met it,
+/// the pair itself. The entry lives until the first end closes; the second end keeps its
+/// partner's cookie in its own [`SockState`], the first end reads `partner` from here once.
+/// (One entry per pair instead of a separate peers map halves the map updates per connection.)
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Waiter {
@@ -190,8 +193,10 @@ pub struct Waiter {
     /// rule (which leaves the sockhash at its half-close) could strand bytes there.
     pub two_way: u8,
     pub _pad: [u8; 6],
+    /// The second end's cookie, written once both ends are in a sockhash; 0 while waiting.
+    pub partner: u64,
 }
-const _: () = assert!(size_of::<Waiter>() == 16);
+const _: () = assert!(size_of::<Waiter>() == 24);
 
 /// [`SockState::flags`]: the next non-SYN segment this socket sends carries the token option.
 pub const SOCK_STAMP_PENDING: u8 = 1;
@@ -205,7 +210,7 @@ pub const SOCK_IN_MAP: u8 = 8;
 /// [`SockState::flags`]: an app socket under the reader rule: its peer is in [`maps::TARGETS`],
 /// and it leaves [`maps::SOCKS`] at its own half-close.
 pub const SOCK_READER_RULE: u8 = 16;
-/// [`SockState::flags`]: `peer` holds the paired socket's cookie (sk_msg found it once).
+/// [`SockState::flags`]: `peer` holds the paired socket's cookie.
 pub const SOCK_PEER_KNOWN: u8 = 32;
 
 /// Per-socket state in socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`), freed with the socket.
@@ -220,12 +225,21 @@ pub struct SockState {
     pub netns: u64,
     pub role: u8,
     pub flags: u8,
-    pub _pad: [u8; 6],
-    /// The peer's cookie once sk_msg has looked it up ([`SOCK_PEER_KNOWN`]), so later messages
-    /// skip the [`maps::PEERS`] lookup.
+    pub _pad: [u8; 2],
+    /// Messages redirected but not yet added to the pod's [`PodStats`] (see [`FOLD_EVERY`]).
+    pub unfolded_msgs: u32,
+    /// The peer's cookie ([`SOCK_PEER_KNOWN`]): set at pairing for the second end, and by
+    /// sk_msg from the rendezvous entry for the first, so later messages look nothing up.
     pub peer: u64,
+    /// Bytes of [`SockState::unfolded_msgs`].
+    pub unfolded_bytes: u64,
 }
-const _: () = assert!(size_of::<SockState>() == 56);
+const _: () = assert!(size_of::<SockState>() == 64);
+
+/// A socket adds what it redirected to its pod's [`PodStats`] every this many messages, and
+/// when it stops sending (its half-close, LAST_ACK or close): a per-CPU hash update per message
+/// was a third of sk_msg's cost. The node-wide counters are still updated per message.
+pub const FOLD_EVERY: u32 = 32;
 
 /// One pod's traffic through the fast lane (per CPU; userspace sums). The daemon creates the
 /// entry when it lists the pod and deletes it when the pod goes; the programs only add.
@@ -286,6 +300,7 @@ pub mod counter {
     pub const STAMPS_MISSING: u32 = 17;
     pub const SOCKHASH_FULL: u32 = 18;
     pub const RENDEZVOUS_FULL: u32 = 19;
+    /// The unread accounting maps were full: the hop stays on TCP.
     pub const PEERS_FULL: u32 = 20;
     pub const SKIP_EARLY_DATA: u32 = 21;
     pub const PAIR_REJECTED: u32 = 22;
@@ -327,7 +342,7 @@ pub mod counter {
         "stamps_missing",
         "sockhash_full",
         "rendezvous_full",
-        "peers_full",
+        "unread_full",
         "skip_early_data",
         "pair_rejected",
         "connect_not_captured",
@@ -342,7 +357,6 @@ pub mod maps {
     pub const POLICY: &str = "ML_POLICY";
     pub const SOCKS: &str = "ML_SOCKS";
     pub const RENDEZVOUS: &str = "ML_RENDEZVOUS";
-    pub const PEERS: &str = "ML_PEERS";
     pub const SOCK_STATE: &str = "ML_SOCK_STATE";
     pub const COUNTERS: &str = "ML_COUNTERS";
     pub const CONTROL: &str = "ML_CONTROL";
@@ -352,13 +366,14 @@ pub mod maps {
     pub const OWNERS: &str = "ML_OWNERS";
     /// Sockets that only ever receive redirected bytes: the sidecar ends under the reader rule.
     pub const TARGETS: &str = "ML_TARGETS";
-    pub const ALL: [&str; 12] = [
-        POLICY, SOCKS, RENDEZVOUS, PEERS, SOCK_STATE, COUNTERS, CONTROL, POD_STATS, UNREAD,
-        SOCK_ADDRS, OWNERS, TARGETS,
+    pub const ALL: [&str; 11] = [
+        POLICY, SOCKS, RENDEZVOUS, SOCK_STATE, COUNTERS, CONTROL, POD_STATS, UNREAD, SOCK_ADDRS,
+        OWNERS, TARGETS,
     ];
     pub const POLICY_MAX: u32 = 4096;
     pub const SOCKS_MAX: u32 = 65536;
     pub const RENDEZVOUS_MAX: u32 = 65536;
+    /// Sockets that may receive redirected bytes (two per pair at most), for the unread maps.
     pub const PEERS_MAX: u32 = 131072;
     /// connect() calls in flight in listed pods (an entry lives from the connect hook to
     /// sock_ops' TCP_CONNECT_CB, microseconds later; LRU, so a connect that never got that far

@@ -1,6 +1,6 @@
 //! Per-CPU counter updates; no atomics needed because each CPU owns its slot.
 
-use meshlane_common::PodStats;
+use meshlane_common::{PodStats, SockState, ROLE_IN_APP, ROLE_OUT_APP};
 
 use crate::maps::{ML_COUNTERS, ML_POD_STATS};
 
@@ -24,6 +24,28 @@ pub fn pod(netns: u64, f: impl FnOnce(&mut PodStats)) {
         // SAFETY: this CPU's copy of a live per-CPU hash value; no other CPU writes it.
         f(unsafe { &mut *stats })
     }
+}
+
+/// Adds what `st` redirected since the last fold to its pod's stats, and starts over.
+#[inline(always)]
+pub fn fold(st: &mut SockState) {
+    if st.unfolded_msgs == 0 {
+        return;
+    }
+    let (msgs, bytes) = (u64::from(st.unfolded_msgs), st.unfolded_bytes);
+    st.unfolded_msgs = 0;
+    st.unfolded_bytes = 0;
+    if !(ROLE_OUT_APP..=ROLE_IN_APP).contains(&st.role) {
+        return;
+    }
+    let dir = (st.role - ROLE_OUT_APP) as u32;
+    pod(st.netns, |s| {
+        let d = opaque(dir) as usize;
+        if let (Some(m), Some(b)) = (s.msgs.get_mut(d), s.bytes.get_mut(d)) {
+            *m += msgs;
+            *b += bytes;
+        }
+    });
 }
 
 /// `x`, hidden from the optimiser: an index bounds-checked after this stays checked, instead of

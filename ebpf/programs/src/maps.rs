@@ -31,16 +31,12 @@ pub static ML_SOCKS: SockHash<u64, { SOCKS_MAX as usize }> = SockHash::new();
 #[btf_map]
 pub static ML_TARGETS: SockHash<u64, { SOCKS_MAX as usize }> = SockHash::new();
 
-/// Where the two ends of a hop meet. Key: [`PairKey`]. Value: the first end to arrive ([`Waiter`]).
-/// Writer/reader: sock_ops; the second end removes the entry, a closing first end removes its own.
-/// Max: RENDEZVOUS_MAX waiting ends.
+/// Where the two ends of a hop meet, and then the pair. Key: [`PairKey`]. Value: the first end
+/// to arrive and, once met, its partner ([`Waiter`]). Writer: sock_ops (the first end inserts,
+/// the second writes `partner`, the first removes it at close). Reader: sock_ops, and sk_msg once
+/// per first end. Max: RENDEZVOUS_MAX first ends.
 #[btf_map]
 pub static ML_RENDEZVOUS: HashMap<PairKey, Waiter, { RENDEZVOUS_MAX as usize }> = HashMap::new();
-
-/// Proven pairs, both ways. Key: socket cookie. Value: the peer's socket cookie.
-/// Writer: sock_ops (at pairing, removed at close). Reader: sk_msg. Max: PEERS_MAX (two per pair).
-#[btf_map]
-pub static ML_PEERS: HashMap<u64, u64, { PEERS_MAX as usize }> = HashMap::new();
 
 /// Per-socket state ([`SockState`]), freed by the kernel with the socket.
 /// Writer: sock_ops (create, role, pairing), sk_msg (the TCP pin). Reader: both.

@@ -14,13 +14,13 @@ use aya_ebpf::{
     programs::SkMsgContext,
 };
 use meshlane_common::{
-    counter, SockState, CONTROL_BUDGET, CONTROL_DRAIN, CONTROL_FLAGS, ROLE_IN_APP, ROLE_OUT_APP,
-    SOCK_PEER_KNOWN, SOCK_READER_RULE, SOCK_TCP_PINNED, UNREAD_BUDGET,
+    counter, SockState, CONTROL_BUDGET, CONTROL_DRAIN, CONTROL_FLAGS, FOLD_EVERY, ROLE_IN_APP,
+    ROLE_OUT_APP, SOCK_PEER_KNOWN, SOCK_READER_RULE, SOCK_TCP_PINNED, SOCK_WAITING, UNREAD_BUDGET,
 };
 
 use crate::{
-    counters::{add, atomic_add, inc, opaque, pod},
-    maps::{ML_CONTROL, ML_PEERS, ML_SOCKS, ML_SOCK_STATE, ML_TARGETS, ML_UNREAD},
+    counters::{add, atomic_add, fold, inc},
+    maps::{ML_CONTROL, ML_RENDEZVOUS, ML_SOCKS, ML_SOCK_STATE, ML_TARGETS, ML_UNREAD},
 };
 
 pub fn verdict(ctx: &SkMsgContext) -> u32 {
@@ -41,19 +41,27 @@ pub fn verdict(ctx: &SkMsgContext) -> u32 {
         inc(counter::PASS_DRAINING);
         return SK_PASS;
     }
-    // The peer is looked up once and kept in the socket's own state: a cookie is never reused,
-    // so a peer that closed later is simply not found by the redirect (and this direction then
-    // moves to TCP, below).
+    // The peer is kept in the socket's own state: the second end of a pair got it at pairing,
+    // the first reads it once from the entry it owns. A cookie is never reused, so a peer that
+    // closed later is simply not found by the redirect (and this direction then moves to TCP,
+    // below).
     let mut peer = st.peer;
     if st.flags & SOCK_PEER_KNOWN == 0 {
         // SAFETY: read-only view of a hash map value, copied out at once.
-        let Some(p) = (unsafe { ML_PEERS.get(st.cookie) }).copied() else {
+        let partner = if st.flags & SOCK_WAITING != 0 {
+            unsafe { ML_RENDEZVOUS.get(st.pair_key) }
+                .filter(|w| w.cookie == st.cookie)
+                .map_or(0, |w| w.partner)
+        } else {
+            0
+        };
+        if partner == 0 {
             st.flags |= SOCK_TCP_PINNED;
             inc(counter::PASS_NO_PEER);
             return SK_PASS;
-        };
-        peer = p;
-        st.peer = p;
+        }
+        peer = partner;
+        st.peer = partner;
         st.flags |= SOCK_PEER_KNOWN;
     }
     let unread = if flags & CONTROL_BUDGET != 0 {
@@ -93,13 +101,12 @@ pub fn verdict(ctx: &SkMsgContext) -> u32 {
         let dir = (role - ROLE_OUT_APP) as u32;
         inc(counter::MSGS_REDIRECTED + dir);
         add(counter::BYTES_REDIRECTED + dir, size);
-        pod(st.netns, |s| {
-            let d = opaque(dir) as usize;
-            if let (Some(m), Some(b)) = (s.msgs.get_mut(d), s.bytes.get_mut(d)) {
-                *m += 1;
-                *b += size;
-            }
-        });
+    }
+    // The pod's share goes into the socket's own state and is folded in batches.
+    st.unfolded_msgs += 1;
+    st.unfolded_bytes += size;
+    if st.unfolded_msgs >= FOLD_EVERY {
+        fold(st);
     }
     SK_PASS
 }

@@ -33,20 +33,22 @@ use meshlane_common::{
     counter, partner_role, Cidr4, PairKey, PodPolicy, SockState, Waiter, CONTROL_DRAIN,
     CONTROL_FLAGS, MAX_CIDRS, MAX_PORTS, POLICY_INBOUND, POLICY_INCLUDE_CIDRS, POLICY_INTO_APP,
     POLICY_OUTBOUND, ROLE_IN_APP, ROLE_IN_PROXY, ROLE_OUT_APP, ROLE_OUT_PROXY, SOCK_IN_MAP,
-    SOCK_READER_RULE, SOCK_STAMP_PENDING, SOCK_WAITING, TCP_OPT_EXID, TCP_OPT_KIND, TCP_OPT_LEN,
+    SOCK_PEER_KNOWN, SOCK_READER_RULE, SOCK_STAMP_PENDING, SOCK_WAITING, TCP_OPT_EXID,
+    TCP_OPT_KIND, TCP_OPT_LEN,
 };
 
 use crate::{
-    counters::{inc, opaque, pod},
+    counters::{fold, inc, opaque, pod},
     maps::{
-        ML_CONTROL, ML_OWNERS, ML_PEERS, ML_POLICY, ML_RENDEZVOUS, ML_SOCKS, ML_SOCK_ADDRS,
-        ML_SOCK_STATE, ML_TARGETS, ML_UNREAD,
+        ML_CONTROL, ML_OWNERS, ML_POLICY, ML_RENDEZVOUS, ML_SOCKS, ML_SOCK_ADDRS, ML_SOCK_STATE,
+        ML_TARGETS, ML_UNREAD,
     },
 };
 
 const AF_INET: u32 = 2;
 const TCP_FIN_WAIT1: u32 = 4;
 const TCP_CLOSE: u32 = 7;
+const TCP_LAST_ACK: u32 = 9;
 const TCPHDR_SYN: u32 = 0x02;
 const EEXIST: i32 = 17;
 const BPF_SK_STORAGE_GET_F_CREATE: u64 = 1;
@@ -278,6 +280,13 @@ fn on_passive_established(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy) 
 /// rule), at close it drops what it left in the pairing maps (the sockhash forgets it itself).
 fn on_state(ctx: &SockOpsContext) {
     let new_state = ctx.arg(1);
+    if new_state == TCP_LAST_ACK {
+        // It closed after its peer did: it sends nothing more.
+        if let Some(st) = state(ctx, false) {
+            fold(st);
+        }
+        return;
+    }
     if new_state == TCP_FIN_WAIT1 {
         on_own_half_close(ctx);
         return;
@@ -286,23 +295,20 @@ fn on_state(ctx: &SockOpsContext) {
         return;
     }
     let Some(st) = state(ctx, false) else { return };
+    fold(st);
     let _ = ML_UNREAD.remove(st.cookie);
     let _ = ML_SOCK_ADDRS.remove(sk_addr(ctx));
     if st.flags & SOCK_WAITING != 0 {
+        // The first end owns the pair's entry. The kernel removes a closing socket from its
+        // sockhash, so the partner's next redirect fails and that direction moves to TCP for
+        // good, which is safe: nothing it sends can overtake bytes already queued for us (we
+        // are closing anyway).
         // SAFETY: read-only view of a hash map value.
         if let Some(w) = unsafe { ML_RENDEZVOUS.get(st.pair_key) } {
             if w.cookie == st.cookie {
                 let _ = ML_RENDEZVOUS.remove(st.pair_key);
             }
         }
-    }
-    // SAFETY: read-only view of a hash map value.
-    if let Some(peer) = unsafe { ML_PEERS.get(st.cookie) } {
-        let peer = *peer;
-        // The peer's next message finds no partner and moves to TCP for good, which is safe:
-        // nothing it sends can overtake bytes already queued for us (we are closing anyway).
-        let _ = ML_PEERS.remove(peer);
-        let _ = ML_PEERS.remove(st.cookie);
     }
 }
 
@@ -314,6 +320,7 @@ fn on_state(ctx: &SockOpsContext) {
 /// sk_msg program is no longer needed either. Two-way sockets stay: they may hold queued bytes.
 fn on_own_half_close(ctx: &SockOpsContext) {
     let Some(st) = state(ctx, false) else { return };
+    fold(st);
     if st.flags & (SOCK_READER_RULE | SOCK_IN_MAP) != SOCK_READER_RULE | SOCK_IN_MAP {
         return;
     }
@@ -388,6 +395,7 @@ fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey, policy: &PodPoli
         role: st.role,
         two_way: u8::from(!reader_rule),
         _pad: [0; 6],
+        partner: 0,
     };
     match ML_RENDEZVOUS.insert(key, me, BPF_NOEXIST as u64) {
         Ok(()) => {
@@ -395,36 +403,27 @@ fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey, policy: &PodPoli
             st.flags |= SOCK_WAITING;
         }
         Err(e) if e == -EEXIST => {
-            // SAFETY: read-only view of a hash map value, copied out at once.
-            let Some(other) = (unsafe { ML_RENDEZVOUS.get(key) }).copied() else {
+            let Some(other) = ML_RENDEZVOUS.get_ptr_mut(key) else {
                 inc(counter::PAIR_REJECTED);
                 return true;
             };
-            // Exactly one app end and one sidecar end of the same hop kind may meet, both
+            // SAFETY: a live map value; only the first end's close removes it, and a value
+            // removed meanwhile stays readable for this run (RCU).
+            let other = unsafe { &mut *other };
+            // Exactly one app end and one sidecar end of the same hop kind may meet, once, both
             // joined under the same mode (the pod's opt-in may change between the two joins).
             if other.role != partner_role(st.role)
                 || other.cookie == st.cookie
                 || other.two_way != me.two_way
+                || other.partner != 0
             {
                 inc(counter::PAIR_REJECTED);
                 return true;
             }
-            if ML_PEERS
-                .insert(st.cookie, other.cookie, BPF_ANY as u64)
-                .is_err()
-            {
-                inc(counter::PEERS_FULL);
-                return true;
-            }
-            if ML_PEERS
-                .insert(other.cookie, st.cookie, BPF_ANY as u64)
-                .is_err()
-            {
-                let _ = ML_PEERS.remove(st.cookie);
-                inc(counter::PEERS_FULL);
-                return true;
-            }
-            let _ = ML_RENDEZVOUS.remove(key);
+            // Both ends are in a sockhash now, so whoever sees a partner may redirect to it.
+            other.partner = st.cookie;
+            st.peer = other.cookie;
+            st.flags |= SOCK_PEER_KNOWN;
             let hop = if st.role == ROLE_OUT_APP || st.role == ROLE_OUT_PROXY {
                 0
             } else {
