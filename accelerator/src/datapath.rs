@@ -321,7 +321,6 @@ impl Datapath {
         let rendezvous: HashMap<MapData, meshlane_common::PairKey, meshlane_common::Waiter> =
             typed(dir, maps::RENDEZVOUS)?;
         let unread: HashMap<MapData, u64, i64> = typed(dir, maps::UNREAD)?;
-        let addrs: HashMap<MapData, u64, u64> = typed(dir, maps::SOCK_ADDRS)?;
         let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         Ok(vec![
             MapUsage {
@@ -347,11 +346,6 @@ impl Datapath {
             MapUsage {
                 name: maps::UNREAD,
                 entries: count(unread.keys().filter(Result::is_ok).count()),
-                capacity: maps::PEERS_MAX,
-            },
-            MapUsage {
-                name: maps::SOCK_ADDRS,
-                entries: count(addrs.keys().filter(Result::is_ok).count()),
                 capacity: maps::PEERS_MAX,
             },
         ])
@@ -719,7 +713,7 @@ where
 }
 
 /// The key and value sizes this build's programs use, per map.
-fn expected_layout() -> [(&'static str, usize, usize); 8] {
+fn expected_layout() -> [(&'static str, usize, usize); 7] {
     use meshlane_common::{PairKey, SockState, Waiter};
     use std::mem::size_of;
     [
@@ -729,7 +723,6 @@ fn expected_layout() -> [(&'static str, usize, usize); 8] {
         (maps::COUNTERS, size_of::<u32>(), size_of::<u64>()),
         (maps::POD_STATS, size_of::<u64>(), size_of::<PodStats>()),
         (maps::UNREAD, size_of::<u64>(), size_of::<i64>()),
-        (maps::SOCK_ADDRS, size_of::<u64>(), size_of::<u64>()),
         (maps::OWNERS, size_of::<u64>(), size_of::<u64>()),
     ]
 }

@@ -22,16 +22,7 @@ fn per_socket_entries(accel: &mut Accel) -> Vec<(&'static str, u32)> {
         .map_usage()
         .expect("map usage")
         .into_iter()
-        .filter(|m| {
-            [
-                maps::SOCKS,
-                maps::TARGETS,
-                maps::RENDEZVOUS,
-                maps::UNREAD,
-                maps::SOCK_ADDRS,
-            ]
-            .contains(&m.name)
-        })
+        .filter(|m| [maps::SOCKS, maps::TARGETS, maps::RENDEZVOUS, maps::UNREAD].contains(&m.name))
         .map(|m| (m.name, m.entries))
         .collect()
 }

@@ -195,8 +195,12 @@ pub struct Waiter {
     pub _pad: [u8; 6],
     /// The second end's cookie, written once both ends are in a sockhash; 0 while waiting.
     pub partner: u64,
+    /// The first end's kernel address (`struct sock *`): its key in [`maps::UNREAD`].
+    pub sk: u64,
+    /// The second end's kernel address, written with `partner`.
+    pub partner_sk: u64,
 }
-const _: () = assert!(size_of::<Waiter>() == 24);
+const _: () = assert!(size_of::<Waiter>() == 40);
 
 /// [`SockState::flags`]: the next non-SYN segment this socket sends carries the token option.
 pub const SOCK_STAMP_PENDING: u8 = 1;
@@ -233,8 +237,10 @@ pub struct SockState {
     pub peer: u64,
     /// Bytes of [`SockState::unfolded_msgs`].
     pub unfolded_bytes: u64,
+    /// The peer's kernel address, its key in [`maps::UNREAD`] (set with `peer`).
+    pub peer_sk: u64,
 }
-const _: () = assert!(size_of::<SockState>() == 64);
+const _: () = assert!(size_of::<SockState>() == 72);
 
 /// A socket adds what it redirected to its pod's [`PodStats`] every this many messages, and
 /// when it stops sending (its half-close, LAST_ACK or close): a per-CPU hash update per message
@@ -362,13 +368,12 @@ pub mod maps {
     pub const CONTROL: &str = "ML_CONTROL";
     pub const POD_STATS: &str = "ML_POD_STATS";
     pub const UNREAD: &str = "ML_UNREAD";
-    pub const SOCK_ADDRS: &str = "ML_SOCK_ADDRS";
     pub const OWNERS: &str = "ML_OWNERS";
     /// Sockets that only ever receive redirected bytes: the sidecar ends under the reader rule.
     pub const TARGETS: &str = "ML_TARGETS";
-    pub const ALL: [&str; 11] = [
-        POLICY, SOCKS, RENDEZVOUS, SOCK_STATE, COUNTERS, CONTROL, POD_STATS, UNREAD, SOCK_ADDRS,
-        OWNERS, TARGETS,
+    pub const ALL: [&str; 10] = [
+        POLICY, SOCKS, RENDEZVOUS, SOCK_STATE, COUNTERS, CONTROL, POD_STATS, UNREAD, OWNERS,
+        TARGETS,
     ];
     pub const POLICY_MAX: u32 = 4096;
     pub const SOCKS_MAX: u32 = 65536;

@@ -58,19 +58,18 @@ pub static ML_CONTROL: Array<u32, 1> = Array::new();
 pub static ML_POD_STATS: PerCpuHashMap<u64, PodStats, { POLICY_MAX as usize }> =
     PerCpuHashMap::new();
 
-/// Redirected bytes each receiver has not read yet. Key: the receiving socket's cookie. Value:
-/// bytes (signed: a read can also drain TCP bytes that came after a pin, so it may dip below 0).
-/// Writer: sock_ops creates the entry when a socket joins and removes it at close; sk_msg adds
-/// what it redirects; the read tracer subtracts what the receiver reads. Reader: sk_msg, for the
+/// Redirected bytes each receiver has not read yet. Key: the receiving socket's kernel address
+/// (`struct sock *`), because that is all the read tracer is given. Value: bytes (signed: a read
+/// can also drain TCP bytes that came after a pin, so it may dip below 0). Writer: sock_ops
+/// creates the entry when a socket joins and removes it at close; sk_msg adds what it
+/// redirects; the read tracer subtracts what the receiver reads. Reader: sk_msg, for the
 /// [`meshlane_common::UNREAD_BUDGET`] check. Max: PEERS_MAX.
+///
+/// An address is reused once its socket is freed. The entry goes at the socket's close, before
+/// that; a peer still holding the old address only reads a wrong count before its redirect to
+/// the closed socket fails, which moves it to TCP anyway (fail open).
 #[btf_map]
 pub static ML_UNREAD: HashMap<u64, i64, { PEERS_MAX as usize }> = HashMap::new();
-
-/// Kernel address of each joined socket -> its cookie, for the read tracer, which gets the bare
-/// `struct sock *` and has no helper to get a cookie from it. Writer: sock_ops (join, close).
-/// Reader: the read tracer. Max: PEERS_MAX.
-#[btf_map]
-pub static ML_SOCK_ADDRS: HashMap<u64, u64, { PEERS_MAX as usize }> = HashMap::new();
 
 /// Who called connect() on a socket of a listed pod: `bpf_get_current_uid_gid()` (gid << 32 |
 /// uid) as the connect hook saw it. Key: socket cookie. Writer: the connect hook. Reader and

@@ -9,10 +9,7 @@
 
 use aya_ebpf::programs::{FExitContext, RawTracePointContext};
 
-use crate::{
-    counters::atomic_add,
-    maps::{ML_SOCK_ADDRS, ML_UNREAD},
-};
+use crate::{counters::atomic_add, maps::ML_UNREAD};
 
 const MSG_PEEK: i32 = 2;
 
@@ -38,11 +35,7 @@ fn count(sk: u64, read: i32, flags: i32) {
         return;
     }
     // Only sockets that may receive redirected bytes are known here.
-    // SAFETY: read-only view of a hash map value, copied out at once.
-    let Some(cookie) = (unsafe { ML_SOCK_ADDRS.get(sk) }).copied() else {
-        return;
-    };
-    if let Some(unread) = ML_UNREAD.get_ptr_mut(cookie) {
+    if let Some(unread) = ML_UNREAD.get_ptr_mut(sk) {
         atomic_add(unread, -i64::from(read));
     }
 }

@@ -48,12 +48,12 @@ pub fn verdict(ctx: &SkMsgContext) -> u32 {
     let mut peer = st.peer;
     if st.flags & SOCK_PEER_KNOWN == 0 {
         // SAFETY: read-only view of a hash map value, copied out at once.
-        let partner = if st.flags & SOCK_WAITING != 0 {
+        let (partner, partner_sk) = if st.flags & SOCK_WAITING != 0 {
             unsafe { ML_RENDEZVOUS.get(st.pair_key) }
                 .filter(|w| w.cookie == st.cookie)
-                .map_or(0, |w| w.partner)
+                .map_or((0, 0), |w| (w.partner, w.partner_sk))
         } else {
-            0
+            (0, 0)
         };
         if partner == 0 {
             st.flags |= SOCK_TCP_PINNED;
@@ -62,10 +62,11 @@ pub fn verdict(ctx: &SkMsgContext) -> u32 {
         }
         peer = partner;
         st.peer = partner;
+        st.peer_sk = partner_sk;
         st.flags |= SOCK_PEER_KNOWN;
     }
     let unread = if flags & CONTROL_BUDGET != 0 {
-        ML_UNREAD.get_ptr_mut(peer)
+        ML_UNREAD.get_ptr_mut(st.peer_sk)
     } else {
         None
     };

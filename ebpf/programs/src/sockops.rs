@@ -40,8 +40,8 @@ use meshlane_common::{
 use crate::{
     counters::{fold, inc, opaque, pod},
     maps::{
-        ML_CONTROL, ML_OWNERS, ML_POLICY, ML_RENDEZVOUS, ML_SOCKS, ML_SOCK_ADDRS, ML_SOCK_STATE,
-        ML_TARGETS, ML_UNREAD,
+        ML_CONTROL, ML_OWNERS, ML_POLICY, ML_RENDEZVOUS, ML_SOCKS, ML_SOCK_STATE, ML_TARGETS,
+        ML_UNREAD,
     },
 };
 
@@ -296,8 +296,10 @@ fn on_state(ctx: &SockOpsContext) {
     }
     let Some(st) = state(ctx, false) else { return };
     fold(st);
-    let _ = ML_UNREAD.remove(st.cookie);
-    let _ = ML_SOCK_ADDRS.remove(sk_addr(ctx));
+    if st.flags & SOCK_READER_RULE == 0 {
+        // It may have received redirected bytes (reader-rule app ends never do).
+        let _ = ML_UNREAD.remove(sk_addr(ctx));
+    }
     if st.flags & SOCK_WAITING != 0 {
         // The first end owns the pair's entry. The kernel removes a closing socket from its
         // sockhash, so the partner's next redirect fails and that direction moves to TCP for
@@ -355,13 +357,8 @@ fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey, policy: &PodPoli
     // Only a socket that may receive redirected bytes needs unread accounting; it must be in
     // place before a peer can redirect to it.
     let receives = sidecar_end || !reader_rule;
-    if receives
-        && (ML_UNREAD.insert(st.cookie, 0, BPF_ANY as u64).is_err()
-            || ML_SOCK_ADDRS
-                .insert(sk_addr(ctx), st.cookie, BPF_ANY as u64)
-                .is_err())
-    {
-        let _ = ML_UNREAD.remove(st.cookie);
+    let sk = sk_addr(ctx);
+    if receives && ML_UNREAD.insert(sk, 0, BPF_ANY as u64).is_err() {
         inc(counter::PEERS_FULL);
         return false;
     }
@@ -378,8 +375,7 @@ fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey, policy: &PodPoli
         // Nothing of this socket may stay behind: it never joined, so no state callback of
         // ours will come to clean up.
         if receives {
-            let _ = ML_UNREAD.remove(st.cookie);
-            let _ = ML_SOCK_ADDRS.remove(sk_addr(ctx));
+            let _ = ML_UNREAD.remove(sk);
         }
         inc(counter::SOCKHASH_FULL);
         return false;
@@ -396,6 +392,8 @@ fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey, policy: &PodPoli
         two_way: u8::from(!reader_rule),
         _pad: [0; 6],
         partner: 0,
+        sk,
+        partner_sk: 0,
     };
     match ML_RENDEZVOUS.insert(key, me, BPF_NOEXIST as u64) {
         Ok(()) => {
@@ -421,8 +419,10 @@ fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey, policy: &PodPoli
                 return true;
             }
             // Both ends are in a sockhash now, so whoever sees a partner may redirect to it.
+            other.partner_sk = sk;
             other.partner = st.cookie;
             st.peer = other.cookie;
+            st.peer_sk = other.sk;
             st.flags |= SOCK_PEER_KNOWN;
             let hop = if st.role == ROLE_OUT_APP || st.role == ROLE_OUT_PROXY {
                 0
