@@ -37,6 +37,8 @@ pub struct RunOptions {
     pub namespaces: discovery::NamespaceFilter,
     pub config: Option<PathBuf>,
     pub resync: Duration,
+    /// Interval of the sweep of sockets that wait for a partner (removed at their second).
+    pub sweep: Duration,
     pub detach_on_exit: bool,
     /// Skip the start-up safety probe (break-glass).
     pub force: bool,
@@ -107,6 +109,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         deferred,
     };
     let mut next = Instant::now();
+    let mut sweep = Sweep::default();
     while !stop.load(Ordering::Relaxed) {
         shared.beat();
         let woken = wake.wait(Duration::from_millis(50));
@@ -114,6 +117,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
             reconcile(&shared, &mut sources);
             next = Instant::now() + opts.resync;
         }
+        sweep.maybe_run(&shared, opts.sweep);
     }
 
     let had_datapath = shared.datapath().take().is_some();
@@ -128,6 +132,41 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         tracing::info!("stopping; nothing was attached by this daemon");
     }
     Ok(())
+}
+
+/// The periodic sweep of ends that will never pair ([`datapath::Datapath::sweep_unpaired`]).
+#[derive(Default)]
+struct Sweep {
+    last: Option<Instant>,
+    waiting: std::collections::BTreeSet<(meshlane_common::PairKey, u64)>,
+}
+
+impl Sweep {
+    fn maybe_run(&mut self, shared: &Shared, every: Duration) {
+        if self.last.is_some_and(|t| t.elapsed() < every) {
+            return;
+        }
+        self.last = Some(Instant::now());
+        let result = match shared.datapath().as_ref() {
+            Some(dp) => dp.sweep_unpaired(&self.waiting),
+            None => return,
+        };
+        match result {
+            Ok((waiting, removed)) => {
+                self.waiting = waiting;
+                if removed > 0 {
+                    tracing::info!(
+                        removed,
+                        "sweep: sockets that waited for a partner through two sweeps left the sockhash (stamped connections no sidecar read)"
+                    );
+                    shared.write().unpaired_swept_total += removed as u64;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "sweep of unpaired sockets failed; retried at the next")
+            }
+        }
+    }
 }
 
 /// Probe, then load or adopt. Any failure leaves the daemon in pass-through with the reason:

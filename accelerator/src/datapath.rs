@@ -351,6 +351,68 @@ impl Datapath {
         ])
     }
 
+    /// Removes ends that waited for a partner through two sweeps (`previous` is what the last
+    /// sweep returned; the caller spaces sweeps by seconds, while a hop's two ends meet within
+    /// its handshake). Such an end was stamped for a connection iptables did not capture (a
+    /// prediction that missed) or its partner failed to join: it will never pair, yet it sits in
+    /// a sockhash, whose read path apps can tell apart from plain TCP, for as long as it lives.
+    /// It never redirected or received a byte, so leaving the sockhash loses nothing; its
+    /// rendezvous entry goes first, so a partner arriving now cannot pair with it half-removed.
+    /// Returns the ends still waiting (for the next sweep) and how many were removed.
+    pub fn sweep_unpaired(
+        &self,
+        previous: &std::collections::BTreeSet<(meshlane_common::PairKey, u64)>,
+    ) -> Result<
+        (
+            std::collections::BTreeSet<(meshlane_common::PairKey, u64)>,
+            usize,
+        ),
+        Error,
+    > {
+        use meshlane_common::{PairKey, Waiter};
+        let dir = &self.opts.pin_dir;
+        let mut rendezvous: HashMap<MapData, PairKey, Waiter> = typed(dir, maps::RENDEZVOUS)?;
+        let map_err = |name, e: aya::maps::MapError| Error::Map(name, e.to_string());
+        let waiting: std::collections::BTreeSet<(PairKey, u64)> = rendezvous
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, w)| w.partner == 0)
+            .map(|(k, w)| (k, w.cookie))
+            .collect();
+        let mut removed = 0;
+        for (key, cookie) in waiting.intersection(previous) {
+            // Still the same end, still alone (it may have paired since the listing).
+            let w = match rendezvous.get(key, 0) {
+                Ok(w) if w.cookie == *cookie && w.partner == 0 => w,
+                _ => continue,
+            };
+            match rendezvous.remove(key) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => continue,
+                Err(e) => return Err(map_err(maps::RENDEZVOUS, e)),
+            }
+            // Under the reader rule a sidecar end sits in the program-less target map.
+            let sidecar_end = matches!(
+                w.role,
+                meshlane_common::ROLE_OUT_PROXY | meshlane_common::ROLE_IN_PROXY
+            );
+            let name = if sidecar_end && w.two_way == 0 {
+                maps::TARGETS
+            } else {
+                maps::SOCKS
+            };
+            let mut socks: SockHash<MapData, u64> = typed(dir, name)?;
+            match socks.remove(cookie) {
+                Ok(()) => removed += 1,
+                // It closed meanwhile: the kernel took it out itself.
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(map_err(name, e)),
+            }
+        }
+        let still: std::collections::BTreeSet<_> = waiting.difference(previous).copied().collect();
+        Ok((still, removed))
+    }
+
     /// The pods in the policy map, by namespace cookie.
     pub fn pods(&self) -> Result<BTreeMap<u64, PodPolicy>, Error> {
         self.policy
@@ -710,6 +772,16 @@ where
         .ok_or_else(|| Error::Kernel(format!("program {name} missing from the object")))?;
     prog.try_into()
         .map_err(|_| Error::Kernel(format!("program {name} has an unexpected type")))
+}
+
+/// A map operation that failed because the key is not there (aya reports ENOENT from a
+/// delete as a syscall error, from a lookup as `KeyNotFound`).
+fn is_not_found(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
 }
 
 /// The key and value sizes this build's programs use, per map.

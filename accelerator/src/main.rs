@@ -83,6 +83,10 @@ enum Command {
         /// How often the sources are read and the policy map reconciled.
         #[arg(long, default_value = "2s", value_parser = parse_duration)]
         resync: Duration,
+        /// How often sockets that waited for a partner are checked; one still alone at the next
+        /// check (a stamp no sidecar read) leaves the sockhash, so its reads are plain TCP.
+        #[arg(long, env = "MESHLANE_SWEEP", default_value = "10s", value_parser = parse_duration)]
+        sweep: Duration,
         /// Detach everything on SIGTERM/SIGINT instead of leaving it pinned.
         #[arg(long)]
         detach_on_exit: bool,
@@ -221,6 +225,7 @@ fn main() -> ExitCode {
             namespace_exclude,
             config,
             resync,
+            sweep,
             detach_on_exit,
             force,
             mode,
@@ -256,6 +261,7 @@ fn main() -> ExitCode {
                     },
                     config,
                     resync,
+                    sweep,
                     detach_on_exit,
                     force,
                     mode,

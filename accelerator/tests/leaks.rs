@@ -86,3 +86,123 @@ fn closing_after_the_pod_was_removed_leaves_every_map_empty() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A stamp no sidecar reads (meshlane predicted a capture iptables did not make, here because
+/// the pod's rules exclude a port its policy does not) leaves the app's socket waiting for a
+/// partner that never comes. The sweep removes it at its second look: out of the rendezvous map
+/// and the sockhash, so its reads are plain TCP again, while the connection carries on whole.
+#[test]
+fn a_stamp_no_sidecar_reads_is_swept_out_of_the_sockhash() {
+    use std::collections::BTreeSet;
+    let Some(mut accel) = Accel::new("leaks_swept") else {
+        return;
+    };
+    let rules = CaptureConfig {
+        exclude_outbound_ports: vec![9000],
+        ..CaptureConfig::default()
+    };
+    let mesh = TwoPods::new(96, rules, CaptureConfig::default()).unwrap();
+    let dst = SocketAddrV4::new(mesh.server.ip, 9000);
+    let _echo = EchoServer::spawn(&mesh.server.ns, dst).unwrap();
+    // The policy says port 9000 is captured; iptables lets it through to the server directly.
+    accel.add_pod(&mesh.client.ns, &CaptureConfig::default());
+
+    let mut s = connect(&mesh.client.ns, dst).unwrap();
+    let first = pattern(1, 4096);
+    s.write_all(&first).unwrap();
+    let mut back = vec![0u8; first.len()];
+    s.read_exact(&mut back).unwrap();
+    assert_same("before the sweep", &back, &first);
+    let c = accel.counters();
+    assert_eq!(c.get("stamps_written"), 1, "{c:?}");
+    assert_eq!(c.pairs(), 0, "{c:?}");
+    let socks = |accel: &mut Accel| {
+        accel
+            .dp()
+            .map_usage()
+            .unwrap()
+            .into_iter()
+            .find(|m| m.name == meshlane_common::maps::SOCKS)
+            .unwrap()
+            .entries
+    };
+    assert_eq!(
+        socks(&mut accel),
+        1,
+        "the app's socket waits in the sockhash"
+    );
+
+    let (waiting, removed) = accel.dp().sweep_unpaired(&BTreeSet::new()).unwrap();
+    assert_eq!((waiting.len(), removed), (1, 0), "first look: noted, kept");
+    let (waiting, removed) = accel.dp().sweep_unpaired(&waiting).unwrap();
+    assert_eq!((waiting.len(), removed), (0, 1), "second look: removed");
+    assert_eq!(socks(&mut accel), 0, "out of the sockhash");
+    let left = per_socket_entries(&mut accel);
+    assert!(left.iter().all(|(_, e)| *e == 0), "{left:?}");
+
+    // The connection is untouched: more bytes both ways, then a clean end of stream.
+    let second = pattern(2, 64 * 1024);
+    let out = echo_exchange(s, &second, 8192).unwrap();
+    assert_same("after the sweep", &out.bytes, &second);
+}
+
+/// The daemon runs that sweep by itself (`--sweep`) and counts what it removed.
+#[test]
+fn the_daemon_sweeps_stamps_no_sidecar_reads() {
+    let Some(accel) = Accel::cgroup_only("leaks_daemon_sweep") else {
+        return;
+    };
+    let rules = CaptureConfig {
+        exclude_outbound_ports: vec![9000],
+        ..CaptureConfig::default()
+    };
+    let mesh = TwoPods::new(98, rules, CaptureConfig::default()).unwrap();
+    let dst = SocketAddrV4::new(mesh.server.ip, 9000);
+    let _echo = EchoServer::spawn(&mesh.server.ns, dst).unwrap();
+    let dir = std::env::temp_dir().join(format!("meshlane-sweep-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // The pod list says nothing about port 9000, so meshlane predicts it captured.
+    let config = dir.join("pods.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[pod]]\nname = \"demo/client\"\nnetns = \"{}\"\n",
+            mesh.client.ns.path().display()
+        ),
+    )
+    .unwrap();
+    let _daemon = Daemon(
+        accel
+            .run_command()
+            .args(["--resync", "100ms", "--sweep", "200ms", "--config"])
+            .arg(&config)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("the pod accelerated", || {
+        try_status_json(&accel).is_some_and(|st| {
+            st["pods"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p["state"] == "accelerated"))
+        })
+    });
+    let mut s = connect(&mesh.client.ns, dst).unwrap();
+    let data = pattern(3, 4096);
+    s.write_all(&data).unwrap();
+    let mut back = vec![0u8; data.len()];
+    s.read_exact(&mut back).unwrap();
+    assert_same("echo", &back, &data);
+    assert_eq!(accel.counters().get("stamps_written"), 1);
+    wait_until("meshlane_unpaired_swept_total 1", || {
+        accel
+            .http_get("/metrics")
+            .ok()
+            .and_then(|(_, body)| first_sample(&body, "meshlane_unpaired_swept_total"))
+            == Some(1.0)
+    });
+    let more = pattern(4, 32 * 1024);
+    let out = echo_exchange(s, &more, 8192).unwrap();
+    assert_same("after the sweep", &out.bytes, &more);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -456,6 +456,13 @@ impl prometheus_client::collector::Collector for Collector {
         )?;
         family(
             &mut enc,
+            "meshlane_unpaired_swept",
+            "Sockets removed from the sockhash after waiting for a partner through two sweeps (a stamp no sidecar read): their reads are plain TCP again",
+            Counter,
+            &[(vec![], snap.unpaired_swept_total)],
+        )?;
+        family(
+            &mut enc,
             "meshlane_policy_errors",
             "Policy map writes or removals the kernel refused",
             Counter,

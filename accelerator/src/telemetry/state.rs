@@ -84,6 +84,8 @@ pub struct Snapshot {
     pub reconciles_total: u64,
     /// Policy-map writes or removals the kernel refused.
     pub policy_errors_total: u64,
+    /// Ends removed by the sweep after waiting for a partner through two sweeps.
+    pub unpaired_swept_total: u64,
 }
 
 pub struct Shared {
@@ -108,6 +110,7 @@ impl Shared {
                 last_reconcile: None,
                 reconciles_total: 0,
                 policy_errors_total: 0,
+                unpaired_swept_total: 0,
             }),
             datapath: Mutex::new(None),
             heartbeat_ms: AtomicU64::new(unix_ms(SystemTime::now())),

@@ -112,7 +112,7 @@ pub const PAIR_TUPLE: u32 = 2;
 /// Inside one network namespace the kernel keeps 4-tuples unique, so the unordered tuple names
 /// exactly one connection; the namespace cookie keeps pods apart (invariant 3).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PairKey {
     pub netns: u64,
     pub kind: u32,
