@@ -207,6 +207,83 @@ fn capture_arguments_win_and_name_their_flag() {
     );
 }
 
+/// istio-iptables' own flag names (tools/istio-iptables/pkg/cmd/root.go): `-q` is
+/// `--istio-outbound-ports`, `-c` is `--istio-exclude-interfaces`, booleans never take the next
+/// word, and a flag it does not have declines the pod, naming the flag.
+#[test]
+fn capture_flags_are_istio_iptables_own() {
+    let with_args = |args: Value| {
+        let mut v = fixture("injected-istio-init.json");
+        v["spec"]["initContainers"][0]["args"] = args;
+        map(v)
+    };
+    for args in [
+        json!(["istio-iptables", "-p", "15001", "-q", "8080"]),
+        json!(["istio-iptables", "--istio-outbound-ports=8080"]),
+        json!(["istio-iptables", "--istio-outbound-ports", "8080"]),
+    ] {
+        let m = with_args(args.clone());
+        let p = m.verdict.as_ref().expect("accelerated");
+        assert!(!p.accelerate_outbound, "{args}: an outbound include list");
+        assert!(p.accelerate_inbound, "{args}");
+        assert!(
+            m.notes.iter().any(|n| n.contains("include list")),
+            "{args}: {:?}",
+            m.notes
+        );
+    }
+    // -c: traffic through those NICs is never captured; outbound is not predicted.
+    for args in [
+        json!(["istio-iptables", "-c", "eth1"]),
+        json!(["istio-iptables", "--istio-exclude-interfaces=eth1,eth2"]),
+    ] {
+        let m = with_args(args.clone());
+        let p = m.verdict.as_ref().expect("accelerated");
+        assert!(!p.accelerate_outbound, "{args}: excluded interfaces");
+        assert!(
+            m.notes.iter().any(|n| n.contains("interfaces")),
+            "{args}: {:?}",
+            m.notes
+        );
+    }
+    // The same from istio-cni's annotation, and an empty list changes nothing.
+    let mut v = fixture("istio-cni.json");
+    v["spec"]["initContainers"] = json!([]);
+    annotate(&mut v, "traffic.sidecar.istio.io/excludeInterfaces", "eth1");
+    assert!(!map(v).verdict.expect("accelerated").accelerate_outbound);
+    let p = with_args(json!(["istio-iptables", "-c", ""]))
+        .verdict
+        .expect("accelerated");
+    assert!(p.accelerate_outbound);
+    // Booleans take no value: -p after them is still read.
+    let p = with_args(json!([
+        "istio-iptables",
+        "-n",
+        "--run-validation",
+        "--redirect-dns=false",
+        "-p",
+        "15101",
+        "--log_output_level",
+        "default:debug",
+        "-z",
+        "15106"
+    ]))
+    .verdict
+    .expect("accelerated");
+    assert_eq!((p.outbound_port, p.inbound_port), (15101, 15106));
+    // A flag istio-iptables does not have (this one was meshlane's own misspelling of -q).
+    for bogus in ["--istio-local-outbound-ports", "--frobnicate", "-Q"] {
+        let (r, d) = declined(&with_args(json!(["istio-iptables", bogus, "8080"])));
+        assert_eq!(r, Reason::BadResource, "{bogus}");
+        assert!(
+            d.contains("spec.initContainers[0] (istio-init) args")
+                && d.contains(bogus)
+                && d.contains("unknown istio-iptables flag"),
+            "{bogus}: {d}"
+        );
+    }
+}
+
 #[test]
 fn proxy_identity_without_arguments() {
     // No capture arguments: the sidecar's securityContext, else OpenShift's range, else 1337.

@@ -196,9 +196,17 @@ fn capture_args(pod: &ApiPod) -> Option<(String, Vec<String>)> {
     None
 }
 
-/// istio-iptables flags with a value, by short and long name, as one canonical letter.
-fn flag_key(flag: &str) -> Option<&'static str> {
-    Some(match flag {
+/// What an istio-iptables flag is (its flags in `tools/istio-iptables/pkg/cmd/root.go`, plus
+/// Istio's logging flags).
+enum Flag {
+    /// Takes a value; the canonical short letter ("_": read and not used).
+    Value(&'static str),
+    /// A boolean (`--flag` or `--flag=false`): never takes the next word.
+    Bool,
+}
+
+fn flag_kind(flag: &str) -> Option<Flag> {
+    Some(Flag::Value(match flag {
         "p" | "envoy-port" => "p",
         "z" | "inbound-capture-port" => "z",
         "u" | "proxy-uid" => "u",
@@ -207,26 +215,52 @@ fn flag_key(flag: &str) -> Option<&'static str> {
         "b" | "istio-inbound-ports" => "b",
         "d" | "istio-local-exclude-ports" => "d",
         "o" | "istio-local-outbound-ports-exclude" => "o",
-        "q" | "istio-local-outbound-ports" => "q",
+        "q" | "istio-outbound-ports" => "q",
         "i" | "istio-service-cidr" => "i",
         "x" | "istio-service-exclude-cidr" => "x",
         "e" | "inbound-tunnel-port" => "e",
-        // Taken with their value and not used.
+        "c" | "istio-exclude-interfaces" => "c",
+        // Taken with their value and not used: TPROXY settings (TPROXY pods are declined),
+        // VM interfaces, the validation probe, where the rules go, logging.
         "t"
         | "istio-inbound-tproxy-mark"
         | "r"
         | "istio-inbound-tproxy-route-table"
-        | "c"
-        | "istio-exclude-interfaces"
         | "k"
-        | "kube-virt-interfaces" => "_",
+        | "kube-virt-interfaces"
+        | "iptables-probe-port"
+        | "probe-timeout"
+        | "network-namespace"
+        | "log_output_level"
+        | "log_caller"
+        | "log_stacktrace_level"
+        | "log_target"
+        | "log_rotate"
+        | "log_rotate_max_age"
+        | "log_rotate_max_backups"
+        | "log_rotate_max_size" => "_",
+        "n"
+        | "dry-run"
+        | "f"
+        | "restore-format"
+        | "iptables-trace-logging"
+        | "skip-rule-apply"
+        | "run-validation"
+        | "redirect-dns"
+        | "drop-invalid"
+        | "dual-stack"
+        | "capture-all-dns"
+        | "cni-mode"
+        | "host-nsenter-exec"
+        | "log_as_json" => return Some(Flag::Bool),
         _ => return None,
-    })
+    }))
 }
 
-/// Parses istio-iptables words into canonical flag -> value. Boolean and unknown flags are
-/// skipped; `--flag=value` and `-f value` both work.
-fn parse_flags(words: &[String]) -> BTreeMap<&'static str, String> {
+/// Parses istio-iptables words into canonical flag -> value; `--flag=value` and `-f value`
+/// both work. A flag istio-iptables does not have is an error naming it: whether it takes the
+/// next word is unknown, so every setting after it could be misread.
+fn parse_flags(words: &[String]) -> Result<BTreeMap<&'static str, String>, String> {
     let mut out = BTreeMap::new();
     let mut it = words.iter();
     while let Some(w) = it.next() {
@@ -237,7 +271,14 @@ fn parse_flags(words: &[String]) -> BTreeMap<&'static str, String> {
             Some((f, v)) => (f, Some(v.to_string())),
             None => (flag, None),
         };
-        let Some(key) = flag_key(flag) else { continue };
+        if flag.is_empty() {
+            continue;
+        }
+        let key = match flag_kind(flag) {
+            Some(Flag::Value(key)) => key,
+            Some(Flag::Bool) => continue,
+            None => return Err(format!("unknown istio-iptables flag {w:?}")),
+        };
         let value = match inline {
             Some(v) => v,
             None => it.next().cloned().unwrap_or_default(),
@@ -246,7 +287,7 @@ fn parse_flags(words: &[String]) -> BTreeMap<&'static str, String> {
         let value = value.trim_matches('\'').to_string();
         out.insert(key, value);
     }
-    out
+    Ok(out)
 }
 
 /// One capture setting and where it was read, for error messages.
@@ -373,10 +414,15 @@ fn map_capture(
 
     // Capture settings: the arguments Istio ran, else the annotations istio-cni reads.
     let args = capture_args(pod);
-    let flags = args
-        .as_ref()
-        .map(|(_, w)| parse_flags(w))
-        .unwrap_or_default();
+    let flags = match &args {
+        Some((field, words)) => parse_flags(words).map_err(|e| {
+            bad(
+                field,
+                format!("{e}: the capture cannot be predicted from these arguments"),
+            )
+        })?,
+        None => BTreeMap::new(),
+    };
     let args_field = args.as_ref().map(|(f, _)| f.clone()).unwrap_or_default();
     // A flag's value from the arguments when Istio ran any, else the annotation
     // `traffic.sidecar.istio.io/<annotation>` that istio-cni reads.
@@ -550,6 +596,17 @@ fn map_capture(
             notes.push(format!(
                 "{}: an outbound port include list is not modelled; outbound hop not accelerated",
                 s.field
+            ));
+            accelerate_outbound = false;
+        }
+    }
+    // istio-iptables returns traffic leaving through these NICs before capture (-A OUTPUT -o nic
+    // -j RETURN); which NIC a connection takes is routing's choice, not predicted here.
+    if let Some(s) = get("c", Some("excludeInterfaces")) {
+        if !s.value.trim().is_empty() {
+            notes.push(format!(
+                "{} = {:?}: traffic through those interfaces is not captured and the route is not predicted; outbound hop not accelerated",
+                s.field, s.value
             ));
             accelerate_outbound = false;
         }
