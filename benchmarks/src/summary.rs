@@ -231,7 +231,7 @@ impl Report {
         let mut t = String::from(
             "\nBPF program cost during C (kernel bpf_stats): median over rounds of ns per run \
              (runs per request, warm-up included; bulk: per write); the daemon's own programs; \
-             recv is the read tracer, which runs on every recvmsg() of the node:\n\n\
+             recv is the read tracer (an fexit on tcp_bpf_recvmsg, sockhash reads only; where the kernel refuses fexit, a tracepoint on every recvmsg() of the node); \"-\" where a program is not attached:\n\n\
              | workload | sock_ops ns/run (runs/req) | sk_msg ns/run (runs/req) | connect4 ns/run (runs/req) | recv tracer ns/run (runs/req) |\n\
              |---|---|---|---|---|\n",
         );
