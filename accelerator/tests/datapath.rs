@@ -376,3 +376,75 @@ fn pins_from_an_incompatible_build_are_not_adopted() {
         "a refused adoption must leave the pins alone"
     );
 }
+
+/// A socket that disconnects (`connect(AF_UNSPEC)`) and connects again keeps its socket storage.
+/// Nothing of its first connection (its peer, a pin to TCP) may carry over: the second
+/// connection pairs afresh and its bytes go, redirected and whole, to its own destination.
+#[test]
+fn a_socket_that_connects_again_pairs_afresh() {
+    use std::os::fd::AsRawFd;
+    let Some(mut accel) = Accel::new("reconnect") else {
+        return;
+    };
+    let mesh = TwoPods::new(99, CaptureConfig::default(), CaptureConfig::default()).unwrap();
+    let first_dst = SocketAddrV4::new(mesh.server.ip, 8080);
+    let second_dst = SocketAddrV4::new(mesh.server.ip, 8081);
+    let _a = EchoServer::spawn(&mesh.server.ns, first_dst).unwrap();
+    let _b = EchoServer::spawn(&mesh.server.ns, second_dst).unwrap();
+    accel.add_pod(&mesh.client.ns, &mesh.client.capture);
+    accel.add_pod(&mesh.server.ns, &mesh.server.capture);
+
+    let mut s = connect(&mesh.client.ns, first_dst).unwrap();
+    let first = pattern(11, 4096);
+    s.write_all(&first).unwrap();
+    let mut back = vec![0u8; first.len()];
+    s.read_exact(&mut back).unwrap();
+    assert_same("first connection", &back, &first);
+    let c = accel.counters();
+    assert_eq!(c.get("pairs_outbound"), 1, "{c:?}");
+
+    // Disconnect, then connect the same socket to another destination.
+    let unspec = libc::sockaddr {
+        sa_family: libc::AF_UNSPEC as libc::sa_family_t,
+        sa_data: [0; 14],
+    };
+    // SAFETY: a valid descriptor and a sockaddr of the length passed.
+    let rc = unsafe {
+        libc::connect(
+            s.as_raw_fd(),
+            &unspec,
+            std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "disconnect: {}", std::io::Error::last_os_error());
+    let addr = nix::sys::socket::SockaddrIn::from(second_dst);
+    let mut again = Err(nix::errno::Errno::EAGAIN);
+    for _ in 0..50 {
+        again = nix::sys::socket::connect(s.as_raw_fd(), &addr);
+        if again.is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    again.expect("connect the same socket again");
+    let second = pattern(12, 64 * 1024);
+    let out = echo_exchange(s, &second, 8192).unwrap();
+    assert_same("second connection", &out.bytes, &second);
+
+    let c = accel.counters();
+    assert_eq!(
+        c.get("pairs_outbound"),
+        2,
+        "the second connection paired: {c:?}"
+    );
+    assert!(
+        c.get("bytes_redirected_outbound_app_to_sidecar") >= (first.len() + second.len()) as u64,
+        "both connections' bytes were redirected: {c:?}"
+    );
+    assert_eq!(
+        c.get("pass_peer_gone"),
+        0,
+        "nothing followed the old peer: {c:?}"
+    );
+    assert_eq!(c.get("pass_tcp_pinned"), 0, "no pin carried over: {c:?}");
+}

@@ -102,6 +102,30 @@ pub fn handle(ctx: &SockOpsContext) {
 
 /// Active open, in the connecting process's context: who connects decides the role.
 fn on_connect(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy) {
+    // A socket can connect again after a failed connect or a disconnect (`connect(AF_UNSPEC)`),
+    // keeping its storage and callback flags. Its last connection's pairing ended at that close
+    // (the state callback cleaned up); what is left (role, peer, pins) must not carry over to
+    // this connection, or its bytes could follow the old peer.
+    if let Some(st) = state(ctx, false) {
+        if st.flags & SOCK_IN_MAP != 0 {
+            // The kernel leaves a disconnected socket in its sockhash (measured on 6.18): take
+            // it out, so this connection joins afresh. Its old receive queue went with the
+            // disconnect, as on plain TCP.
+            let key = st.cookie;
+            for map in [
+                ptr::from_ref(&ML_SOCKS).cast_mut().cast(),
+                ptr::from_ref(&ML_TARGETS).cast_mut().cast(),
+            ] {
+                // SAFETY: deleting by key from a sockhash sock_ops may update; the key lives on
+                // the stack.
+                unsafe { bpf_map_delete_elem(map, ptr::from_ref(&key).cast()) };
+            }
+        }
+        *st = SockState::default();
+        // A stamp still pending would make every packet ask for header space. The state
+        // callback flag stays: another program may want it, and ours ignores an empty state.
+        let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
+    }
     // Who connects: asked here where the kernel lets sock_ops ask (6.18 and 7.x do), else what
     // the connect hook recorded earlier in this same connect(). No record: leave it alone.
     let sock = cookie(ctx);
