@@ -9,11 +9,13 @@
 
 use core::mem::size_of;
 
-/// Experimental TCP option kind (RFC 6994) that carries the connecting socket's cookie.
+/// Experimental TCP option kind (RFC 6994) that carries the outbound hop's pairing token: 64
+/// random bits drawn for that connection (never the socket cookie, which is a node-wide counter
+/// anyone can guess).
 pub const TCP_OPT_KIND: u8 = 253;
 /// The option's ExID, "ML": lets the kernel's option search skip other users of kind 253.
 pub const TCP_OPT_EXID: u16 = 0x4d4c;
-/// kind + length + ExID (2) + socket cookie (8).
+/// kind + length + ExID (2) + token (8).
 pub const TCP_OPT_LEN: u8 = 12;
 
 /// Maximum excluded ports per direction in a [`PodPolicy`].
@@ -100,14 +102,15 @@ impl PodPolicy {
     }
 }
 
-/// [`PairKey::kind`]: outbound hop, rendezvous on the app socket's cookie carried in the SYN.
+/// [`PairKey::kind`]: outbound hop, rendezvous on the random token carried in the handshake's
+/// final ACK.
 pub const PAIR_TOKEN: u32 = 1;
 /// [`PairKey::kind`]: inbound hop, rendezvous on the connection's unordered 4-tuple.
 pub const PAIR_TUPLE: u32 = 2;
 
 /// Where the two ends of one local hop meet. Both ends compute the same key independently.
 ///
-/// Token: `a`/`b` are the low/high halves of the app socket's cookie, `ports` is 0.
+/// Token: `a`/`b` are the low/high halves of the connection's random token, `ports` is 0.
 /// Tuple: the two endpoints sorted, `a`/`b` their addresses, `ports` = lo_port << 16 | hi_port.
 /// Inside one network namespace the kernel keeps 4-tuples unique, so the unordered tuple names
 /// exactly one connection; the namespace cookie keeps pods apart (invariant 3).
@@ -192,7 +195,11 @@ pub struct Waiter {
     /// must agree: a sidecar end that would redirect into an app end joined under the reader
     /// rule (which leaves the sockhash at its half-close) could strand bytes there.
     pub two_way: u8,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// Token pairs: the app socket's local IPv4 address (network order). The sidecar's accepted
+    /// end must see it as its remote address (REDIRECT rewrites the destination only), so a
+    /// handshake from anywhere else cannot pair even with the right token.
+    pub ip: u32,
     /// The second end's cookie, written once both ends are in a sockhash; 0 while waiting.
     pub partner: u64,
     /// The first end's kernel address (`struct sock *`): its key in [`maps::UNREAD`].

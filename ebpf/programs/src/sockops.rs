@@ -1,15 +1,19 @@
-//! sock_ops: decide which sockets belong to a local hop, stamp the outbound app's SYN with its
-//! cookie, and pair the two ends of each hop exactly (DESIGN.md invariant 1, PAIRING.md).
+//! sock_ops: decide which sockets belong to a local hop, stamp the outbound app's handshake with
+//! a random token, and pair the two ends of each hop exactly (DESIGN.md invariant 1).
 //!
 //! Outbound hop: the app connects to some service; istio-init's REDIRECT sends it to the sidecar's
 //! capture port. NAT runs after the packets are built, so at connect time we only *predict* capture
 //! from the pod's mirrored Istio settings. For a predicted capture, the ACK that completes the
-//! handshake carries the app socket's cookie in an experimental TCP option; the sidecar's socket
-//! reads it from that very ACK when it becomes established. The ACK rather than the SYN: it needs
-//! no TCP_SAVE_SYN on the listener, so sidecars that were listening before meshlane started (and
-//! SYN-cookie handshakes) pair too, and no saved SYN is kept per connection. The two ends meet on
-//! that token, so pairing is independent of addresses, port reuse and conntrack remaps. A stamped
-//! connection that never reaches the sidecar simply never finds its partner and stays on TCP.
+//! handshake carries 64 random bits drawn for that connection in an experimental TCP option; the
+//! sidecar's socket reads it from that very ACK when it becomes established. The ACK rather than
+//! the SYN: it needs no TCP_SAVE_SYN on the listener, so sidecars that were listening before
+//! meshlane started (and SYN-cookie handshakes) pair too, and no saved SYN is kept per
+//! connection. The two ends meet on that token, so pairing is independent of ports, port reuse
+//! and conntrack remaps; the sidecar's end must also see the app's own address as its peer
+//! (REDIRECT rewrites only the destination). A token cannot be guessed (the socket cookie, a
+//! node-wide counter, could), and a handshake from another address cannot use a copied one. A
+//! stamped connection that never reaches the sidecar simply never finds its partner and stays on
+//! TCP (and the daemon's sweep takes it out of the sockhash).
 //!
 //! Inbound hop: the sidecar connects from 127.0.0.6 to the app inside the same namespace, without
 //! NAT, so the two sockets are mirror 4-tuples and meet on the unordered tuple.
@@ -24,7 +28,8 @@ use aya_ebpf::{
         BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
     },
     helpers::generated::{
-        bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_load_hdr_opt,
+        bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie,
+        bpf_load_hdr_opt,
         bpf_map_delete_elem, bpf_reserve_hdr_opt, bpf_sk_storage_get, bpf_store_hdr_opt,
     },
     programs::SockOpsContext,
@@ -217,7 +222,7 @@ fn on_write_hdr_opt(ctx: &SockOpsContext) {
     st.flags &= !SOCK_STAMP_PENDING;
     let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
     let exid = TCP_OPT_EXID.to_be_bytes();
-    let c = st.cookie.to_ne_bytes();
+    let c = ((u64::from(st.pair_key.b) << 32) | u64::from(st.pair_key.a)).to_ne_bytes();
     let opt: [u8; TCP_OPT_LEN as usize] = [
         TCP_OPT_KIND,
         TCP_OPT_LEN,
@@ -249,10 +254,12 @@ fn on_write_hdr_opt(ctx: &SockOpsContext) {
 fn on_active_established(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy) {
     let Some(st) = state(ctx, false) else { return };
     let key = match st.role {
-        ROLE_OUT_APP => PairKey::token(netns, st.cookie),
+        ROLE_OUT_APP => PairKey::token(netns, random_token()),
         ROLE_IN_PROXY => tuple_key(ctx, netns),
         _ => return,
     };
+    // The stamp carries this key's token.
+    st.pair_key = key;
     // SAFETY: reading a u32 field of the live context.
     if unsafe { (*ctx.ops).data_segs_out } != 0 {
         // TCP Fast Open data already left on TCP: redirecting later bytes would reorder them.
@@ -414,7 +421,12 @@ fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey, policy: &PodPoli
         cookie: st.cookie,
         role: st.role,
         two_way: u8::from(!reader_rule),
-        _pad: [0; 6],
+        _pad: [0; 2],
+        ip: if st.role == ROLE_OUT_APP {
+            ctx.local_ip4()
+        } else {
+            0
+        },
         partner: 0,
         sk,
         partner_sk: 0,
@@ -434,10 +446,12 @@ fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey, policy: &PodPoli
             let other = unsafe { &mut *other };
             // Exactly one app end and one sidecar end of the same hop kind may meet, once, both
             // joined under the same mode (the pod's opt-in may change between the two joins).
+            // A token pair's sidecar end must have been connected from the app's own address.
             if other.role != partner_role(st.role)
                 || other.cookie == st.cookie
                 || other.two_way != me.two_way
                 || other.partner != 0
+                || (st.role == ROLE_OUT_PROXY && other.ip != ctx.remote_ip4())
             {
                 inc(counter::PAIR_REJECTED);
                 return true;
@@ -465,7 +479,14 @@ fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey, policy: &PodPoli
     true
 }
 
-/// The app socket's cookie from the stamp on the segment that completed the handshake.
+/// 64 random bits for one connection's token (never 0, which no key uses).
+fn random_token() -> u64 {
+    // SAFETY: plain helper without arguments.
+    let (hi, lo) = unsafe { (bpf_get_prandom_u32(), bpf_get_prandom_u32()) };
+    ((u64::from(hi) << 32) | u64::from(lo)).max(1)
+}
+
+/// The token from the stamp on the segment that completed the handshake.
 fn load_token(ctx: &SockOpsContext) -> Option<u64> {
     let exid = TCP_OPT_EXID.to_be_bytes();
     // Search key for an experimental option: kind, then a "length" of 4 meaning kind+len+ExID.
