@@ -29,8 +29,8 @@ use aya_ebpf::{
     },
     helpers::generated::{
         bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie,
-        bpf_load_hdr_opt,
-        bpf_map_delete_elem, bpf_reserve_hdr_opt, bpf_sk_storage_get, bpf_store_hdr_opt,
+        bpf_load_hdr_opt, bpf_map_delete_elem, bpf_reserve_hdr_opt, bpf_sk_storage_get,
+        bpf_store_hdr_opt,
     },
     programs::SockOpsContext,
 };
