@@ -85,14 +85,7 @@ pub enum Error {
 
 impl Error {
     fn from_load(e: impl std::error::Error) -> Error {
-        // aya's errors put the errno in their source chain; show all of it.
-        let mut msg = e.to_string();
-        let mut src = e.source();
-        while let Some(s) = src {
-            msg.push_str(": ");
-            msg.push_str(&s.to_string());
-            src = s.source();
-        }
+        let msg = chain(&e);
         if msg.contains("Operation not permitted") || msg.contains("EPERM") {
             Error::Privilege(msg)
         } else {
@@ -674,13 +667,33 @@ fn attach_read_tracer(ebpf: &mut Ebpf) -> Result<Option<(ReadTracer, FdLink)>, E
     Ok(Some(link))
 }
 
-fn attach_read_exit(ebpf: &mut Ebpf) -> Result<FdLink, Error> {
-    let btf = Btf::from_sys_fs().map_err(|e| Error::Kernel(format!("kernel BTF: {e}")))?;
-    let prog: &mut FExit = program(ebpf, programs::RECV_EXIT)?;
+/// An error with its whole source chain: aya's errors put the errno there.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}
+
+/// The fexit read tracer. Its error is the kernel's answer as is (a kernel that refuses tracing
+/// programs, under lockdown or without trampolines, answers EPERM even to root): the caller
+/// falls back, so it is not the daemon's error.
+fn attach_read_exit(ebpf: &mut Ebpf) -> Result<FdLink, String> {
+    let btf = Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {}", chain(&e)))?;
+    let prog: &mut FExit = program(ebpf, programs::RECV_EXIT).map_err(|e| e.to_string())?;
     prog.load(programs::RECV_FUNCTION, &btf)
-        .map_err(Error::from_load)?;
-    let link = prog.attach().map_err(Error::from_load)?;
-    Ok(prog.take_link(link).map_err(Error::from_load)?.into())
+        .map_err(|e| format!("load: {}", chain(&e)))?;
+    let link = prog
+        .attach()
+        .map_err(|e| format!("attach: {}", chain(&e)))?;
+    Ok(prog
+        .take_link(link)
+        .map_err(|e| format!("take the link: {}", chain(&e)))?
+        .into())
 }
 
 /// A private, unpinned copy of the datapath for `meshlane probe`: attached to `cgroup` while

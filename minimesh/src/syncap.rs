@@ -81,6 +81,23 @@ fn open_packet_socket(ifname: &str) -> Result<OwnedFd> {
         return Err(std::io::Error::last_os_error())
             .with_context(|| format!("bind AF_PACKET socket to {ifname} (ifindex {ifindex})"));
     }
+    // Every frame on the interface is queued (ETH_P_ALL), bulk data included; with the default
+    // buffer a busy machine let the reader fall behind and a SYN after a 300 KiB echo was
+    // dropped (a CI rehearsal). Root may raise it past rmem_max.
+    let size: libc::c_int = 16 << 20;
+    // SAFETY: pointer and length describe `size`.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("SO_RCVBUFFORCE on the packet socket");
+    }
     let timeout = libc::timeval {
         tv_sec: 0,
         tv_usec: POLL.as_micros() as libc::suseconds_t,
