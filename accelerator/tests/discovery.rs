@@ -504,9 +504,7 @@ fn the_daemon_finds_and_accelerates_envoy_pods_with_no_pod_list() {
             })
             .unwrap_or_default()
     };
-    wait_until("/readyz", || {
-        matches!(accel.http_get("/readyz"), Ok((200, _)))
-    });
+    accel.wait_ready();
     wait_until("both Envoy pods discovered and accelerated", || {
         ours(&try_status_json(&accel).unwrap_or_default())
             .iter()
@@ -580,9 +578,7 @@ fn excluded_namespaces_are_left_alone_and_say_why() {
         pods.server.ns.cookie().unwrap(),
     ];
     let inodes = [inode(&pods.client.ns.path()), inode(&pods.server.ns.path())];
-    wait_until("/readyz", || {
-        matches!(accel.http_get("/readyz"), Ok((200, _)))
-    });
+    accel.wait_ready();
     // Skipped pods have no cookie in status: find ours by their namespace's identity.
     let ours = |st: &serde_json::Value| -> Vec<serde_json::Value> {
         st["pods"]

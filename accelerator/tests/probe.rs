@@ -293,9 +293,7 @@ fn a_daemon_whose_probe_fails_stays_up_and_accelerates_nothing() {
             .unwrap(),
     );
     // Ready means "start-up decided": here, decided not to accelerate.
-    wait_until("/readyz", || {
-        matches!(accel.http_get("/readyz"), Ok((200, _)))
-    });
+    accel.wait_ready();
     assert!(std::fs::read_to_string(&log)
         .unwrap()
         .contains("not accelerating"));
@@ -382,9 +380,7 @@ fn the_daemon_picks_its_mode_from_the_probe_and_says_why() {
             .spawn()
             .unwrap(),
     );
-    wait_until("/readyz", || {
-        matches!(accel.http_get("/readyz"), Ok((200, _)))
-    });
+    accel.wait_ready();
     let st = status_json(&accel);
     assert_eq!(st["mode"], auto.mode.as_str(), "{st:#}");
     let (_, body) = accel.http_get("/metrics").unwrap();
@@ -417,9 +413,7 @@ fn the_daemon_picks_its_mode_from_the_probe_and_says_why() {
 
     // The explicit opt-in accelerates, and lists what apps can notice.
     let mut daemon = Daemon(accel.run_command().spawn().unwrap());
-    wait_until("/readyz", || {
-        matches!(accel.http_get("/readyz"), Ok((200, _)))
-    });
+    accel.wait_ready();
     let st = status_json(&accel);
     assert_eq!(st["mode"], "reader", "{st:#}");
     assert_eq!(st["state"], "accelerating", "{st:#}");
@@ -466,9 +460,7 @@ fn a_pod_can_opt_into_a_mode_of_its_own() {
         .arg("--config")
         .arg(&config);
     let mut daemon = Daemon(cmd.spawn().unwrap());
-    wait_until("/readyz", || {
-        matches!(accel.http_get("/readyz"), Ok((200, _)))
-    });
+    accel.wait_ready();
     let pod = |st: &serde_json::Value, name: &str| {
         st["pods"]
             .as_array()

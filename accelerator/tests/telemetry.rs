@@ -142,9 +142,7 @@ fn status_and_metrics_match_the_kernel_counters_and_prometheus_scrapes_them() {
             .spawn()
             .unwrap(),
     );
-    wait_until("/readyz", || {
-        matches!(accel.http_get("/readyz"), Ok((200, _)))
-    });
+    accel.wait_ready();
     assert!(matches!(accel.http_get("/healthz"), Ok((200, _))));
     wait_until("both pods accelerated", || {
         try_status_json(&accel).is_some_and(|st| {

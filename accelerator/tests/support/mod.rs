@@ -119,6 +119,15 @@ impl Accel {
         http_get(self.metrics_port, path)
     }
 
+    /// Waits for this test's daemon to answer `/readyz` with 200. Ready comes after the start-up
+    /// probe, which runs a dozen kernel scenarios with their own timeouts; on a nested-VM 6.1
+    /// kernel under CI load that took over 20 s, so this allows 90 s.
+    pub fn wait_ready(&self) {
+        wait_until_within("/readyz", Duration::from_secs(90), || {
+            matches!(self.http_get("/readyz"), Ok((200, _)))
+        });
+    }
+
     pub fn dp(&mut self) -> &mut Datapath {
         self.dp.as_mut().expect("datapath open")
     }
@@ -203,13 +212,20 @@ pub fn http_get(port: u16, path: &str) -> io::Result<(u16, String)> {
     Ok((code, body.to_string()))
 }
 
-/// Polls `ok` every 50 ms for up to 20 s.
-pub fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+/// Polls `ok` every 50 ms for up to 60 s. Generous on purpose: many waits follow a daemon's
+/// start, which runs the probe first (6.5 s here, over 20 s once on a nested-VM 6.1 guest under
+/// CI load); a wait that succeeds costs no more for it.
+pub fn wait_until(what: &str, ok: impl FnMut() -> bool) {
+    wait_until_within(what, Duration::from_secs(60), ok)
+}
+
+/// Polls `ok` every 50 ms for up to `limit`.
+pub fn wait_until_within(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
     while !ok() {
         assert!(
             std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
+            "timed out waiting {limit:?} for {what}"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
