@@ -44,6 +44,8 @@ pub struct RunOptions {
     pub force: bool,
     /// The operator's redirect mode; the probe's measurements decide what it becomes.
     pub mode: mode::Choice,
+    /// Pair sidecars of accelerated pods on this node with each other (`POLICY_SIDECAR_HOP`).
+    pub sidecar_hop: bool,
     pub endpoints: telemetry::Endpoints,
 }
 
@@ -107,6 +109,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         identities: BTreeMap::new(),
         logged: BTreeMap::new(),
         deferred,
+        sidecar_hop: opts.sidecar_hop,
     };
     let mut next = Instant::now();
     let mut sweep = Sweep::default();
@@ -279,6 +282,8 @@ struct Sources {
     /// The datapath not loaded because the node's mode is off; loaded for the first pod that
     /// opts into a mode of its own.
     deferred: Option<datapath::Options>,
+    /// `--sidecar-hop`: accelerated pods' sidecars are paired with each other.
+    sidecar_hop: bool,
 }
 
 impl Sources {
@@ -467,6 +472,8 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
         Phase::Accelerating => None,
     };
     let mut desired = BTreeMap::new();
+    // Each accelerated pod's addresses, for the sidecar hop.
+    let mut addresses: Vec<(u64, Vec<std::net::Ipv4Addr>)> = Vec::new();
     for (pod, pod_mode) in pods.iter().zip(&modes) {
         let mut st = PodStatus {
             name: pod.name.clone(),
@@ -493,8 +500,15 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
         if pod_mode.mode == mode::Mode::Off && (pass_reason.is_none() || pod.mode.is_some()) {
             st.decline("mode_off", format!("redirect mode off: {}", pod_mode.why));
         }
-        match node::netns_cookie(&pod.netns) {
-            Ok(c) => st.netns_cookie = Some(c),
+        let mut ipv4 = Vec::new();
+        match node::netns_facts(&pod.netns) {
+            Ok(f) => {
+                st.netns_cookie = Some(f.cookie);
+                if st.ips.is_empty() {
+                    st.ips = f.ipv4.iter().map(|ip| std::net::IpAddr::V4(*ip)).collect();
+                }
+                ipv4 = f.ipv4;
+            }
             Err(e) => {
                 tracing::warn!(pod = %pod.name, netns = %pod.netns.display(), error = %e, "netns not found; pod not accelerated");
                 st.decline("netns_not_found", format!("netns not found: {e}"));
@@ -505,6 +519,10 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
                 Ok(mut p) => {
                     if pod_mode.mode == mode::Mode::TwoWay {
                         p.flags |= meshlane_common::POLICY_INTO_APP;
+                    }
+                    if sources.sidecar_hop {
+                        p.flags |= meshlane_common::POLICY_SIDECAR_HOP;
+                        addresses.push((cookie, ipv4));
                     }
                     desired.insert(cookie, (p, statuses.len()));
                 }
@@ -525,6 +543,20 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
     let mut errors = 0;
     if let Some(dp) = shared.datapath().as_mut() {
         errors = write_policies(dp, &desired, &mut statuses);
+        let (unique, ambiguous) =
+            policy::pod_addresses(addresses.iter().map(|(c, ips)| (*c, ips.as_slice())));
+        for ip in ambiguous {
+            sources.log_once(&format!("(address {ip})"), "ambiguous".into(), |_| {
+                tracing::warn!(%ip, "several accelerated pods have this address; the sidecar hop leaves it alone")
+            });
+        }
+        match dp.set_pod_ips(&unique) {
+            Ok(failed) => errors += failed as u64,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot update the pod address map");
+                errors += 1;
+            }
+        }
     }
     let mut s = shared.write();
     s.pods = statuses;

@@ -134,7 +134,7 @@ impl Counters {
         self.0.get(name).copied().unwrap_or(0)
     }
     pub fn pairs(&self) -> u64 {
-        self.get("pairs_outbound") + self.get("pairs_inbound")
+        self.get("pairs_outbound") + self.get("pairs_inbound") + self.get("pairs_sidecar")
     }
     pub fn redirected_bytes(&self) -> u64 {
         self.0
@@ -160,6 +160,7 @@ pub struct Datapath {
     counters: PerCpuArray<MapData, u64>,
     control: Array<MapData, u32>,
     pod_stats: PerCpuHashMap<MapData, u64, PodStats>,
+    pod_ips: HashMap<MapData, u32, u64>,
 }
 
 /// How full one of the datapath's maps is.
@@ -249,6 +250,7 @@ impl Datapath {
             counters: typed(&opts.pin_dir, maps::COUNTERS)?,
             control: typed(&opts.pin_dir, maps::CONTROL)?,
             pod_stats: typed(&opts.pin_dir, maps::POD_STATS)?,
+            pod_ips: typed(&opts.pin_dir, maps::POD_IPS)?,
         };
         tracing::info!(pin_dir = %opts.pin_dir.display(), "datapath pins opened");
         Ok(dp)
@@ -285,6 +287,49 @@ impl Datapath {
         absent_ok(self.pod_stats.remove(&netns_cookie), maps::POD_STATS)
     }
 
+    /// Makes the node's pod-address map equal `desired` (IPv4 address -> the pod's namespace
+    /// cookie): sidecar connections to these addresses are stamped for the sidecar hop.
+    /// Returns how many entries could not be written or removed (the others are).
+    pub fn set_pod_ips(
+        &mut self,
+        desired: &BTreeMap<std::net::Ipv4Addr, u64>,
+    ) -> Result<usize, Error> {
+        let key = |ip: &std::net::Ipv4Addr| u32::from_ne_bytes(ip.octets());
+        let current: BTreeMap<u32, u64> = self
+            .pod_ips
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|e| Error::Map(maps::POD_IPS, e.to_string()))?;
+        let wanted: BTreeMap<u32, u64> = desired.iter().map(|(ip, c)| (key(ip), *c)).collect();
+        let mut failed = 0;
+        for ip in current.keys().filter(|ip| !wanted.contains_key(ip)) {
+            if let Err(e) = self.pod_ips.remove(ip) {
+                if !is_not_found(&e) {
+                    tracing::error!(error = %e, "pod address removal failed");
+                    failed += 1;
+                }
+            }
+        }
+        for (ip, cookie) in wanted.iter().filter(|(ip, c)| current.get(ip) != Some(c)) {
+            if let Err(e) = self.pod_ips.insert(ip, cookie, 0) {
+                tracing::error!(error = %e, "pod address write failed");
+                failed += 1;
+            }
+        }
+        Ok(failed)
+    }
+
+    /// This node's pod addresses as the datapath has them.
+    pub fn pod_ips(&self) -> Result<BTreeMap<std::net::Ipv4Addr, u64>, Error> {
+        self.pod_ips
+            .iter()
+            .map(|r| {
+                r.map(|(ip, c)| (std::net::Ipv4Addr::from(ip.to_ne_bytes()), c))
+                    .map_err(|e| Error::Map(maps::POD_IPS, e.to_string()))
+            })
+            .collect()
+    }
+
     /// Each listed pod's traffic through the fast lane, summed over CPUs, by namespace cookie.
     pub fn pod_stats(&self) -> Result<BTreeMap<u64, PodStats>, Error> {
         let mut out = BTreeMap::new();
@@ -292,10 +337,10 @@ impl Datapath {
             let (cookie, per_cpu) = r.map_err(|e| Error::Map(maps::POD_STATS, e.to_string()))?;
             let mut sum = PodStats::default();
             for s in per_cpu.iter() {
-                for i in 0..2 {
-                    sum.pairs[i] += s.pairs[i];
+                for (sum, n) in sum.pairs.iter_mut().zip(s.pairs) {
+                    *sum += n;
                 }
-                for i in 0..4 {
+                for i in 0..s.msgs.len() {
                     sum.msgs[i] += s.msgs[i];
                     sum.bytes[i] += s.bytes[i];
                 }
@@ -320,6 +365,11 @@ impl Datapath {
                 name: maps::POLICY,
                 entries: count(self.policy.keys().filter(Result::is_ok).count()),
                 capacity: maps::POLICY_MAX,
+            },
+            MapUsage {
+                name: maps::POD_IPS,
+                entries: count(self.pod_ips.keys().filter(Result::is_ok).count()),
+                capacity: maps::POD_IPS_MAX,
             },
             MapUsage {
                 name: maps::SOCKS,
@@ -798,7 +848,7 @@ fn is_not_found(e: &aya::maps::MapError) -> bool {
 }
 
 /// The key and value sizes this build's programs use, per map.
-fn expected_layout() -> [(&'static str, usize, usize); 7] {
+fn expected_layout() -> [(&'static str, usize, usize); 8] {
     use meshlane_common::{PairKey, SockState, Waiter};
     use std::mem::size_of;
     [
@@ -809,6 +859,7 @@ fn expected_layout() -> [(&'static str, usize, usize); 7] {
         (maps::POD_STATS, size_of::<u64>(), size_of::<PodStats>()),
         (maps::UNREAD, size_of::<u64>(), size_of::<i64>()),
         (maps::OWNERS, size_of::<u64>(), size_of::<u64>()),
+        (maps::POD_IPS, size_of::<u32>(), size_of::<u64>()),
     ]
 }
 

@@ -105,6 +105,13 @@ enum Command {
         /// probe. README: "What an app can notice".
         #[arg(long, env = "MESHLANE_MODE", value_enum, default_value = "auto")]
         mode: meshlane::mode::Choice,
+        /// The sidecar hop: pair a sidecar's upstream connection to another accelerated pod on
+        /// this node with that pod's sidecar (both directions: both ends are sidecars, no app
+        /// socket is involved). Each pod's own addresses, read from its network namespace, tell
+        /// which destinations are on this node; nothing is stamped toward any other address.
+        /// Applies to pods accelerated in any mode but off. "off": leave that hop on TCP.
+        #[arg(long, env = "MESHLANE_SIDECAR_HOP", default_value = "on", value_parser = ["on", "off"])]
+        sidecar_hop: String,
         /// Address for Prometheus `/metrics`, `/healthz` (liveness) and `/readyz` (readiness:
         /// start-up decided, accelerating or in pass-through). "off" disables it.
         #[arg(long, env = "MESHLANE_METRICS_ADDR", default_value = "127.0.0.1:9464", value_parser = parse_metrics_addr)]
@@ -229,6 +236,7 @@ fn main() -> ExitCode {
             detach_on_exit,
             force,
             mode,
+            sidecar_hop,
             metrics_addr,
             api_socket,
         } => kube_options(&discovery, node_name, kube_api, &proc_root)
@@ -265,6 +273,7 @@ fn main() -> ExitCode {
                     detach_on_exit,
                     force,
                     mode,
+                    sidecar_hop: sidecar_hop == "on",
                     endpoints: telemetry::Endpoints {
                         metrics: metrics_addr.0,
                         api_socket: (api_socket.as_os_str() != "off").then_some(api_socket),

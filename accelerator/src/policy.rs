@@ -1,7 +1,7 @@
 //! Model -> map entries: a pod becomes a `PodPolicy` keyed by its namespace cookie; a desired set
 //! is diffed against what the map holds so a reconcile writes only what changed.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use meshlane_common::{
     Cidr4, PodPolicy, MAX_CIDRS, MAX_PORTS, POLICY_INBOUND, POLICY_INCLUDE_CIDRS, POLICY_OUTBOUND,
@@ -148,10 +148,39 @@ pub fn diff(current: &BTreeMap<u64, PodPolicy>, desired: &BTreeMap<u64, PodPolic
     d
 }
 
+/// The node's pod-address map for the sidecar hop, from each accelerated pod's namespace cookie
+/// and IPv4 addresses. An address that two pods claim (separate networks reusing addresses, or
+/// a stale reading) names no pod for sure, so it is left out and returned apart: a sidecar
+/// connection to it is not stamped, which is always safe.
+pub fn pod_addresses<'a>(
+    pods: impl IntoIterator<Item = (u64, &'a [Ipv4Addr])>,
+) -> (BTreeMap<Ipv4Addr, u64>, Vec<Ipv4Addr>) {
+    let mut seen: BTreeMap<Ipv4Addr, Option<u64>> = BTreeMap::new();
+    for (cookie, ips) in pods {
+        for ip in ips {
+            seen.entry(*ip)
+                .and_modify(|c| {
+                    if *c != Some(cookie) {
+                        *c = None
+                    }
+                })
+                .or_insert(Some(cookie));
+        }
+    }
+    let unique = seen
+        .iter()
+        .filter_map(|(ip, c)| Some((*ip, (*c)?)))
+        .collect();
+    let ambiguous = seen
+        .into_iter()
+        .filter_map(|(ip, c)| c.is_none().then_some(ip))
+        .collect();
+    (unique, ambiguous)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::Ipv4Addr;
 
     fn pod() -> Pod {
         Pod {
@@ -213,5 +242,18 @@ mod tests {
         assert_eq!(d.remove, vec![2]);
         assert_eq!(d.upsert.len(), 1);
         assert_eq!(d.upsert[0].0, 3);
+    }
+
+    #[test]
+    fn an_address_two_pods_claim_is_left_out() {
+        let (a, b, shared) = (
+            Ipv4Addr::new(10, 0, 0, 1),
+            Ipv4Addr::new(10, 0, 0, 2),
+            Ipv4Addr::new(10, 0, 0, 9),
+        );
+        let (map, ambiguous) =
+            pod_addresses([(1, &[a, shared][..]), (2, &[b, shared][..]), (1, &[a][..])]);
+        assert_eq!(map, BTreeMap::from([(a, 1), (b, 2)]));
+        assert_eq!(ambiguous, vec![shared]);
     }
 }

@@ -130,21 +130,24 @@ fn render(s: &pb::Status) -> String {
             .max(4);
         let _ = writeln!(
             o,
-            "  {:w$}  {:15}  {:>9}  {:>14}  REASON",
-            "NAME", "STATE", "PAIRS O/I", "BYTES"
+            "  {:w$}  {:15}  {:>11}  {:>14}  REASON",
+            "NAME", "STATE", "PAIRS O/I/S", "BYTES"
         );
         for p in &s.pods {
             let (state, pairs) = match (&p.counters, p.state()) {
                 (Some(c), pb::PodState::Accelerated) => (
                     "accelerated",
-                    format!("{}/{}", c.pairs_outbound, c.pairs_inbound),
+                    format!(
+                        "{}/{}/{}",
+                        c.pairs_outbound, c.pairs_inbound, c.pairs_sidecar
+                    ),
                 ),
                 (None, pb::PodState::Accelerated) => ("accelerated", "-".into()),
                 _ => ("not accelerated", "-".into()),
             };
             let _ = writeln!(
                 o,
-                "  {:w$}  {:15}  {:>9}  {:>14}  {}",
+                "  {:w$}  {:15}  {:>11}  {:>14}  {}",
                 p.name,
                 state,
                 pairs,
@@ -216,6 +219,7 @@ fn to_json(s: &pb::Status) -> Value {
             "counters": p.counters.as_ref().map(|c| json!({
                 "pairs_outbound": c.pairs_outbound,
                 "pairs_inbound": c.pairs_inbound,
+                "pairs_sidecar": c.pairs_sidecar,
                 "redirected_messages": c.redirected_messages,
                 "redirected_bytes": c.redirected_bytes,
             })),

@@ -95,17 +95,17 @@ fn byte_exact_through_both_hops(test: &str, subnet: u8, two_way: bool) {
     let client = stats[&mesh.client.ns.cookie().unwrap()];
     let server = stats[&mesh.server.ns.cookie().unwrap()];
     let all = N * SIZE as u64;
-    assert_eq!(client.pairs, [N, 0], "client pod pairs");
-    assert_eq!(server.pairs, [0, N], "server pod pairs");
+    assert_eq!(client.pairs, [N, 0, 0], "client pod pairs");
+    assert_eq!(server.pairs, [0, N, 0], "server pod pairs");
     let into = if two_way { all } else { 0 };
     assert_eq!(
         client.bytes,
-        [all, into, 0, 0],
+        [all, into, 0, 0, 0, 0],
         "client pod bytes by direction"
     );
     assert_eq!(
         server.bytes,
-        [0, 0, into, all],
+        [0, 0, into, all, 0, 0],
         "server pod bytes by direction"
     );
     let relay = mesh.client.relay_stats();
@@ -133,6 +133,79 @@ fn byte_exact_through_both_hops(test: &str, subnet: u8, two_way: bool) {
     assert!(!accel.pin_dir.exists(), "detach removed the pins");
     exchanges(&mesh, N, SIZE);
     assert_eq!(mesh.client.relay_stats().outbound_accepted, 3 * N);
+}
+
+/// The sidecar hop: the client pod's sidecar connects to the server pod's address, the server
+/// pod's PREROUTING REDIRECT hands it to its sidecar on 15006, and the two sidecars' sockets are
+/// paired on the token the client's end stamps. Both directions are redirected (both ends are
+/// sidecars), every byte arrives in order, and each pod counts the pair. Without the server's
+/// address in the node's pod-address map nothing is stamped toward it.
+#[test]
+fn the_sidecar_hop_is_byte_exact_both_ways_and_counted_in_both_pods() {
+    let Some(mut accel) = Accel::new("sidecar_hop") else {
+        return;
+    };
+    let mesh = mesh(75);
+    let _app =
+        EchoServer::spawn(&mesh.server.ns, SocketAddrV4::new(mesh.server.ip, APP_PORT)).unwrap();
+    accel.add_pod_with_sidecar_hop(&mesh.client.ns, &mesh.client.capture, &[mesh.client.ip]);
+    accel.add_pod_with_sidecar_hop(&mesh.server.ns, &mesh.server.capture, &[mesh.server.ip]);
+
+    const N: u64 = 6;
+    const SIZE: usize = 1 << 20;
+    exchanges(&mesh, N, SIZE);
+    let c = accel.counters();
+    eprintln!("counters after the accelerated run: {c:?}");
+    for hop in ["outbound", "inbound", "sidecar"] {
+        assert_eq!(c.get(&format!("pairs_{hop}")), N, "{hop} pairs: {c:?}");
+    }
+    assert_eq!(
+        c.get("stamps_written"),
+        2 * N,
+        "outbound and sidecar stamps"
+    );
+    assert_eq!(c.get("stamps_found"), 2 * N);
+    let all = N * SIZE as u64;
+    for (dir, want) in [
+        ("outbound_app_to_sidecar", all),
+        ("outbound_sidecar_to_app", 0),
+        ("inbound_sidecar_to_app", 0),
+        ("inbound_app_to_sidecar", all),
+        ("sidecar_client_to_server", all),
+        ("sidecar_server_to_client", all),
+    ] {
+        assert_eq!(c.get(&format!("bytes_redirected_{dir}")), want, "{dir}");
+    }
+    assert_eq!(c.get("pass_no_peer"), 0, "no direction fell back to TCP");
+    assert_eq!(c.get("pair_rejected"), 0);
+    let stats = accel.dp().pod_stats().expect("pod stats");
+    let client = stats[&mesh.client.ns.cookie().unwrap()];
+    let server = stats[&mesh.server.ns.cookie().unwrap()];
+    assert_eq!(client.pairs, [N, 0, N], "client pod pairs");
+    assert_eq!(server.pairs, [0, N, N], "server pod pairs");
+    assert_eq!(client.bytes, [all, 0, 0, 0, all, 0], "client pod bytes");
+    assert_eq!(server.bytes, [0, 0, 0, all, 0, all], "server pod bytes");
+    assert_eq!(mesh.server.relay_stats().inbound_accepted, N);
+
+    // The server's address gone from the node's map: the sidecars' connections are not
+    // stamped (only the app hops pair), and the traffic is just as exact.
+    assert_eq!(
+        accel
+            .dp()
+            .set_pod_ips(&std::collections::BTreeMap::new())
+            .unwrap(),
+        0
+    );
+    exchanges(&mesh, N, SIZE);
+    let after = accel.counters();
+    assert_eq!(after.get("pairs_sidecar"), N, "{after:?}");
+    assert_eq!(
+        after.get("stamps_written"),
+        3 * N,
+        "only the outbound hop stamped"
+    );
+    assert_eq!(after.get("bytes_redirected_sidecar_client_to_server"), all);
+    assert_eq!(after.get("pairs_outbound"), 2 * N);
 }
 
 /// Port reuse and NAT remaps: 500 concurrent connections from one pod through a 64-port range to

@@ -523,13 +523,29 @@ fn the_daemon_finds_and_accelerates_envoy_pods_with_no_pod_list() {
         assert_same(&format!("stream {i}"), &out.bytes, &data);
     }
     let c = accel.counters();
+    // All three hops: app -> client Envoy, client Envoy -> server Envoy (the sidecar hop, on by
+    // default: both pods' addresses were read from their namespaces), server Envoy -> app.
     assert_eq!(
-        (c.get("pairs_outbound"), c.get("pairs_inbound")),
-        (4, 4),
+        (
+            c.get("pairs_outbound"),
+            c.get("pairs_inbound"),
+            c.get("pairs_sidecar")
+        ),
+        (4, 4, 4),
         "{c:?}"
     );
     let st = status_json(&accel);
+    let ips = [pods.client.ip.to_string(), pods.server.ip.to_string()];
     for p in ours(&st) {
+        assert_eq!(
+            p["counters"]["pairs_sidecar"], 4,
+            "each pod counts the pair: {p}"
+        );
+        let own = p["pod_ips"].as_array().unwrap();
+        assert!(
+            own.len() == 1 && ips.contains(&own[0].as_str().unwrap().to_string()),
+            "its address from its namespace: {p}"
+        );
         assert_eq!(p["source"], "local", "{p}");
         assert_eq!(p["outbound_port"], 15001, "{p}");
         assert_eq!(p["inbound_port"], 15006, "{p}");
@@ -548,6 +564,10 @@ fn the_daemon_finds_and_accelerates_envoy_pods_with_no_pod_list() {
     assert_eq!(
         sample(&metrics, "meshlane_source_up{source=\"local\"}"),
         Some(1.0)
+    );
+    assert!(
+        sample(&metrics, "meshlane_pairs_total{hop=\"sidecar\"}").is_some_and(|n| n >= 4.0),
+        "{metrics}"
     );
     assert!(daemon.terminate().success());
     let _ = std::fs::remove_file(&log);

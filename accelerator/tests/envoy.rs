@@ -80,17 +80,39 @@ fn both_runs_with<T>(
         CaptureConfig::default(),
     )
     .expect("Envoy pods");
-    accel.add_pod(&pods.client.ns, &pods.client.capture);
-    accel.add_pod(&pods.server.ns, &pods.server.capture);
+    // Both pods with the sidecar hop, as the daemon lists them: every case also crosses the
+    // client Envoy -> server Envoy hop through the sockhash, both ways.
+    accel.add_pod_with_sidecar_hop(&pods.client.ns, &pods.client.capture, &[pods.client.ip]);
+    accel.add_pod_with_sidecar_hop(&pods.server.ns, &pods.server.capture, &[pods.server.ip]);
     let fast = run_phase(test, "accelerated", &pods, &case);
     let c = accel.counters();
     assert_accelerated(test, &c);
+    assert!(
+        c.get("pairs_sidecar") > 0 && c.get("bytes_redirected_sidecar_client_to_server") > 0,
+        "{test}: the Envoy -> Envoy hop was not redirected: {c:?}"
+    );
     accel.remove_pod(&pods.client.ns);
     accel.remove_pod(&pods.server.ns);
     let plain = run_phase(test, "plain", &pods, &case);
+    // The client Envoy pools its upstream connections (HTTP keep-alive, HTTP/2): one paired in
+    // the accelerated run carries the plain run's requests too, as a live pair outlives its
+    // pod's removal. So the sidecar hop's per-message counters may move; nothing new may be
+    // stamped or paired, and the app hops (fresh connections) stay untouched.
+    let pooled = |c: &Counters| {
+        let mut c = c.clone();
+        c.0.retain(|k, _| {
+            !(k.contains("_sidecar_client_to_server")
+                || k.contains("_sidecar_server_to_client")
+                || matches!(
+                    *k,
+                    "pass_tcp_pinned" | "pass_over_budget" | "pass_peer_gone"
+                ))
+        });
+        c
+    };
     assert_eq!(
-        accel.counters(),
-        c,
+        pooled(&accel.counters()),
+        pooled(&c),
         "{test}: the plain run must not touch the datapath"
     );
     Some((fast, plain, c))
@@ -564,12 +586,15 @@ fn excluded_ports_and_the_sidecars_own_upstreams_are_never_touched() {
     eprintln!("counters: {c:?}");
     // Client pod: the N excluded connects were predicted uncaptured and never stamped; only the
     // N captured ones were stamped and paired. The sidecar's own 2N upstream connects (uid 1337)
-    // were never stamped either: stamps equal the app's captured connects exactly.
+    // were never stamped for the outbound hop; the N it made for the captured port went to the
+    // server pod, which captures that port, so they were stamped for the sidecar hop. The
+    // excluded port's N went from the app to the server pod directly: no sidecar there.
     // (Plus the test's own four admin-API reads on 127.0.0.1:15000 in the client pod: loopback,
     // which istio-init never captures either.)
     assert_eq!(c.get("connect_not_captured"), N + 4, "{c:?}");
-    assert_eq!(c.get("stamps_written"), N, "{c:?}");
+    assert_eq!(c.get("stamps_written"), 2 * N, "{c:?}");
     assert_eq!(c.get("pairs_outbound"), N, "{c:?}");
+    assert_eq!(c.get("pairs_sidecar"), N, "{c:?}");
     // Server pod: its sidecar captures both ports inbound, so both hops to the app are paired.
     assert_eq!(c.get("pairs_inbound"), 2 * N, "{c:?}");
     assert_eq!(c.get("pair_rejected"), 0, "{c:?}");
@@ -583,4 +608,61 @@ fn request_reply(s: &TcpStream, data: &[u8]) -> Vec<u8> {
         (&*s).read_exact(&mut got).unwrap();
     });
     got
+}
+
+/// The sidecar hop's option never leaves the node: with the server pod not in the node's pod
+/// map (what a pod on another node looks like), the client Envoy's upstream connections to it
+/// carry no option on any segment its veth sees, and pair nothing; with the server pod listed,
+/// the same traffic is stamped and paired (so the capture would see a stamp if one were sent).
+#[test]
+fn a_server_pod_not_on_this_node_is_never_stamped() {
+    const N: u64 = 8;
+    let Some(mut accel) = Accel::new("envoy_remote_peer") else {
+        return;
+    };
+    raise_fd_limit();
+    let pods = EnvoyPods::new(111, &services()).expect("Envoy pods");
+    let _echo = EchoServer::spawn(&pods.server.ns, pods.service_addr(ECHO)).unwrap();
+    accel.add_pod_with_sidecar_hop(&pods.client.ns, &pods.client.capture, &[pods.client.ip]);
+    // Listed for its own hops, but its address is not in the node's map.
+    accel.add_pod(&pods.server.ns, &pods.server.capture);
+    let run = |what: &str| -> Vec<minimesh::SynRecord> {
+        let tap = minimesh::SynCapture::start(&pods.client.ns, "eth0").unwrap();
+        for i in 0..N {
+            let s = connect(&pods.client.ns, pods.service_addr(ECHO)).unwrap();
+            let data = pattern(i, 64 * 1024);
+            assert_same(
+                &format!("{what} stream {i}"),
+                &request_reply(&s, &data),
+                &data,
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        tap.stop()
+    };
+    let stamped = |seen: &[minimesh::SynRecord]| {
+        seen.iter()
+            .filter(|r| r.has_option(meshlane_common::TCP_OPT_KIND))
+            .count()
+    };
+
+    let seen = run("remote");
+    let c = accel.counters();
+    assert_eq!(stamped(&seen), 0, "a stamp left the node: {seen:?}");
+    assert_eq!(c.get("pairs_sidecar"), 0, "{c:?}");
+    assert_eq!(c.get("stamps_written"), N, "only the outbound hop: {c:?}");
+    assert!(
+        seen.iter().filter(|r| r.syn).count() as u64 >= N,
+        "the capture saw the sidecar's connections: {seen:?}"
+    );
+
+    accel.add_pod_with_sidecar_hop(&pods.server.ns, &pods.server.capture, &[pods.server.ip]);
+    let seen = run("local");
+    let c = accel.counters();
+    assert_eq!(
+        stamped(&seen) as u64,
+        N,
+        "one stamp per sidecar connection: {seen:?}"
+    );
+    assert_eq!(c.get("pairs_sidecar"), N, "{c:?}");
 }

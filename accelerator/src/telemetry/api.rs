@@ -176,7 +176,7 @@ fn counters_pb(c: &Counters) -> pb::Counters {
 }
 
 fn pod_counters_pb(s: &PodStats) -> pb::PodCounters {
-    let by_dir = |v: &[u64; 4]| -> HashMap<String, u64> {
+    let by_dir = |v: &[u64]| -> HashMap<String, u64> {
         DIRECTIONS
             .iter()
             .zip(v)
@@ -186,6 +186,7 @@ fn pod_counters_pb(s: &PodStats) -> pb::PodCounters {
     pb::PodCounters {
         pairs_outbound: s.pairs[0],
         pairs_inbound: s.pairs[1],
+        pairs_sidecar: s.pairs[2],
         redirected_messages: by_dir(&s.msgs),
         redirected_bytes: by_dir(&s.bytes),
     }

@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeMap, fmt, sync::Arc};
 
-use meshlane_common::DIRECTIONS;
+use meshlane_common::{DIRECTIONS, HOPS};
 use prometheus_client::{
     encoding::{DescriptorEncoder, EncodeMetric},
     metrics::{
@@ -169,12 +169,12 @@ impl prometheus_client::collector::Collector for Collector {
             family(
                 &mut enc,
                 "meshlane_pairs",
-                "App<->sidecar hops paired, by hop",
+                "Hops paired, by hop (outbound and inbound: app <-> its sidecar; sidecar: client sidecar <-> server sidecar on this node)",
                 Counter,
-                &[
-                    (vec![("hop", "outbound")], c.get("pairs_outbound")),
-                    (vec![("hop", "inbound")], c.get("pairs_inbound")),
-                ],
+                &HOPS
+                    .iter()
+                    .map(|h| (vec![("hop", *h)], c.get(&format!("pairs_{h}"))))
+                    .collect::<Vec<_>>(),
             )?;
             let by_dir = |prefix: &str| -> Vec<(Labels, u64)> {
                 DIRECTIONS
@@ -258,7 +258,7 @@ impl prometheus_client::collector::Collector for Collector {
             let Some(name) = names.get(cookie) else {
                 continue;
             };
-            for (hop, v) in ["outbound", "inbound"].iter().zip(s.pairs) {
+            for (hop, v) in HOPS.iter().zip(s.pairs) {
                 pod_pairs.push((vec![("pod", *name), ("hop", *hop)], v));
             }
             for (i, d) in DIRECTIONS.iter().enumerate() {

@@ -150,6 +150,25 @@ impl Accel {
         self.dp().set_pod(cookie, &p).expect("policy write");
     }
 
+    /// Registers a pod in the reader rule with the sidecar hop on, its addresses `ips` in the
+    /// node's pod-address map (added to what earlier calls put there), as the daemon does for
+    /// each accelerated pod.
+    pub fn add_pod_with_sidecar_hop(
+        &mut self,
+        ns: &Netns,
+        capture: &CaptureConfig,
+        ips: &[std::net::Ipv4Addr],
+    ) {
+        let pod = pod_model(ns, capture);
+        let cookie = ns.cookie().expect("netns cookie");
+        let mut p = policy::pod_policy(&pod).expect("policy");
+        p.flags |= meshlane_common::POLICY_SIDECAR_HOP;
+        self.dp().set_pod(cookie, &p).expect("policy write");
+        let mut all = self.dp().pod_ips().expect("pod addresses");
+        all.extend(ips.iter().map(|ip| (*ip, cookie)));
+        assert_eq!(self.dp().set_pod_ips(&all).expect("pod addresses"), 0);
+    }
+
     /// Registers a pod exactly as the model has it (e.g. as discovery found it), keyed by the
     /// cookie of its `netns` path.
     pub fn add_model_pod(&mut self, pod: &Pod) {

@@ -34,6 +34,11 @@ pub const POLICY_INCLUDE_CIDRS: u32 = 4;
 /// sidecar reads are redirected, the sidecar's sockets sit in [`maps::TARGETS`] (no programs,
 /// so their sends stay on plain TCP) and the app's socket never receives a redirected byte.
 pub const POLICY_INTO_APP: u32 = 8;
+/// [`PodPolicy::flags`]: pair this pod's sidecar with the sidecars of other pods on this node
+/// (the client sidecar's upstream connection to a local pod IP, and the server sidecar's socket
+/// accepted on `inbound_port`). Both pods must have it. Both ends are sidecars, so both
+/// directions are redirected whatever the pod's mode (the reader rule protects apps only).
+pub const POLICY_SIDECAR_HOP: u32 = 16;
 
 /// An IPv4 prefix, both fields in network byte order as the kernel stores addresses.
 #[repr(C)]
@@ -107,6 +112,9 @@ impl PodPolicy {
 pub const PAIR_TOKEN: u32 = 1;
 /// [`PairKey::kind`]: inbound hop, rendezvous on the connection's unordered 4-tuple.
 pub const PAIR_TUPLE: u32 = 2;
+/// [`PairKey::kind`]: sidecar hop, rendezvous on a random token like [`PAIR_TOKEN`], keyed by
+/// the *server* pod's namespace (the client's end learns it from [`maps::POD_IPS`]).
+pub const PAIR_SIDECAR: u32 = 3;
 
 /// Where the two ends of one local hop meet. Both ends compute the same key independently.
 ///
@@ -134,6 +142,14 @@ impl PairKey {
             ports: 0,
             a: token as u32,
             b: (token >> 32) as u32,
+        }
+    }
+
+    #[inline(always)]
+    pub fn sidecar(server_netns: u64, token: u64) -> Self {
+        PairKey {
+            kind: PAIR_SIDECAR,
+            ..Self::token(server_netns, token)
         }
     }
 
@@ -168,7 +184,13 @@ pub const ROLE_OUT_PROXY: u8 = 2;
 pub const ROLE_IN_PROXY: u8 = 3;
 /// The app's accepted socket on the inbound hop (bytes go app -> sidecar).
 pub const ROLE_IN_APP: u8 = 4;
-pub const ROLES: usize = 4;
+/// The client sidecar's upstream socket on the sidecar hop (connects to a pod on this node;
+/// bytes go client sidecar -> server sidecar).
+pub const ROLE_SC_CLIENT: u8 = 5;
+/// The server sidecar's socket accepted on its inbound capture port from a sidecar on this
+/// node (bytes go server sidecar -> client sidecar).
+pub const ROLE_SC_SERVER: u8 = 6;
+pub const ROLES: usize = 6;
 
 /// The role that completes a pair with `role`, or `ROLE_NONE`.
 #[inline(always)]
@@ -178,6 +200,8 @@ pub fn partner_role(role: u8) -> u8 {
         ROLE_OUT_PROXY => ROLE_OUT_APP,
         ROLE_IN_PROXY => ROLE_IN_APP,
         ROLE_IN_APP => ROLE_IN_PROXY,
+        ROLE_SC_CLIENT => ROLE_SC_SERVER,
+        ROLE_SC_SERVER => ROLE_SC_CLIENT,
         _ => ROLE_NONE,
     }
 }
@@ -206,8 +230,11 @@ pub struct Waiter {
     pub sk: u64,
     /// The second end's kernel address, written with `partner`.
     pub partner_sk: u64,
+    /// The first end's pod (network-namespace cookie): the second end credits the pair to both
+    /// pods when they differ (the sidecar hop).
+    pub netns: u64,
 }
-const _: () = assert!(size_of::<Waiter>() == 40);
+const _: () = assert!(size_of::<Waiter>() == 48);
 
 /// [`SockState::flags`]: the next non-SYN segment this socket sends carries the token option.
 pub const SOCK_STAMP_PENDING: u8 = 1;
@@ -259,22 +286,47 @@ pub const FOLD_EVERY: u32 = 32;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PodStats {
-    /// Pairs made, `[outbound, inbound]`.
-    pub pairs: [u64; 2],
-    /// Messages redirected, by sending role (`role - ROLE_OUT_APP`).
-    pub msgs: [u64; 4],
+    /// Pairs made, by [`HOPS`].
+    pub pairs: [u64; HOPS.len()],
+    /// Messages redirected, by sending role ([`direction`]).
+    pub msgs: [u64; ROLES],
     /// Bytes redirected, by sending role.
-    pub bytes: [u64; 4],
+    pub bytes: [u64; ROLES],
 }
-const _: () = assert!(size_of::<PodStats>() == 80);
+const _: () = assert!(size_of::<PodStats>() == 120);
+
+/// Hops, for labels: the index of [`PodStats::pairs`] ([`hop`]).
+pub const HOPS: [&str; 3] = ["outbound", "inbound", "sidecar"];
 
 /// Directions of [`PodStats::msgs`] and the redirect counters, by sending role, for labels.
-pub const DIRECTIONS: [&str; 4] = [
+pub const DIRECTIONS: [&str; ROLES] = [
     "outbound_app_to_sidecar",
     "outbound_sidecar_to_app",
     "inbound_sidecar_to_app",
     "inbound_app_to_sidecar",
+    "sidecar_client_to_server",
+    "sidecar_server_to_client",
 ];
+
+/// The [`DIRECTIONS`] index of bytes sent by a socket of `role`, None for `ROLE_NONE`.
+#[inline(always)]
+pub fn direction(role: u8) -> Option<u32> {
+    if (ROLE_OUT_APP..=ROLE_SC_SERVER).contains(&role) {
+        Some(u32::from(role - ROLE_OUT_APP))
+    } else {
+        None
+    }
+}
+
+/// The [`HOPS`] index of a pair whose ends have `role` and its partner role.
+#[inline(always)]
+pub fn hop(role: u8) -> u32 {
+    match role {
+        ROLE_OUT_APP | ROLE_OUT_PROXY => 0,
+        ROLE_IN_PROXY | ROLE_IN_APP => 1,
+        _ => 2,
+    }
+}
 
 /// Index 0 of the control array: bits the daemon sets to steer the programs.
 pub const CONTROL_FLAGS: u32 = 0;
@@ -327,8 +379,14 @@ pub mod counter {
     /// An app socket left the sockhash at its own half-close (reader rule): its later reads
     /// are plain TCP again.
     pub const APP_UNPAIRED_AT_HALF_CLOSE: u32 = 26;
+    /// Pairs made on the sidecar hop (client sidecar <-> server sidecar on this node).
+    pub const PAIRS_SIDECAR: u32 = 27;
+    /// `MSGS_SIDECAR + role - ROLE_SC_CLIENT`: messages redirected on the sidecar hop.
+    pub const MSGS_SIDECAR: u32 = 28;
+    /// `BYTES_SIDECAR + role - ROLE_SC_CLIENT`: bytes redirected on the sidecar hop.
+    pub const BYTES_SIDECAR: u32 = 30;
     /// Counters with a name (the rest of [`SLOTS`] is spare).
-    pub const COUNT: u32 = 27;
+    pub const COUNT: u32 = 32;
     /// Size of the counter array. Spare slots let a later build add counters without changing
     /// the pinned map's size, so an upgrade can adopt the pins instead of needing a detach.
     pub const SLOTS: u32 = 64;
@@ -362,7 +420,33 @@ pub mod counter {
         "pass_over_budget",
         "connect_owner_unknown",
         "app_unpaired_at_half_close",
+        "pairs_sidecar",
+        "msgs_redirected_sidecar_client_to_server",
+        "msgs_redirected_sidecar_server_to_client",
+        "bytes_redirected_sidecar_client_to_server",
+        "bytes_redirected_sidecar_server_to_client",
     ];
+
+    /// The message and byte counters of the [`super::DIRECTIONS`] entry `dir`: the app hops'
+    /// four came first, the sidecar hop's two went into spare slots later.
+    #[inline(always)]
+    pub fn redirected(dir: u32) -> (u32, u32) {
+        if dir < 4 {
+            (MSGS_REDIRECTED + dir, BYTES_REDIRECTED + dir)
+        } else {
+            (MSGS_SIDECAR + dir - 4, BYTES_SIDECAR + dir - 4)
+        }
+    }
+
+    /// The pairs counter of the [`super::HOPS`] entry `hop`.
+    #[inline(always)]
+    pub fn pairs(hop: u32) -> u32 {
+        match hop {
+            0 => PAIRS_OUTBOUND,
+            1 => PAIRS_INBOUND,
+            _ => PAIRS_SIDECAR,
+        }
+    }
 }
 
 /// Map names, shared so the loader and the programs cannot drift apart.
@@ -378,11 +462,16 @@ pub mod maps {
     pub const OWNERS: &str = "ML_OWNERS";
     /// Sockets that only ever receive redirected bytes: the sidecar ends under the reader rule.
     pub const TARGETS: &str = "ML_TARGETS";
-    pub const ALL: [&str; 10] = [
+    /// This node's pod IPv4 addresses (network order) -> the pod's network-namespace cookie:
+    /// where a sidecar's connection may meet another sidecar (the sidecar hop).
+    pub const POD_IPS: &str = "ML_POD_IPS";
+    pub const ALL: [&str; 11] = [
         POLICY, SOCKS, RENDEZVOUS, SOCK_STATE, COUNTERS, CONTROL, POD_STATS, UNREAD, OWNERS,
-        TARGETS,
+        TARGETS, POD_IPS,
     ];
     pub const POLICY_MAX: u32 = 4096;
+    /// Room for two IPv4 addresses per pod.
+    pub const POD_IPS_MAX: u32 = 2 * POLICY_MAX;
     pub const SOCKS_MAX: u32 = 65536;
     pub const RENDEZVOUS_MAX: u32 = 65536;
     /// Sockets that may receive redirected bytes (two per pair at most), for the unread maps.

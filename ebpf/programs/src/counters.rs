@@ -1,6 +1,6 @@
 //! Per-CPU counter updates; no atomics needed because each CPU owns its slot.
 
-use meshlane_common::{PodStats, SockState, ROLE_IN_APP, ROLE_OUT_APP};
+use meshlane_common::{direction, PodStats, SockState};
 
 use crate::maps::{ML_COUNTERS, ML_POD_STATS};
 
@@ -35,10 +35,9 @@ pub fn fold(st: &mut SockState) {
     let (msgs, bytes) = (u64::from(st.unfolded_msgs), st.unfolded_bytes);
     st.unfolded_msgs = 0;
     st.unfolded_bytes = 0;
-    if !(ROLE_OUT_APP..=ROLE_IN_APP).contains(&st.role) {
+    let Some(dir) = direction(st.role) else {
         return;
-    }
-    let dir = (st.role - ROLE_OUT_APP) as u32;
+    };
     pod(st.netns, |s| {
         let d = opaque(dir) as usize;
         if let (Some(m), Some(b)) = (s.msgs.get_mut(d), s.bytes.get_mut(d)) {

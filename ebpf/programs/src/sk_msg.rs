@@ -1,6 +1,7 @@
 //! sk_msg: redirect a paired socket's bytes to its peer's receive queue, or pass them to TCP.
-//! Under the reader rule (DESIGN.md invariant 7) this runs only for app sockets: the sidecar's
-//! ends sit in a map without programs, so their sends never come here.
+//! Under the reader rule (DESIGN.md invariant 7) this runs for app sockets and for the sidecar
+//! hop's sockets (both ends sidecars): the sidecar's ends of app hops sit in a map without
+//! programs, so their sends never come here.
 //!
 //! Invariant 2 (first byte or never): the first message that passes pins the socket's direction
 //! to TCP for good. The reverse move (redirect, then TCP) is safe because the receiver always
@@ -14,8 +15,8 @@ use aya_ebpf::{
     programs::SkMsgContext,
 };
 use meshlane_common::{
-    counter, SockState, CONTROL_BUDGET, CONTROL_DRAIN, CONTROL_FLAGS, FOLD_EVERY, ROLE_IN_APP,
-    ROLE_OUT_APP, SOCK_PEER_KNOWN, SOCK_READER_RULE, SOCK_TCP_PINNED, SOCK_WAITING, UNREAD_BUDGET,
+    counter, direction, SockState, CONTROL_BUDGET, CONTROL_DRAIN, CONTROL_FLAGS, FOLD_EVERY,
+    SOCK_PEER_KNOWN, SOCK_READER_RULE, SOCK_TCP_PINNED, SOCK_WAITING, UNREAD_BUDGET,
 };
 
 use crate::{
@@ -97,11 +98,10 @@ pub fn verdict(ctx: &SkMsgContext) -> u32 {
     if let Some(unread) = unread {
         atomic_add(unread, size as i64);
     }
-    let role = st.role;
-    if (ROLE_OUT_APP..=ROLE_IN_APP).contains(&role) {
-        let dir = (role - ROLE_OUT_APP) as u32;
-        inc(counter::MSGS_REDIRECTED + dir);
-        add(counter::BYTES_REDIRECTED + dir, size);
+    if let Some(dir) = direction(st.role) {
+        let (msgs, bytes) = counter::redirected(dir);
+        inc(msgs);
+        add(bytes, size);
     }
     // The pod's share goes into the socket's own state and is folded in batches.
     st.unfolded_msgs += 1;

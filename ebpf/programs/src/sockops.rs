@@ -17,6 +17,15 @@
 //!
 //! Inbound hop: the sidecar connects from 127.0.0.6 to the app inside the same namespace, without
 //! NAT, so the two sockets are mirror 4-tuples and meet on the unordered tuple.
+//!
+//! Sidecar hop: a sidecar connects to the IP of another listed pod on this node (its upstream;
+//! Istio never captures the proxy's own connections on the client side), and the server pod's
+//! PREROUTING REDIRECT hands it to that pod's sidecar on its inbound capture port. Exactly like
+//! the outbound hop, the client's end stamps its final ACK with a random token and the server
+//! sidecar's accepted end reads it, keyed by the server pod's namespace; the server's end must
+//! see the client's own address as its peer. Only addresses in [`ML_POD_IPS`] are stamped, so
+//! the option never leaves the node. Both ends are sidecars, so both directions are redirected
+//! (DESIGN.md invariant 7 protects app sockets, and no app socket is on this hop).
 
 use core::ptr;
 
@@ -35,18 +44,18 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use meshlane_common::{
-    counter, partner_role, Cidr4, PairKey, PodPolicy, SockState, Waiter, CONTROL_DRAIN,
+    counter, hop, partner_role, Cidr4, PairKey, PodPolicy, SockState, Waiter, CONTROL_DRAIN,
     CONTROL_FLAGS, MAX_CIDRS, MAX_PORTS, POLICY_INBOUND, POLICY_INCLUDE_CIDRS, POLICY_INTO_APP,
-    POLICY_OUTBOUND, ROLE_IN_APP, ROLE_IN_PROXY, ROLE_OUT_APP, ROLE_OUT_PROXY, SOCK_IN_MAP,
-    SOCK_PEER_KNOWN, SOCK_READER_RULE, SOCK_STAMP_PENDING, SOCK_WAITING, TCP_OPT_EXID,
-    TCP_OPT_KIND, TCP_OPT_LEN,
+    POLICY_OUTBOUND, POLICY_SIDECAR_HOP, ROLE_IN_APP, ROLE_IN_PROXY, ROLE_OUT_APP, ROLE_OUT_PROXY,
+    ROLE_SC_CLIENT, ROLE_SC_SERVER, SOCK_IN_MAP, SOCK_PEER_KNOWN, SOCK_READER_RULE,
+    SOCK_STAMP_PENDING, SOCK_WAITING, TCP_OPT_EXID, TCP_OPT_KIND, TCP_OPT_LEN,
 };
 
 use crate::{
     counters::{fold, inc, opaque, pod},
     maps::{
-        ML_CONTROL, ML_OWNERS, ML_POLICY, ML_RENDEZVOUS, ML_SOCKS, ML_SOCK_STATE, ML_TARGETS,
-        ML_UNREAD,
+        ML_CONTROL, ML_OWNERS, ML_POD_IPS, ML_POLICY, ML_RENDEZVOUS, ML_SOCKS, ML_SOCK_STATE,
+        ML_TARGETS, ML_UNREAD,
     },
 };
 
@@ -150,17 +159,25 @@ fn on_connect(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy) {
     let (uid, gid) = (uid_gid as u32, (uid_gid >> 32) as u32);
     let dport = remote_port(ctx);
     if uid == policy.proxy_uid || gid == policy.proxy_gid {
-        // The sidecar's own connections: Istio never captures them, and we never stamp them.
-        // The one we pair is its inbound hop to the app, made from the inbound bind address.
-        if policy.flags & POLICY_INBOUND != 0
+        // The sidecar's own connections: Istio never captures them on this side. We pair its
+        // inbound hop to the app, made from the inbound bind address, and its upstream to a
+        // sidecar of another pod on this node.
+        let (role, server_netns) = if policy.flags & POLICY_INBOUND != 0
             && ctx.local_ip4() == policy.inbound_bind_ip4
             && !port_listed(&policy.exclude_inbound_ports, dport)
         {
-            if let Some(st) = state(ctx, true) {
-                st.role = ROLE_IN_PROXY;
-                st.cookie = sock;
-                st.netns = netns;
-            }
+            (ROLE_IN_PROXY, 0)
+        } else if let Some(server) = sidecar_server(ctx, netns, policy, dport) {
+            (ROLE_SC_CLIENT, server)
+        } else {
+            return;
+        };
+        if let Some(st) = state(ctx, true) {
+            st.role = role;
+            st.cookie = sock;
+            st.netns = netns;
+            // Kept until establishment, where the key is made.
+            st.pair_key.netns = server_netns;
         }
         return;
     }
@@ -175,6 +192,27 @@ fn on_connect(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy) {
     st.role = ROLE_OUT_APP;
     st.cookie = sock;
     st.netns = netns;
+}
+
+/// The server pod's namespace cookie when this sidecar connection goes to another listed pod on
+/// this node whose sidecar will accept it: both pods have the sidecar hop, and the server pod's
+/// PREROUTING captures the port (inbound capture on, the port not excluded). Otherwise None and
+/// the connection is left alone (so nothing is stamped toward an address off this node).
+fn sidecar_server(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy, dport: u16) -> Option<u64> {
+    if policy.flags & POLICY_SIDECAR_HOP == 0 {
+        return None;
+    }
+    // SAFETY: read-only copy of a u64 value.
+    let server = unsafe { ML_POD_IPS.get(ctx.remote_ip4()) }.copied()?;
+    if server == netns {
+        // Its own pod's address: Istio sends that through lo by rules of its own; not this hop.
+        return None;
+    }
+    // SAFETY: read-only view of a hash map value.
+    let sp = unsafe { ML_POLICY.get(server) }?;
+    let wanted = POLICY_SIDECAR_HOP | POLICY_INBOUND;
+    (sp.flags & wanted == wanted && !port_listed(&sp.exclude_inbound_ports, dport))
+        .then_some(server)
 }
 
 /// Mirrors istio-init's ISTIO_OUTPUT for a non-proxy process: loopback and the pod's own address
@@ -256,6 +294,7 @@ fn on_active_established(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy) {
     let key = match st.role {
         ROLE_OUT_APP => PairKey::token(netns, random_token()),
         ROLE_IN_PROXY => tuple_key(ctx, netns),
+        ROLE_SC_CLIENT => PairKey::sidecar(st.pair_key.netns, random_token()),
         _ => return,
     };
     // The stamp carries this key's token.
@@ -267,7 +306,7 @@ fn on_active_established(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy) {
         return;
     }
     // A socket that could not join is never stamped: no sidecar end may pair with it.
-    if join(ctx, st, key, policy) && st.role == ROLE_OUT_APP {
+    if join(ctx, st, key, policy) && (st.role == ROLE_OUT_APP || st.role == ROLE_SC_CLIENT) {
         // The kernel sends the handshake's final ACK right after this callback; the flag makes it
         // ask us for option space (HDR_OPT_LEN) and then for the bytes (WRITE_HDR_OPT).
         st.flags |= SOCK_STAMP_PENDING;
@@ -292,6 +331,15 @@ fn on_passive_established(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy) 
         && !port_listed(&policy.exclude_inbound_ports, lport)
     {
         (ROLE_IN_APP, tuple_key(ctx, netns))
+    } else if policy.flags & POLICY_SIDECAR_HOP != 0 && lport == policy.inbound_port {
+        // The sidecar accepted a captured inbound connection. Only one a sidecar on this node
+        // stamped is paired; the rest (other nodes, unmeshed clients) are plain inbound traffic
+        // and are not counted.
+        let Some(token) = load_token(ctx) else {
+            return;
+        };
+        inc(counter::STAMPS_FOUND);
+        (ROLE_SC_SERVER, PairKey::sidecar(netns, token))
     } else {
         return;
     };
@@ -377,14 +425,16 @@ fn on_own_half_close(ctx: &SockOpsContext) {
 /// Under the reader rule (the default; DESIGN.md invariant 7) the sidecar's end goes into
 /// [`ML_TARGETS`], which has no program, so it only ever *receives* redirected bytes and its own
 /// sends stay on plain TCP; the app's end goes into [`ML_SOCKS`] so sk_msg sees what it sends,
-/// and never receives a redirected byte. With the pod's two-way opt-in both go into `ML_SOCKS`.
+/// and never receives a redirected byte. With the pod's two-way opt-in both go into `ML_SOCKS`,
+/// and so do both ends of the sidecar hop (no app socket there).
 /// Returns whether this end is in a sockhash (whether or not its partner is there yet).
 fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey, policy: &PodPolicy) -> bool {
     if draining() {
         return false;
     }
-    let reader_rule = policy.flags & POLICY_INTO_APP == 0;
-    let sidecar_end = st.role == ROLE_OUT_PROXY || st.role == ROLE_IN_PROXY;
+    let sidecar_hop = st.role == ROLE_SC_CLIENT || st.role == ROLE_SC_SERVER;
+    let reader_rule = !sidecar_hop && policy.flags & POLICY_INTO_APP == 0;
+    let sidecar_end = sidecar_hop || st.role == ROLE_OUT_PROXY || st.role == ROLE_IN_PROXY;
     // Only a socket that may receive redirected bytes needs unread accounting; it must be in
     // place before a peer can redirect to it.
     let receives = sidecar_end || !reader_rule;
@@ -422,7 +472,7 @@ fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey, policy: &PodPoli
         role: st.role,
         two_way: u8::from(!reader_rule),
         _pad: [0; 2],
-        ip: if st.role == ROLE_OUT_APP {
+        ip: if st.role == ROLE_OUT_APP || st.role == ROLE_SC_CLIENT {
             ctx.local_ip4()
         } else {
             0
@@ -430,6 +480,7 @@ fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey, policy: &PodPoli
         partner: 0,
         sk,
         partner_sk: 0,
+        netns: st.netns,
     };
     match ML_RENDEZVOUS.insert(key, me, BPF_NOEXIST as u64) {
         Ok(()) => {
@@ -446,12 +497,14 @@ fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey, policy: &PodPoli
             let other = unsafe { &mut *other };
             // Exactly one app end and one sidecar end of the same hop kind may meet, once, both
             // joined under the same mode (the pod's opt-in may change between the two joins).
-            // A token pair's sidecar end must have been connected from the app's own address.
+            // A token pair's accepting end must have been connected from the connecting end's
+            // own address.
+            let accepted_token_end = st.role == ROLE_OUT_PROXY || st.role == ROLE_SC_SERVER;
             if other.role != partner_role(st.role)
                 || other.cookie == st.cookie
                 || other.two_way != me.two_way
                 || other.partner != 0
-                || (st.role == ROLE_OUT_PROXY && other.ip != ctx.remote_ip4())
+                || (accepted_token_end && other.ip != ctx.remote_ip4())
             {
                 inc(counter::PAIR_REJECTED);
                 return true;
@@ -462,17 +515,18 @@ fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey, policy: &PodPoli
             st.peer = other.cookie;
             st.peer_sk = other.sk;
             st.flags |= SOCK_PEER_KNOWN;
-            let hop = if st.role == ROLE_OUT_APP || st.role == ROLE_OUT_PROXY {
-                0
-            } else {
-                1
-            };
-            inc(counter::PAIRS_OUTBOUND + hop);
-            pod(st.netns, |s| {
+            let hop = hop(st.role);
+            inc(counter::pairs(hop));
+            let credit = |s: &mut meshlane_common::PodStats| {
                 if let Some(n) = s.pairs.get_mut(opaque(hop) as usize) {
                     *n += 1
                 }
-            });
+            };
+            pod(st.netns, credit);
+            // The sidecar hop joins two pods: each counts the pair.
+            if other.netns != st.netns {
+                pod(other.netns, credit);
+            }
         }
         Err(_) => inc(counter::RENDEZVOUS_FULL),
     }
