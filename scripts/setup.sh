@@ -30,6 +30,7 @@ declare -A pkgs=(
   [nsenter]=util-linux       # enter a pod's netns without remounting /sys (bpffs stays visible)
   [tcpdump]=tcpdump          # handy when a capture test fails; not needed by the tests themselves
   [python3]=python3
+  [openssl]=openssl          # the mini-mesh's test CA and SPIFFE certificates (Istio's mTLS)
   [cc]=gcc
 )
 if [ "$mode" = build ]; then

@@ -6,9 +6,13 @@
 //! reach the app from 127.0.0.6, exactly as in a meshed pod.
 //!
 //! The listener and cluster layout mirrors what istiod of the Istio 1.2x series sends a sidecar in
-//! REDIRECT mode with plaintext (mTLS disabled), as `istioctl proxy-config listener/cluster`
-//! shows it, reduced to what upstream Envoy runs (no `istio.*` filters, no mTLS chains, routes
-//! and endpoints inlined instead of RDS/EDS). Names follow the releases before the inbound
+//! REDIRECT mode, as `istioctl proxy-config listener/cluster` shows it, reduced to what upstream
+//! Envoy runs (no `istio.*` filters, routes and endpoints inlined instead of RDS/EDS). Plaintext
+//! between the sidecars, or with [`EnvoyConfig::mtls`] Istio's mutual TLS: the client's clusters
+//! present the pod's SPIFFE certificate with ALPN `istio-peer-exchange`/`istio` (TCP) or
+//! `istio-http/1.1`/`istio-h2` (HTTP) and verify the peer against the mesh root; the server's
+//! inbound has a TLS chain per port, chosen by `tls_inspector` on the transport and those ALPN
+//! values, that requires a client certificate (Istio's STRICT mode: no plaintext chain). Names follow the releases before the inbound
 //! passthrough cluster lost its `Ipv4` suffix (newer istiod calls it `InboundPassthroughCluster`).
 //!
 //! ```text
@@ -22,6 +26,8 @@
 //!     dst port 15006                       -> tcp_proxy BlackHoleCluster
 //!     dst port P, raw_buffer, http/1.1|h2c -> HCM (codec AUTO) -> router -> inbound|P||
 //!     dst port T (declared TCP)            -> tcp_proxy inbound|T||  (http_inspector off for T)
+//!     with mtls, instead of both:  dst port P|T, tls, Istio's ALPN -> TLS (client cert required)
+//!                                                        -> the same HCM / tcp_proxy
 //!     default ("virtualInbound")           -> tcp_proxy InboundPassthroughClusterIpv4
 //! inbound clusters: ORIGINAL_DST, upstream_bind_config 127.0.0.6
 //! HTTP clusters:    use_downstream_protocol_config (HTTP/1.1 in, HTTP/1.1 out; h2c/gRPC in, h2c out)
@@ -37,6 +43,7 @@
 //! one shared-memory segment, and `--use-dynamic-base-id` (which probes the sockets) cannot see
 //! the other pod's Envoy either.
 
+use crate::mtls::MtlsFiles;
 use crate::nginx::{read_response, Response};
 use crate::{veth_link, CaptureConfig, Netns, Pod};
 use anyhow::{bail, ensure, Context, Result};
@@ -160,6 +167,8 @@ pub struct EnvoyConfig {
     /// like an undeclared port in Istio, so a client-first message there is held until
     /// `http_inspector` can decide (in practice: until the first line ends with `\n`).
     pub inbound_tcp_ports: Vec<u16>,
+    /// Istio's mutual TLS between sidecars with this pod's certificate; None: plaintext.
+    pub mtls: Option<MtlsFiles>,
 }
 
 impl Default for EnvoyConfig {
@@ -174,6 +183,7 @@ impl Default for EnvoyConfig {
             outbound: Vec::new(),
             inbound_http_ports: Vec::new(),
             inbound_tcp_ports: Vec::new(),
+            mtls: None,
         }
     }
 }
@@ -263,7 +273,11 @@ impl EnvoyConfig {
             }),
             inbound_cluster("InboundPassthroughClusterIpv4"),
         ];
-        clusters.extend(self.outbound.iter().map(outbound_cluster));
+        clusters.extend(
+            self.outbound
+                .iter()
+                .map(|s| outbound_cluster(s, self.mtls.as_ref())),
+        );
         clusters.extend(
             self.inbound_http_ports
                 .iter()
@@ -339,27 +353,52 @@ impl EnvoyConfig {
         })];
         for p in &self.inbound_http_ports {
             let cluster = format!("inbound|{p}||");
-            chains.push(json!({
-                "name": format!("0.0.0.0_{p}"),
-                "filter_chain_match": {
-                    "destination_port": p,
-                    "transport_protocol": "raw_buffer",
-                    "application_protocols": ["http/1.1", "h2c"],
-                },
-                "filters": [http_connection_manager(
-                    &format!("inbound_0.0.0.0_{p}"),
-                    &format!("inbound|http|{p}"),
-                    &cluster,
-                )],
-            }));
+            let hcm = http_connection_manager(
+                &format!("inbound_0.0.0.0_{p}"),
+                &format!("inbound|http|{p}"),
+                &cluster,
+            );
+            chains.push(match &self.mtls {
+                None => json!({
+                    "name": format!("0.0.0.0_{p}"),
+                    "filter_chain_match": {
+                        "destination_port": p,
+                        "transport_protocol": "raw_buffer",
+                        "application_protocols": ["http/1.1", "h2c"],
+                    },
+                    "filters": [hcm],
+                }),
+                Some(m) => json!({
+                    "name": format!("0.0.0.0_{p}"),
+                    "filter_chain_match": {
+                        "destination_port": p,
+                        "transport_protocol": "tls",
+                        "application_protocols": ISTIO_ALPN_HTTP,
+                    },
+                    "transport_socket": downstream_tls(m, &["h2", "http/1.1"]),
+                    "filters": [hcm],
+                }),
+            });
         }
         for p in &self.inbound_tcp_ports {
             let cluster = format!("inbound|{p}||");
-            chains.push(json!({
-                "name": format!("0.0.0.0_{p}"),
-                "filter_chain_match": { "destination_port": p },
-                "filters": [tcp_proxy(&cluster, &cluster)],
-            }));
+            chains.push(match &self.mtls {
+                None => json!({
+                    "name": format!("0.0.0.0_{p}"),
+                    "filter_chain_match": { "destination_port": p },
+                    "filters": [tcp_proxy(&cluster, &cluster)],
+                }),
+                Some(m) => json!({
+                    "name": format!("0.0.0.0_{p}"),
+                    "filter_chain_match": {
+                        "destination_port": p,
+                        "transport_protocol": "tls",
+                        "application_protocols": ISTIO_ALPN_TCP,
+                    },
+                    "transport_socket": downstream_tls(m, &[]),
+                    "filters": [tcp_proxy(&cluster, &cluster)],
+                }),
+            });
         }
         // As istiod does for ports whose protocol is known not to be HTTP.
         let no_sniffing: Vec<Value> = std::iter::once(&self.inbound_port)
@@ -399,6 +438,53 @@ impl EnvoyConfig {
             },
         })
     }
+}
+
+/// The ALPN values an Istio client sidecar offers over mTLS, and the inbound chains match on.
+const ISTIO_ALPN_TCP: [&str; 2] = ["istio-peer-exchange", "istio"];
+const ISTIO_ALPN_HTTP: [&str; 3] = ["istio-http/1.0", "istio-http/1.1", "istio-h2"];
+
+/// The pod's certificate, the mesh root as the only trust anchor, and (as Istio) any peer
+/// identity of the trust domain accepted.
+fn common_tls(m: &MtlsFiles, alpn: &[&str]) -> Value {
+    let mut c = json!({
+        "tls_params": { "tls_minimum_protocol_version": "TLSv1_2" },
+        "tls_certificates": [{
+            "certificate_chain": { "filename": m.cert_chain },
+            "private_key": { "filename": m.private_key },
+        }],
+        "validation_context": {
+            "trusted_ca": { "filename": m.root_ca },
+            "match_typed_subject_alt_names": [{
+                "san_type": "URI",
+                "matcher": { "prefix": format!("spiffe://{}/", crate::mtls::TRUST_DOMAIN) },
+            }],
+        },
+    });
+    if !alpn.is_empty() {
+        c["alpn_protocols"] = json!(alpn);
+    }
+    c
+}
+
+fn downstream_tls(m: &MtlsFiles, alpn: &[&str]) -> Value {
+    json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": typed(
+            "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            json!({ "common_tls_context": common_tls(m, alpn), "require_client_certificate": true }),
+        ),
+    })
+}
+
+fn upstream_tls(m: &MtlsFiles, alpn: &[&str], sni: &str) -> Value {
+    json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": typed(
+            "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            json!({ "common_tls_context": common_tls(m, alpn), "sni": sni }),
+        ),
+    })
 }
 
 fn socket_address(ip: Ipv4Addr, port: u16) -> Value {
@@ -518,7 +604,7 @@ fn outbound_listener(s: &OutboundService) -> Value {
     })
 }
 
-fn outbound_cluster(s: &OutboundService) -> Value {
+fn outbound_cluster(s: &OutboundService, mtls: Option<&MtlsFiles>) -> Value {
     let endpoints: Vec<Value> = s
         .endpoints
         .iter()
@@ -537,6 +623,18 @@ fn outbound_cluster(s: &OutboundService) -> Value {
     });
     if s.protocol == Protocol::Http {
         c["typed_extension_protocol_options"] = downstream_protocol();
+    }
+    if let Some(m) = mtls {
+        let alpn: &[&str] = match s.protocol {
+            Protocol::Tcp => &ISTIO_ALPN_TCP,
+            Protocol::Http => &ISTIO_ALPN_HTTP,
+        };
+        // Istio's SNI for a service's subset-less cluster.
+        let sni = format!(
+            "outbound_.{}_._.{}.default.svc.cluster.local",
+            s.port, s.name
+        );
+        c["transport_socket"] = upstream_tls(m, alpn, &sni);
     }
     c
 }
@@ -1023,6 +1121,8 @@ pub struct EnvoyPods {
     pub server_envoy: Envoy,
     pub client: Pod,
     pub server: Pod,
+    /// The mesh's CA when the sidecars speak mTLS (its files live as long as it does).
+    ca: Option<crate::mtls::TestCa>,
 }
 
 impl EnvoyPods {
@@ -1047,6 +1147,39 @@ impl EnvoyPods {
         client_capture: CaptureConfig,
         server_capture: CaptureConfig,
     ) -> Result<EnvoyPods> {
+        Self::build(subnet, services, client_capture, server_capture, false)
+    }
+
+    /// Like [`EnvoyPods::new`], with Istio's mutual TLS between the two sidecars (a test CA,
+    /// one SPIFFE certificate per pod; see [`crate::mtls`]).
+    pub fn with_mtls(subnet: u8, services: &[(String, u16, Protocol)]) -> Result<EnvoyPods> {
+        Self::build(
+            subnet,
+            services,
+            CaptureConfig::default(),
+            CaptureConfig::default(),
+            true,
+        )
+    }
+
+    /// The general form: each pod's istio-init configuration, and plaintext or mTLS.
+    pub fn build(
+        subnet: u8,
+        services: &[(String, u16, Protocol)],
+        client_capture: CaptureConfig,
+        server_capture: CaptureConfig,
+        mtls: bool,
+    ) -> Result<EnvoyPods> {
+        let ca = mtls
+            .then(crate::mtls::TestCa::new)
+            .transpose()
+            .context("mesh CA")?;
+        let cert = |sa: &str| {
+            ca.as_ref()
+                .map(|ca| ca.issue(sa))
+                .transpose()
+                .with_context(|| format!("{sa} certificate"))
+        };
         let client_ns = Netns::new("ecli")?;
         let server_ns = Netns::new("esrv")?;
         let (cip, sip) = (
@@ -1066,6 +1199,7 @@ impl EnvoyPods {
                     protocol: *protocol,
                 })
                 .collect(),
+            mtls: cert("client")?,
             ..EnvoyConfig::for_capture(&client.capture)
         };
         let ports = |want: Protocol| {
@@ -1078,6 +1212,7 @@ impl EnvoyPods {
         let server_cfg = EnvoyConfig {
             inbound_http_ports: ports(Protocol::Http),
             inbound_tcp_ports: ports(Protocol::Tcp),
+            mtls: cert("server")?,
             ..EnvoyConfig::for_capture(&server.capture)
         };
         let client_envoy = Envoy::spawn(&client.ns, &client_cfg).context("client sidecar")?;
@@ -1087,7 +1222,24 @@ impl EnvoyPods {
             server_envoy,
             client,
             server,
+            ca,
         })
+    }
+
+    /// Stops the client pod's Envoy and starts a new one with the same bootstrap: its upstream
+    /// connection pools start empty (so a benchmark scenario's HTTP and gRPC workloads open
+    /// their own Envoy -> Envoy connections instead of reusing the previous scenario's).
+    pub fn restart_client_envoy(&mut self) -> Result<()> {
+        let cfg = self.client_envoy.config().clone();
+        // The new Envoy binds the same ports: the old one must be gone first.
+        stop_child(&mut self.client_envoy.child, STOP_GRACE);
+        self.client_envoy = Envoy::spawn(&self.client.ns, &cfg).context("client sidecar")?;
+        Ok(())
+    }
+
+    /// Whether the sidecars speak mTLS to each other.
+    pub fn mtls(&self) -> bool {
+        self.ca.is_some()
     }
 
     /// `<server ip>:<port>`: where the client app connects for a service.

@@ -177,6 +177,23 @@ fn peer_reporting_app(ns: &Netns, port: u16) -> Result<(PeerReport, std::thread:
     Ok((rx, thread))
 }
 
+/// Sends `data` from the client pod to the service on `port`, half-closes, and returns what
+/// came back through both Envoys.
+fn echo_through(pods: &EnvoyPods, port: u16, data: &[u8]) -> Result<Vec<u8>> {
+    let mut stream = connect_in(&pods.client.ns, pods.service_addr(port))?;
+    let mut writer = stream.try_clone()?;
+    std::thread::scope(|s| -> Result<Vec<u8>> {
+        let w = s.spawn(|| -> std::io::Result<()> {
+            writer.write_all(data)?;
+            writer.shutdown(Shutdown::Write)
+        });
+        let mut got = Vec::new();
+        stream.read_to_end(&mut got).context("reading the echo")?;
+        w.join().expect("writer panicked").context("writing")?;
+        Ok(got)
+    })
+}
+
 #[test]
 fn tcp_through_both_envoys() -> Result<()> {
     if !crate::privileged_or_skip("tcp_through_both_envoys") {
@@ -194,18 +211,7 @@ fn tcp_through_both_envoys() -> Result<()> {
 
     // Bytes and the half-close travel app -> 15001 -> Envoy -> veth -> 15006 -> Envoy -> app.
     let data = payload(1 << 20);
-    let mut stream = connect_in(&pods.client.ns, pods.service_addr(9000))?;
-    let mut writer = stream.try_clone()?;
-    let echoed = std::thread::scope(|s| -> Result<Vec<u8>> {
-        let w = s.spawn(|| -> std::io::Result<()> {
-            writer.write_all(&data)?;
-            writer.shutdown(Shutdown::Write)
-        });
-        let mut got = Vec::new();
-        stream.read_to_end(&mut got).context("reading the echo")?;
-        w.join().expect("writer panicked").context("writing")?;
-        Ok(got)
-    })?;
+    let echoed = echo_through(&pods, 9000, &data)?;
     assert_eq!(echoed.len(), data.len(), "echoed length");
     assert!(echoed == data, "echoed bytes differ");
     assert_eq!(echo.accepted(), 1);
@@ -366,5 +372,45 @@ fn spawn_failure_reports_the_log() -> Result<()> {
     let err = Envoy::spawn(&ns, &EnvoyConfig::default()).expect_err("Envoy started anyway");
     let msg = format!("{err:#}");
     assert!(msg.contains("15001"), "error does not show the log: {msg}");
+    Ok(())
+}
+
+#[test]
+fn mtls_between_both_envoys() -> Result<()> {
+    if !crate::privileged_or_skip("mtls_between_both_envoys") {
+        return Ok(());
+    }
+    let pods = EnvoyPods::with_mtls(
+        83,
+        &services(&[("echo", 9000, Protocol::Tcp), ("web", 80, Protocol::Http)]),
+    )?;
+    let _echo = EchoServer::spawn(
+        &pods.server.ns,
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 9000),
+    )?;
+    let data = payload(256 * 1024);
+    let echoed = echo_through(&pods, 9000, &data)?;
+    assert!(echoed == data, "echoed bytes differ");
+    // The hop between the Envoys was TLS, chosen by the inbound's TLS chain for the port, and
+    // each side verified the other's SPIFFE certificate.
+    let c = &pods.client_envoy;
+    assert_eq!(c.stat("cluster.outbound|9000||echo.ssl.handshake")?, 1);
+    assert_eq!(
+        c.stat("cluster.outbound|9000||echo.ssl.fail_verify_san")?,
+        0
+    );
+    let s = &pods.server_envoy;
+    assert_eq!(s.stat("listener.0.0.0.0_15006.ssl.handshake")?, 1);
+    assert_eq!(s.stat("cluster.inbound|9000||.upstream_cx_total")?, 1);
+
+    // HTTP over the same mTLS (the HTTP chain's ALPN, Istio's istio-http/1.1).
+    let _nginx = crate::Nginx::spawn(
+        &pods.server.ns,
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 80),
+    )?;
+    let mut conn = std::io::BufReader::new(connect_in(&pods.client.ns, pods.service_addr(80))?);
+    let r = crate::nginx::get(&mut conn, "web", "/1k")?;
+    assert_eq!(r.status, 200);
+    assert_eq!(s.stat("listener.0.0.0.0_15006.ssl.handshake")?, 2);
     Ok(())
 }

@@ -29,6 +29,7 @@ pub mod creds;
 pub mod envoy;
 mod exec;
 pub mod grpc;
+pub mod mtls;
 pub mod netns;
 pub mod nginx;
 pub mod relay;
