@@ -453,6 +453,18 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
     }
     let pods = found.pods;
 
+    // The sidecar hop only where the probe saw it work (or was skipped with --force).
+    let sidecar_hop = sources.sidecar_hop
+        && shared
+            .read()
+            .probe
+            .as_ref()
+            .is_none_or(|r| r.passed("sidecar hop"));
+    if sources.sidecar_hop && !sidecar_hop {
+        sources.log_once("(sidecar hop)", "refused".into(), |_| {
+            tracing::warn!("the probe's sidecar hop check did not pass: the sidecar hop stays off")
+        });
+    }
     // Each pod's mode: its own opt-in (checked against the probe like --mode), else the node's.
     let modes: Vec<mode::Decision> = {
         let s = shared.read();
@@ -520,7 +532,7 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
                     if pod_mode.mode == mode::Mode::TwoWay {
                         p.flags |= meshlane_common::POLICY_INTO_APP;
                     }
-                    if sources.sidecar_hop {
+                    if sidecar_hop {
                         p.flags |= meshlane_common::POLICY_SIDECAR_HOP;
                         addresses.push((cookie, ipv4));
                     }

@@ -40,6 +40,8 @@ const PIN_PROG_SK_MSG: &str = "prog_sk_msg";
 const PIN_LINK_SOCK_OPS: &str = "link_sockops";
 /// The connect hook's link (it records who calls connect(), for sock_ops).
 const PIN_LINK_CONNECT: &str = "link_connect4";
+/// The same hook for IPv6 sockets (connects to v4-mapped addresses).
+const PIN_LINK_CONNECT6: &str = "link_connect6";
 /// The read tracer's link when it is the fexit on `tcp_bpf_recvmsg` (sockhash sockets only).
 const PIN_LINK_RECV_EXIT: &str = "link_recv_exit";
 /// The read tracer's link when it is the `sock_recv_length` tracepoint (every read on the node).
@@ -216,7 +218,7 @@ impl Datapath {
         let Attached {
             ebpf: _ebpf,
             sock_ops_link,
-            connect_link,
+            connect_links,
             recv_link,
         } = load_and_attach(&opts.cgroup, Some(&opts.pin_dir))?;
         if let Some((tracer, link)) = recv_link {
@@ -227,8 +229,8 @@ impl Datapath {
             link.pin(opts.pin_dir.join(pin))
                 .map_err(|e| Error::Kernel(format!("pin the read tracer's link: {e}")))?;
         }
-        if let Some(link) = connect_link {
-            link.pin(opts.pin_dir.join(PIN_LINK_CONNECT))
+        for (pin, link) in connect_links {
+            link.pin(opts.pin_dir.join(pin))
                 .map_err(|e| Error::Kernel(format!("pin the connect hook's link: {e}")))?;
         }
         // The sock_ops link is pinned last: its pin marks a complete datapath.
@@ -504,6 +506,7 @@ impl Datapath {
         }
         for (kind, pin) in [
             ("connect4", PIN_LINK_CONNECT),
+            ("connect6", PIN_LINK_CONNECT6),
             ("recv", PIN_LINK_RECV_EXIT),
             ("recv", PIN_LINK_RECV),
         ] {
@@ -556,8 +559,9 @@ impl ReadTracer {
 struct Attached {
     ebpf: Ebpf,
     sock_ops_link: FdLink,
-    /// None where sock_ops asks for the caller itself (the kernel offers it the helper).
-    connect_link: Option<FdLink>,
+    /// The connect hooks (connect4, connect6) by pin name; none where sock_ops asks for the
+    /// caller itself (the kernel offers it the helper).
+    connect_links: Vec<(&'static str, FdLink)>,
     /// None where the kernel offers neither attachment: no unread budget there.
     recv_link: Option<(ReadTracer, FdLink)>,
 }
@@ -605,16 +609,20 @@ fn load_and_attach(cgroup: &Path, pin_dir: Option<&Path>) -> Result<Attached, Er
 
     // The connect hook before sock_ops, so sock_ops finds the owner of every connect it sees
     // (one it does not find is left on TCP). Not needed where sock_ops asks itself.
-    let connect_link = if owner_in_sockops {
-        None
-    } else {
-        let connect: &mut CgroupSockAddr = program(&mut ebpf, programs::CONNECT4)?;
-        connect.load().map_err(Error::from_load)?;
-        let link = connect
-            .attach(&cgroup_fd, CgroupAttachMode::Single)
-            .map_err(Error::from_load)?;
-        Some(fd_link(connect.take_link(link), "connect hook")?)
-    };
+    let mut connect_links = Vec::new();
+    if !owner_in_sockops {
+        for (name, pin) in [
+            (programs::CONNECT4, PIN_LINK_CONNECT),
+            (programs::CONNECT6, PIN_LINK_CONNECT6),
+        ] {
+            let connect: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            connect.load().map_err(Error::from_load)?;
+            let link = connect
+                .attach(&cgroup_fd, CgroupAttachMode::Single)
+                .map_err(Error::from_load)?;
+            connect_links.push((pin, fd_link(connect.take_link(link), "connect hook")?));
+        }
+    }
 
     let sock_ops: &mut SockOps = program(&mut ebpf, programs::SOCK_OPS)?;
     if let Some(dir) = pin_dir {
@@ -631,7 +639,7 @@ fn load_and_attach(cgroup: &Path, pin_dir: Option<&Path>) -> Result<Attached, Er
     Ok(Attached {
         ebpf,
         sock_ops_link,
-        connect_link,
+        connect_links,
         recv_link,
     })
 }
@@ -751,6 +759,7 @@ fn attach_read_exit(ebpf: &mut Ebpf) -> Result<FdLink, String> {
 /// in its own policy map, so it cannot touch the live datapath's pods or any other socket.
 pub struct Scratch {
     policy: HashMap<MapData, u64, PodPolicy>,
+    pod_ips: HashMap<MapData, u32, u64>,
     counters: PerCpuArray<MapData, u64>,
     unread: HashMap<MapData, u64, i64>,
     tracer: Option<ReadTracer>,
@@ -768,10 +777,13 @@ impl Scratch {
             .map_err(|e| Error::Map(maps::POLICY, e.to_string()))?;
         let counters = PerCpuArray::try_from(take(&mut attached.ebpf, maps::COUNTERS)?)
             .map_err(|e| Error::Map(maps::COUNTERS, e.to_string()))?;
+        let pod_ips = HashMap::try_from(take(&mut attached.ebpf, maps::POD_IPS)?)
+            .map_err(|e| Error::Map(maps::POD_IPS, e.to_string()))?;
         let unread = HashMap::try_from(take(&mut attached.ebpf, maps::UNREAD)?)
             .map_err(|e| Error::Map(maps::UNREAD, e.to_string()))?;
         Ok(Scratch {
             policy,
+            pod_ips,
             counters,
             unread,
             tracer: attached.recv_link.as_ref().map(|(t, _)| *t),
@@ -802,6 +814,13 @@ impl Scratch {
         self.policy
             .insert(netns_cookie, policy, 0)
             .map_err(|e| Error::Map(maps::POLICY, e.to_string()))
+    }
+
+    /// Puts a pod's address in this copy's pod-address map (the sidecar hop).
+    pub fn set_pod_ip(&mut self, ip: std::net::Ipv4Addr, netns_cookie: u64) -> Result<(), Error> {
+        self.pod_ips
+            .insert(u32::from_ne_bytes(ip.octets()), netns_cookie, 0)
+            .map_err(|e| Error::Map(maps::POD_IPS, e.to_string()))
     }
 
     pub fn counters(&self) -> Result<Counters, Error> {
@@ -964,7 +983,12 @@ fn pin_names() -> impl Iterator<Item = &'static str> {
 }
 
 /// Pins a datapath has or not, depending on the kernel: the connect hook, the read tracer.
-const OPTIONAL_PINS: [&str; 3] = [PIN_LINK_CONNECT, PIN_LINK_RECV_EXIT, PIN_LINK_RECV];
+const OPTIONAL_PINS: [&str; 4] = [
+    PIN_LINK_CONNECT,
+    PIN_LINK_CONNECT6,
+    PIN_LINK_RECV_EXIT,
+    PIN_LINK_RECV,
+];
 
 fn pin_state(dir: &Path) -> PinState {
     let present = pin_names().filter(|n| dir.join(n).exists()).count();
@@ -1014,9 +1038,11 @@ pub fn detach(pin_dir: &Path) -> Result<DetachReport, Error> {
         }
     }
     // After sock_ops: a connect it still sees finds its owner.
-    if let Ok(link) = sys::obj_get(&pin_dir.join(PIN_LINK_CONNECT)) {
-        if let Err(e) = sys::link_detach(&link) {
-            tracing::warn!(error = %e, "connect hook link detach");
+    for pin in [PIN_LINK_CONNECT, PIN_LINK_CONNECT6] {
+        if let Ok(link) = sys::obj_get(&pin_dir.join(pin)) {
+            if let Err(e) = sys::link_detach(&link) {
+                tracing::warn!(error = %e, "connect hook link detach");
+            }
         }
     }
     for pin in PIN_LINKS_RECV {

@@ -1,8 +1,12 @@
-//! meshlane: a node daemon that short-circuits the localhost hops between each app and its Istio
-//! sidecar through a sockhash, without changing where any connection goes.
+//! meshlane: a node daemon that short-circuits the local hops between each app and its Istio
+//! sidecar, and between two sidecars on one node, through a sockhash, without changing where any
+//! connection goes. The design (invariants, modes, kernel facts) is DESIGN.md at the repository
+//! root.
 //!
-//! Data flows one way: `config` (the local pod list) -> `model` -> `policy` -> `datapath` (the only
-//! module touching the kernel) ; `node` reads facts from the node; `daemon` wires them.
+//! Data flows one way: `discovery` and `config` (the pod list) -> `model` -> `policy` ->
+//! `datapath` (the only module touching the kernel) -> `telemetry` (metrics, status API); `node`
+//! reads facts from the node (namespace cookies and addresses); `probe` and `mode` decide, on the
+//! running kernel, what may be redirected; `daemon` wires them.
 #![deny(unsafe_code)]
 
 pub mod config;

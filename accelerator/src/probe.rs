@@ -79,6 +79,15 @@ pub struct Difference {
     pub meshlane: String,
 }
 
+impl Report {
+    /// Whether the check `name` ran and passed (a skipped check did not).
+    pub fn passed(&self, name: &str) -> bool {
+        self.checks
+            .iter()
+            .any(|c| c.name == name && c.status == Status::Pass)
+    }
+}
+
 impl ModeReport {
     /// The differing behaviours' names, each once.
     pub fn difference_names(&self) -> Vec<String> {
@@ -312,6 +321,23 @@ fn run_checks(r: &mut Recorder, cgroup: Option<&Path>) -> bool {
             None
         }
     };
+    // The sidecar hop needs a second namespace, a veth to it and REDIRECT to 15006 there.
+    let server = sidecar_hop_setup(&ns, &mut dp, cookie);
+    match &server {
+        Ok((_, listener)) => {
+            r.record("sidecar hop", || checks::sidecar_hop(&ns, &dp, listener));
+        }
+        Err(e) => r.skip(
+            "sidecar hop",
+            format!("no second namespace with a veth and REDIRECT ({e})"),
+        ),
+    }
+    drop(server);
+    // The app-view checks below see the scratch pod as before: app hops only.
+    if let Err(e) = dp.set_pod(cookie, &PodPolicy::istio_default()) {
+        r.record("policy", || Err(e.to_string()));
+        return false;
+    }
     // What an app sees in each mode, against the same hops in a namespace meshlane does not
     // list (measured while the reader rule is measured: different namespaces, no shared state).
     let mut reader = None;
@@ -360,6 +386,68 @@ fn run_checks(r: &mut Recorder, cgroup: Option<&Path>) -> bool {
     }
     r.record("survives detach", || checks::survives_detach(&ns, dp));
     true
+}
+
+/// A second scratch namespace as the "server pod" of the sidecar hop: a veth to the probe's
+/// namespace, PREROUTING REDIRECT to 15006 as istio-init's ISTIO_INBOUND, a uid-1337 listener
+/// there, both namespaces listed with the sidecar hop and the server's address in the
+/// pod-address map. The namespace goes when the returned value drops.
+fn sidecar_hop_setup(
+    client: &ScratchNs,
+    dp: &mut Scratch,
+    client_cookie: u64,
+) -> Result<(ScratchNs, TcpListener), String> {
+    let server = ScratchNs::new().map_err(|e| format!("namespace: {e}"))?;
+    let server_cookie = server.cookie().map_err(|e| format!("cookie: {e}"))?;
+    let ip = |ns: &ScratchNs, args: &[&str]| ns.command("ip", args, "").map_err(|e| e.to_string());
+    ip(
+        client,
+        &[
+            "link",
+            "add",
+            "mlprobe0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "mlprobe1",
+            "netns",
+            &server.path(),
+        ],
+    )?;
+    let (cip, sip) = (
+        format!("{}/30", checks::SIDECAR_HOP_CLIENT),
+        format!("{}/30", checks::SIDECAR_HOP_SERVER),
+    );
+    ip(client, &["addr", "add", &cip, "dev", "mlprobe0"])?;
+    ip(client, &["link", "set", "mlprobe0", "up"])?;
+    ip(&server, &["addr", "add", &sip, "dev", "mlprobe1"])?;
+    ip(&server, &["link", "set", "mlprobe1", "up"])?;
+    let rules = format!(
+        "*nat\n:PREROUTING ACCEPT [0:0]\n\
+         -A PREROUTING -p tcp -j REDIRECT --to-ports {port}\n\
+         COMMIT\n",
+        port = checks::INBOUND_CAPTURE_PORT
+    );
+    server
+        .command("iptables-restore", &["--noflush"], &rules)
+        .map_err(|e| e.to_string())?;
+    let listener = server
+        .run(true, || {
+            TcpListener::bind(SocketAddrV4::new(
+                std::net::Ipv4Addr::UNSPECIFIED,
+                checks::INBOUND_CAPTURE_PORT,
+            ))
+        })
+        .map_err(|e| format!("sidecar listener: {e}"))?;
+    let mut policy = PodPolicy::istio_default();
+    policy.flags |= meshlane_common::POLICY_SIDECAR_HOP;
+    for cookie in [client_cookie, server_cookie] {
+        dp.set_pod(cookie, &policy).map_err(|e| e.to_string())?;
+    }
+    dp.set_pod_ip(checks::SIDECAR_HOP_SERVER, server_cookie)
+        .map_err(|e| e.to_string())?;
+    Ok((server, listener))
 }
 
 /// istio-init's REDIRECT for TEST-NET-1 in the scratch namespace, and a uid-1337 listener on the

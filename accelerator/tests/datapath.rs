@@ -208,6 +208,79 @@ fn the_sidecar_hop_is_byte_exact_both_ways_and_counted_in_both_pods() {
     assert_eq!(after.get("pairs_outbound"), 2 * N);
 }
 
+/// Go, Java and Node apps use IPv6 sockets for IPv4 by default: a Go server listens on `[::]`
+/// with IPV6_V6ONLY off, so the sidecar's inbound connection from 127.0.0.6 arrives on an
+/// AF_INET6 socket with v4-mapped addresses; a Java client opens AF_INET6 sockets and connects
+/// to `::ffff:a.b.c.d`. Both hops must pair exactly as for AF_INET sockets, and every byte
+/// arrive.
+#[test]
+fn dual_stack_app_sockets_pair_on_both_hops() {
+    let Some(mut accel) = Accel::new("dual_stack_apps") else {
+        return;
+    };
+    let mesh = mesh(77);
+    let listener = mesh
+        .server
+        .ns
+        .run(|| std::net::TcpListener::bind("[::]:8080"))
+        .unwrap()
+        .expect("a [::] listener (Go's default)");
+    const N: u64 = 6;
+    const SIZE: usize = 256 * 1024;
+    let server = std::thread::spawn(move || {
+        let mut peers = Vec::new();
+        for _ in 0..N {
+            let (s, peer) = listener.accept().unwrap();
+            peers.push(peer);
+            let mut r = &s;
+            let mut buf = vec![0; 64 * 1024];
+            loop {
+                let n = r.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                (&s).write_all(&buf[..n]).unwrap();
+            }
+            s.shutdown(Shutdown::Write).unwrap();
+        }
+        peers
+    });
+    accel.add_pod(&mesh.client.ns, &mesh.client.capture);
+    accel.add_pod(&mesh.server.ns, &mesh.server.capture);
+    let dst = std::net::SocketAddrV6::new(mesh.server.ip.to_ipv6_mapped(), 8080, 0, 0);
+    for i in 0..N {
+        // Java's default: an AF_INET6 socket for an IPv4 destination.
+        let s = mesh
+            .client
+            .ns
+            .run(|| std::net::TcpStream::connect(dst))
+            .unwrap()
+            .expect("connect from an AF_INET6 socket");
+        let data = pattern(i + 1, SIZE);
+        let out = echo_exchange(s, &data, 16 * 1024).expect("exchange");
+        assert_same(&format!("connection {i}"), &out.bytes, &data);
+    }
+    let peers = server.join().unwrap();
+    assert!(
+        peers
+            .iter()
+            .all(|p| p.ip() == std::net::Ipv4Addr::new(127, 0, 0, 6).to_ipv6_mapped()),
+        "the app's sockets are AF_INET6, its peer the sidecar at ::ffff:127.0.0.6: {peers:?}"
+    );
+    let c = accel.counters();
+    eprintln!("counters: {c:?}");
+    assert_eq!(c.get("pairs_outbound"), N, "{c:?}");
+    assert_eq!(c.get("pairs_inbound"), N, "{c:?}");
+    for dir in ["outbound_app_to_sidecar", "inbound_app_to_sidecar"] {
+        assert_eq!(
+            c.get(&format!("bytes_redirected_{dir}")),
+            N * SIZE as u64,
+            "{dir}: {c:?}"
+        );
+    }
+    assert_eq!(c.get("pass_no_peer"), 0, "{c:?}");
+}
+
 /// Port reuse and NAT remaps: 500 concurrent connections from one pod through a 64-port range to
 /// 20 destinations (half captured, half excluded by port), plus five connections sharing one bound
 /// port. Every stream must come back whole from the destination it named, every captured one must

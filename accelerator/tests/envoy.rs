@@ -71,13 +71,26 @@ fn both_runs_with<T>(
     client_capture: CaptureConfig,
     case: impl Fn(&EnvoyPods) -> T,
 ) -> Option<(T, T, Counters)> {
+    both_runs_of(test, subnet, client_capture, false, case)
+}
+
+/// The general form: the client pod's istio-init configuration, and Istio's mTLS between the
+/// sidecars or plaintext.
+fn both_runs_of<T>(
+    test: &str,
+    subnet: u8,
+    client_capture: CaptureConfig,
+    mtls: bool,
+    case: impl Fn(&EnvoyPods) -> T,
+) -> Option<(T, T, Counters)> {
     let mut accel = Accel::new(test)?;
     raise_fd_limit();
-    let pods = EnvoyPods::with_captures(
+    let pods = EnvoyPods::build(
         subnet,
         &services(),
         client_capture,
         CaptureConfig::default(),
+        mtls,
     )
     .expect("Envoy pods");
     // Both pods with the sidecar hop, as the daemon lists them: every case also crosses the
@@ -146,48 +159,102 @@ fn raise_fd_limit() {
     }
 }
 
+/// Four 1 MiB echo streams, then 30 connections that write right after connect() and then
+/// 5000 one-byte writes.
+fn tcp_streams(pods: &EnvoyPods) {
+    let dst = pods.service_addr(ECHO);
+    let _echo = EchoServer::spawn(&pods.server.ns, dst).unwrap();
+    for i in 0..4 {
+        let data = pattern(i, 1 << 20);
+        let out = echo_exchange_settled(connect(&pods.client.ns, dst).unwrap(), &data, 64 * 1024)
+            .unwrap();
+        assert_same(&format!("1 MiB stream {i}"), &out.bytes, &data);
+    }
+    for i in 0..30 {
+        let s = connect(&pods.client.ns, dst).unwrap();
+        let want = pattern(100 + i, 5001);
+        let out = echo_exchange_settled(s, &want, 1).unwrap();
+        assert_same(&format!("tiny writes {i}"), &out.bytes, &want);
+    }
+}
+
+/// 300 keep-alive requests to nginx on one connection, then 64 KiB and 16 MiB bodies.
+fn http_keepalive(pods: &EnvoyPods) {
+    let dst = pods.service_addr(WEB);
+    let _nginx = Nginx::spawn(&pods.server.ns, dst).unwrap();
+    let mut conn = BufReader::new(connect(&pods.client.ns, dst).unwrap());
+    for i in 0..300 {
+        let r = nginx::get(&mut conn, "web", "/1k").unwrap();
+        assert_eq!(r.status, 200, "request {i}");
+        assert_same(&format!("/1k #{i}"), &r.body, &nginx::body("1k"));
+    }
+    // nginx serves these with sendfile(): the server app's side of the hop uses it.
+    for name in ["64k", "16m"] {
+        let r = nginx::get(&mut conn, "web", &format!("/{name}")).unwrap();
+        assert_same(name, &r.body, &nginx::body(name));
+    }
+}
+
+/// 200 unary calls and two bidirectional streams; returns the calls the server saw.
+fn grpc_calls(pods: &EnvoyPods) -> u64 {
+    let dst = pods.service_addr(GRPC);
+    let server = GrpcServer::spawn(&pods.server.ns, dst).unwrap();
+    let mut client = GrpcClient::connect(&pods.client.ns, dst).unwrap();
+    for i in 0..200 {
+        let payload = pattern(i, 512);
+        assert_eq!(client.unary(i, payload.clone()).unwrap(), payload);
+    }
+    client.chat(1000, 1024).unwrap();
+    client.chat(20, 256 * 1024).unwrap();
+    drop(client);
+    server.calls()
+}
+
 #[test]
 fn tcp_streams_through_envoy_are_byte_exact() {
-    let Some((_, c)) = matrix("envoy_tcp_streams", 101, |pods| {
-        let dst = pods.service_addr(ECHO);
-        let _echo = EchoServer::spawn(&pods.server.ns, dst).unwrap();
-        for i in 0..4 {
-            let data = pattern(i, 1 << 20);
-            let out =
-                echo_exchange_settled(connect(&pods.client.ns, dst).unwrap(), &data, 64 * 1024)
-                    .unwrap();
-            assert_same(&format!("1 MiB stream {i}"), &out.bytes, &data);
-        }
-        // Write right after connect(), then 5000 more one-byte writes.
-        for i in 0..30 {
-            let s = connect(&pods.client.ns, dst).unwrap();
-            let want = pattern(100 + i, 5001);
-            let out = echo_exchange_settled(s, &want, 1).unwrap();
-            assert_same(&format!("tiny writes {i}"), &out.bytes, &want);
-        }
-    }) else {
+    let Some((_, c)) = matrix("envoy_tcp_streams", 101, tcp_streams) else {
         return;
     };
     assert!(c.get("bytes_redirected_outbound_app_to_sidecar") >= 4 << 20);
 }
 
+/// The same TCP, HTTP/1.1 and gRPC cases with Istio's mutual TLS between the two sidecars (what
+/// users run): the TLS records are just bytes to the sidecar hop's redirect, both ways.
+#[test]
+fn tcp_http_and_grpc_with_mtls_between_the_sidecars() {
+    let Some((fast, plain, c)) =
+        both_runs_of("envoy_mtls", 110, CaptureConfig::default(), true, |pods| {
+            assert!(pods.mtls());
+            let handshakes = || {
+                pods.server_envoy
+                    .stat("listener.0.0.0.0_15006.ssl.handshake")
+                    .unwrap()
+            };
+            let before = handshakes();
+            tcp_streams(pods);
+            http_keepalive(pods);
+            let calls = grpc_calls(pods);
+            // Every Envoy -> Envoy connection was TLS: the server's inbound counted a
+            // handshake for each, and none went to a plaintext chain.
+            let tls = handshakes() - before;
+            assert!(tls >= 34, "{tls} TLS handshakes on the server's inbound");
+            calls
+        })
+    else {
+        return;
+    };
+    assert_eq!((fast, plain), (202, 202));
+    for dir in ["sidecar_client_to_server", "sidecar_server_to_client"] {
+        assert!(
+            c.get(&format!("bytes_redirected_{dir}")) >= 4 << 20,
+            "{dir}: {c:?}"
+        );
+    }
+}
+
 #[test]
 fn http_keepalive_and_16_mib_bodies_through_envoy_to_nginx() {
-    let Some((_, c)) = matrix("envoy_http", 102, |pods| {
-        let dst = pods.service_addr(WEB);
-        let _nginx = Nginx::spawn(&pods.server.ns, dst).unwrap();
-        let mut conn = BufReader::new(connect(&pods.client.ns, dst).unwrap());
-        for i in 0..300 {
-            let r = nginx::get(&mut conn, "web", "/1k").unwrap();
-            assert_eq!(r.status, 200, "request {i}");
-            assert_same(&format!("/1k #{i}"), &r.body, &nginx::body("1k"));
-        }
-        // nginx serves these with sendfile(): the server app's side of the hop uses it.
-        for name in ["64k", "16m"] {
-            let r = nginx::get(&mut conn, "web", &format!("/{name}")).unwrap();
-            assert_same(name, &r.body, &nginx::body(name));
-        }
-    }) else {
+    let Some((_, c)) = matrix("envoy_http", 102, http_keepalive) else {
         return;
     };
     // nginx's sendfile() bytes were redirected: all 16 MiB, or (when Envoy's flow control let
@@ -203,19 +270,7 @@ fn http_keepalive_and_16_mib_bodies_through_envoy_to_nginx() {
 
 #[test]
 fn grpc_unary_and_bidi_streaming_through_envoy() {
-    let Some((calls, _)) = matrix("envoy_grpc", 103, |pods| {
-        let dst = pods.service_addr(GRPC);
-        let server = GrpcServer::spawn(&pods.server.ns, dst).unwrap();
-        let mut client = GrpcClient::connect(&pods.client.ns, dst).unwrap();
-        for i in 0..200 {
-            let payload = pattern(i, 512);
-            assert_eq!(client.unary(i, payload.clone()).unwrap(), payload);
-        }
-        client.chat(1000, 1024).unwrap();
-        client.chat(20, 256 * 1024).unwrap();
-        drop(client);
-        server.calls()
-    }) else {
+    let Some((calls, _)) = matrix("envoy_grpc", 103, grpc_calls) else {
         return;
     };
     assert_eq!(calls, 202);
@@ -223,7 +278,7 @@ fn grpc_unary_and_bidi_streaming_through_envoy() {
 
 #[test]
 fn a_thousand_concurrent_connections_through_envoy() {
-    let Some(_) = matrix("envoy_thousand", 104, |pods| {
+    let Some((_, c)) = matrix("envoy_thousand", 104, |pods| {
         let dst = pods.service_addr(ECHO);
         let _echo = EchoServer::spawn(&pods.server.ns, dst).unwrap();
         // Each connection sends right after connect() and stays open: CONCURRENT connections
@@ -247,6 +302,11 @@ fn a_thousand_concurrent_connections_through_envoy() {
     }) else {
         return;
     };
+    // tcp_proxy opens one upstream per downstream: each Envoy -> Envoy connection was paired
+    // exactly once, like each app hop.
+    for hop in ["outbound", "inbound", "sidecar"] {
+        assert_eq!(c.get(&format!("pairs_{hop}")), CONCURRENT, "{hop}: {c:?}");
+    }
 }
 
 /// An edge-triggered epoll reader drains every readiness event to EAGAIN; a lost wake-up stalls it.
@@ -665,4 +725,53 @@ fn a_server_pod_not_on_this_node_is_never_stamped() {
         "one stamp per sidecar connection: {seen:?}"
     );
     assert_eq!(c.get("pairs_sidecar"), N, "{c:?}");
+}
+
+/// Through real Envoy: a Go-style server on `[::]` (IPV6_V6ONLY off) behind the server sidecar,
+/// and Java-style clients on AF_INET6 sockets to the v4-mapped service address. All three hops
+/// pair once per connection and every byte arrives, accelerated and plain alike.
+#[test]
+fn dual_stack_apps_through_envoy() {
+    const N: u64 = 10;
+    let Some((peers, c)) = matrix("envoy_dual_stack", 112, |pods| {
+        let listener = pods
+            .server
+            .ns
+            .run(|| TcpListener::bind(("::", ECHO)))
+            .unwrap()
+            .expect("a [::] listener (Go's default)");
+        let server = std::thread::spawn(move || {
+            (0..N)
+                .map(|_| {
+                    let (s, peer) = listener.accept().unwrap();
+                    let mut got = vec![0; 64 * 1024];
+                    (&s).read_exact(&mut got).unwrap();
+                    (&s).write_all(&got).unwrap();
+                    peer.is_ipv6()
+                })
+                .collect::<Vec<_>>()
+        });
+        let dst = std::net::SocketAddrV6::new(pods.server.ip.to_ipv6_mapped(), ECHO, 0, 0);
+        for i in 0..N {
+            let s = pods
+                .client
+                .ns
+                .run(|| TcpStream::connect(dst))
+                .unwrap()
+                .expect("connect from an AF_INET6 socket");
+            let data = pattern(i, 64 * 1024);
+            let got = request_reply(&s, &data);
+            assert_same(&format!("dual-stack stream {i}"), &got, &data);
+        }
+        server.join().unwrap()
+    }) else {
+        return;
+    };
+    assert!(
+        peers.iter().all(|v6| *v6),
+        "the app accepted on AF_INET6 sockets"
+    );
+    for hop in ["outbound", "inbound", "sidecar"] {
+        assert_eq!(c.get(&format!("pairs_{hop}")), N, "{hop}: {c:?}");
+    }
 }

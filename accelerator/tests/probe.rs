@@ -135,6 +135,7 @@ fn probe_tells_the_truth_on_this_kernel_and_leaves_nothing() {
         "load and attach",
         "inbound hop",
         "outbound hop",
+        "sidecar hop",
         "end of stream",
         "MSG_PEEK",
         "first byte order",

@@ -177,6 +177,41 @@ pub fn outbound_hop(ns: &ScratchNs, dp: &Scratch, sidecar: &TcpListener) -> Outc
     ))
 }
 
+/// Where the sidecar-hop check's "server pod" is, seen from the "client pod".
+/// (TEST-NET-2: apart from the outbound check's TEST-NET-1, which the scratch namespace REDIRECTs.)
+pub const SIDECAR_HOP_SERVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
+pub const SIDECAR_HOP_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+pub const INBOUND_CAPTURE_PORT: u16 = 15006;
+
+/// The sidecar hop: the client pod's "sidecar" (uid 1337) connects to the server pod's address,
+/// whose PREROUTING REDIRECT hands it to the server's "sidecar" on 15006; the two are paired by
+/// the token and carry 64 KiB each way, both directions redirected.
+pub fn sidecar_hop(client: &ScratchNs, dp: &Scratch, server_sidecar: &TcpListener) -> Outcome {
+    let before = dp.counters().map_err(|e| e.to_string())?;
+    let up = client
+        .run(true, || {
+            connect_from(
+                Ipv4Addr::UNSPECIFIED,
+                SocketAddrV4::new(SIDECAR_HOP_SERVER, 80),
+            )
+        })
+        .map_err(io("connect to the server pod"))?;
+    let down = accept(server_sidecar).map_err(io("accept on 15006"))?;
+    both_ways(up, down, &pattern(9, 64 * 1024), &pattern(10, 64 * 1024))?;
+    let after = dp.counters().map_err(|e| e.to_string())?;
+    let pairs = delta(&before, &after, "pairs_sidecar");
+    let there = delta(&before, &after, "bytes_redirected_sidecar_client_to_server");
+    let back = delta(&before, &after, "bytes_redirected_sidecar_server_to_client");
+    if pairs != 1 || there != 64 * 1024 || back != 64 * 1024 {
+        return Err(format!(
+            "not accelerated: {pairs} pairs, {there} and {back} bytes redirected there and back (want 1, 65536, 65536)"
+        ));
+    }
+    Ok(Verdict::Pass(
+        "sidecar -> sidecar across two namespaces, paired by the token through REDIRECT; 64 KiB each way, both redirected".into(),
+    ))
+}
+
 /// A write right after connect() and 2000 tiny writes keep their order.
 pub fn first_byte_order(ns: &ScratchNs, sidecar: &TcpListener) -> Outcome {
     let (app, side) = outbound_pair(ns, sidecar).map_err(io("connect"))?;

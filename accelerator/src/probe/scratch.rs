@@ -38,6 +38,15 @@ impl ScratchNs {
         .unwrap_or_else(|_| Err(io::Error::other("scratch namespace thread panicked")))
     }
 
+    /// A path other processes (`ip ... netns PATH`) can open the namespace by while it lives.
+    pub fn path(&self) -> String {
+        format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            std::os::fd::AsRawFd::as_raw_fd(&self.fd)
+        )
+    }
+
     /// The namespace's cookie, the key of the probe's policy entry.
     pub fn cookie(&self) -> io::Result<u64> {
         crate::node::netns_cookie(std::path::Path::new(&format!(

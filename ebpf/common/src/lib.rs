@@ -498,6 +498,8 @@ pub mod programs {
     pub const OWNER_IN_SOCKOPS: &str = "MESHLANE_OWNER_IN_SOCKOPS";
     /// cgroup/connect4: records who calls connect(), for sock_ops (see `owner.rs`).
     pub const CONNECT4: &str = "meshlane_connect4";
+    /// cgroup/connect6: the same for IPv6 sockets connecting to v4-mapped addresses.
+    pub const CONNECT6: &str = "meshlane_connect6";
     /// The raw tracepoint `RECV` attaches to: fired after every recvmsg() with the socket, the
     /// bytes read and the flags (Linux 6.4+).
     pub const RECV_TRACEPOINT: &str = "sock_recv_length";

@@ -37,6 +37,12 @@ pub fn meshlane_connect4(ctx: SockAddrContext) -> i32 {
     1
 }
 
+#[cgroup_sock_addr(connect6)]
+pub fn meshlane_connect6(ctx: SockAddrContext) -> i32 {
+    owner::on_connect6(&ctx);
+    1
+}
+
 #[sk_msg]
 pub fn meshlane_sk_msg(ctx: SkMsgContext) -> u32 {
     sk_msg::verdict(&ctx)

@@ -60,6 +60,7 @@ use crate::{
 };
 
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 const TCP_FIN_WAIT1: u32 = 4;
 const TCP_CLOSE: u32 = 7;
 const TCP_LAST_ACK: u32 = 9;
@@ -80,8 +81,12 @@ fn owner_in_sockops() -> bool {
 }
 
 pub fn handle(ctx: &SockOpsContext) {
-    // IPv6 and v4-mapped sockets are left on TCP for now (fail open).
-    if ctx.family() != AF_INET {
+    // IPv4 sockets, and IPv6 sockets carrying IPv4 (v4-mapped peer: a Go, Java or Node app on a
+    // dual-stack socket), whose IPv4 addresses the kernel keeps in the same fields sock_ops
+    // reads as `local_ip4`/`remote_ip4`. True IPv6 hops are left on TCP (fail open): neither
+    // of their ends ever joins, so no end waits for one that cannot come.
+    let family = ctx.family();
+    if family != AF_INET && !(family == AF_INET6 && v4_mapped(&ctx.remote_ip6())) {
         return;
     }
     // State changes only come for sockets that joined: they clean up (and, under the reader
@@ -571,6 +576,11 @@ fn tuple_key(ctx: &SockOpsContext, netns: u64) -> PairKey {
         ctx.remote_ip4(),
         remote_port(ctx),
     )
+}
+
+/// Whether an IPv6 address (four network-order words as sock_ops gives them) is `::ffff:a.b.c.d`.
+fn v4_mapped(ip6: &[u32; 4]) -> bool {
+    ip6[0] == 0 && ip6[1] == 0 && ip6[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
 }
 
 /// `remote_port` is the network-order port in the upper 16 bits on little-endian hosts.
