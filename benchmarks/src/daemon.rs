@@ -28,6 +28,8 @@ pub struct DaemonSpec {
     pub cookies: [u64; 2],
     /// `meshlane run --mode`: which directions C redirects.
     pub mode: String,
+    /// `meshlane run --sidecar-hop`.
+    pub sidecar_hop: String,
 }
 
 /// A running daemon; SIGTERM (then SIGKILL), wait and a belt-and-braces detach on drop.
@@ -55,6 +57,7 @@ impl Daemon {
             .arg(format!("127.0.0.1:{}", spec.metrics_port))
             .args(["--discovery", "local", "--resync", "1s", "--detach-on-exit"])
             .args(["--mode", &spec.mode])
+            .args(["--sidecar-hop", &spec.sidecar_hop])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -132,6 +135,7 @@ impl Daemon {
         Ok(Counters {
             pairs_outbound: sum("meshlane_pairs_total{hop=\"outbound\"}"),
             pairs_inbound: sum("meshlane_pairs_total{hop=\"inbound\"}"),
+            pairs_sidecar: sum("meshlane_pairs_total{hop=\"sidecar\"}"),
             redirected_bytes: sum("meshlane_redirected_bytes_total{"),
         })
     }
@@ -180,6 +184,7 @@ impl Drop for Daemon {
 pub struct Counters {
     pub pairs_outbound: u64,
     pub pairs_inbound: u64,
+    pub pairs_sidecar: u64,
     pub redirected_bytes: u64,
 }
 
@@ -188,6 +193,7 @@ impl Counters {
         Counters {
             pairs_outbound: self.pairs_outbound.saturating_sub(before.pairs_outbound),
             pairs_inbound: self.pairs_inbound.saturating_sub(before.pairs_inbound),
+            pairs_sidecar: self.pairs_sidecar.saturating_sub(before.pairs_sidecar),
             redirected_bytes: self
                 .redirected_bytes
                 .saturating_sub(before.redirected_bytes),

@@ -59,6 +59,16 @@ pub struct Args {
     /// reader rule visible to apps; "two-way" measures the opt-in.
     #[arg(long, default_value = "reader", value_parser = ["reader", "two-way"])]
     pub mode: String,
+    /// The sidecar hop in C (envoy suite: the daemon's `--sidecar-hop`; relay suite: relay ->
+    /// relay). "on": the client sidecar -> server sidecar hop is redirected too (both pods are
+    /// on this node); "off": only the app hops, which is what C gets when the server pod is on
+    /// another node.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    pub sidecar_hop: String,
+    /// envoy suite: Istio's mutual TLS between the two sidecars in B and C ("on", what Istio
+    /// does by default), or plaintext ("off").
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    pub mtls: String,
 }
 
 impl Args {

@@ -22,13 +22,13 @@ const NAME_PREFIX: &str = "meshlane_";
 const KIND_OF_TYPE: [(u32, &str); 5] = [
     (13, "sock_ops"), // BPF_PROG_TYPE_SOCK_OPS
     (16, "sk_msg"),   // BPF_PROG_TYPE_SK_MSG
-    (18, "connect4"), // BPF_PROG_TYPE_CGROUP_SOCK_ADDR (cgroup/connect4)
+    (18, "connect"),  // BPF_PROG_TYPE_CGROUP_SOCK_ADDR (cgroup/connect4 and connect6)
     (26, "recv"),     // BPF_PROG_TYPE_TRACING (fexit on tcp_bpf_recvmsg, the read tracer)
     (17, "recv"),     // BPF_PROG_TYPE_RAW_TRACEPOINT (sock_recv_length, its fallback)
 ];
 
 /// Every kind, in table order.
-pub const KINDS: [&str; 4] = ["sock_ops", "sk_msg", "connect4", "recv"];
+pub const KINDS: [&str; 4] = ["sock_ops", "sk_msg", "connect", "recv"];
 
 /// `kernel.bpf_stats_enabled` set to 1 while this lives; the old value is written back on drop
 /// (also after an error or Ctrl-C, which end the suite by returning).
@@ -64,7 +64,8 @@ fn write_sysctl(value: &str) -> Result<()> {
 /// What one program cost during one workload (or one C round).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ProgCost {
-    /// `sock_ops`, `sk_msg`, `connect4` or `recv` (the read tracer), from the program type.
+    /// `sock_ops`, `sk_msg`, `connect` (both connect hooks together) or `recv` (the read
+    /// tracer), from the program type.
     pub kind: &'static str,
     /// The kernel's (truncated) program name.
     pub name: String,
@@ -87,7 +88,8 @@ pub struct Snapshot(Vec<(u64, u64)>);
 
 impl Programs {
     /// The `meshlane_*` programs loaded now that were not in `before` (from [`meshlane_ids`]),
-    /// one per kind; fails if there are none or two of a kind (another copy loaded meanwhile).
+    /// one per kind (two connect hooks); fails if there are none or more of a kind (another copy
+    /// loaded meanwhile).
     pub fn since(before: &BTreeSet<u32>) -> Result<Programs> {
         let mut progs = Vec::new();
         for info in meshlane_programs()? {
@@ -97,7 +99,10 @@ impl Programs {
             let Some(&(_, kind)) = KIND_OF_TYPE.iter().find(|(t, _)| *t == info.prog_type) else {
                 continue;
             };
-            if let Some((_, other, id)) = progs.iter().find(|(k, _, _)| *k == kind) {
+            let allowed = if kind == "connect" { 2 } else { 1 };
+            if let Some((_, other, id)) =
+                progs.iter().filter(|(k, _, _)| *k == kind).nth(allowed - 1)
+            {
                 bail!(
                     "two new {kind} programs since the daemon started ({other} id {id}, {} id {}): another meshlane loaded meanwhile",
                     info.name,
@@ -142,7 +147,18 @@ impl Programs {
                 runs: c1.saturating_sub(*c0),
                 ns: t1.saturating_sub(*t0),
             })
-            .collect()
+            .fold(Vec::<ProgCost>::new(), |mut out, c| {
+                // One entry per kind: the two connect hooks are added up.
+                match out.iter_mut().find(|o| o.kind == c.kind) {
+                    Some(o) => {
+                        o.runs += c.runs;
+                        o.ns += c.ns;
+                        o.name = format!("{} + {}", o.name, c.name);
+                    }
+                    None => out.push(c),
+                }
+                out
+            })
     }
 }
 

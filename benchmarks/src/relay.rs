@@ -73,7 +73,7 @@ pub fn run(args: &Args, stop: &AtomicBool) -> Result<Vec<Round>> {
             }
             let (dp, progs) = if scenario == "meshlane" {
                 let before = progstats::meshlane_ids()?;
-                let dp = attach(&opts, &mesh)?;
+                let dp = attach(&opts, &mesh, args.sidecar_hop == "on")?;
                 (Some(dp), Some(Programs::since(&before)?))
             } else {
                 (None, None)
@@ -122,13 +122,25 @@ pub fn run(args: &Args, stop: &AtomicBool) -> Result<Vec<Round>> {
     Ok(out)
 }
 
-/// Loads the datapath on the bench cgroup and lists both pods.
-fn attach(opts: &Options, mesh: &TwoPods) -> Result<Datapath> {
+/// Loads the datapath on the bench cgroup and lists both pods, with the sidecar hop (relay ->
+/// relay across the veth) when `sidecar_hop` is set, as the daemon does.
+fn attach(opts: &Options, mesh: &TwoPods, sidecar_hop: bool) -> Result<Datapath> {
     let mut dp = Datapath::open(opts).context("load meshlane")?;
+    let mut ips = std::collections::BTreeMap::new();
     for pod in [&mesh.client, &mesh.server] {
         // minimesh installs istio-init's default capture, so the model is Istio's defaults.
         let model = meshlane::model::Pod::with_istio_defaults(pod.ns.name(), pod.ns.path());
-        dp.set_pod(pod.ns.cookie()?, &meshlane::policy::pod_policy(&model)?)?;
+        let mut policy = meshlane::policy::pod_policy(&model)?;
+        let cookie = pod.ns.cookie()?;
+        if sidecar_hop {
+            policy.flags |= meshlane_common::POLICY_SIDECAR_HOP;
+            ips.insert(pod.ip, cookie);
+        }
+        dp.set_pod(cookie, &policy)?;
+    }
+    let failed = dp.set_pod_ips(&ips)?;
+    if failed > 0 {
+        bail!("{failed} pod addresses could not be written");
     }
     Ok(dp)
 }

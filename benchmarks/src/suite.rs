@@ -25,7 +25,9 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use minimesh::{grpc::GrpcServer, BarePods, Cgroup, EchoServer, EnvoyPods, Nginx, Protocol};
+use minimesh::{
+    grpc::GrpcServer, BarePods, CaptureConfig, Cgroup, EchoServer, EnvoyPods, Nginx, Protocol,
+};
 
 use crate::{
     daemon::{self, Counters, Daemon, DaemonSpec},
@@ -135,7 +137,14 @@ pub fn suite(args: &Args, stop: &AtomicBool) -> Result<()> {
         ("web".to_string(), HTTP, Protocol::Http),
         ("grpc".to_string(), GRPC, Protocol::Http),
     ];
-    let mesh = EnvoyPods::new(212, &services).context("Envoy pods")?;
+    let mut mesh = EnvoyPods::build(
+        212,
+        &services,
+        CaptureConfig::default(),
+        CaptureConfig::default(),
+        args.mtls == "on",
+    )
+    .context("Envoy pods")?;
     let id = std::process::id();
     let spec = DaemonSpec {
         bin: args.meshlane_bin()?,
@@ -146,6 +155,7 @@ pub fn suite(args: &Args, stop: &AtomicBool) -> Result<()> {
         log: std::env::temp_dir().join(format!("meshlane-bench-{id}.log")),
         cookies: [mesh.client.ns.cookie()?, mesh.server.ns.cookie()?],
         mode: args.mode.clone(),
+        sidecar_hop: args.sidecar_hop.clone(),
     };
     let _log = RemoveOnDrop(spec.log.clone());
     daemon::ensure_detached(&spec.pin_dir, &spec.cgroup)?;
@@ -164,7 +174,7 @@ pub fn suite(args: &Args, stop: &AtomicBool) -> Result<()> {
             step += 1;
             let t0 = Instant::now();
             let (got, prog_round) =
-                scenario_round(scenario, round, &matrix, &bare, &mesh, &spec, stop)?;
+                scenario_round(scenario, round, &matrix, &bare, &mut mesh, &spec, stop)?;
             if stop.load(Ordering::Relaxed) {
                 return Ok(());
             }
@@ -215,10 +225,15 @@ fn scenario_round(
     round: usize,
     matrix: &[Workload],
     bare: &BarePods,
-    mesh: &EnvoyPods,
+    mesh: &mut EnvoyPods,
     spec: &DaemonSpec,
     stop: &AtomicBool,
 ) -> Result<(Vec<Row>, Option<RoundProgCost>)> {
+    if scenario != "A" {
+        // Fresh Envoy -> Envoy connections for every B and C round: a pool left from the other
+        // scenario would carry C's HTTP on B's unpaired connections, or B's on C's paired ones.
+        mesh.restart_client_envoy()?;
+    }
     let (client_ns, server_ns, server_ip) = match scenario {
         "A" => (&bare.client, &bare.server, bare.server_ip),
         _ => (&mesh.client.ns, &mesh.server.ns, mesh.server.ip),
@@ -259,6 +274,8 @@ fn scenario_round(
         pids.push(d.pid());
     }
     let mut rows = Vec::new();
+    // Sidecar pairs made so far in this round: a later HTTP workload may reuse them (pooled).
+    let mut round_sidecar_pairs = 0;
     for w in matrix {
         if stop.load(Ordering::Relaxed) {
             break;
@@ -284,9 +301,16 @@ fn scenario_round(
             _ => w.conns,
         } as u64;
         // Every connection the client opened must have been paired with its sidecar, and
-        // bytes must have been redirected; otherwise this is not a C measurement.
-        let accelerated =
-            counters.is_none_or(|c| c.pairs_outbound >= conns && c.redirected_bytes > 0);
+        // bytes must have been redirected; with the sidecar hop on, the client Envoy's upstream
+        // connections (pooled for HTTP, so fewer than the client's) must have paired too, or
+        // already been paired in an earlier workload of this round. Otherwise this is not a C
+        // measurement.
+        let sidecar_ok = |c: &daemon::Counters| {
+            spec.sidecar_hop == "off" || c.pairs_sidecar > 0 || round_sidecar_pairs > 0
+        };
+        let accelerated = counters
+            .is_none_or(|c| c.pairs_outbound >= conns && c.redirected_bytes > 0 && sidecar_ok(&c));
+        round_sidecar_pairs += counters.map_or(0, |c| c.pairs_sidecar);
         rows.push(Row {
             scenario,
             round,

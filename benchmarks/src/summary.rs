@@ -78,6 +78,11 @@ pub struct Report {
     pub rounds: usize,
     pub scale: f64,
     pub smoke: bool,
+    /// C's daemon: `--mode` and `--sidecar-hop`.
+    pub mode: String,
+    pub sidecar_hop: String,
+    /// Istio's mTLS between the sidecars in B and C.
+    pub mtls: String,
     pub rows: Vec<Row>,
     pub summaries: Vec<WorkloadSummary>,
     /// Per C round, the daemon's programs from ready to stop.
@@ -152,6 +157,9 @@ impl Report {
             rounds,
             scale,
             smoke: args.smoke,
+            mode: args.mode.clone(),
+            sidecar_hop: args.sidecar_hop.clone(),
+            mtls: args.mtls.clone(),
             rows,
             summaries,
             prog_rounds,
@@ -164,10 +172,13 @@ impl Report {
         let rejected = self.rows.iter().filter(|r| !r.accelerated).count();
         let _ = writeln!(
             t,
-            "Envoy mini-mesh: A = no mesh, B = Envoy sidecars (iptables capture), C = B + meshlane daemon\n\
+            "Envoy mini-mesh: A = no mesh, B = Envoy sidecars (iptables capture; mTLS between them: {}), C = B + meshlane daemon (--mode {}, --sidecar-hop {})\n\
              {} interleaved rounds per scenario (scale {}){}; median over rounds [min..max]\n\
              latency in us; C/B below 1 means meshlane is faster; tax removed = (B - C) / (B - A)\n\
              C workloads discarded because the daemon's counters did not move: {rejected}\n",
+            self.mtls,
+            self.mode,
+            self.sidecar_hop,
             self.rounds,
             self.scale,
             if self.smoke { ", SMOKE RUN: numbers mean nothing" } else { "" },
@@ -232,7 +243,7 @@ impl Report {
             "\nBPF program cost during C (kernel bpf_stats): median over rounds of ns per run \
              (runs per request, warm-up included; bulk: per write); the daemon's own programs; \
              recv is the read tracer (an fexit on tcp_bpf_recvmsg, sockhash reads only; where the kernel refuses fexit, a tracepoint on every recvmsg() of the node); \"-\" where a program is not attached:\n\n\
-             | workload | sock_ops ns/run (runs/req) | sk_msg ns/run (runs/req) | connect4 ns/run (runs/req) | recv tracer ns/run (runs/req) |\n\
+             | workload | sock_ops ns/run (runs/req) | sk_msg ns/run (runs/req) | connect hooks ns/run (runs/req) | recv tracer ns/run (runs/req) |\n\
              |---|---|---|---|---|\n",
         );
         for s in &self.summaries {
@@ -285,6 +296,9 @@ impl Report {
             "rounds": self.rounds,
             "scale": self.scale,
             "smoke": self.smoke,
+            "mode": self.mode,
+            "sidecar_hop": self.sidecar_hop,
+            "mtls": self.mtls,
             "scenarios": {"A": "no mesh", "B": "Envoy sidecars, iptables capture", "C": "B + meshlane daemon (local discovery)"},
             "summary": self.summaries.iter().map(|s| serde_json::json!({
                 "workload": s.workload,
