@@ -90,6 +90,9 @@ pub enum Reason {
     /// A Kubernetes resource that does not decode, or a bad annotation or capture argument
     /// (the detail names the field).
     BadResource,
+    /// A meshed pod not running yet (phase Pending, or no pod IP): istio-init may still be
+    /// writing its rules. Accelerated once Running with an IP.
+    Pending,
 }
 
 impl Reason {
@@ -107,6 +110,7 @@ impl Reason {
             Reason::Policy => "policy",
             Reason::OptedOut => "opted_out",
             Reason::BadResource => "bad_resource",
+            Reason::Pending => "pending",
         }
     }
 }
@@ -366,7 +370,7 @@ fn bare_namespace(opts: &Options, path: PathBuf) -> Outcome {
     let Ok(ns) = File::open(&path) else {
         return Outcome::Nothing;
     };
-    let Ok(dump) = iptables::dump(&ns, &opts.iptables_save) else {
+    let Ok((_, dump)) = iptables::dump_any(&ns, &opts.iptables_save) else {
         return Outcome::Nothing;
     };
     match iptables::parse(&dump) {
@@ -454,8 +458,8 @@ fn proxy_namespace(opts: &Options, path: PathBuf, procs: &[procfs::Process]) -> 
     };
 
     // The rules first: they decide whether this is a captured pod at all.
-    let dump = match iptables::dump(&ns, &opts.iptables_save) {
-        Ok(d) => d,
+    let dump = match iptables::dump_any(&ns, &opts.iptables_save) {
+        Ok((_, d)) => d,
         Err(e) => return skip(&name, Reason::BadCapture, format!("iptables-save: {e}")),
     };
     let cap = match iptables::parse(&dump) {

@@ -7,6 +7,7 @@ mod support;
 
 use std::{
     collections::BTreeSet,
+    io::Write,
     net::{Ipv4Addr, SocketAddrV4},
     os::unix::fs::MetadataExt,
     path::Path,
@@ -265,6 +266,41 @@ fn envoy_without_capture_rules_is_not_a_pod() {
     assert!(found.is_empty(), "{found:#?}");
     assert_eq!(skipped.len(), 1, "{skipped:#?}");
     assert_eq!(skipped[0].reason, Reason::NotCaptured, "{skipped:#?}");
+}
+
+/// istio-init images on older nodes write with the legacy backend, which the nft-backed
+/// `iptables-save` does not show: discovery reads both backends, as istio-iptables does.
+#[test]
+fn legacy_backend_capture_is_read_too() {
+    let Some(_serial) = Accel::cgroup_only("discovery_legacy") else {
+        return;
+    };
+    let ns = Netns::new("dleg").expect("netns");
+    let capture = CaptureConfig::default();
+    let mut restore = ns.cmd("iptables-legacy-restore");
+    restore.arg("--wait=10").stdin(std::process::Stdio::piped());
+    let mut child = restore.spawn().expect("run iptables-legacy-restore");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(minimesh::capture_rules(&capture).as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "iptables-legacy-restore");
+    let nft = ns
+        .cmd("iptables-nft-save")
+        .output()
+        .expect("iptables-nft-save");
+    assert!(
+        !String::from_utf8_lossy(&nft.stdout).contains(":ISTIO_"),
+        "the nft backend must not show the legacy rules, or this tests nothing"
+    );
+    let envoy = Envoy::spawn(&ns, &EnvoyConfig::default()).expect("Envoy");
+    let d = discovery::discover(&discovery::Options::default());
+    let (found, skipped) = mine(&d, &[&ns]);
+    assert!(skipped.is_empty(), "{skipped:#?}");
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert_learned(&found[0], &ns, &envoy, &capture);
 }
 
 #[test]

@@ -80,6 +80,68 @@ fn istio_init_injected_pod() {
     assert!(m.notes.is_empty(), "{:?}", m.notes);
 }
 
+/// istio-iptables also reads its settings from istio-init's environment (`flag.BindEnv`), for
+/// the flags its arguments leave unset; the arguments win. Owner groups are environment-only.
+#[test]
+fn istio_init_environment_is_read_like_istio_iptables() {
+    let init = |v: &mut Value| -> usize {
+        v["spec"]["initContainers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .position(|c| c["name"] == "istio-init")
+            .unwrap()
+    };
+    let mut v = fixture("injected-istio-init.json");
+    let i = init(&mut v);
+    v["spec"]["initContainers"][i]["env"] = json!([
+        {"name": "ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE", "value": "9000,9001"},
+        {"name": "PROXY_GID", "value": "1400"},
+        // The arguments say -u 1337, -z 15006 and -x '' (set, empty): they win.
+        {"name": "PROXY_UID", "value": "4242"},
+        {"name": "INBOUND_CAPTURE_PORT", "value": "15999"},
+        {"name": "ISTIO_SERVICE_EXCLUDE_CIDR", "value": "10.96.0.0/12"},
+    ]);
+    let p = map(v).verdict.expect("accelerated");
+    assert_eq!(p.exclude_outbound_ports, vec![9000, 9001]);
+    assert_eq!((p.proxy_uid, p.proxy_gid), (1337, 1400));
+    assert_eq!(p.inbound_port, 15006);
+    assert!(p.exclude_outbound_cidrs.is_empty(), "{p:?}");
+
+    // Capture by the process's group is not modelled: the outbound hop is off, and says why.
+    let mut v = fixture("injected-istio-init.json");
+    let i = init(&mut v);
+    v["spec"]["initContainers"][i]["env"] =
+        json!([{"name": "ISTIO_OUTBOUND_OWNER_GROUPS", "value": "1000,1001"}]);
+    let m = map(v);
+    let p = m.verdict.as_ref().expect("accelerated");
+    assert!(!p.accelerate_outbound && p.accelerate_inbound);
+    assert!(
+        m.notes
+            .iter()
+            .any(|n| n.contains("ISTIO_OUTBOUND_OWNER_GROUPS")),
+        "{:?}",
+        m.notes
+    );
+    let mut v = fixture("injected-istio-init.json");
+    let i = init(&mut v);
+    v["spec"]["initContainers"][i]["env"] =
+        json!([{"name": "ISTIO_OUTBOUND_OWNER_GROUPS", "value": "*"}]);
+    assert!(map(v).verdict.expect("accelerated").accelerate_outbound);
+
+    // A value from a reference cannot be read: declined, naming the variable.
+    let mut v = fixture("injected-istio-init.json");
+    let i = init(&mut v);
+    v["spec"]["initContainers"][i]["env"] = json!([{"name": "ISTIO_OUTBOUND_PORTS",
+        "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k"}}}]);
+    let (r, d) = declined(&map(v));
+    assert_eq!(r, Reason::BadResource);
+    assert!(
+        d.contains("ISTIO_OUTBOUND_PORTS") && d.contains("valueFrom"),
+        "{d}"
+    );
+}
+
 #[test]
 fn native_sidecar_pod() {
     let m = map(fixture("native-sidecar.json"));
@@ -193,7 +255,7 @@ fn capture_arguments_win_and_name_their_flag() {
     let m = map(v.clone());
     assert_eq!(m.verdict.as_ref().unwrap().proxy_uid, 2000);
     assert!(
-        m.notes.iter().any(|n| n.contains("exempts -u 2000")),
+        m.notes.iter().any(|n| n.contains("-u exempts 2000")),
         "{:?}",
         m.notes
     );
@@ -424,6 +486,34 @@ fn pods_that_are_not_meshed() {
     v["status"]["phase"] = json!("Succeeded");
     let pod = kubernetes::decode(v).unwrap();
     assert!(kubernetes::map(&pod, None).is_none());
+    // A gateway: the same istio-proxy container, running `proxy router`, no istio-init.
+    let mut v = fixture("injected-istio-init.json");
+    v["spec"]["initContainers"] = json!([]);
+    v["spec"]["containers"][1]["args"] = json!(["proxy", "router", "--domain", "x.svc"]);
+    let (r, d) = declined(&map(v));
+    assert_eq!(r, Reason::NotCaptured);
+    assert!(d.contains("proxy router"), "{d}");
+}
+
+/// A meshed pod is accelerated only once Running with an address: while Pending, istio-init
+/// may still be writing the rules the datapath mirrors.
+#[test]
+fn pending_pods_wait_for_running_and_an_address() {
+    let mut v = fixture("injected-istio-init.json");
+    v["status"]["phase"] = json!("Pending");
+    let (r, d) = declined(&map(v));
+    assert_eq!((r, r.as_str()), (Reason::Pending, "pending"));
+    assert!(d.contains("Pending"), "{d}");
+    let mut v = fixture("injected-istio-init.json");
+    v["status"]["podIP"] = Value::Null;
+    v["status"]["podIPs"] = json!([]);
+    let (r, d) = declined(&map(v));
+    assert_eq!(r, Reason::Pending);
+    assert!(d.contains("podIP"), "{d}");
+    // Not meshed stays not meshed, whatever the phase.
+    let mut v = fixture("no-sidecar.json");
+    v["status"]["phase"] = json!("Pending");
+    assert_eq!(declined(&map(v)).0, Reason::NoSidecar);
 }
 
 #[test]

@@ -69,6 +69,39 @@ pub enum Error {
     },
 }
 
+/// The iptables backends, as istio-iptables tries them: its rules are in whichever of the two
+/// the image that ran istio-init used (nft on current distributions, legacy on older nodes and
+/// images), and `iptables-save` shows only one of them.
+pub const BACKENDS: [&str; 2] = ["iptables-nft-save", "iptables-legacy-save"];
+
+/// `iptables-save` for whichever backend holds Istio's rules in `netns`: with `program` the
+/// plain `iptables-save`, each of [`BACKENDS`] is read and the first with an `ISTIO_` chain
+/// wins (else the first that ran, so "not captured" is still reported); any other `program`
+/// (`--iptables-save` style configuration) is used alone. Returns the program that answered.
+pub fn dump_any(netns: &std::fs::File, program: &str) -> io::Result<(String, String)> {
+    if program != "iptables-save" {
+        return dump(netns, program).map(|d| (program.to_string(), d));
+    }
+    let mut first: Option<io::Result<(String, String)>> = None;
+    for backend in BACKENDS {
+        let got = dump(netns, backend);
+        if let Ok(d) = &got {
+            if d.contains(":ISTIO_") {
+                return Ok((backend.to_string(), d.clone()));
+            }
+        }
+        let ok = got.is_ok();
+        if first.as_ref().is_none_or(|f| f.is_err() && ok) {
+            first = Some(got.map(|d| (backend.to_string(), d)));
+        }
+    }
+    // Neither backend binary: the plain one, whatever it is.
+    match first {
+        Some(Ok(found)) => Ok(found),
+        _ => dump(netns, program).map(|d| (program.to_string(), d)),
+    }
+}
+
 /// Runs `iptables-save` (nat and mangle tables) inside the network namespace `netns`.
 pub fn dump(netns: &std::fs::File, program: &str) -> io::Result<String> {
     let mut out = String::new();

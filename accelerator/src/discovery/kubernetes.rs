@@ -125,6 +125,23 @@ pub fn map(pod: &ApiPod, ns: Option<&NamespaceFacts>) -> Option<Mapped> {
         }
         out.ips = pod_ips(pod)?;
         let mut p = map_capture(pod, ns, &out.name, &mut out.notes)?;
+        // Only a running pod with an address: before that istio-init may still be writing the
+        // rules the datapath's prediction mirrors, and the sandbox may have no process yet.
+        if phase != Some("Running") {
+            return Err(decline(
+                Reason::Pending,
+                format!(
+                    "status.phase is {}: accelerated once Running",
+                    phase.unwrap_or("not set")
+                ),
+            ));
+        }
+        if out.ips.is_empty() {
+            return Err(decline(
+                Reason::Pending,
+                "no status.podIP yet: accelerated once the pod has an address",
+            ));
+        }
         p.uid = out.uid.clone();
         p.ips = out.ips.clone();
         Ok(p)
@@ -156,6 +173,20 @@ fn pod_ips(pod: &ApiPod) -> Result<Vec<IpAddr>, Declined> {
     Ok(ips)
 }
 
+/// What `pilot-agent proxy <role>` the container runs (`sidecar`, `router`), when its arguments
+/// say.
+fn proxy_role(c: &Container) -> Option<&str> {
+    let words: Vec<&str> = c
+        .command
+        .iter()
+        .flatten()
+        .chain(c.args.iter().flatten())
+        .map(String::as_str)
+        .collect();
+    let i = words.iter().position(|w| *w == "proxy")?;
+    words.get(i + 1).copied().filter(|w| !w.starts_with('-'))
+}
+
 /// The sidecar: an `istio-proxy` container, or a native sidecar (an init container of that name
 /// with `restartPolicy: Always`).
 fn sidecar(pod: &ApiPod) -> Option<(&Container, bool)> {
@@ -174,8 +205,8 @@ fn sidecar(pod: &ApiPod) -> Option<(&Container, bool)> {
 }
 
 /// The capture arguments Istio ran with: istio-init's, else istio-cni's `istio-validation`
-/// (same flags, run with `--run-validation`). Gives the field path and the words.
-fn capture_args(pod: &ApiPod) -> Option<(String, Vec<String>)> {
+/// (same flags, run with `--run-validation`). Gives the field path, the words and the container.
+fn capture_args(pod: &ApiPod) -> Option<(String, Vec<String>, &Container)> {
     let inits = pod.spec.as_ref()?.init_containers.as_ref()?;
     for want in ["istio-init", "istio-validation"] {
         if let Some((i, c)) = inits.iter().enumerate().find(|(_, c)| c.name == want) {
@@ -189,11 +220,82 @@ fn capture_args(pod: &ApiPod) -> Option<(String, Vec<String>)> {
             if words.iter().any(|w| w.ends_with("istio-iptables"))
                 || words.iter().any(|w| w == "-p")
             {
-                return Some((format!("spec.initContainers[{i}] ({want}) args"), words));
+                return Some((format!("spec.initContainers[{i}] ({want}) args"), words, c));
             }
         }
     }
     None
+}
+
+/// The environment variables istio-iptables reads for a flag the command line does not set
+/// (`flag.BindEnv`: the flag's long name in upper case, `-` as `_`; `-p` has none), as the flag's
+/// canonical letter.
+const ENV_FLAGS: [(&str, &str); 12] = [
+    ("INBOUND_CAPTURE_PORT", "z"),
+    ("INBOUND_TUNNEL_PORT", "e"),
+    ("PROXY_UID", "u"),
+    ("PROXY_GID", "g"),
+    ("ISTIO_INBOUND_INTERCEPTION_MODE", "m"),
+    ("ISTIO_INBOUND_PORTS", "b"),
+    ("ISTIO_LOCAL_EXCLUDE_PORTS", "d"),
+    ("ISTIO_EXCLUDE_INTERFACES", "c"),
+    ("ISTIO_SERVICE_CIDR", "i"),
+    ("ISTIO_SERVICE_EXCLUDE_CIDR", "x"),
+    ("ISTIO_OUTBOUND_PORTS", "q"),
+    ("ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE", "o"),
+];
+
+/// Settings istio-iptables reads only from the environment: whose traffic is captured, by the
+/// process's group (default `*` and none). Any other value makes capture depend on a process's
+/// groups, which the datapath's prediction does not model.
+const ENV_OWNER_GROUPS: [(&str, &str); 2] = [
+    ("ISTIO_OUTBOUND_OWNER_GROUPS", "*"),
+    ("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE", ""),
+];
+
+/// istio-init's capture settings from its environment, for the flags its arguments leave unset
+/// (the arguments win, as in istio-iptables). `settings` maps a flag to (field, value). A
+/// variable set from a reference (`valueFrom`) cannot be read here, so the pod is declined.
+fn env_settings(
+    container: &Container,
+    prefix: &str,
+    settings: &mut BTreeMap<&'static str, (String, String)>,
+    notes: &mut Vec<String>,
+) -> Result<bool, Declined> {
+    let env = container.env.as_deref().unwrap_or_default();
+    let lookup = |name: &str| -> Result<Option<(String, String)>, Declined> {
+        let Some((i, e)) = env.iter().enumerate().find(|(_, e)| e.name == name) else {
+            return Ok(None);
+        };
+        let field = format!("{prefix} env[{i}] {name}");
+        match (&e.value, &e.value_from) {
+            (_, Some(_)) => Err(bad(
+                field,
+                "set from a reference (valueFrom): its value cannot be read, so the capture cannot be predicted",
+            )),
+            (v, None) => Ok(Some((field, v.clone().unwrap_or_default()))),
+        }
+    };
+    for (name, flag) in ENV_FLAGS {
+        if settings.contains_key(flag) {
+            continue;
+        }
+        if let Some(found) = lookup(name)? {
+            settings.insert(flag, found);
+        }
+    }
+    let mut outbound = true;
+    for (name, default) in ENV_OWNER_GROUPS {
+        if let Some((field, value)) = lookup(name)? {
+            if value.trim() != default {
+                notes.push(format!(
+                    "{field} = {value:?}: capture depends on the process's groups, which is not modelled; outbound hop not accelerated"
+                ));
+                outbound = false;
+            }
+        }
+    }
+    Ok(outbound)
 }
 
 /// What an istio-iptables flag is (its flags in `tools/istio-iptables/pkg/cmd/root.go`, plus
@@ -411,25 +513,44 @@ fn map_capture(
     if native {
         notes.push("native sidecar (init container with restartPolicy: Always)".into());
     }
+    // A gateway runs the same container as `proxy router`: nothing is captured around it.
+    if let Some(role) = proxy_role(proxy) {
+        if role != "sidecar" {
+            return Err(decline(
+                Reason::NotCaptured,
+                format!("istio-proxy runs `proxy {role}` (a gateway): no traffic is captured"),
+            ));
+        }
+    }
 
     // Capture settings: the arguments Istio ran, else the annotations istio-cni reads.
     let args = capture_args(pod);
-    let flags = match &args {
-        Some((field, words)) => parse_flags(words).map_err(|e| {
-            bad(
-                field,
-                format!("{e}: the capture cannot be predicted from these arguments"),
-            )
-        })?,
-        None => BTreeMap::new(),
-    };
-    let args_field = args.as_ref().map(|(f, _)| f.clone()).unwrap_or_default();
-    // A flag's value from the arguments when Istio ran any, else the annotation
-    // `traffic.sidecar.istio.io/<annotation>` that istio-cni reads.
+    let mut flags: BTreeMap<&'static str, (String, String)> = BTreeMap::new();
+    let mut owner_groups_ok = true;
+    if let Some((field, words, container)) = &args {
+        flags = parse_flags(words)
+            .map_err(|e| {
+                bad(
+                    field,
+                    format!("{e}: the capture cannot be predicted from these arguments"),
+                )
+            })?
+            .into_iter()
+            .map(|(flag, v)| (flag, (format!("{field} -{flag}"), v)))
+            .collect();
+        // istio-init runs istio-iptables with its own environment; istio-cni's validation
+        // container only checks rules the plugin wrote from the annotations.
+        if container.name == "istio-init" {
+            let prefix = field.trim_end_matches(" args");
+            owner_groups_ok = env_settings(container, prefix, &mut flags, notes)?;
+        }
+    }
+    // A flag's value from the arguments (or istio-init's environment) when Istio ran any, else
+    // the annotation `traffic.sidecar.istio.io/<annotation>` that istio-cni reads.
     let get = |flag: &'static str, annotation: Option<&str>| -> Option<Setting> {
         if args.is_some() {
-            return flags.get(flag).map(|v| Setting {
-                field: format!("{args_field} -{flag}"),
+            return flags.get(flag).map(|(field, v)| Setting {
+                field: field.clone(),
                 value: v.as_str(),
             });
         }
@@ -442,15 +563,15 @@ fn map_capture(
 
     // Interception mode: the arguments, else the annotation (both names are Istio's).
     let mode = match (flags.get("m"), ann.get(MODE)) {
-        (Some(m), a) => {
+        (Some((field, m)), a) => {
             if let Some(a) = a.filter(|a| !a.eq_ignore_ascii_case(m)) {
                 notes.push(format!(
-                    "{} says {a} but {args_field} has -m {m}; using -m",
+                    "{} says {a} but {field} is {m}; using {field}",
                     ann_field(MODE)
                 ));
             }
             Setting {
-                field: format!("{args_field} -m"),
+                field: field.clone(),
                 value: m.as_str(),
             }
         }
@@ -523,13 +644,14 @@ fn map_capture(
                 })
         })
         .transpose()?;
+    let uid_field = get("u", None).map(|s| s.field).unwrap_or_default();
     let arg_uid = get("u", None).map(|s| id(&s)).transpose()?;
     let arg_gid = get("g", None).map(|s| id(&s)).transpose()?;
     let runs_as = ctx_uid.or(openshift);
     let proxy_uid = match (arg_uid, runs_as) {
         (Some(a), Some(r)) if a != r => {
             notes.push(format!(
-                "istio-proxy runs as uid {r} but {args_field} exempts -u {a}; using {a}"
+                "istio-proxy runs as uid {r} but {uid_field} exempts {a}; using {a}"
             ));
             a
         }
@@ -555,7 +677,7 @@ fn map_capture(
     // DNS capture (istio-iptables --redirect-dns; istio-cni follows the sidecar's
     // ISTIO_META_DNS_CAPTURE) sends TCP port 53 to the agent, never to Envoy: never predict it
     // as captured.
-    let dns_flag = args.as_ref().is_some_and(|(_, w)| {
+    let dns_flag = args.as_ref().is_some_and(|(_, w, _)| {
         w.iter()
             .any(|w| w == "--redirect-dns" || w == "--redirect-dns=true")
     });
@@ -590,7 +712,7 @@ fn map_capture(
             ports(&s)?;
         }
     }
-    let mut accelerate_outbound = true;
+    let mut accelerate_outbound = owner_groups_ok;
     if let Some(s) = get("q", Some("includeOutboundPorts")) {
         if !ports(&s)?.is_empty() {
             notes.push(format!(
