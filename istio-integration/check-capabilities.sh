@@ -124,7 +124,7 @@ while [ $i -lt ${#rendered[@]} ]; do
   a=${rendered[$i]}
   v=${rendered[$((i + 1))]:-}
   case "$a" in
-    run | --log-format | --log-level | --resync | --discovery) args+=("$a"); [ "$a" = run ] || { args+=("$v"); i=$((i + 1)); } ;;
+    run | --log-format | --log-level | --resync | --discovery | --sidecar-hop) args+=("$a"); [ "$a" = run ] || { args+=("$v"); i=$((i + 1)); } ;;
     --pin-dir) args+=("$a" "$pins"); i=$((i + 1)) ;;
     --cgroup) args+=("$a" "$cg"); i=$((i + 1)) ;;
     --config) args+=("$a" "$work/pods.toml"); i=$((i + 1)) ;;
