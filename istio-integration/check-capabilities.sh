@@ -124,14 +124,12 @@ while [ $i -lt ${#rendered[@]} ]; do
   a=${rendered[$i]}
   v=${rendered[$((i + 1))]:-}
   case "$a" in
-    run | --log-format | --log-level | --resync | --discovery | --sidecar-hop) args+=("$a"); [ "$a" = run ] || { args+=("$v"); i=$((i + 1)); } ;;
+    # The chart's `--mode auto` loads the datapath on every kernel measured so far: the reader
+    # rule where apps cannot tell, else the sidecar hop alone.
+    run | --log-format | --log-level | --resync | --discovery | --sidecar-hop | --mode) args+=("$a"); [ "$a" = run ] || { args+=("$v"); i=$((i + 1)); } ;;
     --pin-dir) args+=("$a" "$pins"); i=$((i + 1)) ;;
     --cgroup) args+=("$a" "$cg"); i=$((i + 1)) ;;
     --config) args+=("$a" "$work/pods.toml"); i=$((i + 1)) ;;
-    # The capabilities are what loading the datapath needs. The chart's `auto` attaches nothing
-    # on kernels where the probe finds apps could tell (this one), so name the reader rule here
-    # to make the daemon load it.
-    --mode) args+=("$a" reader); i=$((i + 1)) ;;
     --api-socket | --metrics-addr)
       if printf '%s\n' "${run_help[@]}" | grep -q -- "$a"; then
         if [ "$a" = --metrics-addr ]; then metrics=127.0.0.1:19801; args+=("$a" "$metrics"); else args+=("$a" "$work/api.sock"); fi

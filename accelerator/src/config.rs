@@ -191,7 +191,7 @@ pub fn parse_all(path: &Path, text: &str) -> Result<PodList, Error> {
             Some(m) => Some(crate::mode::Mode::parse(m).ok_or_else(|| {
                 field_err(
                     "mode",
-                    format!("{m:?} is not one of \"reader\", \"two-way\", \"off\""),
+                    format!("{m:?} is not one of \"reader\", \"two-way\", \"sidecar\", \"off\""),
                 )
             })?),
         };

@@ -197,9 +197,16 @@ fn start_datapath(opts: &RunOptions, shared: &Shared) -> Option<datapath::Option
         }
         Some(report)
     };
-    let decision = mode::decide(opts.mode, report.as_ref());
+    let decision = mode::decide(opts.mode, report.as_ref(), opts.sidecar_hop);
     for d in &decision.differences {
-        tracing::warn!(mode = decision.mode.as_str(), "app-visible difference: {d}");
+        if decision.mode.app_hops() {
+            tracing::warn!(mode = decision.mode.as_str(), "app-visible difference: {d}");
+        } else {
+            tracing::info!(
+                mode = decision.mode.as_str(),
+                "app hops left alone for: {d}"
+            );
+        }
     }
     tracing::info!(mode = decision.mode.as_str(), why = %decision.why, "redirect mode decided");
     let off = decision.mode == mode::Mode::Off;
@@ -469,7 +476,14 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
     let modes: Vec<mode::Decision> = {
         let s = shared.read();
         pods.iter()
-            .map(|p| pod_mode(p.mode, s.mode.as_ref(), s.probe.as_ref()))
+            .map(|p| {
+                pod_mode(
+                    p.mode,
+                    s.mode.as_ref(),
+                    s.probe.as_ref(),
+                    sources.sidecar_hop,
+                )
+            })
             .collect()
     };
     if modes.iter().any(|m| m.mode != mode::Mode::Off) {
@@ -531,6 +545,12 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
                 Ok(mut p) => {
                     if pod_mode.mode == mode::Mode::TwoWay {
                         p.flags |= meshlane_common::POLICY_INTO_APP;
+                    }
+                    if !pod_mode.mode.app_hops() {
+                        // The sidecar mode: the pod's capture facts stay (its sidecar accepts
+                        // the hop on its inbound port), but no app socket is paired.
+                        p.flags &=
+                            !(meshlane_common::POLICY_OUTBOUND | meshlane_common::POLICY_INBOUND);
                     }
                     if sidecar_hop {
                         p.flags |= meshlane_common::POLICY_SIDECAR_HOP;
@@ -648,6 +668,7 @@ fn pod_mode(
     own: Option<mode::Mode>,
     node: Option<&mode::Decision>,
     report: Option<&probe::Report>,
+    sidecar_hop: bool,
 ) -> mode::Decision {
     let Some(own) = own else {
         return node.cloned().unwrap_or(mode::Decision {
@@ -656,12 +677,7 @@ fn pod_mode(
             differences: Vec::new(),
         });
     };
-    let choice = match own {
-        mode::Mode::Reader => mode::Choice::Reader,
-        mode::Mode::TwoWay => mode::Choice::TwoWay,
-        mode::Mode::Off => mode::Choice::Off,
-    };
-    let mut d = mode::decide(choice, report);
+    let mut d = mode::decide(own.choice(), report, sidecar_hop);
     d.why = format!("the pod's own mode: {}", d.why);
     d
 }

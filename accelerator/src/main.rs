@@ -96,11 +96,12 @@ enum Command {
         force: bool,
         /// Which directions to redirect. "auto" (default): the reader rule (only app -> sidecar,
         /// so the app's socket never receives a redirected byte) if the probe found apps see
-        /// exactly plain TCP under it on this kernel, otherwise nothing (app sockets left alone;
-        /// status names the behaviour that decided it). "reader": the reader rule even where
-        /// the probe lists app-visible differences. "two-way": also sidecar -> app, into the
-        /// app's socket (apps can tell: splice, MSG_WAITALL, SO_RCVLOWAT, ...; refused where the
-        /// probe finds it unsafe). "off": accelerate nothing. A pod's own mode wins (the pod list's
+        /// exactly plain TCP under it on this kernel, otherwise app sockets are left alone and
+        /// only the sidecar <-> sidecar hop is redirected ("sidecar"; status names the behaviour
+        /// that decided it). "reader": the reader rule even where the probe lists app-visible
+        /// differences. "two-way": also sidecar -> app, into the app's socket (apps can tell:
+        /// splice, MSG_WAITALL, SO_RCVLOWAT, ...; refused where the probe finds it unsafe).
+        /// "sidecar": only the sidecar hop (needs --sidecar-hop on). "off": accelerate nothing. A pod's own mode wins (the pod list's
         /// `mode`, the meshlane.io/mode pod annotation or namespace label), judged by the same
         /// probe. README: "What an app can notice".
         #[arg(long, env = "MESHLANE_MODE", value_enum, default_value = "auto")]
@@ -109,7 +110,8 @@ enum Command {
         /// this node with that pod's sidecar (both directions: both ends are sidecars, no app
         /// socket is involved). Each pod's own addresses, read from its network namespace, tell
         /// which destinations are on this node; nothing is stamped toward any other address.
-        /// Applies to pods accelerated in any mode but off. "off": leave that hop on TCP.
+        /// Applies to pods accelerated in any mode but off. "off": leave that hop on TCP (and
+        /// the "sidecar" mode, what "auto" gives where apps could tell, has nothing to do).
         #[arg(long, env = "MESHLANE_SIDECAR_HOP", default_value = "on", value_parser = ["on", "off"])]
         sidecar_hop: String,
         /// Address for Prometheus `/metrics`, `/healthz` (liveness) and `/readyz` (readiness:

@@ -4,7 +4,8 @@
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use meshlane_common::{
-    Cidr4, PodPolicy, MAX_CIDRS, MAX_PORTS, POLICY_INBOUND, POLICY_INCLUDE_CIDRS, POLICY_OUTBOUND,
+    Cidr4, PodPolicy, MAX_CIDRS, MAX_PORTS, POLICY_INBOUND, POLICY_INBOUND_CAPTURED,
+    POLICY_INCLUDE_CIDRS, POLICY_OUTBOUND,
 };
 
 use crate::model::{Cidr, OutboundRanges, Pod};
@@ -40,7 +41,7 @@ pub fn pod_policy(pod: &Pod) -> Result<PodPolicy, Error> {
         p.flags |= POLICY_OUTBOUND;
     }
     if pod.accelerate_inbound {
-        p.flags |= POLICY_INBOUND;
+        p.flags |= POLICY_INBOUND | POLICY_INBOUND_CAPTURED;
     }
     fill_ports(
         &mut p.exclude_outbound_ports,

@@ -29,6 +29,9 @@ use crate::{
 use checks::Verdict;
 use scratch::ScratchNs;
 
+/// The check that decides whether the sidecar hop (and so the sidecar mode) is used.
+pub const SIDECAR_HOP_CHECK: &str = "sidecar hop";
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
@@ -161,7 +164,7 @@ impl Report {
         } else {
             "result: acceleration is NOT safe on this kernel; meshlane will not accelerate\n"
         });
-        let auto = crate::mode::decide(crate::mode::Choice::Auto, Some(self));
+        let auto = crate::mode::decide(crate::mode::Choice::Auto, Some(self), true);
         out.push_str(&format!("mode: {} ({})\n", auto.mode.as_str(), auto.why));
         out
     }
@@ -325,10 +328,12 @@ fn run_checks(r: &mut Recorder, cgroup: Option<&Path>) -> bool {
     let server = sidecar_hop_setup(&ns, &mut dp, cookie);
     match &server {
         Ok((_, listener)) => {
-            r.record("sidecar hop", || checks::sidecar_hop(&ns, &dp, listener));
+            r.record(SIDECAR_HOP_CHECK, || {
+                checks::sidecar_hop(&ns, &dp, listener)
+            });
         }
         Err(e) => r.skip(
-            "sidecar hop",
+            SIDECAR_HOP_CHECK,
             format!("no second namespace with a veth and REDIRECT ({e})"),
         ),
     }

@@ -132,7 +132,7 @@ fn the_default_mode_is_invisible_to_apps_or_leaves_them_alone() {
     );
     let report = probe::run(None);
     assert!(report.ok, "{}", report.render());
-    let decision = mode::decide(mode::Choice::Auto, Some(&report));
+    let decision = mode::decide(mode::Choice::Auto, Some(&report), true);
     let reader = report
         .mode(Mode::Reader)
         .expect("the probe measured the reader rule");
@@ -145,12 +145,18 @@ fn the_default_mode_is_invisible_to_apps_or_leaves_them_alone() {
         "the suite found {:?} but the probe found nothing: auto could pick a mode apps notice",
         r.diffs
     );
-    assert_eq!(
-        decision.mode,
-        Mode::Off,
+    assert!(
+        !decision.mode.app_hops(),
         "apps can tell under the reader rule here, so auto must leave them alone:\n{}",
         report.render()
     );
+    // ... and redirect the sidecar <-> sidecar hop, no app socket's business, where it works.
+    let sidecar = if report.passed(meshlane::probe::SIDECAR_HOP_CHECK) {
+        Mode::Sidecar
+    } else {
+        Mode::Off
+    };
+    assert_eq!(decision.mode, sidecar, "{}", report.render());
     for n in reader.difference_names() {
         assert!(
             decision.why.contains(&n),

@@ -479,16 +479,7 @@ fn discovered_pods_are_accelerated_end_to_end() {
     }
     let before = accel.counters();
     assert_eq!(before.pairs(), 0, "{before:?}");
-    for i in 0..4 {
-        let data = pattern(i, 256 * 1024);
-        let out = echo_exchange_settled(
-            connect(&pods.client.ns, dst).expect("connect"),
-            &data,
-            16 * 1024,
-        )
-        .expect("echo through both Envoys");
-        assert_same(&format!("stream {i}"), &out.bytes, &data);
-    }
+    echo_streams(&pods.client.ns, dst, 4);
     let c = accel.counters();
     assert_accelerated("discovery_end_to_end", &c);
     // One app->sidecar and one sidecar->app pair per connection, none missed.
@@ -525,21 +516,7 @@ fn the_daemon_finds_and_accelerates_envoy_pods_with_no_pod_list() {
         pods.client.ns.cookie().unwrap(),
         pods.server.ns.cookie().unwrap(),
     ];
-    let ours = |st: &serde_json::Value| -> Vec<serde_json::Value> {
-        st["pods"]
-            .as_array()
-            .map(|p| {
-                p.iter()
-                    .filter(|p| {
-                        p["netns_cookie"]
-                            .as_u64()
-                            .is_some_and(|c| cookies.contains(&c))
-                    })
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
+    let ours = |st: &serde_json::Value| status_pods(st, &cookies);
     accel.wait_ready();
     wait_until("both Envoy pods discovered and accelerated", || {
         ours(&try_status_json(&accel).unwrap_or_default())
@@ -548,16 +525,7 @@ fn the_daemon_finds_and_accelerates_envoy_pods_with_no_pod_list() {
             .count()
             == 2
     });
-    for i in 0..4 {
-        let data = pattern(i, 256 * 1024);
-        let out = echo_exchange_settled(
-            connect(&pods.client.ns, dst).expect("connect"),
-            &data,
-            16 * 1024,
-        )
-        .expect("echo through both Envoys");
-        assert_same(&format!("stream {i}"), &out.bytes, &data);
-    }
+    echo_streams(&pods.client.ns, dst, 4);
     let c = accel.counters();
     // All three hops: app -> client Envoy, client Envoy -> server Envoy (the sidecar hop, on by
     // default: both pods' addresses were read from their namespaces), server Envoy -> app.

@@ -775,3 +775,86 @@ fn dual_stack_apps_through_envoy() {
         assert_eq!(c.get(&format!("pairs_{hop}")), N, "{hop}: {c:?}");
     }
 }
+
+/// The daemon as a user starts it (`--mode auto`, local discovery), through real Envoy with
+/// Istio's mTLS between the sidecars. Where apps could tell the reader rule from plain TCP (every
+/// kernel measured so far) auto takes the sidecar mode: the Envoy -> Envoy hop is paired once per
+/// connection and redirected both ways, and no app socket is touched (no app-hop pair, stamp or
+/// redirected byte); every byte arrives.
+#[test]
+fn the_default_mode_redirects_the_sidecar_hop_and_leaves_apps_alone() {
+    const N: u64 = 8;
+    const SIZE: usize = ECHO_STREAM_BYTES;
+    let Some(accel) = Accel::cgroup_only("envoy_default_mode") else {
+        return;
+    };
+    raise_fd_limit();
+    let pods = EnvoyPods::build(
+        113,
+        &services(),
+        CaptureConfig::default(),
+        CaptureConfig::default(),
+        true,
+    )
+    .expect("Envoy pods");
+    let dst = pods.service_addr(ECHO);
+    let _echo = EchoServer::spawn(&pods.server.ns, dst).expect("echo server");
+    let mut daemon = Daemon(
+        accel
+            .daemon_command_auto()
+            .args(["--resync", "200ms"])
+            .spawn()
+            .expect("start meshlane run"),
+    );
+    accel.wait_ready();
+    // Other tests' sidecars may be on this node too: look only at this test's namespaces.
+    let cookies = [
+        pods.client.ns.cookie().unwrap(),
+        pods.server.ns.cookie().unwrap(),
+    ];
+    let ours = |st: &serde_json::Value| status_pods(st, &cookies);
+    let st = status_json(&accel);
+    let mode = st["mode"].as_str().unwrap().to_string();
+    if mode == "off" {
+        // The probe's sidecar hop check failed on this kernel: nothing may be attached.
+        assert_eq!(st["state"], "pass-through", "{st:#}");
+        assert!(!accel.pin_dir.exists(), "{st:#}");
+        eprintln!("envoy_default_mode: auto is off on this kernel: {st:#}");
+        return;
+    }
+    wait_until("both Envoy pods discovered and accelerated", || {
+        ours(&try_status_json(&accel).unwrap_or_default())
+            .iter()
+            .filter(|p| p["state"] == "accelerated" && p["mode"] == mode.as_str())
+            .count()
+            == 2
+    });
+    echo_streams(&pods.client.ns, dst, N);
+    let c = accel.counters();
+    // tcp_proxy opens one upstream per downstream connection.
+    assert_eq!(c.get("pairs_sidecar"), N, "{c:?}");
+    for dir in ["sidecar_client_to_server", "sidecar_server_to_client"] {
+        assert!(
+            c.get(&format!("bytes_redirected_{dir}")) >= N * SIZE as u64,
+            "{dir}: {c:?}"
+        );
+    }
+    if mode == "sidecar" {
+        for k in [
+            "pairs_outbound",
+            "pairs_inbound",
+            "bytes_redirected_outbound_app_to_sidecar",
+            "bytes_redirected_inbound_app_to_sidecar",
+            "bytes_redirected_outbound_sidecar_to_app",
+            "bytes_redirected_inbound_sidecar_to_app",
+        ] {
+            assert_eq!(c.get(k), 0, "{k}: an app socket was touched: {c:?}");
+        }
+        // Only the sidecars' connections were stamped.
+        assert_eq!(c.get("stamps_written"), N, "{c:?}");
+    } else {
+        assert_eq!(mode, "reader", "{st:#}");
+        assert!(c.get("pairs_outbound") >= N, "{c:?}");
+    }
+    assert!(daemon.terminate().success());
+}

@@ -364,7 +364,8 @@ fn a_daemon_whose_probe_fails_stays_up_and_accelerates_nothing() {
 }
 
 /// `--mode auto` (the default) follows the probe: the reader rule where apps cannot tell, else
-/// app sockets left alone, with the deciding behaviours named in status, metrics and the log.
+/// app sockets left alone (only the sidecar <-> sidecar hop, where the probe saw it work), with
+/// the deciding behaviours named in status, metrics and the log.
 /// An explicit `--mode reader` is the opt-in that accepts the listed differences.
 #[test]
 fn the_daemon_picks_its_mode_from_the_probe_and_says_why() {
@@ -372,7 +373,7 @@ fn the_daemon_picks_its_mode_from_the_probe_and_says_why() {
         return;
     };
     let report = meshlane::probe::run(None);
-    let auto = meshlane::mode::decide(meshlane::mode::Choice::Auto, Some(&report));
+    let auto = meshlane::mode::decide(meshlane::mode::Choice::Auto, Some(&report), true);
     let log = std::env::temp_dir().join(format!("meshlane-mode-{}.log", std::process::id()));
     let mut cmd = accel.daemon_command_auto();
     cmd.args(["--discovery", "none"]);
@@ -388,12 +389,18 @@ fn the_daemon_picks_its_mode_from_the_probe_and_says_why() {
     let metric = format!("meshlane_mode{{mode=\"{}\"}}", auto.mode.as_str());
     assert_eq!(sample(&body, &metric), Some(1.0), "{body}");
     let reader = report.mode(meshlane::mode::Mode::Reader).unwrap();
-    if auto.mode == meshlane::mode::Mode::Off {
-        assert_eq!(st["state"], "pass-through", "{st:#}");
-        assert!(
-            !accel.pin_dir.exists(),
-            "mode off attaches nothing, so it costs nothing"
-        );
+    if !auto.mode.app_hops() {
+        if auto.mode == meshlane::mode::Mode::Off {
+            assert_eq!(st["state"], "pass-through", "{st:#}");
+            assert!(
+                !accel.pin_dir.exists(),
+                "mode off attaches nothing, so it costs nothing"
+            );
+        } else {
+            assert_eq!(st["state"], "accelerating", "{st:#}");
+            let why = st["mode_reason"].as_str().unwrap();
+            assert!(why.contains("sidecar <-> sidecar hop"), "{st:#}");
+        }
         // The daemon ran its own probe: timing-dependent behaviours may differ from this one's,
         // but it names what it found.
         let why = st["mode_reason"].as_str().unwrap();
@@ -435,7 +442,7 @@ fn a_pod_can_opt_into_a_mode_of_its_own() {
         return;
     };
     let report = meshlane::probe::run(None);
-    let auto = meshlane::mode::decide(meshlane::mode::Choice::Auto, Some(&report));
+    let auto = meshlane::mode::decide(meshlane::mode::Choice::Auto, Some(&report), true);
     let (a, b) = (
         minimesh::Netns::new("pma").unwrap(),
         minimesh::Netns::new("pmb").unwrap(),
@@ -513,6 +520,16 @@ fn a_pod_can_opt_into_a_mode_of_its_own() {
         );
     } else {
         assert_eq!(plain["mode"], auto.mode.as_str(), "{st:#}");
+    }
+    if auto.mode == meshlane::mode::Mode::Sidecar {
+        // The node's sidecar mode pairs no app hop of the plain pod, only its sidecar.
+        let cookie = plain["netns_cookie"].as_u64().expect("cookie in status");
+        let p = datapath::pinned_pods(&accel.pin_dir).unwrap()[&cookie];
+        let app_hops = meshlane_common::POLICY_OUTBOUND | meshlane_common::POLICY_INBOUND;
+        assert_eq!(p.flags & app_hops, 0, "{:#x}", p.flags);
+        let sidecar =
+            meshlane_common::POLICY_SIDECAR_HOP | meshlane_common::POLICY_INBOUND_CAPTURED;
+        assert_eq!(p.flags & sidecar, sidecar, "{:#x}", p.flags);
     }
     assert!(daemon.terminate().success());
     let _ = std::fs::remove_file(&config);

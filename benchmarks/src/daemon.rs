@@ -94,18 +94,34 @@ impl Daemon {
         }
     }
 
-    /// How many of the benchmark's pods `meshlane status --json` shows as accelerated (other
-    /// Envoys on the node are ignored by netns cookie).
-    pub fn accelerated_pods(&self) -> Result<usize> {
+    /// `meshlane status --json`, or None while the daemon does not answer.
+    fn status(&self) -> Result<Option<serde_json::Value>> {
         let out = Command::new(&self.spec.bin)
             .args(["status", "--json", "--api-socket"])
             .arg(&self.spec.api_socket)
             .stderr(Stdio::null())
             .output()?;
         if !out.status.success() {
-            return Ok(0);
+            return Ok(None);
         }
-        let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        Ok(serde_json::from_slice(&out.stdout).ok())
+    }
+
+    /// The redirect mode the daemon decided (`--mode auto` leaves it to the probe).
+    pub fn mode(&self) -> Result<String> {
+        let st = self.status()?.context("meshlane status did not answer")?;
+        st["mode"]
+            .as_str()
+            .map(str::to_string)
+            .context("meshlane status has no mode")
+    }
+
+    /// How many of the benchmark's pods `meshlane status --json` shows as accelerated (other
+    /// Envoys on the node are ignored by netns cookie).
+    pub fn accelerated_pods(&self) -> Result<usize> {
+        let Some(st) = self.status()? else {
+            return Ok(0);
+        };
         Ok(st["pods"]
             .as_array()
             .map(|pods| {

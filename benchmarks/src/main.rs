@@ -54,10 +54,12 @@ pub struct Args {
     /// Tiny counts, one round, to prove the harness works (CI). The numbers mean nothing.
     #[arg(long)]
     pub smoke: bool,
-    /// envoy suite: the daemon's `--mode` for C. "reader" (only app -> sidecar redirected) is
-    /// named explicitly because `auto` accelerates nothing on kernels where the probe finds the
-    /// reader rule visible to apps; "two-way" measures the opt-in.
-    #[arg(long, default_value = "reader", value_parser = ["reader", "two-way"])]
+    /// envoy suite: the daemon's `--mode` for C. "auto" (the default, what users run): the
+    /// reader rule where the probe finds apps cannot tell, else only the sidecar <-> sidecar hop
+    /// ("sidecar"; every kernel measured so far). "reader" (app -> sidecar on both app hops, plus
+    /// the sidecar hop) and "two-way" measure the opt-ins. The mode the daemon decided is
+    /// recorded with the results.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "sidecar", "reader", "two-way"])]
     pub mode: String,
     /// The sidecar hop in C (envoy suite: the daemon's `--sidecar-hop`; relay suite: relay ->
     /// relay). "on": the client sidecar -> server sidecar hop is redirected too (both pods are

@@ -60,6 +60,10 @@ pub struct Row {
     /// bpf_stats); empty when the round's programs could not be told apart from another copy's.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub prog: Vec<ProgCost>,
+    /// C only: the mode the daemon decided (`meshlane status`), which `--mode auto` leaves to
+    /// the probe.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
 }
 
 /// One C round's BPF program cost from the daemon ready to just before it stopped (workloads
@@ -121,6 +125,9 @@ impl Apps {
 
 /// Runs the suite; prints and writes the results unless interrupted.
 pub fn suite(args: &Args, stop: &AtomicBool) -> Result<()> {
+    if args.mode == "sidecar" && args.sidecar_hop == "off" {
+        bail!("--mode sidecar redirects only the sidecar hop, which --sidecar-hop off turns off: C would accelerate nothing");
+    }
     let scale = if args.smoke { 0.02 } else { args.scale };
     let rounds = if args.smoke { 1 } else { args.rounds };
     let matrix = workloads(scale);
@@ -248,6 +255,9 @@ fn scenario_round(
         "C" => {
             let before = progstats::meshlane_ids()?;
             let d = Daemon::start(spec)?;
+            if d.mode()? == "off" {
+                bail!("meshlane run decided mode off (see `meshlane status`): C would accelerate nothing");
+            }
             let progs = match Programs::since(&before) {
                 Ok(p) => Some(p),
                 Err(e) => {
@@ -276,6 +286,9 @@ fn scenario_round(
     let mut rows = Vec::new();
     // Sidecar pairs made so far in this round: a later HTTP workload may reuse them (pooled).
     let mut round_sidecar_pairs = 0;
+    let mode = daemon.as_ref().map(Daemon::mode).transpose()?;
+    // Whether C pairs the app hops (reader, two-way) or only the sidecar hop (sidecar).
+    let app_hops = mode.as_deref().is_some_and(|m| m != "sidecar");
     for w in matrix {
         if stop.load(Ordering::Relaxed) {
             break;
@@ -300,16 +313,24 @@ fn scenario_round(
             Kind::Connect => w.count,
             _ => w.conns,
         } as u64;
-        // Every connection the client opened must have been paired with its sidecar, and
-        // bytes must have been redirected; with the sidecar hop on, the client Envoy's upstream
+        // Where the mode pairs app hops, every connection the client opened must have been
+        // paired with its sidecar; where it does not (the sidecar mode), none may have been.
+        // Bytes must have been redirected; with the sidecar hop on, the client Envoy's upstream
         // connections (pooled for HTTP, so fewer than the client's) must have paired too, or
         // already been paired in an earlier workload of this round. Otherwise this is not a C
-        // measurement.
+        // measurement of the mode it claims.
         let sidecar_ok = |c: &daemon::Counters| {
             spec.sidecar_hop == "off" || c.pairs_sidecar > 0 || round_sidecar_pairs > 0
         };
-        let accelerated = counters
-            .is_none_or(|c| c.pairs_outbound >= conns && c.redirected_bytes > 0 && sidecar_ok(&c));
+        let app_hops_ok = |c: &daemon::Counters| {
+            if app_hops {
+                c.pairs_outbound >= conns
+            } else {
+                c.pairs_outbound == 0 && c.pairs_inbound == 0
+            }
+        };
+        let accelerated =
+            counters.is_none_or(|c| app_hops_ok(&c) && c.redirected_bytes > 0 && sidecar_ok(&c));
         round_sidecar_pairs += counters.map_or(0, |c| c.pairs_sidecar);
         rows.push(Row {
             scenario,
@@ -320,6 +341,7 @@ fn scenario_round(
             counters,
             accelerated,
             prog,
+            mode: mode.clone(),
         });
     }
     let prog_round = match (&progs, ready) {

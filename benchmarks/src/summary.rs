@@ -157,7 +157,10 @@ impl Report {
             rounds,
             scale,
             smoke: args.smoke,
-            mode: args.mode.clone(),
+            mode: match rows.iter().find_map(|r| r.mode.as_deref()) {
+                Some(decided) if decided != args.mode => format!("{} -> {decided}", args.mode),
+                _ => args.mode.clone(),
+            },
             sidecar_hop: args.sidecar_hop.clone(),
             mtls: args.mtls.clone(),
             rows,

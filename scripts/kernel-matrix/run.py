@@ -536,17 +536,24 @@ def _mode(o: Outcome, name: str) -> dict | None:
 
 def mode_cell(o: Outcome) -> str:
     """The mode `meshlane run` takes with its default `--mode auto` on this kernel (the same rule
-    as accelerator/src/mode.rs): the reader rule only where apps see exactly plain TCP under it."""
+    as accelerator/src/mode.rs): the reader rule only where apps see exactly plain TCP under it,
+    else app sockets left alone and only the sidecar hop, where the probe's check of it passed."""
     if o.probe is None:
         return "not run"
     if not o.probe.get("ok"):
         return "off (the probe refuses)"
     reader = _mode(o, "reader")
     if reader is None:
-        return "off (reader rule not measured)"
-    if not reader.get("safe"):
-        return "off (reader rule unsafe)"
-    return "reader" if not reader.get("differences") else "off (apps could tell)"
+        why = "reader rule not measured"
+    elif not reader.get("safe"):
+        why = "reader rule unsafe"
+    elif reader.get("differences"):
+        why = "apps could tell"
+    else:
+        return "reader"
+    sidecar = any(c.get("name") == "sidecar hop" and c.get("status") == "pass"
+                  for c in o.probe.get("checks", []))
+    return f"sidecar ({why})" if sidecar else f"off ({why})"
 
 
 def two_way_cell(o: Outcome) -> str:

@@ -79,8 +79,9 @@ class ParseConsole(unittest.TestCase):
 
 
 class Modes(unittest.TestCase):
-    def modes(self, reader_diffs, two_way_safe=True):
-        checks = PROBE_OK["checks"] + [{"name": "two-way FIONREAD", "status": "pass" if two_way_safe else "warn"}]
+    def modes(self, reader_diffs, two_way_safe=True, sidecar_hop="pass"):
+        checks = PROBE_OK["checks"] + [{"name": "two-way FIONREAD", "status": "pass" if two_way_safe else "warn"},
+                                       {"name": "sidecar hop", "status": sidecar_hop}]
         return dict(PROBE_OK, checks=checks, modes=[
             {"mode": "reader", "safe": True, "problem": "", "differences": [{"behaviour": b} for b in reader_diffs]},
             {"mode": "two-way", "safe": two_way_safe, "problem": "" if two_way_safe else "a check failed",
@@ -92,8 +93,10 @@ class Modes(unittest.TestCase):
         self.assertEqual(run.mode_cell(o), "reader")
         self.assertEqual(run.app_view_cell(o, "reader"), "none")
         o = run.parse_console(console(probe=self.modes(["fionread_tcp", "signal_restart", "fionread_tcp"])))
-        self.assertEqual(run.mode_cell(o), "off (apps could tell)")
+        self.assertEqual(run.mode_cell(o), "sidecar (apps could tell)")
         self.assertEqual(run.app_view_cell(o, "reader"), "fionread_tcp, signal_restart")
+        o = run.parse_console(console(probe=self.modes(["oob_send"], sidecar_hop="fail")))
+        self.assertEqual(run.mode_cell(o), "off (apps could tell)")
         self.assertEqual(run.app_view_cell(o, "two-way"), "splice_to_pipe")
 
     def test_a_refused_two_way_names_the_check(self):
@@ -104,7 +107,7 @@ class Modes(unittest.TestCase):
     def test_the_timing_dependent_rows_are_not_checked_but_the_mode_is(self):
         o = run.parse_console(console(("a::x", 0), probe=self.modes(["oob_send"])))
         rows = run.result_rows(run.table([("6.12", "6.12.1", o)], ["a::x"]))
-        self.assertIn("| mode with `--mode auto` | off (apps could tell) |", rows)
+        self.assertIn("| mode with `--mode auto` | sidecar (apps could tell) |", rows)
         self.assertFalse(any(r.startswith("| apps could tell") for r in rows))
 
 

@@ -747,7 +747,7 @@ fn map_capture(
         crate::mode::Mode::parse(v).ok_or_else(|| {
             bad(
                 field,
-                format!("{v:?}: expected \"reader\", \"two-way\" or \"off\""),
+                format!("{v:?}: expected \"reader\", \"two-way\", \"sidecar\" or \"off\""),
             )
         })
     };

@@ -357,7 +357,7 @@ impl prometheus_client::collector::Collector for Collector {
             family(
                 &mut enc,
                 "meshlane_mode",
-                "1 for the redirect mode in force: reader (app -> sidecar only), two-way (opt-in, also into the app) or off (app sockets left alone)",
+                "1 for the redirect mode in force: reader (app -> sidecar only), two-way (opt-in, also into the app), sidecar (app sockets left alone, only the sidecar <-> sidecar hop) or off (nothing)",
                 Gauge,
                 &modes,
             )?;

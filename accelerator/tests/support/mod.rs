@@ -392,6 +392,36 @@ pub fn echo_exchange(s: TcpStream, payload: &[u8], chunk: usize) -> io::Result<R
 /// FIN that arrives while the server sidecar's listener filters are still deciding gets the
 /// connection dropped, with or without meshlane (see the README); once the app has echoed a
 /// byte, those filters are done, and the FIN still races the rest of the reply.
+/// `n` connections from `ns` to the echo service at `dst`, each echoing a distinct 256 KiB
+/// pattern in 16 KiB writes; every byte must come back in order.
+pub fn echo_streams(ns: &Netns, dst: SocketAddrV4, n: u64) {
+    for i in 0..n {
+        let data = pattern(i, ECHO_STREAM_BYTES);
+        let out = echo_exchange_settled(connect(ns, dst).expect("connect"), &data, 16 * 1024)
+            .expect("echo through both sidecars");
+        assert_same(&format!("stream {i}"), &out.bytes, &data);
+    }
+}
+
+/// The size of each of [`echo_streams`]' streams.
+pub const ECHO_STREAM_BYTES: usize = 256 * 1024;
+
+/// The pods of a `meshlane status --json` document whose netns cookie is one of `cookies`
+/// (other tests' sidecars may run on the node too).
+pub fn status_pods(st: &serde_json::Value, cookies: &[u64]) -> Vec<serde_json::Value> {
+    st["pods"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| {
+            p["netns_cookie"]
+                .as_u64()
+                .is_some_and(|c| cookies.contains(&c))
+        })
+        .cloned()
+        .collect()
+}
+
 pub fn echo_exchange_settled(
     s: TcpStream,
     payload: &[u8],

@@ -39,6 +39,11 @@ pub const POLICY_INTO_APP: u32 = 8;
 /// accepted on `inbound_port`). Both pods must have it. Both ends are sidecars, so both
 /// directions are redirected whatever the pod's mode (the reader rule protects apps only).
 pub const POLICY_SIDECAR_HOP: u32 = 16;
+/// [`PodPolicy::flags`]: the pod's PREROUTING captures inbound connections to `inbound_port`
+/// (a fact from discovery, set whatever the pod's mode). The sidecar hop's client end is stamped
+/// only toward a pod with this and [`POLICY_SIDECAR_HOP`]; [`POLICY_INBOUND`] is only whether
+/// the inbound *app* hop is paired, which the sidecar mode turns off.
+pub const POLICY_INBOUND_CAPTURED: u32 = 32;
 
 /// An IPv4 prefix, both fields in network byte order as the kernel stores addresses.
 #[repr(C)]
@@ -95,7 +100,7 @@ impl PodPolicy {
             proxy_gid: 1337,
             outbound_port: 15001,
             inbound_port: 15006,
-            flags: POLICY_OUTBOUND | POLICY_INBOUND,
+            flags: POLICY_OUTBOUND | POLICY_INBOUND | POLICY_INBOUND_CAPTURED,
             inbound_bind_ip4: u32::from_ne_bytes([127, 0, 0, 6]),
             n_exclude_cidrs: 0,
             n_include_cidrs: 0,

@@ -45,10 +45,11 @@ use aya_ebpf::{
 };
 use meshlane_common::{
     counter, hop, partner_role, Cidr4, PairKey, PodPolicy, SockState, Waiter, CONTROL_DRAIN,
-    CONTROL_FLAGS, MAX_CIDRS, MAX_PORTS, POLICY_INBOUND, POLICY_INCLUDE_CIDRS, POLICY_INTO_APP,
-    POLICY_OUTBOUND, POLICY_SIDECAR_HOP, ROLE_IN_APP, ROLE_IN_PROXY, ROLE_OUT_APP, ROLE_OUT_PROXY,
-    ROLE_SC_CLIENT, ROLE_SC_SERVER, SOCK_IN_MAP, SOCK_PEER_KNOWN, SOCK_READER_RULE,
-    SOCK_STAMP_PENDING, SOCK_WAITING, TCP_OPT_EXID, TCP_OPT_KIND, TCP_OPT_LEN,
+    CONTROL_FLAGS, MAX_CIDRS, MAX_PORTS, POLICY_INBOUND, POLICY_INBOUND_CAPTURED,
+    POLICY_INCLUDE_CIDRS, POLICY_INTO_APP, POLICY_OUTBOUND, POLICY_SIDECAR_HOP, ROLE_IN_APP,
+    ROLE_IN_PROXY, ROLE_OUT_APP, ROLE_OUT_PROXY, ROLE_SC_CLIENT, ROLE_SC_SERVER, SOCK_IN_MAP,
+    SOCK_PEER_KNOWN, SOCK_READER_RULE, SOCK_STAMP_PENDING, SOCK_WAITING, TCP_OPT_EXID,
+    TCP_OPT_KIND, TCP_OPT_LEN,
 };
 
 use crate::{
@@ -201,7 +202,8 @@ fn on_connect(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy) {
 
 /// The server pod's namespace cookie when this sidecar connection goes to another listed pod on
 /// this node whose sidecar will accept it: both pods have the sidecar hop, and the server pod's
-/// PREROUTING captures the port (inbound capture on, the port not excluded). Otherwise None and
+/// PREROUTING captures the port (inbound capture on, the port not excluded), whether or not
+/// its inbound app hop is paired (the sidecar mode pairs no app hop). Otherwise None and
 /// the connection is left alone (so nothing is stamped toward an address off this node).
 fn sidecar_server(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy, dport: u16) -> Option<u64> {
     if policy.flags & POLICY_SIDECAR_HOP == 0 {
@@ -215,7 +217,7 @@ fn sidecar_server(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy, dport: u
     }
     // SAFETY: read-only view of a hash map value.
     let sp = unsafe { ML_POLICY.get(server) }?;
-    let wanted = POLICY_SIDECAR_HOP | POLICY_INBOUND;
+    let wanted = POLICY_SIDECAR_HOP | POLICY_INBOUND_CAPTURED;
     (sp.flags & wanted == wanted && !port_listed(&sp.exclude_inbound_ports, dport))
         .then_some(server)
 }

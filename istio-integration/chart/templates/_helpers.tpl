@@ -58,7 +58,7 @@ DaemonSet so that `helm template`, `helm install` and `helm lint` all stop on it
 {{- if and .Values.discovery.xdsServer (ne $source "kubernetes") -}}
 {{- fail "discovery.xdsServer needs discovery.source=kubernetes: each pod's xDS identity (pod IP, name, namespace) comes from the API" -}}
 {{- end -}}
-{{- $modes := list "auto" "reader" "two-way" "off" -}}
+{{- $modes := list "auto" "reader" "two-way" "sidecar" "off" -}}
 {{- if not (has .Values.mode $modes) -}}
 {{- fail (printf "mode=%v: expected one of %s" .Values.mode (join ", " $modes)) -}}
 {{- end -}}
