@@ -12,12 +12,13 @@
 //! # inbound_bind = "127.0.0.6"       # the sidecar's inbound source address
 //! # exclude_outbound_ports = [9000]  # traffic.sidecar.istio.io/excludeOutboundPorts
 //! # exclude_inbound_ports = []       # traffic.sidecar.istio.io/excludeInboundPorts
+//! # include_inbound_ports = []       # includeInboundPorts as a list (empty: "*")
 //! # exclude_outbound_cidrs = []      # traffic.sidecar.istio.io/excludeOutboundIPRanges
 //! # include_outbound_cidrs = ["*"]   # traffic.sidecar.istio.io/includeOutboundIPRanges
 //! # accelerate = true                # false: leave this pod alone
 //! # accelerate_outbound = true
 //! # accelerate_inbound = true
-//! # mode = "reader"                  # this pod's redirect mode: "reader", "two-way" or "off"
+//! # mode = "reader"                  # this pod's mode: "reader", "two-way", "sidecar" or "off"
 //! #                                  # (default: the node's --mode; README "What an app can notice")
 //! ```
 
@@ -76,6 +77,8 @@ struct PodEntry {
     exclude_outbound_ports: Vec<u16>,
     #[serde(default)]
     exclude_inbound_ports: Vec<u16>,
+    #[serde(default)]
+    include_inbound_ports: Vec<u16>,
     #[serde(default)]
     exclude_outbound_cidrs: Vec<String>,
     #[serde(default)]
@@ -216,6 +219,7 @@ pub fn parse_all(path: &Path, text: &str) -> Result<PodList, Error> {
             inbound_bind,
             exclude_outbound_ports: e.exclude_outbound_ports,
             exclude_inbound_ports: e.exclude_inbound_ports,
+            include_inbound_ports: e.include_inbound_ports,
             exclude_outbound_cidrs,
             include_outbound,
             accelerate_outbound: e.accelerate_outbound,

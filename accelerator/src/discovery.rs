@@ -580,10 +580,11 @@ fn proxy_namespace(opts: &Options, path: PathBuf, procs: &[procfs::Process]) -> 
         inbound_bind: facts.inbound_bind.unwrap_or(Ipv4Addr::new(127, 0, 0, 6)),
         exclude_outbound_ports: cap.exclude_outbound_ports,
         exclude_inbound_ports: cap.exclude_inbound_ports,
+        include_inbound_ports: cap.include_inbound_ports,
         exclude_outbound_cidrs: cap.exclude_outbound_cidrs,
         include_outbound: cap.include_outbound,
         accelerate_outbound,
-        accelerate_inbound: true,
+        accelerate_inbound: cap.inbound_captured,
         mode: None,
     };
     if let Err(e) = crate::policy::pod_policy(&pod) {

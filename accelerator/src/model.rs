@@ -69,6 +69,10 @@ pub struct Pod {
     pub inbound_bind: Ipv4Addr,
     pub exclude_outbound_ports: Vec<u16>,
     pub exclude_inbound_ports: Vec<u16>,
+    /// Istio's includeInboundPorts when it is a port list: inbound capture covers only these
+    /// (and istio-iptables then ignores `exclude_inbound_ports`). Empty: `*`, every port but
+    /// the excluded ones.
+    pub include_inbound_ports: Vec<u16>,
     pub exclude_outbound_cidrs: Vec<Cidr>,
     pub include_outbound: OutboundRanges,
     pub accelerate_outbound: bool,
@@ -95,6 +99,7 @@ impl Pod {
             inbound_bind: Ipv4Addr::new(127, 0, 0, 6),
             exclude_outbound_ports: Vec::new(),
             exclude_inbound_ports: Vec::new(),
+            include_inbound_ports: Vec::new(),
             exclude_outbound_cidrs: Vec::new(),
             include_outbound: OutboundRanges::All,
             accelerate_outbound: true,

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use meshlane_common::{
     Cidr4, PodPolicy, MAX_CIDRS, MAX_PORTS, POLICY_INBOUND, POLICY_INBOUND_CAPTURED,
-    POLICY_INCLUDE_CIDRS, POLICY_OUTBOUND,
+    POLICY_INBOUND_PORTS_LISTED, POLICY_INCLUDE_CIDRS, POLICY_OUTBOUND,
 };
 
 use crate::model::{Cidr, OutboundRanges, Pod};
@@ -49,12 +49,24 @@ pub fn pod_policy(pod: &Pod) -> Result<PodPolicy, Error> {
         pod,
         "excludeOutboundPorts",
     )?;
-    fill_ports(
-        &mut p.exclude_inbound_ports,
-        &pod.exclude_inbound_ports,
-        pod,
-        "excludeInboundPorts",
-    )?;
+    // istio-iptables captures only the listed ports when includeInboundPorts is a list, and
+    // consults the exclusions only for `*`.
+    if pod.include_inbound_ports.is_empty() {
+        fill_ports(
+            &mut p.inbound_ports,
+            &pod.exclude_inbound_ports,
+            pod,
+            "excludeInboundPorts",
+        )?;
+    } else {
+        p.flags |= POLICY_INBOUND_PORTS_LISTED;
+        fill_ports(
+            &mut p.inbound_ports,
+            &pod.include_inbound_ports,
+            pod,
+            "includeInboundPorts",
+        )?;
+    }
     p.n_exclude_cidrs = fill_cidrs(
         &mut p.exclude_outbound_cidrs,
         &pod.exclude_outbound_cidrs,
@@ -197,12 +209,30 @@ mod tests {
             inbound_bind: Ipv4Addr::new(127, 0, 0, 6),
             exclude_outbound_ports: vec![9000],
             exclude_inbound_ports: vec![],
+            include_inbound_ports: vec![],
             exclude_outbound_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
             include_outbound: OutboundRanges::All,
             accelerate_outbound: true,
             accelerate_inbound: true,
             mode: None,
         }
+    }
+
+    #[test]
+    fn an_inbound_port_list_replaces_the_exclusions_as_istio_iptables_does() {
+        let mut pod = pod();
+        pod.exclude_inbound_ports = vec![15090, 15008];
+        let p = pod_policy(&pod).unwrap();
+        assert_eq!(p.flags & POLICY_INBOUND_PORTS_LISTED, 0);
+        assert_eq!(&p.inbound_ports[..3], &[15090, 15008, 0]);
+        assert_ne!(p.flags & POLICY_INBOUND_CAPTURED, 0);
+        pod.include_inbound_ports = vec![8080, 9090];
+        let p = pod_policy(&pod).unwrap();
+        assert_ne!(p.flags & POLICY_INBOUND_PORTS_LISTED, 0);
+        assert_eq!(&p.inbound_ports[..3], &[8080, 9090, 0]);
+        pod.include_inbound_ports = vec![0];
+        let e = pod_policy(&pod).unwrap_err().to_string();
+        assert!(e.contains("includeInboundPorts"), "{e}");
     }
 
     #[test]

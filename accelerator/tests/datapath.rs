@@ -208,6 +208,62 @@ fn the_sidecar_hop_is_byte_exact_both_ways_and_counted_in_both_pods() {
     assert_eq!(after.get("pairs_outbound"), 2 * N);
 }
 
+/// With Istio's includeInboundPorts as a port list the server pod's PREROUTING captures only
+/// those ports; istio-iptables then ignores excludeInboundPorts. A sidecar connection to any
+/// other port of that pod reaches the app directly, with no sidecar to read a stamp, so it must
+/// not be stamped (before the include list was modelled it was, and its end waited in the
+/// sockhash until it moved to TCP). The listed port pairs all three hops as usual.
+#[test]
+fn the_sidecar_hop_follows_an_inbound_port_include_list() {
+    const OTHER: u16 = APP_PORT + 1;
+    let Some(mut accel) = Accel::new("sidecar_hop_include") else {
+        return;
+    };
+    let server_capture = CaptureConfig {
+        inbound_ports: minimesh::InboundPorts::List(vec![APP_PORT]),
+        ..CaptureConfig::default()
+    };
+    let mesh = TwoPods::new(78, CaptureConfig::default(), server_capture).expect("two pods");
+    let _app =
+        EchoServer::spawn(&mesh.server.ns, SocketAddrV4::new(mesh.server.ip, APP_PORT)).unwrap();
+    let _other =
+        EchoServer::spawn(&mesh.server.ns, SocketAddrV4::new(mesh.server.ip, OTHER)).unwrap();
+    accel.add_pod_with_sidecar_hop(&mesh.client.ns, &mesh.client.capture, &[mesh.client.ip]);
+    accel.add_pod_with_sidecar_hop(&mesh.server.ns, &mesh.server.capture, &[mesh.server.ip]);
+
+    const N: u64 = 4;
+    const SIZE: usize = 256 * 1024;
+    for port in [APP_PORT, OTHER] {
+        let dst = SocketAddrV4::new(mesh.server.ip, port);
+        for i in 0..N {
+            let s = connect(&mesh.client.ns, dst).expect("connect through the mesh");
+            let data = pattern(i + u64::from(port), SIZE);
+            let out = echo_exchange(s, &data, 16 * 1024).expect("exchange");
+            assert_same(&format!("port {port} connection {i}"), &out.bytes, &data);
+        }
+    }
+    let c = accel.counters();
+    // The captured port: outbound, sidecar and inbound pairs; the other: the outbound hop only.
+    assert_eq!(c.get("pairs_outbound"), 2 * N, "{c:?}");
+    assert_eq!(c.get("pairs_sidecar"), N, "{c:?}");
+    assert_eq!(c.get("pairs_inbound"), N, "{c:?}");
+    assert_eq!(
+        c.get("stamps_written"),
+        3 * N,
+        "2N outbound stamps and N sidecar stamps, none toward the uncaptured port: {c:?}"
+    );
+    assert_eq!(
+        c.get("pass_no_peer"),
+        0,
+        "no stamped end waited in vain: {c:?}"
+    );
+    assert_eq!(
+        c.get("bytes_redirected_sidecar_client_to_server"),
+        N * SIZE as u64
+    );
+    assert_eq!(mesh.server.relay_stats().inbound_accepted, N);
+}
+
 /// Go, Java and Node apps use IPv6 sockets for IPv4 by default: a Go server listens on `[::]`
 /// with IPV6_V6ONLY off, so the sidecar's inbound connection from 127.0.0.6 arrives on an
 /// AF_INET6 socket with v4-mapped addresses; a Java client opens AF_INET6 sockets and connects

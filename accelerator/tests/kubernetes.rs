@@ -77,6 +77,7 @@ fn istio_init_injected_pod() {
     assert!(p.exclude_outbound_ports.is_empty() && p.exclude_outbound_cidrs.is_empty());
     assert_eq!(p.include_outbound, OutboundRanges::All);
     assert!(p.accelerate_inbound && p.accelerate_outbound);
+    assert!(p.include_inbound_ports.is_empty(), "includeInboundPorts *");
     assert!(m.notes.is_empty(), "{:?}", m.notes);
 }
 
@@ -194,6 +195,29 @@ fn istio_cni_pod_uses_validation_args_then_annotations() {
         OutboundRanges::Only(vec!["10.96.0.0/12".parse().unwrap()])
     );
     assert!(m.notes.iter().any(|n| n.contains("IPv6")), "{:?}", m.notes);
+}
+
+/// includeInboundPorts as a list is the set of ports inbound capture covers (the sidecar hop is
+/// stamped only toward them); `*` anywhere in it means every port.
+#[test]
+fn an_inbound_port_list_is_modelled() {
+    let mut v = fixture("injected-istio-init.json");
+    v["spec"]["initContainers"] = json!([]);
+    annotate(
+        &mut v,
+        "traffic.sidecar.istio.io/includeInboundPorts",
+        "8080, 9090",
+    );
+    let p = map(v.clone()).verdict.expect("accelerated");
+    assert_eq!(p.include_inbound_ports, vec![8080, 9090]);
+    assert!(p.accelerate_inbound);
+    annotate(
+        &mut v,
+        "traffic.sidecar.istio.io/includeInboundPorts",
+        "8080,*",
+    );
+    let p = map(v).verdict.expect("accelerated");
+    assert!(p.include_inbound_ports.is_empty());
 }
 
 #[test]

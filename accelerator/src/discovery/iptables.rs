@@ -33,6 +33,12 @@ pub struct Capture {
     pub exclude_outbound_ports: Vec<u16>,
     /// Ports ISTIO_INBOUND returns (excludeInboundPorts, 15008, and 22 on older releases).
     pub exclude_inbound_ports: Vec<u16>,
+    /// `ISTIO_INBOUND --dport P -j ISTIO_IN_REDIRECT` rules without a catch-all jump after
+    /// them: includeInboundPorts as a port list. Empty: `*` (or no inbound capture at all).
+    pub include_inbound_ports: Vec<u16>,
+    /// ISTIO_INBOUND jumps to ISTIO_IN_REDIRECT for some traffic (an empty includeInboundPorts
+    /// writes no such rule: nothing is captured inbound).
+    pub inbound_captured: bool,
     /// `ISTIO_OUTPUT -d CIDR -j RETURN` outside loopback (excludeOutboundIPRanges).
     pub exclude_outbound_cidrs: Vec<Cidr>,
     /// `-d CIDR -j ISTIO_REDIRECT` rules (includeOutboundIPRanges) or a catch-all jump.
@@ -452,6 +458,8 @@ pub fn parse(text: &str) -> Result<Capture, Error> {
         inbound_port,
         exclude_outbound_ports: Vec::new(),
         exclude_inbound_ports: Vec::new(),
+        include_inbound_ports: Vec::new(),
+        inbound_captured: false,
         exclude_outbound_cidrs: Vec::new(),
         include_outbound: OutboundRanges::Only(Vec::new()),
         outbound_unsupported: None,
@@ -480,15 +488,23 @@ fn unsupported(cap: &mut Capture, why: String) {
     }
 }
 
+/// ISTIO_INBOUND: with includeInboundPorts `*` (Istio's default) RETURNs for the excluded ports
+/// and then a catch-all jump to ISTIO_IN_REDIRECT; with a port list one jump per port and no
+/// catch-all (istio-iptables ignores the exclusions then).
 fn inbound(rules: &[&Rule], cap: &mut Capture) -> Result<(), Error> {
+    let mut catch_all = false;
     for r in rules
         .iter()
         .filter(|r| r.table == "nat" && r.chain == "ISTIO_INBOUND")
     {
-        if r.is_udp_only() || r.target.as_deref() != Some("RETURN") {
+        let target = r.target.as_deref();
+        if r.is_udp_only() || !matches!(target, Some("RETURN" | "ISTIO_IN_REDIRECT")) {
             continue;
         }
         let Some(o) = r.opt(&["--dport", "--destination-port", "--dports"]) else {
+            if target == Some("ISTIO_IN_REDIRECT") {
+                catch_all = true;
+            }
             continue;
         };
         if o.negated {
@@ -498,9 +514,19 @@ fn inbound(rules: &[&Rule], cap: &mut Capture) -> Result<(), Error> {
             .value
             .as_deref()
             .ok_or_else(|| r.syntax("ISTIO_INBOUND --dport", "no value"))?;
+        let list = if target == Some("RETURN") {
+            &mut cap.exclude_inbound_ports
+        } else {
+            cap.inbound_captured = true;
+            &mut cap.include_inbound_ports
+        };
         for p in ports(r, "ISTIO_INBOUND --dport", v)? {
-            push_unique(&mut cap.exclude_inbound_ports, p);
+            push_unique(list, p);
         }
+    }
+    if catch_all {
+        cap.inbound_captured = true;
+        cap.include_inbound_ports.clear();
     }
     Ok(())
 }
@@ -764,6 +790,27 @@ mod tests {
         assert!(c.exclude_outbound_cidrs.is_empty());
         assert_eq!(c.include_outbound, OutboundRanges::All);
         assert_eq!(c.outbound_unsupported, None);
+    }
+
+    #[test]
+    fn an_inbound_port_list_is_what_inbound_capture_covers() {
+        let c = parse(MINIMESH).unwrap();
+        assert!(c.inbound_captured);
+        assert!(c.include_inbound_ports.is_empty(), "*: every port");
+        // includeInboundPorts=8080,9090: istio-iptables writes one jump per port, no catch-all.
+        let list = MINIMESH.replace(
+            "-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT\n",
+            "-A ISTIO_INBOUND -p tcp -m tcp --dport 8080 -j ISTIO_IN_REDIRECT\n\
+             -A ISTIO_INBOUND -p tcp -m multiport --dports 9090,8080 -j ISTIO_IN_REDIRECT\n",
+        );
+        let c = parse(&list).unwrap();
+        assert!(c.inbound_captured);
+        assert_eq!(c.include_inbound_ports, vec![8080, 9090]);
+        // includeInboundPorts="": no jump to ISTIO_IN_REDIRECT at all.
+        let none = MINIMESH.replace("-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT\n", "");
+        let c = parse(&none).unwrap();
+        assert!(!c.inbound_captured);
+        assert!(c.include_inbound_ports.is_empty());
     }
 
     #[test]

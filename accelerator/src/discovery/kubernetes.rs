@@ -704,12 +704,13 @@ fn map_capture(
         exclude_inbound_ports.push(tunnel);
     }
     let mut accelerate_inbound = true;
+    let mut include_inbound_ports = Vec::new();
     if let Some(s) = get("b", Some("includeInboundPorts")) {
         if s.value.trim().is_empty() {
             notes.push(format!("{} is empty: inbound is not captured", s.field));
             accelerate_inbound = false;
-        } else if s.value.trim() != "*" {
-            ports(&s)?;
+        } else if !s.value.split(',').any(|p| p.trim() == "*") {
+            include_inbound_ports = ports(&s)?;
         }
     }
     let mut accelerate_outbound = owner_groups_ok;
@@ -773,6 +774,7 @@ fn map_capture(
         inbound_bind: std::net::Ipv4Addr::new(127, 0, 0, 6),
         exclude_outbound_ports,
         exclude_inbound_ports,
+        include_inbound_ports,
         exclude_outbound_cidrs,
         include_outbound,
         accelerate_outbound,

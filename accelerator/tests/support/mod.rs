@@ -305,6 +305,10 @@ pub fn pod_model(ns: &Netns, capture: &CaptureConfig) -> Pod {
         inbound_port: capture.inbound_port,
         exclude_outbound_ports: capture.exclude_outbound_ports.clone(),
         exclude_inbound_ports: capture.exclude_inbound_ports.clone(),
+        include_inbound_ports: match &capture.inbound_ports {
+            minimesh::InboundPorts::All => Vec::new(),
+            minimesh::InboundPorts::List(ports) => ports.clone(),
+        },
         exclude_outbound_cidrs: capture
             .exclude_outbound_cidrs
             .iter()

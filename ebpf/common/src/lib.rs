@@ -44,6 +44,9 @@ pub const POLICY_SIDECAR_HOP: u32 = 16;
 /// only toward a pod with this and [`POLICY_SIDECAR_HOP`]; [`POLICY_INBOUND`] is only whether
 /// the inbound *app* hop is paired, which the sidecar mode turns off.
 pub const POLICY_INBOUND_CAPTURED: u32 = 32;
+/// [`PodPolicy::flags`]: [`PodPolicy::inbound_ports`] lists the ports inbound capture covers
+/// (Istio's includeInboundPorts as a port list); without it, the ports it leaves out.
+pub const POLICY_INBOUND_PORTS_LISTED: u32 = 64;
 
 /// An IPv4 prefix, both fields in network byte order as the kernel stores addresses.
 #[repr(C)]
@@ -83,8 +86,10 @@ pub struct PodPolicy {
     pub n_include_cidrs: u16,
     /// Destination ports Istio does not capture (excludeOutboundPorts); 0 marks an empty slot.
     pub exclude_outbound_ports: [u16; MAX_PORTS],
-    /// App ports Istio does not capture inbound (excludeInboundPorts); 0 marks an empty slot.
-    pub exclude_inbound_ports: [u16; MAX_PORTS],
+    /// App ports Istio does not capture inbound (excludeInboundPorts), or with
+    /// [`POLICY_INBOUND_PORTS_LISTED`] the only ones it captures (includeInboundPorts as a list,
+    /// where istio-iptables ignores the exclusions); 0 marks an empty slot.
+    pub inbound_ports: [u16; MAX_PORTS],
     /// excludeOutboundIPRanges; the first `n_exclude_cidrs` are valid.
     pub exclude_outbound_cidrs: [Cidr4; MAX_CIDRS],
     /// includeOutboundIPRanges when `POLICY_INCLUDE_CIDRS` is set; the first `n_include_cidrs`.
@@ -105,7 +110,7 @@ impl PodPolicy {
             n_exclude_cidrs: 0,
             n_include_cidrs: 0,
             exclude_outbound_ports: [0; MAX_PORTS],
-            exclude_inbound_ports: [0; MAX_PORTS],
+            inbound_ports: [0; MAX_PORTS],
             exclude_outbound_cidrs: [Cidr4 { addr: 0, mask: 0 }; MAX_CIDRS],
             include_outbound_cidrs: [Cidr4 { addr: 0, mask: 0 }; MAX_CIDRS],
         }

@@ -46,10 +46,10 @@ use aya_ebpf::{
 use meshlane_common::{
     counter, hop, partner_role, Cidr4, PairKey, PodPolicy, SockState, Waiter, CONTROL_DRAIN,
     CONTROL_FLAGS, MAX_CIDRS, MAX_PORTS, POLICY_INBOUND, POLICY_INBOUND_CAPTURED,
-    POLICY_INCLUDE_CIDRS, POLICY_INTO_APP, POLICY_OUTBOUND, POLICY_SIDECAR_HOP, ROLE_IN_APP,
-    ROLE_IN_PROXY, ROLE_OUT_APP, ROLE_OUT_PROXY, ROLE_SC_CLIENT, ROLE_SC_SERVER, SOCK_IN_MAP,
-    SOCK_PEER_KNOWN, SOCK_READER_RULE, SOCK_STAMP_PENDING, SOCK_WAITING, TCP_OPT_EXID,
-    TCP_OPT_KIND, TCP_OPT_LEN,
+    POLICY_INBOUND_PORTS_LISTED, POLICY_INCLUDE_CIDRS, POLICY_INTO_APP, POLICY_OUTBOUND,
+    POLICY_SIDECAR_HOP, ROLE_IN_APP, ROLE_IN_PROXY, ROLE_OUT_APP, ROLE_OUT_PROXY, ROLE_SC_CLIENT,
+    ROLE_SC_SERVER, SOCK_IN_MAP, SOCK_PEER_KNOWN, SOCK_READER_RULE, SOCK_STAMP_PENDING,
+    SOCK_WAITING, TCP_OPT_EXID, TCP_OPT_KIND, TCP_OPT_LEN,
 };
 
 use crate::{
@@ -170,7 +170,7 @@ fn on_connect(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy) {
         // sidecar of another pod on this node.
         let (role, server_netns) = if policy.flags & POLICY_INBOUND != 0
             && ctx.local_ip4() == policy.inbound_bind_ip4
-            && !port_listed(&policy.exclude_inbound_ports, dport)
+            && inbound_captured(policy, dport)
         {
             (ROLE_IN_PROXY, 0)
         } else if let Some(server) = sidecar_server(ctx, netns, policy, dport) {
@@ -218,8 +218,7 @@ fn sidecar_server(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy, dport: u
     // SAFETY: read-only view of a hash map value.
     let sp = unsafe { ML_POLICY.get(server) }?;
     let wanted = POLICY_SIDECAR_HOP | POLICY_INBOUND_CAPTURED;
-    (sp.flags & wanted == wanted && !port_listed(&sp.exclude_inbound_ports, dport))
-        .then_some(server)
+    (sp.flags & wanted == wanted && inbound_captured(sp, dport)).then_some(server)
 }
 
 /// Mirrors istio-init's ISTIO_OUTPUT for a non-proxy process: loopback and the pod's own address
@@ -335,7 +334,7 @@ fn on_passive_established(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy) 
         (ROLE_OUT_PROXY, PairKey::token(netns, token))
     } else if policy.flags & POLICY_INBOUND != 0
         && ctx.remote_ip4() == policy.inbound_bind_ip4
-        && !port_listed(&policy.exclude_inbound_ports, lport)
+        && inbound_captured(policy, lport)
     {
         (ROLE_IN_APP, tuple_key(ctx, netns))
     } else if policy.flags & POLICY_SIDECAR_HOP != 0 && lport == policy.inbound_port {
@@ -606,6 +605,12 @@ fn in_cidrs(cidrs: &[Cidr4; MAX_CIDRS], n: u16, ip: u32) -> bool {
         }
     }
     false
+}
+
+/// Whether the pod's PREROUTING sends a connection to app port `port` to its sidecar: the port
+/// is in Istio's includeInboundPorts list, or (with `*`, the default) not in excludeInboundPorts.
+fn inbound_captured(policy: &PodPolicy, port: u16) -> bool {
+    port_listed(&policy.inbound_ports, port) == (policy.flags & POLICY_INBOUND_PORTS_LISTED != 0)
 }
 
 fn port_listed(ports: &[u16; MAX_PORTS], port: u16) -> bool {
