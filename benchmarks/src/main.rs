@@ -9,6 +9,7 @@
 mod daemon;
 mod measure;
 mod progstats;
+mod provenance;
 mod relay;
 mod report;
 mod suite;

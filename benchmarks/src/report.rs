@@ -148,8 +148,10 @@ pub fn print(args: &Args, results: &[Round]) {
 
 pub fn write(args: &Args, results: &[Round]) -> Result<()> {
     std::fs::create_dir_all(&args.out)?;
+    let provenance = crate::provenance::Provenance::collect();
     let json = serde_json::json!({
         "args": {"rounds": args.rounds, "pingpongs": args.pingpongs, "size": 64, "connects": args.connects},
+        "provenance": provenance,
         "rounds": results,
         "summary": summary(results).iter().map(|(n, p, f)| serde_json::json!({"metric": n, "plain": p, "meshlane": f})).collect::<Vec<_>>(),
     });
@@ -157,7 +159,10 @@ pub fn write(args: &Args, results: &[Round]) -> Result<()> {
         args.out.join("relay.json"),
         serde_json::to_string_pretty(&json)?,
     )?;
-    std::fs::write(args.out.join("relay.md"), table(args, results))?;
+    std::fs::write(
+        args.out.join("relay.md"),
+        format!("{}\n\n{}", provenance.line(), table(args, results)),
+    )?;
     eprintln!("wrote {}/relay.json and relay.md", args.out.display());
     Ok(())
 }

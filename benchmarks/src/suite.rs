@@ -32,6 +32,7 @@ use minimesh::{
 use crate::{
     daemon::{self, Counters, Daemon, DaemonSpec},
     progstats::{self, ProgCost, Programs, StatsEnabled},
+    provenance::Provenance,
     summary,
     workload::{self, Kind, Measured, Targets, Workload},
     Args,
@@ -132,6 +133,7 @@ pub fn suite(args: &Args, stop: &AtomicBool) -> Result<()> {
     let rounds = if args.smoke { 1 } else { args.rounds };
     let matrix = workloads(scale);
     let started = Instant::now();
+    let provenance = Provenance::collect();
     // Restored when this returns, also on errors and Ctrl-C.
     let _bpf_stats = StatsEnabled::enable()?;
 
@@ -216,7 +218,7 @@ pub fn suite(args: &Args, stop: &AtomicBool) -> Result<()> {
     if accepted_c == 0 {
         bail!("no C workload was accelerated; the comparison would be meaningless");
     }
-    let report = summary::Report::new(args, rounds, scale, &matrix, rows, prog_rounds);
+    let report = summary::Report::new(args, rounds, scale, &matrix, rows, prog_rounds, provenance);
     println!("{}", report.table());
     report.write(&args.out)?;
     eprintln!(

@@ -8,6 +8,7 @@ use anyhow::Result;
 
 use crate::{
     progstats::KINDS,
+    provenance::Provenance,
     report::Spread,
     suite::{RoundProgCost, Row, SCENARIOS},
     workload::{self, Kind, Workload},
@@ -87,6 +88,8 @@ pub struct Report {
     pub summaries: Vec<WorkloadSummary>,
     /// Per C round, the daemon's programs from ready to stop.
     pub prog_rounds: Vec<RoundProgCost>,
+    /// The machine, builds and command of this run.
+    pub provenance: Provenance,
 }
 
 fn spread(mut v: Vec<f64>) -> Spread {
@@ -123,6 +126,7 @@ impl Report {
         matrix: &[Workload],
         rows: Vec<Row>,
         prog_rounds: Vec<RoundProgCost>,
+        provenance: Provenance,
     ) -> Report {
         let summaries = matrix
             .iter()
@@ -166,6 +170,7 @@ impl Report {
             rows,
             summaries,
             prog_rounds,
+            provenance,
         }
     }
 
@@ -178,13 +183,26 @@ impl Report {
             "Envoy mini-mesh: A = no mesh, B = Envoy sidecars (iptables capture; mTLS between them: {}), C = B + meshlane daemon (--mode {}, --sidecar-hop {})\n\
              {} interleaved rounds per scenario (scale {}){}; median over rounds [min..max]\n\
              latency in us; C/B below 1 means meshlane is faster; tax removed = (B - C) / (B - A)\n\
-             C workloads discarded because the daemon's counters did not move: {rejected}\n",
+             C workloads discarded because the daemon's counters did not show what the mode redirects: {rejected}\n\
+             EAGAIN retries of the load generators' blocking reads (plain TCP never returns one): {}\n",
             self.mtls,
             self.mode,
             self.sidecar_hop,
             self.rounds,
             self.scale,
             if self.smoke { ", SMOKE RUN: numbers mean nothing" } else { "" },
+            SCENARIOS
+                .iter()
+                .map(|sc| format!(
+                    "{sc} {}",
+                    self.rows
+                        .iter()
+                        .filter(|r| r.scenario == *sc)
+                        .map(|r| r.measured.eagain_retries)
+                        .sum::<u64>()
+                ))
+                .collect::<Vec<_>>()
+                .join(", "),
         );
         let _ = writeln!(
             t,
@@ -302,6 +320,7 @@ impl Report {
             "mode": self.mode,
             "sidecar_hop": self.sidecar_hop,
             "mtls": self.mtls,
+            "provenance": self.provenance,
             "scenarios": {"A": "no mesh", "B": "Envoy sidecars, iptables capture", "C": "B + meshlane daemon (local discovery)"},
             "summary": self.summaries.iter().map(|s| serde_json::json!({
                 "workload": s.workload,
@@ -322,7 +341,8 @@ impl Report {
             serde_json::to_string_pretty(&json)?,
         )?;
         let md = format!(
-            "{}\nTail percentiles:\n{}\n![latency](latency.svg)\n\n![ratio per size](ratio.svg)\n",
+            "{}\n\n{}\nTail percentiles:\n{}\n![latency](latency.svg)\n\n![ratio per size](ratio.svg)\n",
+            self.provenance.line(),
             self.table(),
             self.tails()
         );

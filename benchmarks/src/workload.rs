@@ -50,6 +50,17 @@ pub struct Measured {
     pub throughput: f64,
     pub requests: u64,
     pub wall_s: f64,
+    /// Reads of a blocking socket that returned EAGAIN and were retried (a socket in a sockhash
+    /// can do that; plain TCP never does): reported per scenario, never hidden.
+    pub eagain_retries: u64,
+}
+
+/// EAGAIN retries of the load generators' blocking reads, process-wide; `run` reports the
+/// difference over one workload (workloads run one at a time).
+static EAGAIN_RETRIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn count_eagain() {
+    EAGAIN_RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Where the workload's servers are, for one scenario.
@@ -72,11 +83,14 @@ fn connect(ns: &Netns, dst: SocketAddrV4) -> Result<TcpStream> {
 
 /// Runs one workload from the client namespace.
 pub fn run(w: &Workload, ns: &Netns, t: Targets) -> Result<Measured> {
-    match w.kind {
+    let before = EAGAIN_RETRIES.load(std::sync::atomic::Ordering::Relaxed);
+    let mut m = match w.kind {
         Kind::TcpPingPong | Kind::Http | Kind::Grpc => closed_loop(w, ns, t),
         Kind::Connect => connects(w, ns, t.echo),
         Kind::Bulk => bulk(w, ns, t.echo),
-    }
+    }?;
+    m.eagain_retries = EAGAIN_RETRIES.load(std::sync::atomic::Ordering::Relaxed) - before;
+    Ok(m)
 }
 
 /// Requests a workload sends in all, the unrecorded warm-up included (`Measured::requests`
@@ -145,6 +159,7 @@ fn closed_loop(w: &Workload, ns: &Netns, t: Targets) -> Result<Measured> {
         throughput: n as f64 / wall.as_secs_f64(),
         requests: n,
         wall_s: wall.as_secs_f64(),
+        eagain_retries: 0,
     })
 }
 
@@ -218,6 +233,7 @@ fn connects(w: &Workload, ns: &Netns, dst: SocketAddrV4) -> Result<Measured> {
             throughput: w.count as f64 / wall.as_secs_f64(),
             requests: w.count as u64,
             wall_s: wall.as_secs_f64(),
+            eagain_retries: 0,
         })
     })?
 }
@@ -248,7 +264,10 @@ fn bulk(w: &Workload, ns: &Netns, dst: SocketAddrV4) -> Result<Measured> {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e)
                     if e.kind() == std::io::ErrorKind::WouldBlock
-                        && t0.elapsed() < 6 * READ_TIMEOUT => {}
+                        && t0.elapsed() < 6 * READ_TIMEOUT =>
+                {
+                    count_eagain()
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -260,6 +279,7 @@ fn bulk(w: &Workload, ns: &Netns, dst: SocketAddrV4) -> Result<Measured> {
         throughput: total as f64 / (1 << 20) as f64 / wall.as_secs_f64(),
         requests: writes as u64,
         wall_s: wall.as_secs_f64(),
+        eagain_retries: 0,
     })
 }
 
@@ -272,7 +292,9 @@ fn read_exact_patient(s: &mut TcpStream, mut buf: &mut [u8]) -> std::io::Result<
             Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => buf = &mut buf[n..],
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                count_eagain()
+            }
             Err(e) => return Err(e),
         }
     }

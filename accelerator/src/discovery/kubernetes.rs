@@ -644,8 +644,9 @@ fn map_capture(
                 })
         })
         .transpose()?;
-    let uid_field = get("u", None).map(|s| s.field).unwrap_or_default();
-    let arg_uid = get("u", None).map(|s| id(&s)).transpose()?;
+    let uid_setting = get("u", None);
+    let arg_uid = uid_setting.as_ref().map(id).transpose()?;
+    let uid_field = uid_setting.map(|s| s.field).unwrap_or_default();
     let arg_gid = get("g", None).map(|s| id(&s)).transpose()?;
     let runs_as = ctx_uid.or(openshift);
     let proxy_uid = match (arg_uid, runs_as) {
