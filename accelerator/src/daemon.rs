@@ -78,7 +78,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
 
     let deferred = start_datapath(&opts, &shared);
 
-    // Sources that learn of changes by themselves (the watch) wake the loop at once.
+    // Sources that learn of changes by themselves (the watch, xDS streams) wake the loop at once.
     let wake = kubernetes::Wake::default();
     let kube = opts
         .kubernetes
@@ -100,7 +100,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         xds: opts
             .xds_server
             .clone()
-            .map(xds::Pool::new)
+            .map(|server| xds::Pool::new(server, wake.clone()))
             .transpose()
             .context("start the xDS runtime")?,
         namespaces: opts.namespaces.clone(),
@@ -622,11 +622,20 @@ fn write_policies(
     let diff = policy::diff(&current, &policies);
     let mut errors = 0;
     for (cookie, p) in &diff.upsert {
+        // Log lines name the pod, not only its namespace cookie.
+        let pod = desired
+            .get(cookie)
+            .map_or("", |(_, i)| statuses[*i].name.as_str());
         match dp.set_pod(*cookie, p) {
-            Ok(()) => tracing::info!(netns_cookie = cookie, "pod accelerated"),
+            Ok(()) => tracing::info!(
+                pod,
+                netns_cookie = cookie,
+                policy_flags = p.flags,
+                "pod accelerated"
+            ),
             Err(e) => {
                 errors += 1;
-                tracing::error!(netns_cookie = cookie, error = %e, "policy write failed");
+                tracing::error!(pod, netns_cookie = cookie, error = %e, "policy write failed");
                 if let Some((_, i)) = desired.get(cookie) {
                     statuses[*i]
                         .decline("policy_write_failed", format!("policy write failed: {e}"));

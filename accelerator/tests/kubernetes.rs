@@ -1344,6 +1344,8 @@ fn daemon_follows_the_watch_into_the_policy_map() {
 /// With --xds-server, each Kubernetes-discovered pod gets an ADS stream with its own sidecar
 /// identity; its Listeners are held against the pod's capture: differing ports are reported
 /// (the capture rules still decide), a transparent (TPROXY) inbound listener declines the pod.
+/// An accepted xDS change wakes the daemon's loop like a Kubernetes event (the resync here is
+/// ten minutes).
 #[test]
 fn daemon_cross_checks_each_pod_against_its_sidecars_xds_listeners() {
     let Some(py) = support::AdsServer::python() else {
@@ -1395,7 +1397,8 @@ fn daemon_cross_checks_each_pod_against_its_sidecars_xds_listeners() {
                 .arg(&proc_root)
                 .arg("--xds-server")
                 .arg(format!("http://127.0.0.1:{xds_port}"))
-                .args(["--resync", "200ms"])
+                // Far beyond the waits below: a change must wake the loop, not wait for this.
+                .args(["--resync", "10m"])
                 .stdout(std::process::Stdio::null())
                 .stderr(std::fs::File::create(&log).unwrap())
                 .spawn()
@@ -1435,7 +1438,13 @@ fn daemon_cross_checks_each_pod_against_its_sidecars_xds_listeners() {
         &json!([{"version": "2", "listeners": support::istio_listeners(15001, 15006, true)}]),
         "tproxy",
     );
-    support::wait_until("the TPROXY pod out of the map", || !in_map(&accel));
+    // The stream reconnects within its backoff (250 ms, then 500 ms), and the accepted update
+    // wakes the reconcile loop; the resync alone would take ten minutes.
+    support::wait_until_within(
+        "the TPROXY pod out of the map",
+        Duration::from_secs(10),
+        || !in_map(&accel),
+    );
     let st = support::status_json(&accel);
     let pod = st["pods"]
         .as_array()

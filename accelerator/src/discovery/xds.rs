@@ -27,6 +27,8 @@ use prost::Message as _;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::kubernetes::Wake;
+
 /// The resource type this client subscribes to.
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 const ORIGINAL_DST_FILTER: &str = "envoy.filters.listener.original_dst";
@@ -86,12 +88,19 @@ pub struct Client {
 impl Client {
     /// Starts the client on the current tokio runtime.
     pub fn spawn(cfg: Config) -> Client {
+        Client::spawn_waking(cfg, None)
+    }
+
+    /// Like [`Client::spawn`]; an accepted update that changes the capture also wakes `wake`
+    /// (the daemon's reconcile loop), so it takes effect at once instead of at the next resync.
+    pub fn spawn_waking(cfg: Config, wake: Option<Wake>) -> Client {
         let status = Arc::new(Mutex::new(Status::default()));
         let (stop_tx, stop_rx) = watch::channel(false);
         let (upd_tx, upd_rx) = watch::channel(0u64);
         let shared = Shared {
             status: Arc::clone(&status),
             updates: upd_tx,
+            wake,
         };
         tokio::spawn(run(cfg, shared, stop_rx));
         Client {
@@ -182,6 +191,8 @@ fn listener_port(l: &Listener) -> Result<u16, String> {
 struct Shared {
     status: Arc<Mutex<Status>>,
     updates: watch::Sender<u64>,
+    /// The daemon's loop, woken when the capture changes.
+    wake: Option<Wake>,
 }
 
 impl Shared {
@@ -290,12 +301,17 @@ fn judge(resp: &DiscoveryResponse, shared: &Shared) -> DiscoveryRequest {
         Ok(cap) => {
             tracing::info!(version = %resp.version_info, outbound = ?cap.outbound_port, inbound = ?cap.inbound_port, "xDS update accepted");
             let version = resp.version_info.clone();
+            let mut changed = false;
             shared.set(|s| {
+                changed = s.capture.as_ref() != Some(&cap);
                 s.capture = Some(cap);
                 s.version = version;
                 s.last_error.clear();
                 s.acks += 1;
             });
+            if let (true, Some(w)) = (changed, &shared.wake) {
+                w.notify();
+            }
             DiscoveryRequest {
                 version_info: resp.version_info.clone(),
                 response_nonce: resp.nonce.clone(),
@@ -374,12 +390,14 @@ pub fn cross_check(pod: &crate::model::Pod, cap: &Capture) -> Verdict {
 /// One ADS stream per pod, each with the pod's own identity, on a small runtime of its own.
 pub struct Pool {
     server: String,
+    wake: Wake,
     rt: tokio::runtime::Runtime,
     clients: std::collections::BTreeMap<String, (String, Client)>,
 }
 
 impl Pool {
-    pub fn new(server: String) -> std::io::Result<Pool> {
+    /// Streams for the daemon's pods; a capture change wakes `wake`.
+    pub fn new(server: String, wake: Wake) -> std::io::Result<Pool> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("meshlane-xds")
@@ -387,6 +405,7 @@ impl Pool {
             .build()?;
         Ok(Pool {
             server,
+            wake,
             rt,
             clients: std::collections::BTreeMap::new(),
         })
@@ -402,15 +421,18 @@ impl Pool {
                 continue;
             }
             let _guard = self.rt.enter();
-            let client = Client::spawn(Config {
-                server: self.server.clone(),
-                node_id: node.clone(),
-                cluster: pod
-                    .split_once('/')
-                    .map_or_else(|| pod.clone(), |(ns, name)| format!("{name}.{ns}")),
-                backoff_min: Duration::from_millis(250),
-                backoff_max: Duration::from_secs(30),
-            });
+            let client = Client::spawn_waking(
+                Config {
+                    server: self.server.clone(),
+                    node_id: node.clone(),
+                    cluster: pod
+                        .split_once('/')
+                        .map_or_else(|| pod.clone(), |(ns, name)| format!("{name}.{ns}")),
+                    backoff_min: Duration::from_millis(250),
+                    backoff_max: Duration::from_secs(30),
+                },
+                Some(self.wake.clone()),
+            );
             self.clients.insert(pod.clone(), (node.clone(), client));
         }
     }
