@@ -428,6 +428,14 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
             |m| tracing::warn!(pod = %n.pod, "{m}"),
         );
     }
+    let notes_of = |pod: &str| -> Vec<String> {
+        found
+            .notes
+            .iter()
+            .filter(|n| n.pod == pod)
+            .map(|n| n.message.clone())
+            .collect()
+    };
     let mut statuses = Vec::with_capacity(found.pods.len() + found.skipped.len());
     for sk in found.skipped.iter().filter(|s| s.name != "(node)") {
         sources.log_once(
@@ -453,6 +461,7 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
             uid: String::new(),
             ips: Vec::new(),
             mode: None,
+            notes: notes_of(&sk.name),
         };
         sources.identify(&mut st);
         st.decline(sk.reason.as_str(), format!("{}: {}", sk.reason, sk.detail));
@@ -519,6 +528,7 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
             uid: String::new(),
             ips: Vec::new(),
             mode: Some(pod_mode.mode),
+            notes: notes_of(&pod.name),
         };
         sources.identify(&mut st);
         // A pod whose own mode is off or refused says so; one that follows the node's mode off

@@ -154,6 +154,9 @@ fn render(s: &pb::Status) -> String {
                 pod_bytes(p),
                 p.reason
             );
+            for n in &p.notes {
+                let _ = writeln!(o, "  {:w$}  note: {n}", "");
+            }
         }
     }
     if !s.maps.is_empty() {
@@ -216,6 +219,7 @@ fn to_json(s: &pb::Status) -> Value {
             "proxy_gid": p.proxy_gid,
             "outbound_port": p.outbound_port,
             "inbound_port": p.inbound_port,
+            "notes": p.notes,
             "counters": p.counters.as_ref().map(|c| json!({
                 "pairs_outbound": c.pairs_outbound,
                 "pairs_inbound": c.pairs_inbound,

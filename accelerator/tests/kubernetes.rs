@@ -1422,6 +1422,28 @@ fn daemon_cross_checks_each_pod_against_its_sidecars_xds_listeners() {
         "sidecar~10.244.1.17~reviews-v1-5b5d6494f4-abcde.bookinfo~bookinfo.svc.cluster.local",
         "{reqs:#?}"
     );
+    // Status and metrics carry it too, not only the log.
+    let st = support::status_json(&accel);
+    let notes = st["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "bookinfo/reviews-v1-5b5d6494f4-abcde")
+        .map(|p| p["notes"].clone())
+        .expect("pod in status");
+    assert!(
+        notes.as_array().unwrap().iter().any(|n| n
+            .as_str()
+            .unwrap()
+            .contains("inbound listener 15016, capture rules 15006")),
+        "{st:#}"
+    );
+    let (_, body) = accel.http_get("/metrics").unwrap();
+    assert_eq!(
+        support::sample(&body, "meshlane_xds_disagreements"),
+        Some(1.0),
+        "{body}"
+    );
     support::wait_until("xds source healthy", || {
         support::try_status_json(&accel).is_some_and(|st| {
             st["sources"]

@@ -360,6 +360,9 @@ pub enum Verdict {
     Differ(String),
 }
 
+/// How a disagreement note begins (status notes; `meshlane_xds_disagreements` counts them).
+pub const DISAGREES: &str = "xDS and the capture rules disagree";
+
 pub fn cross_check(pod: &crate::model::Pod, cap: &Capture) -> Verdict {
     if cap.tproxy {
         return Verdict::Tproxy;
@@ -381,7 +384,7 @@ pub fn cross_check(pod: &crate::model::Pod, cap: &Capture) -> Verdict {
         Verdict::Agree
     } else {
         Verdict::Differ(format!(
-            "xDS and the capture rules disagree ({}); the rules decide where traffic goes, so they are used",
+            "{DISAGREES} ({}); the rules decide where traffic goes, so they are used",
             diffs.join("; ")
         ))
     }

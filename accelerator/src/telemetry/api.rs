@@ -123,6 +123,7 @@ fn build_status(shared: &Shared) -> pb::Status {
                     .filter(|_| p.accelerated())
                     .map(|m| m.as_str().to_string())
                     .unwrap_or_default(),
+                notes: p.notes.clone(),
                 counters: p
                     .netns_cookie
                     .and_then(|c| stats.get(&c))

@@ -164,6 +164,22 @@ impl prometheus_client::collector::Collector for Collector {
             Gauge,
             &pods,
         )?;
+        let disagreeing = snap
+            .pods
+            .iter()
+            .filter(|p| {
+                p.notes
+                    .iter()
+                    .any(|n| n.starts_with(crate::discovery::xds::DISAGREES))
+            })
+            .count() as u64;
+        family(
+            &mut enc,
+            "meshlane_xds_disagreements",
+            "Pods whose sidecar's xDS listeners disagree with their capture rules (the rules are used; status names the ports)",
+            Gauge,
+            &[(vec![], disagreeing)],
+        )?;
 
         if let Some(c) = &counters {
             family(

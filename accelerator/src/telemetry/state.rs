@@ -45,6 +45,8 @@ pub struct PodStatus {
     pub ips: Vec<std::net::IpAddr>,
     /// The redirect mode it gets, when accelerated.
     pub mode: Option<crate::mode::Mode>,
+    /// What discovery noticed without declining it (an xDS disagreement, an unmodelled setting).
+    pub notes: Vec<String>,
 }
 
 impl PodStatus {
