@@ -428,6 +428,11 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
             |m| tracing::warn!(pod = %n.pod, "{m}"),
         );
     }
+    let opted_out_by_file: std::collections::BTreeSet<String> = sources
+        .last_good
+        .iter()
+        .flat_map(|l| l.opted_out.iter().map(|o| o.name.clone()))
+        .collect();
     let notes_of = |pod: &str| -> Vec<String> {
         found
             .notes
@@ -449,7 +454,9 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
             netns_cookie: None,
             reason: String::new(),
             reason_code: "",
-            source: if sk.reason == discovery::Reason::OptedOut {
+            // Only the pod list's own opt-outs are the config source's; an annotation, a
+            // namespace label or --namespace-exclude are the primary source's word.
+            source: if opted_out_by_file.contains(&sk.name) {
                 CONFIG_SOURCE.into()
             } else {
                 sources.primary.into()

@@ -1293,6 +1293,27 @@ fn daemon_follows_the_watch_into_the_policy_map() {
     // a timer, drives the update: even on a loaded CI machine that is far under a second.
     assert!(p99 < Duration::from_secs(1), "p99 {p99:?}");
 
+    // An annotation's opt-out is the Kubernetes source's word (no pod list is given here).
+    let mut v = injected.clone();
+    annotate(&mut v, "meshlane.io/accelerate", "false");
+    server.pod_event("MODIFIED", v);
+    let opted_out = |st: &Value| {
+        st["pods"].as_array().and_then(|p| {
+            p.iter()
+                .find(|p| {
+                    p["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.starts_with("opted_out"))
+                })
+                .cloned()
+        })
+    };
+    support::wait_until("the opted-out pod in status", || {
+        support::try_status_json(&accel).is_some_and(|st| opted_out(&st).is_some())
+    });
+    let pod = opted_out(&support::status_json(&accel)).unwrap();
+    assert_eq!(pod["source"], "kubernetes", "{pod}");
+
     // Deletion removes the pod from the map.
     server.pod_event("DELETED", injected.clone());
     support::wait_until("the deleted pod out of the map", || {
