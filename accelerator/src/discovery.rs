@@ -14,6 +14,7 @@
 //! TPROXY pods and unreadable sidecars are reported in [`Discovery::skipped`] with a [`Reason`],
 //! never as pods. Nothing here panics on bad input; errors name the field.
 
+pub mod backoff;
 pub mod envoy_admin;
 pub mod iptables;
 pub mod kubernetes;

@@ -1021,7 +1021,8 @@ enum Change<K> {
 }
 
 /// Runs a watcher forever. kube-rs relists by itself on 410 Gone; on any other error the stream
-/// is dropped and started afresh after a backoff (250 ms doubling to 30 s), so recovery always
+/// is dropped and started afresh after a backoff (250 ms doubling to 30 s, each wait a random
+/// 50-100% of its step, back to 250 ms once a list succeeds), so recovery always
 /// comes with a complete list and a missed Delete cannot linger.
 async fn follow<K>(
     api: Api<K>,
@@ -1032,8 +1033,8 @@ async fn follow<K>(
 ) where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
-    const FIRST: Duration = Duration::from_millis(250);
-    let mut backoff = FIRST;
+    let mut backoff =
+        super::backoff::Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     loop {
         let mut stream = watcher(api.clone(), config.clone()).boxed();
         let mut buffer = Vec::new();
@@ -1048,7 +1049,7 @@ async fn follow<K>(
                     continue;
                 }
                 Ok(watcher::Event::InitDone) => {
-                    backoff = FIRST;
+                    backoff.reset();
                     tracing::info!(what, objects = buffer.len(), "listed");
                     Change::Replace(std::mem::take(&mut buffer))
                 }
@@ -1059,7 +1060,7 @@ async fn follow<K>(
                     continue;
                 }
                 Err(e) => {
-                    tracing::error!(what, error = %e, retry_in = ?backoff, "watch failed; keeping the last good state");
+                    tracing::error!(what, error = %e, "watch failed; keeping the last good state");
                     on(Change::Failed(e.to_string()));
                     wake.notify();
                     break;
@@ -1068,8 +1069,9 @@ async fn follow<K>(
             on(change);
             wake.notify();
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(30));
+        let delay = backoff.next_delay();
+        tracing::info!(what, retry_in = ?delay, "restarting the watch with a fresh list");
+        tokio::time::sleep(delay).await;
     }
 }
 

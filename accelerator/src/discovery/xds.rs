@@ -44,7 +44,8 @@ pub struct Config {
     pub node_id: String,
     /// The node's cluster (Istio: `<app>.<namespace>`).
     pub cluster: String,
-    /// Reconnect backoff: doubles from `backoff_min` up to `backoff_max`.
+    /// Reconnect backoff: doubles from `backoff_min` up to `backoff_max`, each wait a random
+    /// 50-100% of its step ([`super::backoff::Backoff`]).
     pub backoff_min: Duration,
     pub backoff_max: Duration,
 }
@@ -211,7 +212,7 @@ impl Shared {
 }
 
 async fn run(cfg: Config, shared: Shared, mut stop: watch::Receiver<bool>) {
-    let mut backoff = cfg.backoff_min;
+    let mut backoff = super::backoff::Backoff::new(cfg.backoff_min, cfg.backoff_max);
     let mut first = true;
     loop {
         if !first {
@@ -226,20 +227,20 @@ async fn run(cfg: Config, shared: Shared, mut stop: watch::Receiver<bool>) {
             Ok(()) => ("the control plane closed the stream".to_string(), true),
             Err((e, up)) => (e, up),
         };
-        tracing::warn!(server = %cfg.server, node = %cfg.node_id, error = %err, retry_in = ?backoff, "xDS stream down; keeping the last good state");
+        if was_up {
+            // The stream had worked: start the backoff over.
+            backoff.reset();
+        }
+        let delay = backoff.next_delay();
+        tracing::warn!(server = %cfg.server, node = %cfg.node_id, error = %err, retry_in = ?delay, "xDS stream down; keeping the last good state");
         shared.set(|s| {
             s.connected = false;
             s.last_error = err.clone();
         });
-        if was_up {
-            // The stream had worked: start the backoff over.
-            backoff = cfg.backoff_min;
-        }
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(delay) => {}
             _ = stop.changed() => return,
         }
-        backoff = (backoff * 2).min(cfg.backoff_max);
     }
 }
 
