@@ -37,6 +37,8 @@ pub struct DaemonSpec {
 pub struct Daemon {
     child: Child,
     spec: DaemonSpec,
+    /// The redirect mode it decided (`--mode auto` leaves that to the probe).
+    mode: String,
 }
 
 impl Daemon {
@@ -66,8 +68,9 @@ impl Daemon {
         let mut d = Daemon {
             child,
             spec: spec.clone(),
+            mode: String::new(),
         };
-        d.wait_accelerated().map_err(|e| {
+        d.mode = d.wait_accelerated().map_err(|e| {
             let log = std::fs::read_to_string(&spec.log).unwrap_or_default();
             let tail = &log[log.len().saturating_sub(3000)..];
             e.context(format!("meshlane run did not get ready; its log:\n{tail}"))
@@ -75,15 +78,24 @@ impl Daemon {
         Ok(d)
     }
 
-    fn wait_accelerated(&mut self) -> Result<()> {
+    /// Waits until ready with both pods accelerated; returns the mode it decided. A daemon that
+    /// decided `off` fails at once: C would accelerate nothing.
+    fn wait_accelerated(&mut self) -> Result<String> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if let Some(st) = self.child.try_wait()? {
                 bail!("meshlane run exited during start-up ({st})");
             }
             let ready = matches!(http_get(self.spec.metrics_port, "/readyz"), Ok((200, _)));
-            if ready && self.accelerated_pods()? == 2 {
-                return Ok(());
+            if ready {
+                let mode = self.decided_mode()?;
+                ensure!(
+                    mode != "off",
+                    "meshlane run decided mode off (see `meshlane status`): C would accelerate nothing"
+                );
+                if self.accelerated_pods()? == 2 {
+                    return Ok(mode);
+                }
             }
             ensure!(
                 Instant::now() < deadline,
@@ -107,8 +119,12 @@ impl Daemon {
         Ok(serde_json::from_slice(&out.stdout).ok())
     }
 
-    /// The redirect mode the daemon decided (`--mode auto` leaves it to the probe).
-    pub fn mode(&self) -> Result<String> {
+    /// The redirect mode the daemon decided at start-up.
+    pub fn mode(&self) -> &str {
+        &self.mode
+    }
+
+    fn decided_mode(&self) -> Result<String> {
         let st = self.status()?.context("meshlane status did not answer")?;
         st["mode"]
             .as_str()
