@@ -25,7 +25,21 @@ fn both_ways<T: PartialEq + std::fmt::Debug>(
     let mesh = TwoPods::new(subnet, CaptureConfig::default(), CaptureConfig::default()).unwrap();
     accel.add_pod(&mesh.client.ns, &mesh.client.capture);
     accel.add_pod(&mesh.server.ns, &mesh.server.capture);
-    let fast = case(&mesh);
+    // A case that opens one connection and writes at once can lose the pairing race fairly: if
+    // the sidecar's accepted end is paired after the app's first write (the final ACK was left
+    // to ksoftirqd on a busy machine), that direction is pinned to TCP (invariant 2) and nothing
+    // is redirected. That is the datapath failing open, not the behaviour under test, so such a
+    // run is repeated (a few times at most, and only when `pass_no_peer` says this is why); a
+    // datapath that never redirects still fails below.
+    let mut fast = case(&mesh);
+    for _ in 0..4 {
+        let c = accel.counters();
+        if c.redirected_bytes() > 0 || c.get("pass_no_peer") == 0 {
+            break;
+        }
+        eprintln!("{test}: the first write beat the pairing (pass_no_peer); running again");
+        fast = case(&mesh);
+    }
     let accelerated = accel.counters();
     assert_accelerated(test, &accelerated);
     accel.remove_pod(&mesh.client.ns);
