@@ -201,14 +201,14 @@ impl prometheus_client::collector::Collector for Collector {
             family(
                 &mut enc,
                 "meshlane_redirected_bytes",
-                "Bytes handed socket to socket, by direction",
+                "Bytes handed socket to socket, by direction (added every 32 messages or 256 KiB per connection, and when it closes)",
                 Counter,
                 &by_dir("bytes_redirected"),
             )?;
             family(
                 &mut enc,
                 "meshlane_redirected_messages",
-                "sendmsg calls handed socket to socket, by direction",
+                "sendmsg calls handed socket to socket, by direction (added every 32 messages or 256 KiB per connection, and when it closes)",
                 Counter,
                 &by_dir("msgs_redirected"),
             )?;
@@ -292,14 +292,14 @@ impl prometheus_client::collector::Collector for Collector {
         family(
             &mut enc,
             "meshlane_pod_redirected_bytes",
-            "Bytes redirected, per pod and direction",
+            "Bytes redirected, per pod and direction (added every 32 messages or 256 KiB per connection, and when it closes)",
             Counter,
             &pod_bytes,
         )?;
         family(
             &mut enc,
             "meshlane_pod_redirected_messages",
-            "Messages redirected, per pod and direction",
+            "Messages redirected, per pod and direction (added every 32 messages or 256 KiB per connection, and when it closes)",
             Counter,
             &pod_msgs,
         )?;

@@ -286,10 +286,15 @@ pub struct SockState {
 }
 const _: () = assert!(size_of::<SockState>() == 72);
 
-/// A socket adds what it redirected to its pod's [`PodStats`] every this many messages, and
-/// when it stops sending (its half-close, LAST_ACK or close): a per-CPU hash update per message
-/// was a third of sk_msg's cost. The node-wide counters are still updated per message.
+/// A socket adds what it redirected to the node-wide counters, its pod's [`PodStats`] and its
+/// reader's unread count every this many messages or [`FOLD_BYTES`] bytes, and when it stops
+/// sending (its half-close, LAST_ACK or close): per-message updates of shared counters were
+/// half of sk_msg's cost. So counters read while a connection is open may lag it by less than
+/// one fold; they are exact once it has closed.
 pub const FOLD_EVERY: u32 = 32;
+/// See [`FOLD_EVERY`]; also what the unread budget may be exceeded by before the writer's
+/// direction moves to TCP.
+pub const FOLD_BYTES: u64 = 256 << 10;
 
 /// One pod's traffic through the fast lane (per CPU; userspace sums). The daemon creates the
 /// entry when it lists the pod and deletes it when the pod goes; the programs only add.

@@ -1,6 +1,6 @@
 //! Per-CPU counter updates; no atomics needed because each CPU owns its slot.
 
-use meshlane_common::{direction, PodStats, SockState};
+use meshlane_common::{counter, direction, PodStats, SockState};
 
 use crate::maps::{ML_COUNTERS, ML_POD_STATS};
 
@@ -26,7 +26,8 @@ pub fn pod(netns: u64, f: impl FnOnce(&mut PodStats)) {
     }
 }
 
-/// Adds what `st` redirected since the last fold to its pod's stats, and starts over.
+/// Adds what `st` redirected since the last fold to the node's counters and its pod's stats,
+/// and starts over.
 #[inline(always)]
 pub fn fold(st: &mut SockState) {
     if st.unfolded_msgs == 0 {
@@ -38,6 +39,9 @@ pub fn fold(st: &mut SockState) {
     let Some(dir) = direction(st.role) else {
         return;
     };
+    let (m, b) = counter::redirected(dir);
+    add(m, msgs);
+    add(b, bytes);
     pod(st.netns, |s| {
         let d = opaque(dir) as usize;
         if let (Some(m), Some(b)) = (s.msgs.get_mut(d), s.bytes.get_mut(d)) {

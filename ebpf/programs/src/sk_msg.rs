@@ -15,12 +15,12 @@ use aya_ebpf::{
     programs::SkMsgContext,
 };
 use meshlane_common::{
-    counter, direction, SockState, CONTROL_BUDGET, CONTROL_DRAIN, CONTROL_FLAGS, FOLD_EVERY,
+    counter, SockState, CONTROL_BUDGET, CONTROL_DRAIN, CONTROL_FLAGS, FOLD_BYTES, FOLD_EVERY,
     SOCK_PEER_KNOWN, SOCK_READER_RULE, SOCK_TCP_PINNED, SOCK_WAITING, UNREAD_BUDGET,
 };
 
 use crate::{
-    counters::{add, atomic_add, fold, inc},
+    counters::{atomic_add, fold, inc},
     maps::{ML_CONTROL, ML_RENDEZVOUS, ML_SOCKS, ML_SOCK_STATE, ML_TARGETS, ML_UNREAD},
 };
 
@@ -66,21 +66,6 @@ pub fn verdict(ctx: &SkMsgContext) -> u32 {
         st.peer_sk = partner_sk;
         st.flags |= SOCK_PEER_KNOWN;
     }
-    let unread = if flags & CONTROL_BUDGET != 0 {
-        ML_UNREAD.get_ptr_mut(st.peer_sk)
-    } else {
-        None
-    };
-    if let Some(unread) = unread {
-        // SAFETY: a live map value; a racing update only makes the budget a little soft.
-        if unsafe { *unread } > UNREAD_BUDGET {
-            // The reader is not keeping up: hand this direction to TCP, whose flow control
-            // holds the writer back. The bytes already queued are still read first.
-            st.flags |= SOCK_TCP_PINNED;
-            inc(counter::PASS_OVER_BUDGET);
-            return SK_PASS;
-        }
-    }
     // Under the reader rule the peer is a sidecar end in the program-less target map; with the
     // two-way opt-in both ends are in the sockhash this program is attached to.
     let redirected = if st.flags & SOCK_READER_RULE != 0 {
@@ -94,22 +79,36 @@ pub fn verdict(ctx: &SkMsgContext) -> u32 {
         inc(counter::PASS_PEER_GONE);
         return SK_PASS;
     }
-    let size = ctx.size() as u64;
-    if let Some(unread) = unread {
-        atomic_add(unread, size as i64);
-    }
-    if let Some(dir) = direction(st.role) {
-        let (msgs, bytes) = counter::redirected(dir);
-        inc(msgs);
-        add(bytes, size);
-    }
-    // The pod's share goes into the socket's own state and is folded in batches.
+    // Per message only the socket's own state is written. What it redirected is added to the
+    // node's counters, its pod's stats and its reader's unread count every FOLD_EVERY messages
+    // or FOLD_BYTES bytes (and at its half-close or close): a per-message counter update and a
+    // per-message atomic add on a value the reader's CPU also writes were half of this
+    // program's cost.
     st.unfolded_msgs += 1;
-    st.unfolded_bytes += size;
-    if st.unfolded_msgs >= FOLD_EVERY {
+    st.unfolded_bytes += ctx.size() as u64;
+    if st.unfolded_msgs >= FOLD_EVERY || st.unfolded_bytes >= FOLD_BYTES {
+        let bytes = st.unfolded_bytes;
         fold(st);
+        if flags & CONTROL_BUDGET != 0 {
+            charge_reader(st, bytes);
+        }
     }
     SK_PASS
+}
+
+/// Adds `bytes` to the reader's unread count; over [`UNREAD_BUDGET`] the writer's next bytes
+/// take TCP, which holds it back the normal way (the reader still drains the redirected bytes
+/// first, so order holds). Checked per fold, the budget is soft by less than FOLD_BYTES.
+fn charge_reader(st: &mut SockState, bytes: u64) {
+    let Some(unread) = ML_UNREAD.get_ptr_mut(st.peer_sk) else {
+        return;
+    };
+    atomic_add(unread, bytes as i64);
+    // SAFETY: a live map value; a racing read by the tracer only makes the budget a little soft.
+    if unsafe { *unread } > UNREAD_BUDGET {
+        st.flags |= SOCK_TCP_PINNED;
+        inc(counter::PASS_OVER_BUDGET);
+    }
 }
 
 fn state(ctx: &SkMsgContext) -> Option<&'static mut SockState> {
