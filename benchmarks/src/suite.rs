@@ -42,6 +42,7 @@ pub const SCENARIOS: [&str; 3] = ["A", "B", "C"];
 const ECHO: u16 = 8080;
 const HTTP: u16 = 8081;
 const GRPC: u16 = 8082;
+const ECHO_DUAL_STACK: u16 = 8083;
 
 /// One workload in one scenario round.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -79,30 +80,61 @@ pub struct RoundProgCost {
 pub fn workloads(scale: f64) -> Vec<Workload> {
     let n = |base: usize| ((base as f64 * scale).round() as usize).max(5);
     let mut v = Vec::new();
-    let mut add = |name: &str, kind, size, conns, count| {
+    let mut add = |name: &str, kind, size, conns, count, dual_stack| {
         v.push(Workload {
             name: name.to_string(),
             kind,
             size,
             conns,
             count,
+            dual_stack,
         })
     };
-    add("tcp 64B x1", Kind::TcpPingPong, 64, 1, n(2000));
-    add("tcp 1KiB x1", Kind::TcpPingPong, 1024, 1, n(2000));
-    add("tcp 16KiB x1", Kind::TcpPingPong, 16 << 10, 1, n(1000));
-    add("tcp 64KiB x1", Kind::TcpPingPong, 64 << 10, 1, n(500));
-    add("tcp 64B x16", Kind::TcpPingPong, 64, 16, n(200));
-    add("tcp 64B x64", Kind::TcpPingPong, 64, 64, n(50));
-    add("http 1KiB x1", Kind::Http, 1024, 1, n(1000));
-    add("http 1KiB x16", Kind::Http, 1024, 16, n(100));
-    add("http 1KiB x64", Kind::Http, 1024, 64, n(30));
-    add("grpc 1KiB x1", Kind::Grpc, 1024, 1, n(500));
-    add("grpc 1KiB x16", Kind::Grpc, 1024, 16, n(50));
-    add("connect+close", Kind::Connect, 1, 1, n(300));
+    add("tcp 64B x1", Kind::TcpPingPong, 64, 1, n(2000), false);
+    add("tcp 1KiB x1", Kind::TcpPingPong, 1024, 1, n(2000), false);
+    add(
+        "tcp 16KiB x1",
+        Kind::TcpPingPong,
+        16 << 10,
+        1,
+        n(1000),
+        false,
+    );
+    add(
+        "tcp 64KiB x1",
+        Kind::TcpPingPong,
+        64 << 10,
+        1,
+        n(500),
+        false,
+    );
+    add("tcp 64B x16", Kind::TcpPingPong, 64, 16, n(200), false);
+    add("tcp 64B x64", Kind::TcpPingPong, 64, 64, n(50), false);
+    add(
+        "tcp 64B x1 dual-stack",
+        Kind::TcpPingPong,
+        64,
+        1,
+        n(2000),
+        true,
+    );
+    add(
+        "tcp 64B x16 dual-stack",
+        Kind::TcpPingPong,
+        64,
+        16,
+        n(200),
+        true,
+    );
+    add("http 1KiB x1", Kind::Http, 1024, 1, n(1000), false);
+    add("http 1KiB x16", Kind::Http, 1024, 16, n(100), false);
+    add("http 1KiB x64", Kind::Http, 1024, 64, n(30), false);
+    add("grpc 1KiB x1", Kind::Grpc, 1024, 1, n(500), false);
+    add("grpc 1KiB x16", Kind::Grpc, 1024, 16, n(50), false);
+    add("connect+close", Kind::Connect, 1, 1, n(300), false);
     let bulk = ((64 << 20) as f64 * scale).max((2 << 20) as f64) as usize;
-    add("bulk 64KiB writes", Kind::Bulk, 64 << 10, 1, bulk);
-    add("bulk 1MiB writes", Kind::Bulk, 1 << 20, 1, bulk);
+    add("bulk 64KiB writes", Kind::Bulk, 64 << 10, 1, bulk, false);
+    add("bulk 1MiB writes", Kind::Bulk, 1 << 20, 1, bulk, false);
     v
 }
 
@@ -110,6 +142,7 @@ pub fn workloads(scale: f64) -> Vec<Workload> {
 struct Apps {
     // Dropped in order; nginx killed, servers stop listening.
     _echo: EchoServer,
+    _echo_dual_stack: EchoServer,
     nginx: Nginx,
     _grpc: GrpcServer,
 }
@@ -118,6 +151,7 @@ impl Apps {
     fn start(ns: &minimesh::Netns, ip: std::net::Ipv4Addr) -> Result<Apps> {
         Ok(Apps {
             _echo: EchoServer::spawn(ns, SocketAddrV4::new(ip, ECHO))?,
+            _echo_dual_stack: EchoServer::spawn_dual_stack(ns, ECHO_DUAL_STACK)?,
             nginx: Nginx::spawn(ns, SocketAddrV4::new(ip, HTTP))?,
             _grpc: GrpcServer::spawn(ns, SocketAddrV4::new(ip, GRPC))?,
         })
@@ -143,6 +177,11 @@ pub fn suite(args: &Args, stop: &AtomicBool) -> Result<()> {
     let bare = BarePods::new(211)?;
     let services = [
         ("echo".to_string(), ECHO, Protocol::Tcp),
+        (
+            "echo-dual-stack".to_string(),
+            ECHO_DUAL_STACK,
+            Protocol::Tcp,
+        ),
         ("web".to_string(), HTTP, Protocol::Http),
         ("grpc".to_string(), GRPC, Protocol::Http),
     ];
@@ -250,6 +289,12 @@ fn scenario_round(
     let apps = Apps::start(server_ns, server_ip)?;
     let targets = Targets {
         echo: SocketAddrV4::new(server_ip, ECHO),
+        echo_dual_stack: std::net::SocketAddrV6::new(
+            server_ip.to_ipv6_mapped(),
+            ECHO_DUAL_STACK,
+            0,
+            0,
+        ),
         http: SocketAddrV4::new(server_ip, HTTP),
         grpc: SocketAddrV4::new(server_ip, GRPC),
     };

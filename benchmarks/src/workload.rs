@@ -4,7 +4,7 @@
 
 use std::{
     io::{BufReader, Read, Write},
-    net::{SocketAddrV4, TcpStream},
+    net::{SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream},
     time::{Duration, Instant},
 };
 
@@ -40,6 +40,10 @@ pub struct Workload {
     pub conns: usize,
     /// Requests per connection (bulk: bytes in total).
     pub count: usize,
+    /// tcp ping-pong only: the apps as Go, Java and Node make them by default, a server on
+    /// `[::]` with IPV6_V6ONLY off and clients on AF_INET6 sockets to the v4-mapped service
+    /// address, so both app ends are AF_INET6 sockets carrying IPv4.
+    pub dual_stack: bool,
 }
 
 /// What one workload measured in one round.
@@ -67,13 +71,16 @@ fn count_eagain() {
 #[derive(Debug, Clone, Copy)]
 pub struct Targets {
     pub echo: SocketAddrV4,
+    /// The dual-stack echo server, by its v4-mapped address.
+    pub echo_dual_stack: SocketAddrV6,
     pub http: SocketAddrV4,
     pub grpc: SocketAddrV4,
 }
 
-fn connect(ns: &Netns, dst: SocketAddrV4) -> Result<TcpStream> {
+fn connect(ns: &Netns, dst: impl Into<SocketAddr>) -> Result<TcpStream> {
+    let dst = dst.into();
     let s = ns
-        .run(|| TcpStream::connect_timeout(&dst.into(), Duration::from_secs(5)))?
+        .run(|| TcpStream::connect_timeout(&dst, Duration::from_secs(5)))?
         .with_context(|| format!("connect to {dst}"))?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(READ_TIMEOUT))?;
@@ -177,7 +184,12 @@ impl Client {
     fn open(w: &Workload, ns: &Netns, t: Targets) -> Result<Client> {
         Ok(match w.kind {
             Kind::TcpPingPong => Client::Tcp {
-                s: connect(ns, t.echo)?,
+                // An IPv6 destination makes the socket AF_INET6 (Java's default for IPv4 too).
+                s: if w.dual_stack {
+                    connect(ns, t.echo_dual_stack)?
+                } else {
+                    connect(ns, t.echo)?
+                },
                 msg: (0..w.size).map(|i| (i % 251) as u8).collect(),
                 buf: vec![0; w.size],
             },

@@ -6,7 +6,7 @@ use crate::netns::Netns;
 use crate::sock;
 use anyhow::{Context, Result};
 use std::io::{ErrorKind, Write};
-use std::net::{Shutdown, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -49,11 +49,29 @@ impl EchoServer {
         Self::start(ns, addr, true)
     }
 
+    /// Like [`EchoServer::spawn`], on `[::]:port` with IPV6_V6ONLY off (Go's, Java's and Node's
+    /// default listener): IPv4 clients are accepted on AF_INET6 sockets with v4-mapped
+    /// addresses. [`EchoServer::addr`] is then `0.0.0.0:port`.
+    pub fn spawn_dual_stack(ns: &Netns, port: u16) -> Result<EchoServer> {
+        let listener = ns
+            .run(|| sock::listen_dual_stack(port))?
+            .with_context(|| format!("dual-stack echo server on [::]:{port} in {}", ns.name()))?;
+        Self::serve(
+            listener,
+            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port),
+            false,
+        )
+    }
+
     fn start(ns: &Netns, addr: SocketAddrV4, checked: bool) -> Result<EchoServer> {
-        let listener = Arc::new(
-            ns.run(|| sock::listen_reuseaddr(addr))?
-                .with_context(|| format!("echo server on {addr} in {}", ns.name()))?,
-        );
+        let listener = ns
+            .run(|| sock::listen_reuseaddr(addr))?
+            .with_context(|| format!("echo server on {addr} in {}", ns.name()))?;
+        Self::serve(listener, addr, checked)
+    }
+
+    fn serve(listener: TcpListener, addr: SocketAddrV4, checked: bool) -> Result<EchoServer> {
+        let listener = Arc::new(listener);
         let accepted = Arc::new(AtomicU64::new(0));
         let misrouted = Arc::new(AtomicU64::new(0));
         let stopping = Arc::new(AtomicBool::new(false));

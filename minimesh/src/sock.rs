@@ -5,10 +5,10 @@
 use anyhow::{Context, Result};
 use nix::sys::socket::{
     bind, connect, getsockopt, listen, setsockopt, socket, sockopt, AddressFamily, Backlog,
-    SockFlag, SockType, SockaddrIn,
+    SockFlag, SockType, SockaddrIn, SockaddrIn6,
 };
 use nix::sys::time::{TimeVal, TimeValLike};
-use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::Duration;
 
@@ -33,6 +33,27 @@ pub(crate) fn listen_reuseaddr(addr: SocketAddrV4) -> Result<TcpListener> {
     setsockopt(&fd, sockopt::ReuseAddr, &true)
         .with_context(|| format!("SO_REUSEADDR for listener {addr}"))?;
     bind(fd.as_raw_fd(), &SockaddrIn::from(addr)).with_context(|| format!("bind {addr}"))?;
+    listen(&fd, Backlog::MAXCONN).with_context(|| format!("listen on {addr}"))?;
+    Ok(TcpListener::from(fd))
+}
+
+/// A listening AF_INET6 socket on `[::]:port` with IPV6_V6ONLY off, as Go, Java and Node
+/// servers listen by default: IPv4 clients arrive on it with v4-mapped addresses
+/// (`::ffff:a.b.c.d`). The option is set explicitly, not left to `net.ipv6.bindv6only`.
+pub(crate) fn listen_dual_stack(port: u16) -> Result<TcpListener> {
+    let fd = socket(
+        AddressFamily::Inet6,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .context("socket(AF_INET6, SOCK_STREAM)")?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)
+        .with_context(|| format!("SO_REUSEADDR for listener [::]:{port}"))?;
+    setsockopt(&fd, sockopt::Ipv6V6Only, &false)
+        .with_context(|| format!("IPV6_V6ONLY off for listener [::]:{port}"))?;
+    let addr = SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0);
+    bind(fd.as_raw_fd(), &SockaddrIn6::from(addr)).with_context(|| format!("bind {addr}"))?;
     listen(&fd, Backlog::MAXCONN).with_context(|| format!("listen on {addr}"))?;
     Ok(TcpListener::from(fd))
 }
