@@ -235,6 +235,7 @@ fn open_datapath(opts: &datapath::Options, shared: &Shared) {
             let origin = match dp.origin() {
                 Origin::Loaded => "loaded",
                 Origin::Adopted => "adopted",
+                Origin::Upgraded => "upgraded",
             };
             *shared.datapath() = Some(dp);
             let mut s = shared.write();

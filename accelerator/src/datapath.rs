@@ -8,10 +8,15 @@
 
 mod fs;
 mod sys;
+mod upgrade;
+
+pub use upgrade::Replaced;
 
 /// The raw bpf(2) call and the program-statistics commands aya has no public call for (the
 /// benchmark and the tests read what each program costs with them).
-pub use sys::{bpf, enable_stats, prog_fd_by_id, prog_info, prog_next_id, ProgInfo};
+pub use sys::{
+    bpf, enable_stats, link_prog_id, obj_get, prog_fd_by_id, prog_info, prog_next_id, ProgInfo,
+};
 
 use std::{
     collections::BTreeMap,
@@ -125,6 +130,9 @@ pub enum Origin {
     Loaded,
     /// Found complete in the pin directory and adopted; nothing was reloaded.
     Adopted,
+    /// Adopted from another build: the programs whose instructions differ from this build's
+    /// were replaced in place, on the same maps, with live connections kept (`upgrade.rs`).
+    Upgraded,
 }
 
 /// Per-counter totals summed over CPUs, by name (see `meshlane_common::counter::NAMES`).
@@ -163,6 +171,8 @@ pub struct Datapath {
     control: Array<MapData, u32>,
     pod_stats: PerCpuHashMap<MapData, u64, PodStats>,
     pod_ips: HashMap<MapData, u32, u64>,
+    /// What an upgrade replaced at adoption (empty otherwise).
+    replaced: Vec<Replaced>,
 }
 
 /// How full one of the datapath's maps is.
@@ -238,16 +248,18 @@ impl Datapath {
             .pin(opts.pin_dir.join(PIN_LINK_SOCK_OPS))
             .map_err(|e| Error::Kernel(format!("pin sock_ops link: {e}")))?;
         tracing::info!(pin_dir = %opts.pin_dir.display(), cgroup = %opts.cgroup.display(), "datapath loaded and attached");
-        let mut dp = Self::adopt(opts)?;
+        let mut dp = Self::open_pins(opts)?;
         dp.origin = Origin::Loaded;
         Ok(dp)
     }
 
-    fn adopt(opts: &Options) -> Result<Datapath, Error> {
+    /// Opens the pins as they are (what `load` just made).
+    fn open_pins(opts: &Options) -> Result<Datapath, Error> {
         check_layout(&opts.pin_dir)?;
         let dp = Datapath {
             opts: opts.clone(),
             origin: Origin::Adopted,
+            replaced: Vec::new(),
             policy: typed(&opts.pin_dir, maps::POLICY)?,
             counters: typed(&opts.pin_dir, maps::COUNTERS)?,
             control: typed(&opts.pin_dir, maps::CONTROL)?,
@@ -256,6 +268,33 @@ impl Datapath {
         };
         tracing::info!(pin_dir = %opts.pin_dir.display(), "datapath pins opened");
         Ok(dp)
+    }
+
+    /// Adopts pins found complete: the same build's are used as they are; another build's
+    /// programs are replaced in place where they differ (maps and live connections kept).
+    fn adopt(opts: &Options) -> Result<Datapath, Error> {
+        check_layout(&opts.pin_dir)?;
+        // A failed replacement leaves the other build's programs running (or some replaced, on
+        // the same maps, which both builds read alike: the layouts are equal): still a working
+        // datapath, so it is adopted as it is and the error said, instead of giving up on it.
+        let replaced = upgrade::replace_changed(opts).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot replace the programs of the build that made these pins; running them as they are");
+            Vec::new()
+        });
+        let mut dp = Self::open_pins(opts)?;
+        if !replaced.is_empty() {
+            for r in &replaced {
+                tracing::info!(program = r.program, old_tag = %r.old_tag, new_tag = %r.new_tag, "program of another build replaced in place");
+            }
+            dp.origin = Origin::Upgraded;
+            dp.replaced = replaced;
+        }
+        Ok(dp)
+    }
+
+    /// The programs replaced when this datapath was adopted from another build.
+    pub fn replaced(&self) -> &[Replaced] {
+        &self.replaced
     }
 
     pub fn origin(&self) -> Origin {
@@ -570,7 +609,7 @@ struct Attached {
 /// maps and programs are pinned there before anything is attached (the caller pins the link).
 fn load_and_attach(cgroup: &Path, pin_dir: Option<&Path>) -> Result<Attached, Error> {
     let cgroup_fd = stdfs::File::open(cgroup).map_err(|_| Error::NoCgroup(cgroup.to_path_buf()))?;
-    let (mut ebpf, owner_in_sockops) = load_object()?;
+    let (mut ebpf, owner_in_sockops) = load_object(None)?;
     if let Some(dir) = pin_dir {
         for name in maps::ALL {
             let map = ebpf
@@ -648,8 +687,20 @@ fn load_and_attach(cgroup: &Path, pin_dir: Option<&Path>) -> Result<Attached, Er
 /// asks the kernel itself where sock_ops may call `bpf_get_current_uid_gid` (6.18 and 7.x
 /// allow it), which spares every connect() in the cgroup a second program; elsewhere (6.1,
 /// 6.12) the verifier refuses that build and the object is loaded again for the connect hook.
-fn load_object() -> Result<(Ebpf, bool), Error> {
-    let mut ebpf = EbpfLoader::new()
+///
+/// With `pinned_maps`, the object's maps are the ones pinned there (an upgrade loads new programs
+/// onto the running datapath's maps) instead of new ones.
+fn load_object(pinned_maps: Option<&Path>) -> Result<(Ebpf, bool), Error> {
+    let loader = || {
+        let mut l = EbpfLoader::new();
+        if let Some(dir) = pinned_maps {
+            for name in maps::ALL {
+                l.map_pin_path(name, dir.join(name));
+            }
+        }
+        l
+    };
+    let mut ebpf = loader()
         .override_global(programs::OWNER_IN_SOCKOPS, &1u8, true)
         .load(OBJECT)
         .map_err(Error::from_load)?;
@@ -662,7 +713,7 @@ fn load_object() -> Result<(Ebpf, bool), Error> {
         ),
     }
     drop(ebpf);
-    let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(Error::from_load)?;
+    let mut ebpf = loader().load(OBJECT).map_err(Error::from_load)?;
     let sock_ops: &mut SockOps = program(&mut ebpf, programs::SOCK_OPS)?;
     sock_ops.load().map_err(Error::from_load)?;
     Ok((ebpf, false))
@@ -1081,6 +1132,7 @@ fn remove_pins(dir: &Path) -> Result<Vec<String>, Error> {
             Err(e) => return Err(Error::Io(format!("remove {}", p.display()), e)),
         }
     }
+    upgrade::remove_staged(dir);
     match stdfs::remove_dir(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}

@@ -52,34 +52,69 @@ fn kill9(daemon: &mut Daemon) {
     daemon.0.wait().unwrap();
 }
 
-#[test]
-fn streams_survive_daemon_sigkill_restart_and_detach() {
-    let Some(accel) = Accel::cgroup_only("daemon_lifecycle") else {
-        return;
-    };
-    let mesh = TwoPods::new(91, CaptureConfig::default(), CaptureConfig::default()).unwrap();
-    let dst = SocketAddrV4::new(mesh.server.ip, 8080);
-    let _echo = EchoServer::spawn(&mesh.server.ns, dst).unwrap();
-    let dir = std::env::temp_dir().join(format!("meshlane-lifecycle-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("pods.toml");
-    let log = dir.join("daemon.log");
-    std::fs::write(
-        &config,
-        format!(
-            "[[pod]]\nname = \"test/client\"\nnetns = \"{}\"\n\n[[pod]]\nname = \"test/server\"\nnetns = \"{}\"\n",
-            mesh.client.ns.path().display(),
-            mesh.server.ns.path().display()
-        ),
-    )
-    .unwrap();
+/// Two pods with an echo server in the server pod, and a pod list naming both for the daemon.
+struct Scene {
+    mesh: TwoPods,
+    dst: SocketAddrV4,
+    /// Holds the pod list and the daemon's log; removed by the test when it passed.
+    dir: std::path::PathBuf,
+    config: std::path::PathBuf,
+    log: std::path::PathBuf,
+    _echo: EchoServer,
+}
 
-    let mut daemon = start_daemon(&accel, &config, &log);
+impl Scene {
+    fn new(name: &str, subnet: u8) -> Scene {
+        let mesh =
+            TwoPods::new(subnet, CaptureConfig::default(), CaptureConfig::default()).unwrap();
+        let dst = SocketAddrV4::new(mesh.server.ip, 8080);
+        let _echo = EchoServer::spawn(&mesh.server.ns, dst).unwrap();
+        let dir = std::env::temp_dir().join(format!("meshlane-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("pods.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[[pod]]\nname = \"test/client\"\nnetns = \"{}\"\n\n[[pod]]\nname = \"test/server\"\nnetns = \"{}\"\n",
+                mesh.client.ns.path().display(),
+                mesh.server.ns.path().display()
+            ),
+        )
+        .unwrap();
+        Scene {
+            log: dir.join("daemon.log"),
+            mesh,
+            dst,
+            dir,
+            config,
+            _echo,
+        }
+    }
+}
+
+fn wait_listed(accel: &Accel) {
     wait_for("the daemon to list both pods", || {
         datapath::pinned_pods(&accel.pin_dir)
             .map(|p| p.len() == 2)
             .unwrap_or(false)
     });
+}
+
+#[test]
+fn streams_survive_daemon_sigkill_restart_and_detach() {
+    let Some(accel) = Accel::cgroup_only("daemon_lifecycle") else {
+        return;
+    };
+    let Scene {
+        mesh,
+        dst,
+        dir,
+        config,
+        log,
+        _echo,
+    } = Scene::new("lifecycle", 91);
+    let mut daemon = start_daemon(&accel, &config, &log);
+    wait_listed(&accel);
 
     // One long stream, written in paced chunks while the daemon is killed, restarted and detached.
     const CHUNK: usize = 256 * 1024;
@@ -168,4 +203,227 @@ fn streams_survive_daemon_sigkill_restart_and_detach() {
     let fresh = pattern(8, 1 << 20);
     let got = echo_exchange(connect(&mesh.client.ns, dst).unwrap(), &fresh, 64 * 1024).unwrap();
     assert_same("connection after detach", &got.bytes, &fresh);
+}
+
+/// A two-instruction program of `prog_type` (`r0 = 1; exit`): for sock_ops it touches nothing,
+/// for sk_msg it passes every message to TCP. It stands in for "another build's program".
+fn trivial_program(prog_type: u32) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    #[repr(C)]
+    #[derive(Default)]
+    struct Attr {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        _rest: [u32; 26],
+    }
+    // BPF_MOV64_IMM(r0, 1); BPF_EXIT.
+    let insns: [u64; 2] = [0xb7 | (1u64 << 32), 0x95];
+    let license = c"GPL";
+    let mut attr = Attr {
+        prog_type,
+        insn_cnt: 2,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        ..Default::default()
+    };
+    let fd = datapath::bpf(BPF_PROG_LOAD, &mut attr).expect("load a trivial program");
+    // SAFETY: a fresh descriptor from the kernel that nothing else owns.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
+}
+
+/// Pins `fd` at `path`, replacing what is there.
+fn pin_at(fd: &std::os::fd::OwnedFd, path: &Path) {
+    use std::os::{fd::AsRawFd, unix::ffi::OsStrExt};
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    #[repr(C)]
+    #[derive(Default)]
+    struct Attr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let _ = std::fs::remove_file(path);
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let mut attr = Attr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    datapath::bpf(BPF_OBJ_PIN, &mut attr).expect("pin");
+}
+
+/// The tag of the program the link pinned at `path` runs.
+fn link_prog_tag(path: &Path) -> [u8; 8] {
+    let link = datapath::obj_get(path).unwrap();
+    let id = datapath::link_prog_id(&link).unwrap();
+    let prog = datapath::prog_fd_by_id(id).unwrap().unwrap();
+    datapath::prog_info(&prog).unwrap().tag
+}
+
+/// An upgrade under traffic: the daemon finds pins whose sock_ops and sk_msg are another build's
+/// (here trivial programs that pair nothing and redirect nothing, put on the live pins while no
+/// daemon runs) and replaces both in place. A stream paired before the swap flows through all of
+/// it, whole and still redirected; a connection made under the other build is not paired, one
+/// made after the upgrade is; a restart of the same build replaces nothing.
+#[test]
+fn an_upgrade_replaces_changed_programs_in_place_under_traffic() {
+    const BPF_PROG_TYPE_SOCK_OPS: u32 = 13;
+    const BPF_PROG_TYPE_SK_MSG: u32 = 16;
+    const BPF_PROG_ATTACH: libc::c_long = 8;
+    const BPF_SK_MSG_VERDICT: u32 = 7;
+    let Some(accel) = Accel::cgroup_only("daemon_upgrade") else {
+        return;
+    };
+    let Scene {
+        mesh,
+        dst,
+        dir,
+        config,
+        log,
+        _echo,
+    } = Scene::new("upgrade", 93);
+    let sock_ops_link = accel.pin_dir.join("link_sockops");
+    let counter = |name: &str| datapath::pinned_counters(&accel.pin_dir).unwrap().get(name);
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    // One fresh connection's exchange; returns whether the datapath paired it.
+    let fresh_pairs = |seed: u64| {
+        let before = counter("pairs_outbound");
+        let data = pattern(seed, 64 * 1024);
+        let got = echo_exchange(connect(&mesh.client.ns, dst).unwrap(), &data, 4096).unwrap();
+        assert_same(&format!("connection {seed}"), &got.bytes, &data);
+        counter("pairs_outbound") > before
+    };
+
+    let mut daemon = start_daemon(&accel, &config, &log);
+    wait_listed(&accel);
+    let build_tag = link_prog_tag(&sock_ops_link);
+
+    const CHUNK: usize = 256 * 1024;
+    const CHUNKS: usize = 50;
+    let data = pattern(43, CHUNK * CHUNKS);
+    let s = connect(&mesh.client.ns, dst).unwrap();
+    let redirected = || counter("bytes_redirected_outbound_app_to_sidecar");
+    let trivial_sock_ops = trivial_program(BPF_PROG_TYPE_SOCK_OPS);
+    let (out, marks) = std::thread::scope(|scope| {
+        let reader = scope.spawn(|| read_to_end(&s));
+        let mut w = &s;
+        let mut marks = Vec::new();
+        for (i, c) in data.chunks(CHUNK).enumerate() {
+            w.write_all(c).unwrap();
+            std::thread::sleep(Duration::from_millis(10));
+            match i {
+                10 => {
+                    marks.push(redirected());
+                    kill9(&mut daemon);
+                    // The pins become another build's: its sock_ops on the live link, its
+                    // sk_msg on the sockhash, each pinned where the datapath pins its own.
+                    let link = datapath::obj_get(&sock_ops_link).unwrap();
+                    let old = datapath::prog_fd_by_id(datapath::link_prog_id(&link).unwrap())
+                        .unwrap()
+                        .unwrap();
+                    #[repr(C)]
+                    #[derive(Default)]
+                    struct Update {
+                        link_fd: u32,
+                        new_prog_fd: u32,
+                        flags: u32,
+                        old_prog_fd: u32,
+                    }
+                    use std::os::fd::AsRawFd;
+                    let mut u = Update {
+                        link_fd: link.as_raw_fd() as u32,
+                        new_prog_fd: trivial_sock_ops.as_raw_fd() as u32,
+                        flags: 1 << 2,
+                        old_prog_fd: old.as_raw_fd() as u32,
+                    };
+                    datapath::bpf(29, &mut u).expect("BPF_LINK_UPDATE");
+                    pin_at(&trivial_sock_ops, &accel.pin_dir.join("prog_sockops"));
+                    let trivial_sk_msg = trivial_program(BPF_PROG_TYPE_SK_MSG);
+                    let socks = datapath::obj_get(&accel.pin_dir.join("ML_SOCKS")).unwrap();
+                    #[repr(C)]
+                    #[derive(Default)]
+                    struct Attach {
+                        target_fd: u32,
+                        attach_bpf_fd: u32,
+                        attach_type: u32,
+                        attach_flags: u32,
+                        replace_bpf_fd: u32,
+                    }
+                    let mut a = Attach {
+                        target_fd: socks.as_raw_fd() as u32,
+                        attach_bpf_fd: trivial_sk_msg.as_raw_fd() as u32,
+                        attach_type: BPF_SK_MSG_VERDICT,
+                        ..Default::default()
+                    };
+                    datapath::bpf(BPF_PROG_ATTACH, &mut a).expect("attach sk_msg");
+                    pin_at(&trivial_sk_msg, &accel.pin_dir.join("prog_sk_msg"));
+                    assert_ne!(link_prog_tag(&sock_ops_link), build_tag);
+                }
+                20 => {
+                    marks.push(redirected());
+                    assert!(
+                        !fresh_pairs(1),
+                        "the other build's sock_ops paired a connection"
+                    );
+                    daemon = start_daemon(&accel, &config, &log);
+                    wait_for("the daemon to upgrade the pins", || {
+                        log_text().contains("origin=Upgraded")
+                    });
+                }
+                30 => {
+                    marks.push(redirected());
+                    let text = log_text();
+                    for program in ["meshlane_sockops", "meshlane_sk_msg"] {
+                        assert!(
+                            text.lines()
+                                .any(|l| l.contains("replaced in place") && l.contains(program)),
+                            "{program} was not replaced:\n{text}"
+                        );
+                    }
+                    for l in text.lines().filter(|l| l.contains("replaced in place")) {
+                        eprintln!("{l}");
+                    }
+                    assert_eq!(link_prog_tag(&sock_ops_link), build_tag);
+                    assert!(
+                        fresh_pairs(2),
+                        "a connection after the upgrade was not paired"
+                    );
+                    // Another restart of this build finds its own programs: nothing replaced.
+                    kill9(&mut daemon);
+                    std::fs::write(&log, "").unwrap();
+                    daemon = start_daemon(&accel, &config, &log);
+                    wait_for("the restarted daemon to adopt the pins", || {
+                        log_text().contains("origin=Adopted")
+                    });
+                    assert!(!log_text().contains("replaced in place"), "{}", log_text());
+                    assert!(
+                        fresh_pairs(3),
+                        "a connection after the restart was not paired"
+                    );
+                }
+                _ => {}
+            }
+        }
+        s.shutdown(Shutdown::Write).unwrap();
+        (reader.join().unwrap().unwrap(), marks)
+    });
+    assert_same("stream across the upgrade", &out.bytes, &data);
+    let end = redirected();
+    eprintln!("bytes redirected app->sidecar at swap, upgrade, after, end: {marks:?} {end}");
+    assert!(marks[0] > 0, "accelerated before the swap");
+    assert!(
+        marks[1] > marks[0],
+        "the paired stream kept its program under the other build"
+    );
+    assert!(
+        end > marks[2],
+        "the paired stream still redirected after the upgrade"
+    );
+    drop(daemon);
+    let text = log_text();
+    assert!(!text.contains("ERROR"), "daemon log:\n{text}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -163,7 +163,8 @@ struct InfoAttr {
 struct RawProgInfo {
     prog_type: u32,
     id: u32,
-    _tag_to_map_ids: [u8; 56],
+    tag: [u8; 8],
+    _jited_len_to_map_ids: [u8; 48],
     name: [u8; 16],
     _ifindex_to_prog_tags: [u8; 112],
     run_time_ns: u64,
@@ -192,6 +193,9 @@ struct RawLinkInfo {
 pub struct ProgInfo {
     pub prog_type: u32,
     pub id: u32,
+    /// The kernel's hash of the program's instructions (map references zeroed), so two loads of
+    /// the same build's program have the same tag and a changed program another.
+    pub tag: [u8; 8],
     /// The kernel's name, truncated to 15 bytes.
     pub name: String,
     pub run_cnt: u64,
@@ -221,6 +225,7 @@ pub fn prog_info(prog: &impl AsRawFd) -> io::Result<ProgInfo> {
     Ok(ProgInfo {
         prog_type: info.prog_type,
         id: info.id,
+        tag: info.tag,
         name: String::from_utf8_lossy(&info.name[..name_len]).into_owned(),
         run_cnt: info.run_cnt,
         run_time_ns: info.run_time_ns,
@@ -288,4 +293,32 @@ pub fn enable_stats() -> io::Result<std::os::fd::OwnedFd> {
     let fd = bpf(BPF_ENABLE_STATS, &mut attr)?;
     // SAFETY: the kernel returned a fresh descriptor that nothing else owns.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+const BPF_LINK_UPDATE: libc::c_long = 29;
+/// `BPF_F_REPLACE`: the update only happens while the link still runs `old_prog_fd`.
+const BPF_F_REPLACE: u32 = 1 << 2;
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+    _pad: [u32; 12],
+}
+
+/// Makes `link` run `new` instead of `old`, atomically for its hook (the kernel swaps the
+/// program pointer; nothing is detached in between); fails (EPERM) if the link no longer runs
+/// `old`.
+pub fn link_update(link: &impl AsRawFd, old: &impl AsRawFd, new: &impl AsRawFd) -> io::Result<()> {
+    let mut attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: new.as_raw_fd() as u32,
+        flags: BPF_F_REPLACE,
+        old_prog_fd: old.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
 }
