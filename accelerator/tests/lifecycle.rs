@@ -205,9 +205,10 @@ fn streams_survive_daemon_sigkill_restart_and_detach() {
     assert_same("connection after detach", &got.bytes, &fresh);
 }
 
-/// A two-instruction program of `prog_type` (`r0 = 1; exit`): for sock_ops it touches nothing,
-/// for sk_msg it passes every message to TCP. It stands in for "another build's program".
-fn trivial_program(prog_type: u32) -> std::os::fd::OwnedFd {
+/// A two-instruction program of `prog_type` (`r0 = 1; exit`): sock_ops that touches nothing,
+/// sk_msg that passes every message to TCP, a connect hook that allows the connect and records
+/// nothing. It stands in for "another build's program".
+fn trivial_program(prog_type: u32, expected_attach_type: u32) -> std::os::fd::OwnedFd {
     use std::os::fd::FromRawFd;
     const BPF_PROG_LOAD: libc::c_long = 5;
     #[repr(C)]
@@ -217,7 +218,15 @@ fn trivial_program(prog_type: u32) -> std::os::fd::OwnedFd {
         insn_cnt: u32,
         insns: u64,
         license: u64,
-        _rest: [u32; 26],
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
+        _rest: [u32; 14],
     }
     // BPF_MOV64_IMM(r0, 1); BPF_EXIT.
     let insns: [u64; 2] = [0xb7 | (1u64 << 32), 0x95];
@@ -227,11 +236,32 @@ fn trivial_program(prog_type: u32) -> std::os::fd::OwnedFd {
         insn_cnt: 2,
         insns: insns.as_ptr() as u64,
         license: license.as_ptr() as u64,
+        expected_attach_type,
         ..Default::default()
     };
     let fd = datapath::bpf(BPF_PROG_LOAD, &mut attr).expect("load a trivial program");
     // SAFETY: a fresh descriptor from the kernel that nothing else owns.
     unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
+}
+
+/// Makes the link pinned at `path` run `new` (BPF_LINK_UPDATE).
+fn swap_link_program(path: &Path, new: &std::os::fd::OwnedFd) {
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    #[derive(Default)]
+    struct Update {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let link = datapath::obj_get(path).unwrap();
+    let mut u = Update {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: new.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    datapath::bpf(29, &mut u).expect("BPF_LINK_UPDATE");
 }
 
 /// Pins `fd` at `path`, replacing what is there.
@@ -274,6 +304,9 @@ fn an_upgrade_replaces_changed_programs_in_place_under_traffic() {
     const BPF_PROG_TYPE_SK_MSG: u32 = 16;
     const BPF_PROG_ATTACH: libc::c_long = 8;
     const BPF_SK_MSG_VERDICT: u32 = 7;
+    const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+    const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+    const BPF_CGROUP_INET6_CONNECT: u32 = 11;
     let Some(accel) = Accel::cgroup_only("daemon_upgrade") else {
         return;
     };
@@ -306,7 +339,20 @@ fn an_upgrade_replaces_changed_programs_in_place_under_traffic() {
     let data = pattern(43, CHUNK * CHUNKS);
     let s = connect(&mesh.client.ns, dst).unwrap();
     let redirected = || counter("bytes_redirected_outbound_app_to_sidecar");
-    let trivial_sock_ops = trivial_program(BPF_PROG_TYPE_SOCK_OPS);
+    let trivial_sock_ops = trivial_program(BPF_PROG_TYPE_SOCK_OPS, 0);
+    // The connect hooks exist where sock_ops may not ask for the caller itself (6.1, 6.12).
+    let trivial_connect: Vec<(&str, std::os::fd::OwnedFd)> = [
+        ("link_connect4", BPF_CGROUP_INET4_CONNECT),
+        ("link_connect6", BPF_CGROUP_INET6_CONNECT),
+    ]
+    .into_iter()
+    .filter(|(pin, _)| accel.pin_dir.join(pin).exists())
+    .map(|(pin, attach)| (pin, trivial_program(BPF_PROG_TYPE_CGROUP_SOCK_ADDR, attach)))
+    .collect();
+    let mut expect_replaced = vec!["meshlane_sockops", "meshlane_sk_msg"];
+    if !trivial_connect.is_empty() {
+        expect_replaced.extend(["meshlane_connect4", "meshlane_connect6"]);
+    }
     let (out, marks) = std::thread::scope(|scope| {
         let reader = scope.spawn(|| read_to_end(&s));
         let mut w = &s;
@@ -318,30 +364,15 @@ fn an_upgrade_replaces_changed_programs_in_place_under_traffic() {
                 10 => {
                     marks.push(redirected());
                     kill9(&mut daemon);
-                    // The pins become another build's: its sock_ops on the live link, its
-                    // sk_msg on the sockhash, each pinned where the datapath pins its own.
-                    let link = datapath::obj_get(&sock_ops_link).unwrap();
-                    let old = datapath::prog_fd_by_id(datapath::link_prog_id(&link).unwrap())
-                        .unwrap()
-                        .unwrap();
-                    #[repr(C)]
-                    #[derive(Default)]
-                    struct Update {
-                        link_fd: u32,
-                        new_prog_fd: u32,
-                        flags: u32,
-                        old_prog_fd: u32,
-                    }
-                    use std::os::fd::AsRawFd;
-                    let mut u = Update {
-                        link_fd: link.as_raw_fd() as u32,
-                        new_prog_fd: trivial_sock_ops.as_raw_fd() as u32,
-                        flags: 1 << 2,
-                        old_prog_fd: old.as_raw_fd() as u32,
-                    };
-                    datapath::bpf(29, &mut u).expect("BPF_LINK_UPDATE");
+                    // The pins become another build's: its sock_ops (and connect hooks, where
+                    // this kernel has them) on the live links, its sk_msg on the sockhash, each
+                    // pinned where the datapath pins its own.
+                    swap_link_program(&sock_ops_link, &trivial_sock_ops);
                     pin_at(&trivial_sock_ops, &accel.pin_dir.join("prog_sockops"));
-                    let trivial_sk_msg = trivial_program(BPF_PROG_TYPE_SK_MSG);
+                    for (pin, prog) in &trivial_connect {
+                        swap_link_program(&accel.pin_dir.join(pin), prog);
+                    }
+                    let trivial_sk_msg = trivial_program(BPF_PROG_TYPE_SK_MSG, 0);
                     let socks = datapath::obj_get(&accel.pin_dir.join("ML_SOCKS")).unwrap();
                     #[repr(C)]
                     #[derive(Default)]
@@ -352,6 +383,7 @@ fn an_upgrade_replaces_changed_programs_in_place_under_traffic() {
                         attach_flags: u32,
                         replace_bpf_fd: u32,
                     }
+                    use std::os::fd::AsRawFd;
                     let mut a = Attach {
                         target_fd: socks.as_raw_fd() as u32,
                         attach_bpf_fd: trivial_sk_msg.as_raw_fd() as u32,
@@ -376,7 +408,7 @@ fn an_upgrade_replaces_changed_programs_in_place_under_traffic() {
                 30 => {
                     marks.push(redirected());
                     let text = log_text();
-                    for program in ["meshlane_sockops", "meshlane_sk_msg"] {
+                    for program in &expect_replaced {
                         assert!(
                             text.lines()
                                 .any(|l| l.contains("replaced in place") && l.contains(program)),
