@@ -445,7 +445,7 @@ pub mod counter {
     /// The message and byte counters of the [`super::DIRECTIONS`] entry `dir`: the app hops'
     /// four came first, the sidecar hop's two went into spare slots later.
     #[inline(always)]
-    pub fn redirected(dir: u32) -> (u32, u32) {
+    pub const fn redirected(dir: u32) -> (u32, u32) {
         if dir < 4 {
             (MSGS_REDIRECTED + dir, BYTES_REDIRECTED + dir)
         } else {
