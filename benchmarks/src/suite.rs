@@ -76,6 +76,17 @@ pub struct RoundProgCost {
     pub prog: Vec<ProgCost>,
 }
 
+/// The warm-up before a round's workloads: the first workload's shape (tcp 64 B on one
+/// connection), a quarter of its count.
+fn warmup(matrix: &[Workload]) -> Workload {
+    let first = &matrix[0];
+    Workload {
+        name: "warm-up".into(),
+        count: (first.count / 4).max(5),
+        ..first.clone()
+    }
+}
+
 /// The workload matrix, counts scaled by `scale`.
 pub fn workloads(scale: f64) -> Vec<Workload> {
     let n = |base: usize| ((base as f64 * scale).round() as usize).max(5);
@@ -319,6 +330,13 @@ fn scenario_round(
             (None, None)
         }
     };
+    // Unrecorded warm-up, the same in every scenario: the first workload of a round otherwise
+    // pays for what the round just started (new processes and connections, and in C the
+    // daemon's start-up probe, whose network namespaces the kernel tears down in the
+    // background). Measured before this existed: A's and C's first workload (tcp 64B x1) was
+    // slower than the identical dual-stack one later in the round.
+    workload::run(&warmup(matrix), client_ns, targets)
+        .with_context(|| format!("warm-up in scenario {scenario}, round {}", round + 1))?;
     let ready = progs.as_ref().map(Programs::snapshot).transpose()?;
     let mut pids = vec![std::process::id(), apps.nginx.pid()];
     if scenario != "A" {
