@@ -206,3 +206,116 @@ fn the_daemon_sweeps_stamps_no_sidecar_reads() {
     assert_same("after the sweep", &out.bytes, &more);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A full pairing map (the rendezvous map at capacity, filled here with keys no socket can ever
+/// make) leaves every new hop on plain TCP with every byte exact, the counter and the map's fill
+/// level saying why, and no socket in a sockhash waiting for a partner that cannot find it; and
+/// pairing resumes as soon as space frees.
+#[test]
+fn a_full_pairing_map_keeps_new_hops_on_tcp_until_space_frees() {
+    use aya::maps::{HashMap, Map, MapData};
+    use meshlane_common::{maps, PairKey, Waiter};
+    let Some(mut accel) = Accel::new("capacity_rendezvous") else {
+        return;
+    };
+    let mesh = TwoPods::new(94, CaptureConfig::default(), CaptureConfig::default()).unwrap();
+    let dst = SocketAddrV4::new(mesh.server.ip, 8080);
+    let _echo = EchoServer::spawn(&mesh.server.ns, dst).unwrap();
+    accel.add_pod(&mesh.client.ns, &mesh.client.capture);
+    accel.add_pod(&mesh.server.ns, &mesh.server.capture);
+    let exchange = |seed: u64| {
+        let data = pattern(seed, 64 * 1024);
+        let got = echo_exchange(connect(&mesh.client.ns, dst).unwrap(), &data, 4096).unwrap();
+        assert_same(&format!("connection {seed}"), &got.bytes, &data);
+    };
+
+    let pin = MapData::from_pin(accel.pin_dir.join(maps::RENDEZVOUS)).unwrap();
+    let mut rendezvous: HashMap<MapData, PairKey, Waiter> =
+        HashMap::try_from(Map::HashMap(pin)).unwrap();
+    // Namespace cookie 0 is never a pod's, so no socket ever makes one of these keys.
+    let filler = |i: u32| PairKey {
+        netns: 0,
+        kind: u32::MAX,
+        ports: i,
+        a: 0,
+        b: 0,
+    };
+    let mut filled = 0;
+    while rendezvous
+        .insert(filler(filled), Waiter::default(), 0)
+        .is_ok()
+    {
+        filled += 1;
+    }
+    assert_eq!(filled, maps::RENDEZVOUS_MAX, "the map took its capacity");
+    let usage = |accel: &mut Accel| {
+        accel
+            .dp()
+            .map_usage()
+            .unwrap()
+            .into_iter()
+            .find(|m| m.name == maps::RENDEZVOUS)
+            .unwrap()
+    };
+    let full = usage(&mut accel);
+    assert_eq!(full.entries, full.capacity, "{full:?}");
+
+    const N: u64 = 5;
+    let before = accel.counters();
+    for i in 0..N {
+        exchange(i);
+    }
+    let c = accel.counters();
+    assert_eq!(
+        c.get("pairs_outbound"),
+        before.get("pairs_outbound"),
+        "{c:?}"
+    );
+    assert_eq!(c.get("pairs_inbound"), before.get("pairs_inbound"), "{c:?}");
+    assert_eq!(c.redirected_bytes(), before.redirected_bytes(), "{c:?}");
+    // Each connection's two hops, each end: the first end of each finds no room and says so.
+    assert!(
+        c.get("rendezvous_full") >= before.get("rendezvous_full") + 2 * N,
+        "{c:?}"
+    );
+    assert_eq!(
+        c.get("stamps_written"),
+        before.get("stamps_written"),
+        "no end was stamped"
+    );
+    // While a connection is open, none of its sockets is in a sockhash or the unread map.
+    let mut held = connect(&mesh.client.ns, dst).unwrap();
+    held.write_all(b"still here").unwrap();
+    let mut back = [0u8; 10];
+    held.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"still here");
+    let left: Vec<_> = per_socket_entries(&mut accel)
+        .into_iter()
+        .filter(|(n, e)| *n != maps::RENDEZVOUS && *e > 0)
+        .collect();
+    assert!(
+        left.is_empty(),
+        "sockets sit in the maps unpaired: {left:?}"
+    );
+    drop(held);
+
+    // Space frees: the next connections pair again.
+    for i in 0..1000 {
+        rendezvous.remove(&filler(i)).unwrap();
+    }
+    for i in 0..N {
+        exchange(100 + i);
+    }
+    let after = accel.counters();
+    assert_eq!(
+        after.get("pairs_outbound"),
+        c.get("pairs_outbound") + N,
+        "{after:?}"
+    );
+    assert_eq!(
+        after.get("pairs_inbound"),
+        c.get("pairs_inbound") + N,
+        "{after:?}"
+    );
+    assert!(after.redirected_bytes() > c.redirected_bytes(), "{after:?}");
+}

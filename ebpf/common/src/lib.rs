@@ -378,7 +378,10 @@ pub mod counter {
     pub const STAMPS_WRITTEN: u32 = 15;
     pub const STAMPS_FOUND: u32 = 16;
     pub const STAMPS_MISSING: u32 = 17;
+    /// An end found the sockhash full: it was not put there, its hop stays on TCP.
     pub const SOCKHASH_FULL: u32 = 18;
+    /// An end found the pairing map full: it left the sockhash again and is not stamped, so its
+    /// hop stays on TCP and nothing waits for a partner that cannot find it.
     pub const RENDEZVOUS_FULL: u32 = 19;
     /// The unread accounting maps were full: the hop stays on TCP.
     pub const PEERS_FULL: u32 = 20;

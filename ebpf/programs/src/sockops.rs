@@ -433,7 +433,8 @@ fn on_own_half_close(ctx: &SockOpsContext) {
 /// sends stay on plain TCP; the app's end goes into [`ML_SOCKS`] so sk_msg sees what it sends,
 /// and never receives a redirected byte. With the pod's two-way opt-in both go into `ML_SOCKS`,
 /// and so do both ends of the sidecar hop (no app socket there).
-/// Returns whether this end is in a sockhash (whether or not its partner is there yet).
+/// Returns whether this end is in a sockhash (whether or not its partner is there yet); an end
+/// that finds no room in the sockhash, the unread map or the pairing map is in none.
 fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey, policy: &PodPolicy) -> bool {
     if draining() {
         return false;
@@ -534,7 +535,26 @@ fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey, policy: &PodPoli
                 pod(other.netns, credit);
             }
         }
-        Err(_) => inc(counter::RENDEZVOUS_FULL),
+        Err(_) => {
+            // No room to wait for a partner (the key is not there, or the insert would have
+            // said EEXIST, so no partner knows this socket and nothing was redirected to it):
+            // leave the sockhash at once and report "not joined", so this end is never stamped
+            // and never sits in a sockhash for a partner that cannot find it.
+            let map = if reader_rule && sidecar_end {
+                ptr::from_ref(&ML_TARGETS).cast_mut().cast()
+            } else {
+                ptr::from_ref(&ML_SOCKS).cast_mut().cast()
+            };
+            // SAFETY: deleting by key from a sockhash sock_ops may update; the key lives on the
+            // stack.
+            unsafe { bpf_map_delete_elem(map, ptr::from_ref(&sock_key).cast()) };
+            if receives {
+                let _ = ML_UNREAD.remove(sk);
+            }
+            st.flags &= !(SOCK_IN_MAP | SOCK_READER_RULE);
+            inc(counter::RENDEZVOUS_FULL);
+            return false;
+        }
     }
     true
 }
