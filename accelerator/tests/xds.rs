@@ -62,7 +62,10 @@ fn good_updates_are_acked_bad_ones_nacked_naming_the_field_and_the_last_good_kep
             {"version": "1", "listeners": istio_listeners(15001, 15006, false)},
             {"version": "2", "garbage": true},
             {"version": "3", "listeners": [{"name": "virtualInbound"}]},
-            {"version": "4", "type_url": "type.googleapis.com/envoy.config.cluster.v3.Cluster"},
+            // What Envoy itself NACKs: an address that is not an IP, one name twice.
+            {"version": "4", "listeners": [{"name": "web", "port": 80, "address": "not-an-ip"}]},
+            {"version": "5", "listeners": [{"name": "web", "port": 80}, {"name": "web", "port": 81}]},
+            {"version": "6", "type_url": "type.googleapis.com/envoy.config.cluster.v3.Cluster"},
         ]),
         "nack",
     );
@@ -70,8 +73,8 @@ fn good_updates_are_acked_bad_ones_nacked_naming_the_field_and_the_last_good_kep
     let _guard = rt.enter();
     let cfg = config(port);
     let client = Client::spawn(cfg.clone());
-    let st = wait_for(&client, "one ACK and three NACKs", |s| {
-        s.acks == 1 && s.nacks == 3
+    let st = wait_for(&client, "one ACK and five NACKs", |s| {
+        s.acks == 1 && s.nacks == 5
     });
     // The last good update is what the client holds.
     assert_eq!(
@@ -88,8 +91,8 @@ fn good_updates_are_acked_bad_ones_nacked_naming_the_field_and_the_last_good_kep
     assert!(st.last_error.contains("type_url"), "{st:?}");
 
     // The client counts a reply before it is on the wire: wait for the server to log it.
-    let reqs = logged(&server, 5);
-    assert_eq!(reqs.len(), 5, "{reqs:#?}");
+    let reqs = logged(&server, 7);
+    assert_eq!(reqs.len(), 7, "{reqs:#?}");
     // Subscribe: no version yet, as the sidecar's node, to Listeners.
     assert_eq!(reqs[0]["version_info"], "");
     assert_eq!(reqs[0]["node_id"], cfg.node_id);
@@ -104,7 +107,13 @@ fn good_updates_are_acked_bad_ones_nacked_naming_the_field_and_the_last_good_kep
     for (i, nonce, field) in [
         (2, "s1-n1", "resources[0].value"),
         (3, "s1-n2", "resources[0] (virtualInbound).address"),
-        (4, "s1-n3", "type_url"),
+        (
+            4,
+            "s1-n3",
+            "resources[0] (web).address.socket_address.address",
+        ),
+        (5, "s1-n4", "resources[1].name"),
+        (6, "s1-n5", "type_url"),
     ] {
         assert_eq!(reqs[i]["version_info"], "1", "{:#}", reqs[i]);
         assert_eq!(reqs[i]["response_nonce"], nonce, "{:#}", reqs[i]);

@@ -133,6 +133,7 @@ pub fn parse_listeners(resources: &[Any]) -> Result<Capture, String> {
     };
     let mut fallback_out = None;
     let mut fallback_in = None;
+    let mut names = std::collections::HashMap::new();
     for (i, any) in resources.iter().enumerate() {
         if any.type_url != LISTENER_TYPE {
             return Err(format!(
@@ -143,6 +144,24 @@ pub fn parse_listeners(resources: &[Any]) -> Result<Capture, String> {
         let l = Listener::decode(any.value.as_slice())
             .map_err(|e| format!("resources[{i}].value: not a Listener: {e}"))?;
         let at = format!("resources[{i}] ({})", l.name);
+        // What Envoy itself refuses in an LDS update (it NACKs the whole update), so a state
+        // Envoy would not run is never taken for the sidecar's.
+        if let Some(j) = names.insert(l.name.clone(), i) {
+            return Err(format!(
+                "resources[{i}].name: {:?} is also resources[{j}]'s; listener names must be unique",
+                l.name
+            ));
+        }
+        if let Some(address::Address::SocketAddress(sa)) =
+            l.address.as_ref().and_then(|a| a.address.as_ref())
+        {
+            if sa.resolver_name.is_empty() && sa.address.parse::<std::net::IpAddr>().is_err() {
+                return Err(format!(
+                    "{at}.address.socket_address.address: {:?} is not an IP address",
+                    sa.address
+                ));
+            }
+        }
         let original_dst = l.use_original_dst.is_some_and(|b| b.value);
         let sniffs_dst = l
             .listener_filters
@@ -573,7 +592,44 @@ mod tests {
                 "{e}"
             );
         }
-        // An ordinary listener's address does not matter.
+        // An ordinary listener's port does not matter.
         assert!(parse_listeners(&[any(&at("0.0.0.0_80", None))]).is_ok());
+    }
+
+    #[test]
+    fn updates_envoy_would_refuse_are_refused_by_field() {
+        let on = |name: &str, ip: &str, resolver: &str| Listener {
+            name: name.into(),
+            address: Some(Address {
+                address: Some(address::Address::SocketAddress(SocketAddress {
+                    address: ip.into(),
+                    resolver_name: resolver.into(),
+                    port_specifier: Some(PortSpecifier::PortValue(80)),
+                    ..SocketAddress::default()
+                })),
+            }),
+            ..Listener::default()
+        };
+        // Any listener, not only a capture listener: Envoy rejects the whole update.
+        for ip in ["not-an-ip", "", "10.0.0.300"] {
+            let e = parse_listeners(&[any(&on("l", ip, ""))]).unwrap_err();
+            assert!(
+                e.contains("resources[0] (l).address.socket_address.address")
+                    && e.contains("is not an IP address"),
+                "{e}"
+            );
+        }
+        let e =
+            parse_listeners(&[any(&on("a", "10.0.0.1", "")), any(&on("a", "::", ""))]).unwrap_err();
+        assert!(
+            e.contains("resources[1].name") && e.contains("resources[0]'s"),
+            "{e}"
+        );
+        // IPv6 literals and names for a custom resolver are Envoy's to accept.
+        assert!(parse_listeners(&[
+            any(&on("v6", "::", "")),
+            any(&on("dns", "svc.example", "custom"))
+        ])
+        .is_ok());
     }
 }

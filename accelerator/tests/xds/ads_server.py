@@ -33,7 +33,7 @@ def listener(spec):
     l = listener_pb2.Listener(name=spec["name"])
     if "port" in spec:
         l.address.CopyFrom(address_pb2.Address(socket_address=address_pb2.SocketAddress(
-            address="0.0.0.0", port_value=spec["port"])))
+            address=spec.get("address", "0.0.0.0"), port_value=spec["port"])))
     if spec.get("use_original_dst"):
         l.use_original_dst.CopyFrom(wrappers_pb2.BoolValue(value=True))
     if "transparent" in spec:
