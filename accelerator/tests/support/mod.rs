@@ -182,8 +182,23 @@ impl Accel {
         self.dp().remove_pod(cookie).expect("policy removal");
     }
 
+    /// The datapath's counters once they have stopped moving. Sockets add what they redirected
+    /// to the counters every few messages and when they half-close or close (`FOLD_EVERY`), and
+    /// a test's last exchange can return before the far end has closed (on its own thread), so
+    /// a read a test compares with a later one waits for that: two reads 100 ms apart agree, or
+    /// 5 s passed and the last read is returned as it is (the comparison then says what moved).
     pub fn counters(&self) -> Counters {
-        datapath::pinned_counters(&self.pin_dir).expect("counters")
+        let read = || datapath::pinned_counters(&self.pin_dir).expect("counters");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut last = read();
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = read();
+            if now == last || std::time::Instant::now() > deadline {
+                return now;
+            }
+            last = now;
+        }
     }
 
     /// Detaches everything now (the test goes on without programs).
