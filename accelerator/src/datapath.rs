@@ -15,7 +15,8 @@ pub use upgrade::Replaced;
 /// The raw bpf(2) call and the program-statistics commands aya has no public call for (the
 /// benchmark and the tests read what each program costs with them).
 pub use sys::{
-    bpf, enable_stats, link_prog_id, obj_get, prog_fd_by_id, prog_info, prog_next_id, ProgInfo,
+    bpf, enable_stats, link_prog_id, link_update, obj_get, prog_fd_by_id, prog_info, prog_next_id,
+    ProgInfo,
 };
 
 use std::{

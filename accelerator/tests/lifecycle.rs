@@ -246,22 +246,11 @@ fn trivial_program(prog_type: u32, expected_attach_type: u32) -> std::os::fd::Ow
 
 /// Makes the link pinned at `path` run `new` (BPF_LINK_UPDATE).
 fn swap_link_program(path: &Path, new: &std::os::fd::OwnedFd) {
-    use std::os::fd::AsRawFd;
-    #[repr(C)]
-    #[derive(Default)]
-    struct Update {
-        link_fd: u32,
-        new_prog_fd: u32,
-        flags: u32,
-        old_prog_fd: u32,
-    }
     let link = datapath::obj_get(path).unwrap();
-    let mut u = Update {
-        link_fd: link.as_raw_fd() as u32,
-        new_prog_fd: new.as_raw_fd() as u32,
-        ..Default::default()
-    };
-    datapath::bpf(29, &mut u).expect("BPF_LINK_UPDATE");
+    let old = datapath::prog_fd_by_id(datapath::link_prog_id(&link).unwrap())
+        .unwrap()
+        .unwrap();
+    datapath::link_update(&link, &old, new).expect("BPF_LINK_UPDATE");
 }
 
 /// Pins `fd` at `path`, replacing what is there.
