@@ -13,14 +13,21 @@ step() { printf '\n== %s\n' "$*" >&2; }
 
 step "format"
 cargo fmt --all --check
+cargo fmt --manifest-path fuzz/Cargo.toml --check
 
 step "lints (host crates, then the eBPF programs for their own target)"
 cargo clippy --workspace --all-targets --exclude meshlane-ebpf --locked -- -D warnings
 RUSTC_BOOTSTRAP=1 cargo clippy -p meshlane-ebpf --target bpfel-unknown-none -Z build-std=core \
   --release --locked -- -D warnings
+cargo clippy --manifest-path fuzz/Cargo.toml --all-targets --locked --target-dir target -- -D warnings
 
 step "tests (unit + privileged, real kernel)"
 cargo test --locked
+
+step "fuzz: every parser of outside input, mutated real documents (bolero; fuzz/README.md)"
+# Seconds per target; a failure prints BOLERO_RANDOM_SEED to replay it.
+BOLERO_RANDOM_TEST_TIME_MS="${MESHLANE_FUZZ_MS:-20000}" \
+  cargo test --manifest-path fuzz/Cargo.toml --locked --target-dir target
 
 step "deployment: Dockerfile, Helm chart, rendered manifest, istioctl overlay (real linters)"
 ./scripts/lint-deploy.sh

@@ -31,6 +31,27 @@ use std::{
 
 use crate::model::Pod;
 
+/// At most this many characters of a peer's text go into one error message or note.
+const EXCERPT_CHARS: usize = 200;
+
+/// `text` for an error message or a status note, cut to [`EXCERPT_CHARS`] characters (with its
+/// full size said): the text comes from a pod, and one bad answer must not put kilobytes into
+/// the log and the status API.
+pub(crate) fn clip(text: &str) -> String {
+    match text.char_indices().nth(EXCERPT_CHARS) {
+        None => text.to_string(),
+        Some((cut, _)) => format!("{}... ({} bytes)", &text[..cut], text.len()),
+    }
+}
+
+/// Like [`clip`], quoted.
+pub(crate) fn excerpt(text: &str) -> String {
+    match text.char_indices().nth(EXCERPT_CHARS) {
+        None => format!("{text:?}"),
+        Some((cut, _)) => format!("{:?}... ({} bytes)", &text[..cut], text.len()),
+    }
+}
+
 /// Where to look. [`Options::default`] is the real node.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -606,6 +627,21 @@ fn pick_owner(kind: &str, process: u32, exempted: &[u32], notes: &mut Vec<String
             ));
             *first
         }
+    }
+}
+
+#[cfg(test)]
+mod excerpt_tests {
+    use super::{clip, excerpt};
+
+    #[test]
+    fn long_peer_text_is_cut_on_a_character_and_sized() {
+        assert_eq!(clip("short"), "short");
+        assert_eq!(excerpt("a\"b"), "\"a\\\"b\"");
+        let long = "é".repeat(300);
+        let c = clip(&long);
+        assert!(c.starts_with(&"é".repeat(200)) && c.ends_with("... (600 bytes)"), "{c}");
+        assert!(excerpt(&long).ends_with("\"... (600 bytes)"));
     }
 }
 

@@ -15,6 +15,8 @@ use std::{
 
 use serde_json::Value;
 
+use super::{clip, excerpt};
+
 /// What one sidecar's configuration says.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EnvoyFacts {
@@ -195,7 +197,7 @@ pub fn parse(
                 .ok_or_else(|| Error::Field {
                     what: c.what.into(),
                     field,
-                    message: format!("{addr} is not an IPv4 address"),
+                    message: format!("{} is not an IPv4 address", clip(&addr.to_string())),
                 })?;
         if !binds.contains(&ip) {
             binds.push(ip);
@@ -315,7 +317,7 @@ fn str_field<'a>(e: &'a Entry, key: &str) -> Result<Option<&'a str>, Error> {
         Some(other) => Err(Error::Field {
             what: e.what.into(),
             field: format!("{}.{key}", e.path),
-            message: format!("{other} is not a string"),
+            message: format!("{} is not a string", clip(&other.to_string())),
         }),
     }
 }
@@ -327,7 +329,7 @@ fn bool_field(e: &Entry, key: &str) -> Result<bool, Error> {
         Some(other) => Err(Error::Field {
             what: e.what.into(),
             field: format!("{}.{key}", e.path),
-            message: format!("{other} is not a boolean"),
+            message: format!("{} is not a boolean", clip(&other.to_string())),
         }),
     }
 }
@@ -352,7 +354,12 @@ fn socket_address(e: &Entry) -> Result<Option<(String, u16)>, Error> {
     };
     let addr = match sa.get("address") {
         Some(Value::String(s)) => s.clone(),
-        Some(other) => return Err(field("address", format!("{other} is not a string"))),
+        Some(other) => {
+            return Err(field(
+                "address",
+                format!("{} is not a string", clip(&other.to_string())),
+            ))
+        }
         None => return Err(field("address", "is missing".into())),
     };
     let port = match sa.get("port_value") {
@@ -511,7 +518,7 @@ pub fn read_response(r: &mut impl BufRead) -> io::Result<(u16, Vec<u8>)> {
         .next()
         .and_then(|c| c.parse().ok())
         .filter(|_| version.starts_with("HTTP/1."))
-        .ok_or_else(|| bad(format!("bad status line {status_line:?}")))?;
+        .ok_or_else(|| bad(format!("bad status line {}", excerpt(&status_line))))?;
     let (mut length, mut chunked) = (None, false);
     // The pod controls this server: a response may not keep the daemon reading headers forever.
     let mut headers = 0;
@@ -526,12 +533,12 @@ pub fn read_response(r: &mut impl BufRead) -> io::Result<(u16, Vec<u8>)> {
         }
         let (k, v) = line
             .split_once(':')
-            .ok_or_else(|| bad(format!("bad header line {line:?}")))?;
+            .ok_or_else(|| bad(format!("bad header line {}", excerpt(&line))))?;
         let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
         if k == "content-length" {
             length = Some(
                 v.parse::<usize>()
-                    .map_err(|_| bad(format!("bad content-length {v:?}")))?,
+                    .map_err(|_| bad(format!("bad content-length {}", excerpt(v))))?,
             );
         } else if k == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked") {
             chunked = true;
@@ -542,7 +549,7 @@ pub fn read_response(r: &mut impl BufRead) -> io::Result<(u16, Vec<u8>)> {
         loop {
             let size_line = read_line(r)?;
             let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)
-                .map_err(|_| bad(format!("bad chunk size {size_line:?}")))?;
+                .map_err(|_| bad(format!("bad chunk size {}", excerpt(&size_line))))?;
             if size == 0 {
                 while !read_line(r)?.is_empty() {}
                 break;

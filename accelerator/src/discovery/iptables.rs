@@ -15,6 +15,7 @@
 
 use std::{collections::BTreeMap, io, process::Command};
 
+use super::clip;
 use crate::model::{Cidr, OutboundRanges};
 
 /// What the nat (and mangle) rules say about one pod.
@@ -193,8 +194,8 @@ impl Rule<'_> {
         Error::Syntax {
             line: self.line,
             field,
-            message: message.into(),
-            text: self.text.to_string(),
+            message: clip(&message.into()),
+            text: clip(self.text),
         }
     }
 
@@ -235,8 +236,8 @@ fn rules(text: &str) -> Result<(Vec<Rule<'_>>, Chains), Error> {
         let syntax = |field: &'static str, message: &str| Error::Syntax {
             line,
             field,
-            message: message.into(),
-            text: raw.to_string(),
+            message: clip(message),
+            text: clip(raw),
         };
         if let Some(name) = t.strip_prefix('*') {
             table = name.trim().to_string();
@@ -441,7 +442,7 @@ pub fn parse(text: &str) -> Result<Capture, Error> {
         .find(|r| r.table == "mangle" && r.target.as_deref() == Some("TPROXY"))
     {
         return Err(Error::Tproxy {
-            rule: r.text.trim().to_string(),
+            rule: clip(r.text.trim()),
         });
     }
     if !has_istio {
@@ -484,7 +485,7 @@ pub fn parse(text: &str) -> Result<Capture, Error> {
 
 fn unsupported(cap: &mut Capture, why: String) {
     if cap.outbound_unsupported.is_none() {
-        cap.outbound_unsupported = Some(why);
+        cap.outbound_unsupported = Some(clip(&why));
     }
 }
 

@@ -76,7 +76,11 @@ fn decline(reason: Reason, detail: impl Into<String>) -> Declined {
 }
 
 fn bad(field: impl std::fmt::Display, message: impl std::fmt::Display) -> Declined {
-    decline(Reason::BadResource, format!("{field}: {message}"))
+    // The message may quote the offending value, which can be any size.
+    decline(
+        Reason::BadResource,
+        format!("{field}: {}", super::clip(&message.to_string())),
+    )
 }
 
 fn ann_field(key: &str) -> String {

@@ -91,7 +91,7 @@ pub fn parse_status(text: &str) -> Result<(u32, u32), String> {
             .ok_or_else(|| format!("no {name} line"))?;
         let real = line.split_whitespace().next().unwrap_or_default();
         real.parse()
-            .map_err(|_| format!("{name} {real:?} is not a number"))
+            .map_err(|_| format!("{name} {} is not a number", super::excerpt(real)))
     };
     Ok((field("Uid:")?, field("Gid:")?))
 }
@@ -141,16 +141,13 @@ pub fn parse_net_tcp(text: &str) -> Result<Vec<Listen>, String> {
         if f[3] != "0A" {
             continue;
         }
+        let bad = |what: &str, v: &str| format!("line {}: {what} {}", i + 1, super::excerpt(v));
         let (ip, port) = f[1]
             .split_once(':')
-            .ok_or_else(|| format!("line {}: local_address {:?}", i + 1, f[1]))?;
-        let ip = u32::from_str_radix(ip, 16)
-            .map_err(|_| format!("line {}: local_address {:?}", i + 1, f[1]))?;
-        let port = u16::from_str_radix(port, 16)
-            .map_err(|_| format!("line {}: local_address {:?}", i + 1, f[1]))?;
-        let inode: u64 = f[9]
-            .parse()
-            .map_err(|_| format!("line {}: inode {:?}", i + 1, f[9]))?;
+            .ok_or_else(|| bad("local_address", f[1]))?;
+        let ip = u32::from_str_radix(ip, 16).map_err(|_| bad("local_address", f[1]))?;
+        let port = u16::from_str_radix(port, 16).map_err(|_| bad("local_address", f[1]))?;
+        let inode: u64 = f[9].parse().map_err(|_| bad("inode", f[9]))?;
         // The kernel prints the `__be32` with %08X as a native integer: on a little-endian
         // host 127.0.0.1 reads 0100007F, so the native bytes are the address bytes.
         out.push(Listen {
