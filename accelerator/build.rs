@@ -3,7 +3,12 @@
 use anyhow::{anyhow, Context as _};
 
 fn main() -> anyhow::Result<()> {
-    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    // Read at run time, not with env!(): cargo reuses a compiled build script across checkouts
+    // of the same workspace sharing a target directory (its hash has no absolute path), and a
+    // path baked in at compile time then builds, and watches, another checkout's programs.
+    let manifest = std::path::PathBuf::from(
+        std::env::var("CARGO_MANIFEST_DIR").context("cargo sets CARGO_MANIFEST_DIR")?,
+    );
     let root = manifest
         .parent()
         .context("accelerator/ has a parent")?
