@@ -112,6 +112,10 @@ pub enum Reason {
     /// A Kubernetes resource that does not decode, or a bad annotation or capture argument
     /// (the detail names the field).
     BadResource,
+    /// The pod has a user namespace of its own, and the proxy ids its capture rules name cannot
+    /// be turned into the host ids BPF sees (no mapping for them, or, from the Kubernetes API
+    /// alone, `hostUsers: false` with the mapping unknown).
+    UserNamespace,
     /// A meshed pod not running yet (phase Pending, or no pod IP): istio-init may still be
     /// writing its rules. Accelerated once Running with an IP.
     Pending,
@@ -124,6 +128,7 @@ impl Reason {
             Reason::NoSidecar => "no_sidecar",
             Reason::NotCaptured => "not_captured",
             Reason::NftablesCapture => "nftables_capture",
+            Reason::UserNamespace => "user_namespace",
             Reason::Tproxy => "tproxy_mode",
             Reason::NetnsNotFound => "netns_not_found",
             Reason::BadCapture => "bad_capture_rules",
@@ -568,8 +573,18 @@ fn proxy_namespace(opts: &Options, path: PathBuf, procs: &[procfs::Process]) -> 
             ));
         }
     }
-    let proxy_uid = pick_owner("uid", proxy.uid, &cap.proxy_uids, &mut notes);
-    let proxy_gid = pick_owner("gid", proxy.gid, &cap.proxy_gids, &mut notes);
+    // The rules name the proxy's ids as seen in its pod; BPF (and /proc/PID/status, read
+    // from here) see the host's. They differ when the pod has a user namespace of its own
+    // (`hostUsers: false`): map the rules' ids through the proxy's id maps.
+    let (exempt_uids, exempt_gids) = match (
+        host_ids("uid", &proxy.uid_map, &cap.proxy_uids, &mut notes),
+        host_ids("gid", &proxy.gid_map, &cap.proxy_gids, &mut notes),
+    ) {
+        (Ok(u), Ok(g)) => (u, g),
+        (Err(e), _) | (_, Err(e)) => return skip(&name, Reason::UserNamespace, e),
+    };
+    let proxy_uid = pick_owner("uid", proxy.uid, &exempt_uids, &mut notes);
+    let proxy_gid = pick_owner("gid", proxy.gid, &exempt_gids, &mut notes);
     if procs
         .iter()
         .any(|p| (p.uid, p.gid) != (proxy.uid, proxy.gid))
@@ -617,6 +632,35 @@ fn proxy_namespace(opts: &Options, path: PathBuf, procs: &[procfs::Process]) -> 
 
 /// The owner the datapath treats as the proxy: the process's own when iptables exempts it (or
 /// exempts nobody by that kind), else the one iptables exempts (iptables decides).
+/// The host's ids for the ids the rules exempt, seen from the pod's user namespace (`map`,
+/// the proxy's). Err when one has no host id: no process can hold it, so the rules do not
+/// exempt the proxy that is there, and its own connections would be taken for the app's.
+fn host_ids(
+    kind: &str,
+    map: &[procfs::IdRange],
+    exempted: &[u32],
+    notes: &mut Vec<String>,
+) -> Result<Vec<u32>, String> {
+    if map == [procfs::IDENTITY] {
+        return Ok(exempted.to_vec());
+    }
+    let mut out = Vec::new();
+    for id in exempted {
+        let Some(host) = procfs::to_host(map, *id) else {
+            return Err(format!(
+                "the pod has its own user namespace and its rules exempt {kind} {id}, which maps to no host {kind} ({kind}_map {map:?})"
+            ));
+        };
+        if host != *id {
+            notes.push(format!(
+                "the pod has its own user namespace: {kind} {id} in its rules is {kind} {host} on the host (what BPF sees)"
+            ));
+        }
+        out.push(host);
+    }
+    Ok(out)
+}
+
 fn pick_owner(kind: &str, process: u32, exempted: &[u32], notes: &mut Vec<String>) -> u32 {
     match exempted.first() {
         None => process,
@@ -631,6 +675,37 @@ fn pick_owner(kind: &str, process: u32, exempted: &[u32], notes: &mut Vec<String
 }
 
 #[cfg(test)]
+mod user_namespace_tests {
+    use super::{host_ids, pick_owner, procfs::parse_id_map};
+
+    /// A pod with `hostUsers: false`: istio-init exempted uid 1337 as the pod sees it; the proxy
+    /// runs as 1337 there, which /proc (and BPF) show as the host's 1246521.
+    #[test]
+    fn the_rules_ids_are_mapped_to_the_host_ids_bpf_sees() {
+        let map = parse_id_map("0 1245184 65536\n").unwrap();
+        let mut notes = Vec::new();
+        let uids = host_ids("uid", &map, &[1337], &mut notes).unwrap();
+        assert_eq!(uids, vec![1246521]);
+        assert!(
+            notes[0].contains("uid 1337 in its rules is uid 1246521"),
+            "{notes:?}"
+        );
+        assert_eq!(pick_owner("uid", 1246521, &uids, &mut notes), 1246521);
+        assert_eq!(notes.len(), 1, "no mismatch is reported: {notes:?}");
+        // Before the mapping, the rules' 1337 was used, which BPF never sees for this proxy.
+        // An id the namespace does not map: the pod is declined, not guessed.
+        let small = parse_id_map("0 1245184 1000\n").unwrap();
+        let e = host_ids("uid", &small, &[1337], &mut notes).unwrap_err();
+        assert!(e.contains("maps to no host uid"), "{e}");
+        // The host's own namespace changes nothing and notes nothing.
+        let mut quiet = Vec::new();
+        let host = parse_id_map("0 0 4294967295").unwrap();
+        assert_eq!(host_ids("gid", &host, &[1337], &mut quiet), Ok(vec![1337]));
+        assert!(quiet.is_empty());
+    }
+}
+
+#[cfg(test)]
 mod excerpt_tests {
     use super::{clip, excerpt};
 
@@ -640,7 +715,10 @@ mod excerpt_tests {
         assert_eq!(excerpt("a\"b"), "\"a\\\"b\"");
         let long = "é".repeat(300);
         let c = clip(&long);
-        assert!(c.starts_with(&"é".repeat(200)) && c.ends_with("... (600 bytes)"), "{c}");
+        assert!(
+            c.starts_with(&"é".repeat(200)) && c.ends_with("... (600 bytes)"),
+            "{c}"
+        );
         assert!(excerpt(&long).ends_with("\"... (600 bytes)"));
     }
 }

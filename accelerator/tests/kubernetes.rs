@@ -540,6 +540,24 @@ fn pending_pods_wait_for_running_and_an_address() {
     assert_eq!(declined(&map(v)).0, Reason::NoSidecar);
 }
 
+/// A pod with a user namespace of its own: its rules exempt uid 1337 inside it, BPF would see
+/// another uid on the host, and the API does not say which.
+#[test]
+fn user_namespaced_pods_are_declined_with_a_reason() {
+    let mut v = fixture("injected-istio-init.json");
+    v["spec"]["hostUsers"] = json!(false);
+    let (r, d) = declined(&map(v));
+    assert_eq!((r, r.as_str()), (Reason::UserNamespace, "user_namespace"));
+    assert!(d.contains("spec.hostUsers"), "{d}");
+    let mut v = fixture("injected-istio-init.json");
+    v["spec"]["hostUsers"] = json!(true);
+    assert!(map(v).verdict.is_ok());
+    // Not meshed stays not meshed.
+    let mut v = fixture("no-sidecar.json");
+    v["spec"]["hostUsers"] = json!(false);
+    assert_eq!(declined(&map(v)).0, Reason::NoSidecar);
+}
+
 #[test]
 fn bad_input_names_the_field() {
     type Edit = Box<dyn Fn(&mut Value)>;

@@ -129,6 +129,15 @@ pub fn map(pod: &ApiPod, ns: Option<&NamespaceFacts>) -> Option<Mapped> {
         }
         out.ips = pod_ips(pod)?;
         let mut p = map_capture(pod, ns, &out.name, &mut out.notes)?;
+        if pod.spec.as_ref().and_then(|s| s.host_users) == Some(false) {
+            // Its capture rules name the proxy's ids inside the pod's user namespace, and BPF
+            // sees the host's; kubelet picks the mapping and the API does not say it. (Local
+            // discovery reads it from the proxy's uid_map and accelerates such pods.)
+            return Err(decline(
+                Reason::UserNamespace,
+                "spec.hostUsers is false: the proxy's ids in the capture rules are not the host ids BPF sees, and the API does not say how they map",
+            ));
+        }
         // Only a running pod with an address: before that istio-init may still be writing the
         // rules the datapath's prediction mirrors, and the sandbox may have no process yet.
         if phase != Some("Running") {

@@ -19,6 +19,57 @@ pub struct Process {
     pub gid: u32,
     /// Inode of `/proc/PID/ns/net`: names the network namespace.
     pub netns: u64,
+    /// `/proc/PID/uid_map` and `gid_map` as the daemon reads them: the proxy's ids (what the
+    /// rules in its pod name) against the host's (what `status`, and BPF, see). The identity
+    /// map unless the pod has a user namespace of its own (`hostUsers: false`).
+    pub uid_map: Vec<IdRange>,
+    pub gid_map: Vec<IdRange>,
+}
+
+/// One line of a user namespace's id map: `count` ids from `inside` (in the namespace) are the
+/// ids from `outside` in the namespace of whoever reads the map (the host's, for the daemon).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdRange {
+    pub inside: u32,
+    pub outside: u32,
+    pub count: u32,
+}
+
+/// The map of a process in the host's user namespace.
+pub const IDENTITY: IdRange = IdRange {
+    inside: 0,
+    outside: 0,
+    count: u32::MAX,
+};
+
+/// `/proc/PID/uid_map` (or `gid_map`) text.
+pub fn parse_id_map(text: &str) -> Result<Vec<IdRange>, String> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let n = |k: usize| f.get(k).and_then(|v| v.parse::<u32>().ok());
+        match (f.len(), n(0), n(1), n(2)) {
+            (0, ..) => continue,
+            (3, Some(inside), Some(outside), Some(count)) => out.push(IdRange {
+                inside,
+                outside,
+                count,
+            }),
+            _ => return Err(format!("line {}: {}", i + 1, super::excerpt(line))),
+        }
+    }
+    Ok(out)
+}
+
+/// The host's id for `id` inside the namespace of `map`; None when the namespace has no such id
+/// (no process there can hold it).
+pub fn to_host(map: &[IdRange], id: u32) -> Option<u32> {
+    map.iter().find_map(|r| {
+        let off = id.checked_sub(r.inside)?;
+        (off < r.count)
+            .then(|| r.outside.checked_add(off))
+            .flatten()
+    })
 }
 
 /// Every process's network namespace, and which processes look like a sidecar proxy.
@@ -57,12 +108,21 @@ pub fn scan(proc_root: &Path, proxy_names: &[String]) -> io::Result<Scan> {
         let Ok(status) = fs::read_to_string(dir.join("status")) else {
             continue;
         };
+        let map = |file: &str| -> Vec<IdRange> {
+            // A kernel without user namespaces has no map: every id is the host's.
+            match fs::read_to_string(dir.join(file)) {
+                Ok(text) => parse_id_map(&text).unwrap_or_default(),
+                Err(_) => vec![IDENTITY],
+            }
+        };
         if let Ok((uid, gid)) = parse_status(&status) {
             out.proxies.push(Process {
                 pid,
                 uid,
                 gid,
                 netns,
+                uid_map: map("uid_map"),
+                gid_map: map("gid_map"),
             });
         }
     }
@@ -270,6 +330,24 @@ mod tests {
     fn status_gives_real_ids() {
         let text = "Name:\tenvoy\nUmask:\t0022\nState:\tS (sleeping)\nUid:\t1337\t1338\t1337\t1337\nGid:\t1337\t1337\t1337\t1337\n";
         assert_eq!(parse_status(text), Ok((1337, 1337)));
+        let host = parse_id_map("         0          0 4294967295\n").unwrap();
+        assert_eq!(host, vec![IDENTITY]);
+        assert_eq!(to_host(&host, 1337), Some(1337));
+        // A pod with hostUsers: false (kubelet gives it 65536 ids of its own).
+        let pod = parse_id_map("0 1245184 65536\n").unwrap();
+        assert_eq!(to_host(&pod, 1337), Some(1246521));
+        assert_eq!(to_host(&pod, 65536), None);
+        let split = parse_id_map("0 1000 1\n1 100000 65535\n").unwrap();
+        assert_eq!(
+            (to_host(&split, 0), to_host(&split, 1)),
+            (Some(1000), Some(100000))
+        );
+        assert_eq!(
+            to_host(&parse_id_map("4294967295 0 1").unwrap(), 4294967295),
+            Some(0)
+        );
+        assert_eq!(to_host(&parse_id_map("0 4294967295 2").unwrap(), 1), None);
+        assert!(parse_id_map("0 x 1").unwrap_err().contains("line 1"));
         assert!(parse_status("Name:\tx\n").unwrap_err().contains("Uid:"));
         assert!(parse_status("Uid:\tx\nGid:\t1\n")
             .unwrap_err()
