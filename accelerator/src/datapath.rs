@@ -6,6 +6,7 @@
 //! crashed (invariant 6): the sockhash, its sk_msg program and the sock_ops link live on in the
 //! kernel, and the next daemon adopts them instead of loading a second copy.
 
+mod btf;
 mod fs;
 mod sys;
 mod upgrade;
@@ -633,7 +634,6 @@ fn load_and_attach(cgroup: &Path, pin_dir: Option<&Path>) -> Result<Attached, Er
         .try_clone()
         .map_err(|e| Error::Map(maps::SOCKS, e.to_string()))?;
     let sk_msg: &mut SkMsg = program(&mut ebpf, programs::SK_MSG)?;
-    sk_msg.load().map_err(Error::from_load)?;
     let link = sk_msg.attach(&socks_fd).map_err(Error::from_load)?;
     if let Some(dir) = pin_dir {
         // The attachment belongs to the map, not to this process: keep aya from detaching it
@@ -684,14 +684,31 @@ fn load_and_attach(cgroup: &Path, pin_dir: Option<&Path>) -> Result<Attached, Er
     })
 }
 
-/// Creates the object's maps and loads sock_ops, which decides how it learns who connects: it
-/// asks the kernel itself where sock_ops may call `bpf_get_current_uid_gid` (6.18 and 7.x
-/// allow it), which spares every connect() in the cgroup a second program; elsewhere (6.1,
-/// 6.12) the verifier refuses that build and the object is loaded again for the connect hook.
+/// Creates the object's maps and loads sock_ops and sk_msg. sock_ops decides how it learns who
+/// connects: it asks the kernel itself where sock_ops may call `bpf_get_current_uid_gid` (6.18
+/// and 7.x allow it), which spares every connect() in the cgroup a second program; elsewhere
+/// (6.1, 6.12) the verifier refuses that build and the object is loaded again for the connect
+/// hook. sk_msg gets the offsets of the `tcp_sock` fields it reads from the kernel's BTF (see
+/// [`tcp_offsets`]); a kernel that refuses those reads gets a build without them, logged.
 ///
 /// With `pinned_maps`, the object's maps are the ones pinned there (an upgrade loads new programs
 /// onto the running datapath's maps) instead of new ones.
 fn load_object(pinned_maps: Option<&Path>) -> Result<(Ebpf, bool), Error> {
+    let offsets = tcp_offsets();
+    match load_with(pinned_maps, offsets) {
+        Err(e) if offsets.is_some() => {
+            tracing::warn!(
+                error = %e,
+                "sk_msg may not read the socket's TCP sequence here; loading it without the check for writes that raced connect() (README: Known kernel limitations)"
+            );
+            load_with(pinned_maps, None)
+        }
+        r => r,
+    }
+}
+
+fn load_with(pinned_maps: Option<&Path>, offsets: Option<[u32; 3]>) -> Result<(Ebpf, bool), Error> {
+    let offsets = offsets.unwrap_or_default();
     let loader = || {
         let mut l = EbpfLoader::new();
         if let Some(dir) = pinned_maps {
@@ -699,6 +716,9 @@ fn load_object(pinned_maps: Option<&Path>) -> Result<(Ebpf, bool), Error> {
                 l.map_pin_path(name, dir.join(name));
             }
         }
+        l.override_global(programs::TCP_WRITE_SEQ, &offsets[0], true)
+            .override_global(programs::TCP_SND_NXT, &offsets[1], true)
+            .override_global(programs::TCP_DATA_SEGS_OUT, &offsets[2], true);
         l
     };
     let mut ebpf = loader()
@@ -706,18 +726,41 @@ fn load_object(pinned_maps: Option<&Path>) -> Result<(Ebpf, bool), Error> {
         .load(OBJECT)
         .map_err(Error::from_load)?;
     let sock_ops: &mut SockOps = program(&mut ebpf, programs::SOCK_OPS)?;
-    match sock_ops.load() {
-        Ok(()) => return Ok((ebpf, true)),
-        Err(e) => tracing::debug!(
-            error = %Error::from_load(e),
-            "sock_ops may not ask for the caller's uid on this kernel; the connect hook records it"
-        ),
+    let owner_in_sockops = match sock_ops.load() {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!(
+                error = %Error::from_load(e),
+                "sock_ops may not ask for the caller's uid on this kernel; the connect hook records it"
+            );
+            drop(ebpf);
+            ebpf = loader().load(OBJECT).map_err(Error::from_load)?;
+            let sock_ops: &mut SockOps = program(&mut ebpf, programs::SOCK_OPS)?;
+            sock_ops.load().map_err(Error::from_load)?;
+            false
+        }
+    };
+    let sk_msg: &mut SkMsg = program(&mut ebpf, programs::SK_MSG)?;
+    sk_msg.load().map_err(Error::from_load)?;
+    Ok((ebpf, owner_in_sockops))
+}
+
+/// Where `struct tcp_sock` keeps `write_seq`, `snd_nxt` and `data_segs_out` on this kernel, from
+/// its BTF: sk_msg reads them once per socket to see whether bytes left on TCP before its first
+/// message (a write racing connect(); README "Known kernel limitations"). None without BTF.
+fn tcp_offsets() -> Option<[u32; 3]> {
+    let read = || -> Result<[u32; 3], String> {
+        let btf = btf::Btf::from_kernel()?;
+        let off = |f: &str| btf.field_offset("tcp_sock", f);
+        Ok([off("write_seq")?, off("snd_nxt")?, off("data_segs_out")?])
+    };
+    match read() {
+        Ok(o) => Some(o),
+        Err(e) => {
+            tracing::warn!(error = %e, "no tcp_sock offsets; sk_msg loads without the check for writes that raced connect()");
+            None
+        }
     }
-    drop(ebpf);
-    let mut ebpf = loader().load(OBJECT).map_err(Error::from_load)?;
-    let sock_ops: &mut SockOps = program(&mut ebpf, programs::SOCK_OPS)?;
-    sock_ops.load().map_err(Error::from_load)?;
-    Ok((ebpf, false))
 }
 
 /// A cgroup attachment taken from its program as the bpf_link the caller pins (cgroup programs

@@ -91,12 +91,11 @@ fn fast_open_data_keeps_its_place() {
 /// The handshake is held open by dropping the first SYN at the sidecar's capture port, so the
 /// connect() takes one SYN retransmission (about a second) and the write surely starts inside it.
 ///
-/// Known to fail today (README "Known hazards"): the racing write leaves on TCP unseen, and the
-/// next write is redirected ahead of it. The stream stays exact here only because the
-/// sidecar reads the TCP bytes before the redirected ones arrive; a slower reader would get them
-/// out of order. Run it with `--ignored`.
+/// sk_msg sees it at the socket's first message (its `write_seq` and data segments, read
+/// through the kernel's BTF) and keeps that direction on TCP; without that check the next
+/// write was redirected ahead of the racing one (156 KiB here), and the stream stayed exact
+/// only because the relay read the TCP bytes first.
 #[test]
-#[ignore = "known hazard: a write racing connect() bypasses sk_msg (issue 15, README Known hazards)"]
 fn a_write_racing_connect_is_not_overtaken() {
     let Some(mut accel) = Accel::new("reorder_write_during_connect") else {
         return;
@@ -160,7 +159,12 @@ fn a_write_racing_connect_is_not_overtaken() {
     let c = accel.counters();
     eprintln!("counters: {c:?}");
     let moved = |k: &str| c.get(k) - before.get(k);
-    // The bytes after the racing write went to TCP behind it, never redirected past it.
+    // The bytes after the racing write went to TCP behind it, never redirected past it, and the
+    // check that kept them there is counted.
+    assert!(
+        moved("skip_early_data") >= 1,
+        "the racing write was not seen"
+    );
     assert_eq!(
         moved("bytes_redirected_outbound_app_to_sidecar"),
         0,

@@ -37,7 +37,7 @@ REPO = HERE.parent.parent
 # first-byte rule, pod isolation with identical addresses, EOF, half-close, RST, large and tiny
 # writes, the unread budget, daemon restart and detach, the probe and a refusing daemon, the
 # redirect mode each kernel gets, and the socket-API conformance suite).
-TEST_SUITES = ["datapath", "semantics", "lifecycle", "probe", "appview", "cost", "forgery"]
+TEST_SUITES = ["datapath", "semantics", "lifecycle", "probe", "appview", "cost", "forgery", "reorder"]
 
 # Host tools the tests run, copied into the guest with the shared libraries they load.
 GUEST_TOOLS = ["ip", "nsenter", "iptables-restore", "iptables-save", "iptables"]

@@ -69,8 +69,8 @@ pub(super) fn replace_changed(opts: &Options) -> Result<Vec<Replaced>, Error> {
     // sk_msg: compared with the pinned program, which is the one on the sockhash.
     {
         let old = open_pin(dir, PIN_PROG_SK_MSG)?;
+        // load_object loaded it.
         let sk_msg: &mut SkMsg = program(&mut ebpf, programs::SK_MSG)?;
-        sk_msg.load().map_err(Error::from_load)?;
         let new_tag = tag(sk_msg.fd().map_err(Error::from_load)?)?;
         let old_tag = tag(&old)?;
         if new_tag != old_tag {

@@ -385,6 +385,9 @@ pub mod counter {
     pub const RENDEZVOUS_FULL: u32 = 19;
     /// The unread accounting maps were full: the hop stays on TCP.
     pub const PEERS_FULL: u32 = 20;
+    /// Bytes left on TCP before the socket could be redirected, so it never is: TCP Fast Open
+    /// data in the SYN, or a write that another thread started while connect() was in progress
+    /// (it bypasses sk_msg).
     pub const SKIP_EARLY_DATA: u32 = 21;
     pub const PAIR_REJECTED: u32 = 22;
     pub const CONNECT_NOT_CAPTURED: u32 = 23;
@@ -514,6 +517,13 @@ pub mod programs {
     /// The read-only global that tells sock_ops to ask for the caller's uid/gid itself; set by
     /// the loader where the kernel allows it, and then [`CONNECT4`] is not attached.
     pub const OWNER_IN_SOCKOPS: &str = "MESHLANE_OWNER_IN_SOCKOPS";
+    /// The read-only globals with the byte offsets of `struct tcp_sock`'s `write_seq`,
+    /// `snd_nxt` and `data_segs_out` on the running kernel (from its BTF), for sk_msg's check
+    /// that nothing left on TCP before its first message; 0 when the loader found none, and then
+    /// that check is off.
+    pub const TCP_WRITE_SEQ: &str = "MESHLANE_TCP_WRITE_SEQ";
+    pub const TCP_SND_NXT: &str = "MESHLANE_TCP_SND_NXT";
+    pub const TCP_DATA_SEGS_OUT: &str = "MESHLANE_TCP_DATA_SEGS_OUT";
     /// cgroup/connect4: records who calls connect(), for sock_ops (see `owner.rs`).
     pub const CONNECT4: &str = "meshlane_connect4";
     /// cgroup/connect6: the same for IPv6 sockets connecting to v4-mapped addresses.

@@ -11,7 +11,7 @@ use core::ptr;
 
 use aya_ebpf::{
     bindings::{sk_action::SK_PASS, BPF_F_INGRESS},
-    helpers::generated::bpf_sk_storage_get,
+    helpers::generated::{bpf_sk_storage_get, bpf_skc_to_tcp_sock},
     programs::SkMsgContext,
 };
 use meshlane_common::{
@@ -23,6 +23,17 @@ use crate::{
     counters::{atomic_add, fold, inc},
     maps::{ML_CONTROL, ML_RENDEZVOUS, ML_SOCKS, ML_SOCK_STATE, ML_TARGETS, ML_UNREAD},
 };
+
+/// Byte offsets of `struct tcp_sock`'s `write_seq`, `snd_nxt` and `data_segs_out` on the running
+/// kernel, set by the loader from the kernel's BTF (Rust eBPF has no CO-RE field relocations).
+/// Read-only globals: the verifier sees them as constants and checks each read against the same
+/// BTF. 0: no offsets, and [`sent_around`] is off.
+#[unsafe(no_mangle)]
+static MESHLANE_TCP_WRITE_SEQ: u32 = 0;
+#[unsafe(no_mangle)]
+static MESHLANE_TCP_SND_NXT: u32 = 0;
+#[unsafe(no_mangle)]
+static MESHLANE_TCP_DATA_SEGS_OUT: u32 = 0;
 
 pub fn verdict(ctx: &SkMsgContext) -> u32 {
     // Every path returns SK_PASS: either the redirect set by the helper takes effect, or the
@@ -48,6 +59,15 @@ pub fn verdict(ctx: &SkMsgContext) -> u32 {
     // below).
     let mut peer = st.peer;
     if st.flags & SOCK_PEER_KNOWN == 0 {
+        // This socket's first message (the first end of a pair learns its peer here). Bytes
+        // may have left on TCP without passing here: a write another thread started while
+        // connect() was in progress runs the plain TCP sendmsg it entered. Redirecting now could
+        // overtake them, so the direction stays on TCP (invariant 2).
+        if sent_around(ctx) {
+            st.flags |= SOCK_TCP_PINNED;
+            inc(counter::SKIP_EARLY_DATA);
+            return SK_PASS;
+        }
         // SAFETY: read-only view of a hash map value, copied out at once.
         let (partner, partner_sk) = if st.flags & SOCK_WAITING != 0 {
             unsafe { ML_RENDEZVOUS.get(st.pair_key) }
@@ -109,6 +129,33 @@ fn charge_reader(st: &mut SockState, bytes: u64) {
         st.flags |= SOCK_TCP_PINNED;
         inc(counter::PASS_OVER_BUDGET);
     }
+}
+
+/// Whether bytes of this socket were queued to TCP before its first message reached sk_msg:
+/// data segments already sent, or bytes queued and not sent yet (`write_seq` ahead of
+/// `snd_nxt`). Runs once per socket (before it knows its peer); with no offsets, false.
+fn sent_around(ctx: &SkMsgContext) -> bool {
+    // SAFETY: reads of read-only globals; volatile so the build-time 0 is not folded.
+    let (write_seq, snd_nxt, data_segs_out) = unsafe {
+        (
+            ptr::read_volatile(&MESHLANE_TCP_WRITE_SEQ),
+            ptr::read_volatile(&MESHLANE_TCP_SND_NXT),
+            ptr::read_volatile(&MESHLANE_TCP_DATA_SEGS_OUT),
+        )
+    };
+    if write_seq == 0 || snd_nxt == 0 || data_segs_out == 0 {
+        return false;
+    }
+    // SAFETY: msg->sk is the sending socket; the helper returns it as a BTF-typed tcp_sock, or
+    // null.
+    let tp = unsafe { bpf_skc_to_tcp_sock((*ctx.msg).__bindgen_anon_3.sk.cast()) }.cast::<u8>();
+    if tp.is_null() {
+        return false;
+    }
+    // SAFETY: each offset is a u32 field of struct tcp_sock on this kernel (the loader read them
+    // from its BTF, and the verifier checked these reads against it).
+    let field = |off: u32| unsafe { ptr::read(tp.add(off as usize).cast::<u32>()) };
+    field(data_segs_out) != 0 || field(write_seq) != field(snd_nxt)
 }
 
 fn state(ctx: &SkMsgContext) -> Option<&'static mut SockState> {
