@@ -319,3 +319,88 @@ fn a_full_pairing_map_keeps_new_hops_on_tcp_until_space_frees() {
     );
     assert!(after.redirected_bytes() > c.redirected_bytes(), "{after:?}");
 }
+
+/// The unread map (one entry per socket that may receive redirected bytes) filled to capacity:
+/// an end that needs an entry and finds no room does not join, so its hop stays on TCP, exact;
+/// the map's fill level and `unread_full` say so; pairing resumes once entries free.
+#[test]
+fn a_full_unread_map_keeps_new_hops_on_tcp_until_space_frees() {
+    use aya::maps::{HashMap, Map, MapData};
+    use meshlane_common::maps;
+    let Some(mut accel) = Accel::new("capacity_unread") else {
+        return;
+    };
+    let mesh = TwoPods::new(133, CaptureConfig::default(), CaptureConfig::default()).unwrap();
+    let dst = SocketAddrV4::new(mesh.server.ip, 8080);
+    let _echo = EchoServer::spawn(&mesh.server.ns, dst).unwrap();
+    accel.add_pod(&mesh.client.ns, &mesh.client.capture);
+    accel.add_pod(&mesh.server.ns, &mesh.server.capture);
+    let exchange = |seed: u64| {
+        let data = pattern(seed, 64 * 1024);
+        let got = echo_exchange(connect(&mesh.client.ns, dst).unwrap(), &data, 4096).unwrap();
+        assert_same(&format!("connection {seed}"), &got.bytes, &data);
+    };
+
+    let pin = MapData::from_pin(accel.pin_dir.join(maps::UNREAD)).unwrap();
+    let mut unread: HashMap<MapData, u64, i64> = HashMap::try_from(Map::HashMap(pin)).unwrap();
+    // The keys are kernel socket addresses; small numbers are never one.
+    let mut filled = 0u64;
+    while unread.insert(filled + 1, 0, 0).is_ok() {
+        filled += 1;
+    }
+    assert_eq!(
+        filled,
+        u64::from(maps::PEERS_MAX),
+        "the map took its capacity"
+    );
+    let full = accel
+        .dp()
+        .map_usage()
+        .unwrap()
+        .into_iter()
+        .find(|m| m.name == maps::UNREAD)
+        .unwrap();
+    assert_eq!(full.entries, full.capacity, "{full:?}");
+
+    const N: u64 = 5;
+    let before = accel.counters();
+    for i in 0..N {
+        exchange(i);
+    }
+    let c = accel.counters();
+    assert_eq!(
+        c.get("pairs_outbound"),
+        before.get("pairs_outbound"),
+        "{c:?}"
+    );
+    assert_eq!(c.get("pairs_inbound"), before.get("pairs_inbound"), "{c:?}");
+    assert_eq!(c.redirected_bytes(), before.redirected_bytes(), "{c:?}");
+    // Both hops' sidecar ends receive redirected bytes and need an entry: each says so.
+    assert!(
+        c.get("unread_full") >= before.get("unread_full") + 2 * N,
+        "{c:?}"
+    );
+
+    // Space frees: the next connections pair again, and every byte they carry is redirected.
+    for k in 1..=1000 {
+        unread.remove(&k).unwrap();
+    }
+    for i in 0..N {
+        exchange(100 + i);
+    }
+    let after = accel.counters();
+    assert_eq!(
+        after.get("pairs_outbound"),
+        c.get("pairs_outbound") + N,
+        "{after:?}"
+    );
+    assert_eq!(
+        after.get("pairs_inbound"),
+        c.get("pairs_inbound") + N,
+        "{after:?}"
+    );
+    assert!(after.redirected_bytes() > c.redirected_bytes(), "{after:?}");
+    for k in 1001..=filled {
+        let _ = unread.remove(&k);
+    }
+}
