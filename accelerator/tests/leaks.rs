@@ -116,16 +116,7 @@ fn a_stamp_no_sidecar_reads_is_swept_out_of_the_sockhash() {
     let c = accel.counters();
     assert_eq!(c.get("stamps_written"), 1, "{c:?}");
     assert_eq!(c.pairs(), 0, "{c:?}");
-    let socks = |accel: &mut Accel| {
-        accel
-            .dp()
-            .map_usage()
-            .unwrap()
-            .into_iter()
-            .find(|m| m.name == meshlane_common::maps::SOCKS)
-            .unwrap()
-            .entries
-    };
+    let socks = |accel: &mut Accel| usage(accel, meshlane_common::maps::SOCKS).entries;
     assert_eq!(
         socks(&mut accel),
         1,
@@ -207,6 +198,85 @@ fn the_daemon_sweeps_stamps_no_sidecar_reads() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// For the capacity tests: both pods accelerated, an echo server behind the server pod's 8080.
+fn capacity_scene(test: &str, subnet: u8) -> Option<(Accel, TwoPods, SocketAddrV4, EchoServer)> {
+    let mut accel = Accel::new(test)?;
+    let mesh = TwoPods::new(subnet, CaptureConfig::default(), CaptureConfig::default()).unwrap();
+    let dst = SocketAddrV4::new(mesh.server.ip, 8080);
+    let echo = EchoServer::spawn(&mesh.server.ns, dst).unwrap();
+    accel.add_pod(&mesh.client.ns, &mesh.client.capture);
+    accel.add_pod(&mesh.server.ns, &mesh.server.capture);
+    Some((accel, mesh, dst, echo))
+}
+
+/// One connection echoing 64 KiB, checked byte for byte.
+fn checked_exchange(mesh: &TwoPods, dst: SocketAddrV4, seed: u64) {
+    let data = pattern(seed, 64 * 1024);
+    let got = echo_exchange(connect(&mesh.client.ns, dst).unwrap(), &data, 4096).unwrap();
+    assert_same(&format!("connection {seed}"), &got.bytes, &data);
+}
+
+/// Connections made while a map is full, in a capacity test.
+const FULL_N: u64 = 5;
+
+/// [`FULL_N`] connections while a map is full: exact, none paired, nothing redirected, and
+/// `full_counter` up by at least one per hop. Returns the counters before and after.
+fn stay_on_tcp(
+    accel: &Accel,
+    mesh: &TwoPods,
+    dst: SocketAddrV4,
+    full_counter: &str,
+) -> (meshlane::datapath::Counters, meshlane::datapath::Counters) {
+    let before = accel.counters();
+    for i in 0..FULL_N {
+        checked_exchange(mesh, dst, i);
+    }
+    let c = accel.counters();
+    assert_eq!(
+        c.get("pairs_outbound"),
+        before.get("pairs_outbound"),
+        "{c:?}"
+    );
+    assert_eq!(c.get("pairs_inbound"), before.get("pairs_inbound"), "{c:?}");
+    assert_eq!(c.redirected_bytes(), before.redirected_bytes(), "{c:?}");
+    assert!(
+        c.get(full_counter) >= before.get(full_counter) + 2 * FULL_N,
+        "{full_counter}: {c:?}"
+    );
+    (before, c)
+}
+
+/// Once space freed: [`FULL_N`] more connections, each paired on both hops, bytes redirected.
+fn pair_again(accel: &Accel, mesh: &TwoPods, dst: SocketAddrV4, c: &meshlane::datapath::Counters) {
+    for i in 0..FULL_N {
+        checked_exchange(mesh, dst, 100 + i);
+    }
+    let after = accel.counters();
+    let n = FULL_N;
+    assert_eq!(
+        after.get("pairs_outbound"),
+        c.get("pairs_outbound") + n,
+        "{after:?}"
+    );
+    assert_eq!(
+        after.get("pairs_inbound"),
+        c.get("pairs_inbound") + n,
+        "{after:?}"
+    );
+    assert!(after.redirected_bytes() > c.redirected_bytes(), "{after:?}");
+}
+
+/// The fill level of one map.
+fn usage(accel: &mut Accel, name: &str) -> meshlane::datapath::MapUsage {
+    accel
+        .dp()
+        .map_usage()
+        .unwrap()
+        .into_iter()
+        .find(|m| m.name == name)
+        .unwrap()
+}
+
 /// A full pairing map (the rendezvous map at capacity, filled here with keys no socket can ever
 /// make) leaves every new hop on plain TCP with every byte exact, the counter and the map's fill
 /// level saying why, and no socket in a sockhash waiting for a partner that cannot find it; and
@@ -215,18 +285,8 @@ fn the_daemon_sweeps_stamps_no_sidecar_reads() {
 fn a_full_pairing_map_keeps_new_hops_on_tcp_until_space_frees() {
     use aya::maps::{HashMap, Map, MapData};
     use meshlane_common::{maps, PairKey, Waiter};
-    let Some(mut accel) = Accel::new("capacity_rendezvous") else {
+    let Some((mut accel, mesh, dst, _echo)) = capacity_scene("capacity_rendezvous", 94) else {
         return;
-    };
-    let mesh = TwoPods::new(94, CaptureConfig::default(), CaptureConfig::default()).unwrap();
-    let dst = SocketAddrV4::new(mesh.server.ip, 8080);
-    let _echo = EchoServer::spawn(&mesh.server.ns, dst).unwrap();
-    accel.add_pod(&mesh.client.ns, &mesh.client.capture);
-    accel.add_pod(&mesh.server.ns, &mesh.server.capture);
-    let exchange = |seed: u64| {
-        let data = pattern(seed, 64 * 1024);
-        let got = echo_exchange(connect(&mesh.client.ns, dst).unwrap(), &data, 4096).unwrap();
-        assert_same(&format!("connection {seed}"), &got.bytes, &data);
     };
 
     let pin = MapData::from_pin(accel.pin_dir.join(maps::RENDEZVOUS)).unwrap();
@@ -248,36 +308,11 @@ fn a_full_pairing_map_keeps_new_hops_on_tcp_until_space_frees() {
         filled += 1;
     }
     assert_eq!(filled, maps::RENDEZVOUS_MAX, "the map took its capacity");
-    let usage = |accel: &mut Accel| {
-        accel
-            .dp()
-            .map_usage()
-            .unwrap()
-            .into_iter()
-            .find(|m| m.name == maps::RENDEZVOUS)
-            .unwrap()
-    };
-    let full = usage(&mut accel);
+    let full = usage(&mut accel, maps::RENDEZVOUS);
     assert_eq!(full.entries, full.capacity, "{full:?}");
 
-    const N: u64 = 5;
-    let before = accel.counters();
-    for i in 0..N {
-        exchange(i);
-    }
-    let c = accel.counters();
-    assert_eq!(
-        c.get("pairs_outbound"),
-        before.get("pairs_outbound"),
-        "{c:?}"
-    );
-    assert_eq!(c.get("pairs_inbound"), before.get("pairs_inbound"), "{c:?}");
-    assert_eq!(c.redirected_bytes(), before.redirected_bytes(), "{c:?}");
     // Each connection's two hops, each end: the first end of each finds no room and says so.
-    assert!(
-        c.get("rendezvous_full") >= before.get("rendezvous_full") + 2 * N,
-        "{c:?}"
-    );
+    let (before, c) = stay_on_tcp(&accel, &mesh, dst, "rendezvous_full");
     assert_eq!(
         c.get("stamps_written"),
         before.get("stamps_written"),
@@ -303,21 +338,7 @@ fn a_full_pairing_map_keeps_new_hops_on_tcp_until_space_frees() {
     for i in 0..1000 {
         rendezvous.remove(&filler(i)).unwrap();
     }
-    for i in 0..N {
-        exchange(100 + i);
-    }
-    let after = accel.counters();
-    assert_eq!(
-        after.get("pairs_outbound"),
-        c.get("pairs_outbound") + N,
-        "{after:?}"
-    );
-    assert_eq!(
-        after.get("pairs_inbound"),
-        c.get("pairs_inbound") + N,
-        "{after:?}"
-    );
-    assert!(after.redirected_bytes() > c.redirected_bytes(), "{after:?}");
+    pair_again(&accel, &mesh, dst, &c);
 }
 
 /// The unread map (one entry per socket that may receive redirected bytes) filled to capacity:
@@ -327,18 +348,8 @@ fn a_full_pairing_map_keeps_new_hops_on_tcp_until_space_frees() {
 fn a_full_unread_map_keeps_new_hops_on_tcp_until_space_frees() {
     use aya::maps::{HashMap, Map, MapData};
     use meshlane_common::maps;
-    let Some(mut accel) = Accel::new("capacity_unread") else {
+    let Some((mut accel, mesh, dst, _echo)) = capacity_scene("capacity_unread", 133) else {
         return;
-    };
-    let mesh = TwoPods::new(133, CaptureConfig::default(), CaptureConfig::default()).unwrap();
-    let dst = SocketAddrV4::new(mesh.server.ip, 8080);
-    let _echo = EchoServer::spawn(&mesh.server.ns, dst).unwrap();
-    accel.add_pod(&mesh.client.ns, &mesh.client.capture);
-    accel.add_pod(&mesh.server.ns, &mesh.server.capture);
-    let exchange = |seed: u64| {
-        let data = pattern(seed, 64 * 1024);
-        let got = echo_exchange(connect(&mesh.client.ns, dst).unwrap(), &data, 4096).unwrap();
-        assert_same(&format!("connection {seed}"), &got.bytes, &data);
     };
 
     let pin = MapData::from_pin(accel.pin_dir.join(maps::UNREAD)).unwrap();
@@ -353,53 +364,17 @@ fn a_full_unread_map_keeps_new_hops_on_tcp_until_space_frees() {
         u64::from(maps::PEERS_MAX),
         "the map took its capacity"
     );
-    let full = accel
-        .dp()
-        .map_usage()
-        .unwrap()
-        .into_iter()
-        .find(|m| m.name == maps::UNREAD)
-        .unwrap();
+    let full = usage(&mut accel, maps::UNREAD);
     assert_eq!(full.entries, full.capacity, "{full:?}");
 
-    const N: u64 = 5;
-    let before = accel.counters();
-    for i in 0..N {
-        exchange(i);
-    }
-    let c = accel.counters();
-    assert_eq!(
-        c.get("pairs_outbound"),
-        before.get("pairs_outbound"),
-        "{c:?}"
-    );
-    assert_eq!(c.get("pairs_inbound"), before.get("pairs_inbound"), "{c:?}");
-    assert_eq!(c.redirected_bytes(), before.redirected_bytes(), "{c:?}");
     // Both hops' sidecar ends receive redirected bytes and need an entry: each says so.
-    assert!(
-        c.get("unread_full") >= before.get("unread_full") + 2 * N,
-        "{c:?}"
-    );
+    let (_, c) = stay_on_tcp(&accel, &mesh, dst, "unread_full");
 
     // Space frees: the next connections pair again, and every byte they carry is redirected.
     for k in 1..=1000 {
         unread.remove(&k).unwrap();
     }
-    for i in 0..N {
-        exchange(100 + i);
-    }
-    let after = accel.counters();
-    assert_eq!(
-        after.get("pairs_outbound"),
-        c.get("pairs_outbound") + N,
-        "{after:?}"
-    );
-    assert_eq!(
-        after.get("pairs_inbound"),
-        c.get("pairs_inbound") + N,
-        "{after:?}"
-    );
-    assert!(after.redirected_bytes() > c.redirected_bytes(), "{after:?}");
+    pair_again(&accel, &mesh, dst, &c);
     for k in 1001..=filled {
         let _ = unread.remove(&k);
     }

@@ -34,6 +34,17 @@ fn unconnected(ns: &Netns) -> TcpStream {
     TcpStream::from(fd)
 }
 
+/// Both pods accelerated, an echo server behind the server pod's 8080.
+fn scene(test: &str, subnet: u8) -> Option<(Accel, TwoPods, SocketAddrV4, EchoServer)> {
+    let mut accel = Accel::new(test)?;
+    let mesh = TwoPods::new(subnet, CaptureConfig::default(), CaptureConfig::default()).unwrap();
+    accel.add_pod(&mesh.client.ns, &mesh.client.capture);
+    accel.add_pod(&mesh.server.ns, &mesh.server.capture);
+    let dst = SocketAddrV4::new(mesh.server.ip, 8080);
+    let echo = EchoServer::spawn(&mesh.server.ns, dst).unwrap();
+    Some((accel, mesh, dst, echo))
+}
+
 fn sysctl(ns: &Netns, key: &str, value: &str) {
     let status = ns
         .cmd("sysctl")
@@ -48,17 +59,12 @@ fn sysctl(ns: &Netns, key: &str, value: &str) {
 /// past it. The stream stays exact and the early data is counted.
 #[test]
 fn fast_open_data_keeps_its_place() {
-    let Some(mut accel) = Accel::new("reorder_fast_open") else {
+    let Some((accel, mesh, dst, _echo)) = scene("reorder_fast_open", 131) else {
         return;
     };
-    let mesh = TwoPods::new(131, CaptureConfig::default(), CaptureConfig::default()).unwrap();
-    accel.add_pod(&mesh.client.ns, &mesh.client.capture);
-    accel.add_pod(&mesh.server.ns, &mesh.server.capture);
     // 0x1 client, 0x2 server, 0x4 client without cookie, 0x200 server without cookie, 0x400
     // every listener (the sidecar sets no TCP_FASTOPEN option).
     sysctl(&mesh.client.ns, "net.ipv4.tcp_fastopen", "0x607");
-    let dst = SocketAddrV4::new(mesh.server.ip, 8080);
-    let _echo = EchoServer::spawn(&mesh.server.ns, dst).unwrap();
     let before = accel.counters();
     for i in 0..20 {
         let s = unconnected(&mesh.client.ns);
@@ -97,16 +103,11 @@ fn fast_open_data_keeps_its_place() {
 /// only because the relay read the TCP bytes first.
 #[test]
 fn a_write_racing_connect_is_not_overtaken() {
-    let Some(mut accel) = Accel::new("reorder_write_during_connect") else {
+    let Some((accel, mesh, dst, _echo)) = scene("reorder_write_during_connect", 132) else {
         return;
     };
-    let mesh = TwoPods::new(132, CaptureConfig::default(), CaptureConfig::default()).unwrap();
-    accel.add_pod(&mesh.client.ns, &mesh.client.capture);
-    accel.add_pod(&mesh.server.ns, &mesh.server.capture);
-    let dst = SocketAddrV4::new(mesh.server.ip, 8080);
-    let _echo = EchoServer::spawn(&mesh.server.ns, dst).unwrap();
+    let port = mesh.client.capture.outbound_port.to_string();
     let iptables = |op: &str| {
-        let port = mesh.client.capture.outbound_port.to_string();
         let status = mesh
             .client
             .ns
@@ -122,34 +123,18 @@ fn a_write_racing_connect_is_not_overtaken() {
     let data = pattern(7, 256 << 10);
     iptables("-I");
     let s = unconnected(&mesh.client.ns);
-    let writer = {
-        let s = s.try_clone().unwrap();
-        let first = data[..100 << 10].to_vec();
-        std::thread::spawn(move || {
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
             // connect() below has sent its first SYN by now, and waits for the retransmission.
             std::thread::sleep(Duration::from_millis(300));
-            (&s).write_all(&first).unwrap();
-        })
-    };
-    let unblock = std::thread::spawn({
-        let ns_path = mesh.client.ns.path().to_path_buf();
-        let port = mesh.client.capture.outbound_port.to_string();
-        move || {
+            (&s).write_all(&data[..100 << 10]).unwrap();
+        });
+        scope.spawn(|| {
             std::thread::sleep(Duration::from_millis(600));
-            let status = std::process::Command::new("nsenter")
-                .arg(format!("--net={}", ns_path.display()))
-                .args([
-                    "iptables", "-w", "-D", "INPUT", "-p", "tcp", "--syn", "--dport", &port, "-j",
-                    "DROP",
-                ])
-                .status()
-                .unwrap();
-            assert!(status.success(), "iptables -D");
-        }
+            iptables("-D");
+        });
+        nix_connect(s.as_raw_fd(), &SockaddrIn::from(dst)).unwrap();
     });
-    nix_connect(s.as_raw_fd(), &SockaddrIn::from(dst)).unwrap();
-    unblock.join().unwrap();
-    writer.join().unwrap();
     // Long enough for the sidecar's end to be accepted and the pair to complete.
     std::thread::sleep(Duration::from_millis(300));
     (&s).write_all(&data[100 << 10..]).unwrap();
