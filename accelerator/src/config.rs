@@ -118,6 +118,51 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Pod>, Error> {
     parse_all(path, text).map(|f| f.pods)
 }
 
+/// Deepest nesting of arrays and inline tables a pod list may use before it is parsed.
+const MAX_NESTING: usize = 16;
+
+/// The line where `[` / `{` outside strings and comments nest deeper than [`MAX_NESTING`]. The
+/// TOML parser recurses once per level, and a file of a few thousand `[` (found by fuzzing)
+/// overflowed its thread's stack, which aborts the daemon: such a file is refused first.
+fn too_deep(text: &str) -> Option<usize> {
+    let (mut depth, mut line) = (0usize, 1usize);
+    let mut quote: Option<char> = None;
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (_, '\n') => {
+                line += 1;
+                // Single-line strings end with their line (multi-line ones only matter
+                // for brackets inside them, which at worst makes this stricter).
+                quote = None;
+            }
+            (Some('"'), '\\') => {
+                chars.next();
+            }
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '"' | '\'') => quote = Some(c),
+            (None, '#') => {
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        line += 1;
+                        break;
+                    }
+                }
+            }
+            (None, '[' | '{') => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return Some(line);
+                }
+            }
+            (None, ']' | '}') => depth = depth.saturating_sub(1),
+            (None, _) => {}
+        }
+    }
+    None
+}
+
 /// A pod the file lists with `accelerate = false`: discovery must leave it alone too.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OptOut {
@@ -143,6 +188,14 @@ pub fn load_all(path: &Path) -> Result<PodList, Error> {
 
 /// Like [`parse`], keeping the opted-out entries.
 pub fn parse_all(path: &Path, text: &str) -> Result<PodList, Error> {
+    if let Some(line) = too_deep(text) {
+        return Err(Error::Parse {
+            path: path.into(),
+            message: format!(
+                "line {line}: arrays or inline tables nested deeper than {MAX_NESTING}; a pod list needs 2"
+            ),
+        });
+    }
     let file: File = toml::from_str(text).map_err(|e| Error::Parse {
         path: path.into(),
         message: e.to_string(),
@@ -233,6 +286,33 @@ pub fn parse_all(path: &Path, text: &str) -> Result<PodList, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deep_nesting_is_refused_before_parsing() {
+        let path = Path::new("pods.toml");
+        let deep = format!(
+            "[[pod]]\nname = \"a/b\"\nnetns = \"/x\"\nx = {}",
+            "[".repeat(100_000)
+        );
+        // On a thread with a small stack, as the fuzz test ran it: this overflowed before.
+        let e = std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(move || parse_all(path, &deep).unwrap_err().to_string())
+            .unwrap()
+            .join()
+            .unwrap();
+        assert!(
+            e.contains("line 4: arrays or inline tables nested deeper than 16"),
+            "{e}"
+        );
+        // Brackets in strings and comments do not count; a real list still parses.
+        let ok = format!(
+            "# {}\n[[pod]]\nname = \"{}\"\nnetns = \"/x\"\nexclude_outbound_ports = [1, 2]\n",
+            "[".repeat(40),
+            "[".repeat(40)
+        );
+        assert_eq!(parse_all(path, &ok).unwrap().pods.len(), 1);
+    }
 
     #[test]
     fn defaults_are_istios() {

@@ -34,6 +34,8 @@ pub struct EnvoyFacts {
     pub notes: Vec<String>,
 }
 
+/// What the pod's sidecar answered (a body, a value) is cut to a few hundred characters when
+/// shown: it goes to the log and to status.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("admin API at {addr} unreachable: {source}")]
@@ -41,17 +43,17 @@ pub enum Error {
         addr: SocketAddrV4,
         source: io::Error,
     },
-    #[error("admin API {path}: HTTP {status}: {body}")]
+    #[error("admin API {path}: HTTP {status}: {}", clip(body))]
     Status {
         path: String,
         status: u16,
         body: String,
     },
-    #[error("admin API {path}: {message}")]
+    #[error("admin API {path}: {}", clip(message))]
     Http { path: String, message: String },
-    #[error("{what}: not JSON: {message}")]
+    #[error("{what}: not JSON: {}", clip(message))]
     Json { what: String, message: String },
-    #[error("{what}: field `{field}`: {message}")]
+    #[error("{what}: field `{}`: {}", clip(field), clip(message))]
     Field {
         what: String,
         field: String,
@@ -350,16 +352,12 @@ fn socket_address(e: &Entry) -> Result<Option<(String, u16)>, Error> {
     let field = |f: &str, message: String| Error::Field {
         what: e.what.into(),
         field: format!("{}.address.socket_address.{f}", e.path),
-        message,
+        // The message quotes the listener's value, which can be any size.
+        message: clip(&message),
     };
     let addr = match sa.get("address") {
         Some(Value::String(s)) => s.clone(),
-        Some(other) => {
-            return Err(field(
-                "address",
-                format!("{} is not a string", clip(&other.to_string())),
-            ))
-        }
+        Some(other) => return Err(field("address", format!("{other} is not a string"))),
         None => return Err(field("address", "is missing".into())),
     };
     let port = match sa.get("port_value") {

@@ -68,18 +68,20 @@ pub struct Mapped {
     pub notes: Vec<String>,
 }
 
+/// The detail may quote what the pod wrote, which can be any size: it is cut for the log and
+/// status.
 fn decline(reason: Reason, detail: impl Into<String>) -> Declined {
     Declined {
         reason,
-        detail: detail.into(),
+        detail: super::clip(&detail.into()),
     }
 }
 
 fn bad(field: impl std::fmt::Display, message: impl std::fmt::Display) -> Declined {
-    // The message may quote the offending value, which can be any size.
+    // Both may quote what the pod wrote (a value, an env var's name), which can be any size.
     decline(
         Reason::BadResource,
-        format!("{field}: {}", super::clip(&message.to_string())),
+        super::clip(&format!("{field}: {message}")),
     )
 }
 
@@ -159,6 +161,10 @@ pub fn map(pod: &ApiPod, ns: Option<&NamespaceFacts>) -> Option<Mapped> {
         p.ips = out.ips.clone();
         Ok(p)
     })();
+    // Notes quote annotations and arguments too.
+    for n in &mut out.notes {
+        *n = super::clip(n);
+    }
     Some(out)
 }
 
