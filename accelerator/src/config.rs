@@ -10,11 +10,15 @@
 //! # outbound_port = 15001            # istio-init -p
 //! # inbound_port = 15006             # istio-init -z
 //! # inbound_bind = "127.0.0.6"       # the sidecar's inbound source address
+//! # capture_ipv6 = false             # the pod's ip6tables capture IPv6 too (istio-iptables
+//! #                                  # with IPv6 enabled: dual-stack and IPv6 pods)
+//! # inbound_bind6 = "::6"            # the sidecar's IPv6 inbound source address
 //! # exclude_outbound_ports = [9000]  # traffic.sidecar.istio.io/excludeOutboundPorts
 //! # exclude_inbound_ports = []       # traffic.sidecar.istio.io/excludeInboundPorts
 //! # include_inbound_ports = []       # includeInboundPorts as a list (empty: "*")
 //! # exclude_outbound_cidrs = []      # traffic.sidecar.istio.io/excludeOutboundIPRanges
 //! # include_outbound_cidrs = ["*"]   # traffic.sidecar.istio.io/includeOutboundIPRanges
+//! #                                  # (both lists take IPv4 and IPv6 ranges, like Istio's)
 //! # accelerate = true                # false: leave this pod alone
 //! # accelerate_outbound = true
 //! # accelerate_inbound = true
@@ -23,7 +27,7 @@
 //! ```
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
@@ -74,6 +78,10 @@ struct PodEntry {
     #[serde(default = "d_bind")]
     inbound_bind: String,
     #[serde(default)]
+    capture_ipv6: bool,
+    #[serde(default = "d_bind6")]
+    inbound_bind6: String,
+    #[serde(default)]
     exclude_outbound_ports: Vec<u16>,
     #[serde(default)]
     exclude_inbound_ports: Vec<u16>,
@@ -93,6 +101,9 @@ struct PodEntry {
     mode: Option<String>,
 }
 
+fn d_bind6() -> String {
+    crate::model::ISTIO_INBOUND_BIND6.to_string()
+}
 fn d_uid() -> u32 {
     1337
 }
@@ -219,6 +230,12 @@ pub fn parse_all(path: &Path, text: &str) -> Result<PodList, Error> {
                 format!("{} is not an absolute path", e.netns.display()),
             ));
         }
+        let inbound_bind6: Ipv6Addr = e.inbound_bind6.parse().map_err(|_| {
+            field_err(
+                "inbound_bind6",
+                format!("{:?} is not an IPv6 address", e.inbound_bind6),
+            )
+        })?;
         let inbound_bind: Ipv4Addr = e.inbound_bind.parse().map_err(|_| {
             field_err(
                 "inbound_bind",
@@ -270,6 +287,8 @@ pub fn parse_all(path: &Path, text: &str) -> Result<PodList, Error> {
             outbound_port: e.outbound_port,
             inbound_port: e.inbound_port,
             inbound_bind,
+            inbound_bind6,
+            capture_ipv6: e.capture_ipv6,
             exclude_outbound_ports: e.exclude_outbound_ports,
             exclude_inbound_ports: e.exclude_inbound_ports,
             include_inbound_ports: e.include_inbound_ports,
@@ -326,6 +345,52 @@ mod tests {
         assert_eq!(pods[0].outbound_port, 15001);
         assert_eq!(pods[0].inbound_bind, Ipv4Addr::new(127, 0, 0, 6));
         assert_eq!(pods[0].include_outbound, OutboundRanges::All);
+        assert!(!pods[0].capture_ipv6, "IPv6 capture is opted into");
+        assert_eq!(pods[0].inbound_bind6, crate::model::ISTIO_INBOUND_BIND6);
+    }
+
+    #[test]
+    fn dual_stack_pods_list_both_families() {
+        let pods = parse(
+            Path::new("t.toml"),
+            "[[pod]]
+name = \"a/b\"
+netns = \"/x\"
+capture_ipv6 = true
+exclude_outbound_cidrs = [\"10.0.0.0/8\", \"fd00::/8\"]
+",
+        )
+        .unwrap();
+        assert!(pods[0].capture_ipv6);
+        assert_eq!(pods[0].exclude_outbound_cidrs.len(), 2);
+        let err = parse(
+            Path::new("t.toml"),
+            "[[pod]]
+name = \"a/b\"
+netns = \"/x\"
+inbound_bind6 = \"127.0.0.6\"
+",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("inbound_bind6") && err.contains("a/b"),
+            "{err}"
+        );
+        let err = parse(
+            Path::new("t.toml"),
+            "[[pod]]
+name = \"a/b\"
+netns = \"/x\"
+exclude_outbound_cidrs = [\"fd00::/129\"]
+",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("exclude_outbound_cidrs") && err.contains("128"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -516,7 +516,7 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
     };
     let mut desired = BTreeMap::new();
     // Each accelerated pod's addresses, for the sidecar hop.
-    let mut addresses: Vec<(u64, Vec<std::net::Ipv4Addr>)> = Vec::new();
+    let mut addresses: Vec<(u64, Vec<std::net::IpAddr>)> = Vec::new();
     for (pod, pod_mode) in pods.iter().zip(&modes) {
         let mut st = PodStatus {
             name: pod.name.clone(),
@@ -544,14 +544,14 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
         if pod_mode.mode == mode::Mode::Off && (pass_reason.is_none() || pod.mode.is_some()) {
             st.decline("mode_off", format!("redirect mode off: {}", pod_mode.why));
         }
-        let mut ipv4 = Vec::new();
+        let mut pod_ips = Vec::new();
         match node::netns_facts(&pod.netns) {
             Ok(f) => {
                 st.netns_cookie = Some(f.cookie);
                 if st.ips.is_empty() {
-                    st.ips = f.ipv4.iter().map(|ip| std::net::IpAddr::V4(*ip)).collect();
+                    st.ips = f.ips.clone();
                 }
-                ipv4 = f.ipv4;
+                pod_ips = f.ips;
             }
             Err(e) => {
                 tracing::warn!(pod = %pod.name, netns = %pod.netns.display(), error = %e, "netns not found; pod not accelerated");
@@ -572,7 +572,7 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
                     }
                     if sidecar_hop {
                         p.flags |= meshlane_common::POLICY_SIDECAR_HOP;
-                        addresses.push((cookie, ipv4));
+                        addresses.push((cookie, pod_ips));
                     }
                     desired.insert(cookie, (p, statuses.len()));
                 }

@@ -35,7 +35,8 @@ use aya::{
 };
 pub use fs::{cgroup2_root, ensure_bpffs};
 use meshlane_common::{
-    counter, maps, programs, PodPolicy, PodStats, CONTROL_BUDGET, CONTROL_DRAIN, CONTROL_FLAGS,
+    counter, maps, programs, Addr, PodPolicy, PodStats, CONTROL_BUDGET, CONTROL_DRAIN,
+    CONTROL_FLAGS,
 };
 
 /// The eBPF object, built from ebpf/programs by build.rs.
@@ -172,7 +173,7 @@ pub struct Datapath {
     counters: PerCpuArray<MapData, u64>,
     control: Array<MapData, u32>,
     pod_stats: PerCpuHashMap<MapData, u64, PodStats>,
-    pod_ips: HashMap<MapData, u32, u64>,
+    pod_ips: HashMap<MapData, Addr, u64>,
     /// What an upgrade replaced at adoption (empty otherwise).
     replaced: Vec<Replaced>,
 }
@@ -330,22 +331,24 @@ impl Datapath {
         absent_ok(self.pod_stats.remove(&netns_cookie), maps::POD_STATS)
     }
 
-    /// Makes the node's pod-address map equal `desired` (IPv4 address -> the pod's namespace
+    /// Makes the node's pod-address map equal `desired` (address -> the pod's namespace
     /// cookie): sidecar connections to these addresses are stamped for the sidecar hop.
     /// Returns how many entries could not be written or removed (the others are).
     pub fn set_pod_ips(
         &mut self,
-        desired: &BTreeMap<std::net::Ipv4Addr, u64>,
+        desired: &BTreeMap<std::net::IpAddr, u64>,
     ) -> Result<usize, Error> {
-        let key = |ip: &std::net::Ipv4Addr| u32::from_ne_bytes(ip.octets());
-        let current: BTreeMap<u32, u64> = self
+        let current: BTreeMap<Addr, u64> = self
             .pod_ips
             .iter()
             .collect::<Result<_, _>>()
             .map_err(|e| Error::Map(maps::POD_IPS, e.to_string()))?;
-        let wanted: BTreeMap<u32, u64> = desired.iter().map(|(ip, c)| (key(ip), *c)).collect();
+        let wanted: BTreeMap<Addr, u64> = desired
+            .iter()
+            .map(|(ip, c)| (crate::policy::addr(*ip), *c))
+            .collect();
         let mut failed = 0;
-        for ip in current.keys().filter(|ip| !wanted.contains_key(ip)) {
+        for ip in current.keys().filter(|ip| !wanted.contains_key(*ip)) {
             if let Err(e) = self.pod_ips.remove(ip) {
                 if !is_not_found(&e) {
                     tracing::error!(error = %e, "pod address removal failed");
@@ -353,7 +356,7 @@ impl Datapath {
                 }
             }
         }
-        for (ip, cookie) in wanted.iter().filter(|(ip, c)| current.get(ip) != Some(c)) {
+        for (ip, cookie) in wanted.iter().filter(|(ip, c)| current.get(*ip) != Some(c)) {
             if let Err(e) = self.pod_ips.insert(ip, cookie, 0) {
                 tracing::error!(error = %e, "pod address write failed");
                 failed += 1;
@@ -363,11 +366,11 @@ impl Datapath {
     }
 
     /// This node's pod addresses as the datapath has them.
-    pub fn pod_ips(&self) -> Result<BTreeMap<std::net::Ipv4Addr, u64>, Error> {
+    pub fn pod_ips(&self) -> Result<BTreeMap<std::net::IpAddr, u64>, Error> {
         self.pod_ips
             .iter()
             .map(|r| {
-                r.map(|(ip, c)| (std::net::Ipv4Addr::from(ip.to_ne_bytes()), c))
+                r.map(|(ip, c)| (crate::policy::ip_of(ip), c))
                     .map_err(|e| Error::Map(maps::POD_IPS, e.to_string()))
             })
             .collect()
@@ -854,7 +857,7 @@ fn attach_read_exit(ebpf: &mut Ebpf) -> Result<FdLink, String> {
 /// in its own policy map, so it cannot touch the live datapath's pods or any other socket.
 pub struct Scratch {
     policy: HashMap<MapData, u64, PodPolicy>,
-    pod_ips: HashMap<MapData, u32, u64>,
+    pod_ips: HashMap<MapData, Addr, u64>,
     counters: PerCpuArray<MapData, u64>,
     unread: HashMap<MapData, u64, i64>,
     tracer: Option<ReadTracer>,
@@ -912,9 +915,9 @@ impl Scratch {
     }
 
     /// Puts a pod's address in this copy's pod-address map (the sidecar hop).
-    pub fn set_pod_ip(&mut self, ip: std::net::Ipv4Addr, netns_cookie: u64) -> Result<(), Error> {
+    pub fn set_pod_ip(&mut self, ip: std::net::IpAddr, netns_cookie: u64) -> Result<(), Error> {
         self.pod_ips
-            .insert(u32::from_ne_bytes(ip.octets()), netns_cookie, 0)
+            .insert(crate::policy::addr(ip), netns_cookie, 0)
             .map_err(|e| Error::Map(maps::POD_IPS, e.to_string()))
     }
 
@@ -973,7 +976,7 @@ fn expected_layout() -> [(&'static str, usize, usize); 8] {
         (maps::POD_STATS, size_of::<u64>(), size_of::<PodStats>()),
         (maps::UNREAD, size_of::<u64>(), size_of::<i64>()),
         (maps::OWNERS, size_of::<u64>(), size_of::<u64>()),
-        (maps::POD_IPS, size_of::<u32>(), size_of::<u64>()),
+        (maps::POD_IPS, size_of::<Addr>(), size_of::<u64>()),
     ]
 }
 

@@ -29,7 +29,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::model::Pod;
+use crate::model::{OutboundRanges, Pod};
 
 /// At most this many characters of a peer's text go into one error message or note.
 const EXCERPT_CHARS: usize = 200;
@@ -547,6 +547,7 @@ fn proxy_namespace(opts: &Options, path: PathBuf, procs: &[procfs::Process]) -> 
     }
 
     let mut notes = Vec::new();
+    let ipv6 = ipv6_capture(&ns, opts, &cap, &mut notes);
     for n in &facts.notes {
         notes.push(format!("admin API: {n}"));
     }
@@ -615,11 +616,24 @@ fn proxy_namespace(opts: &Options, path: PathBuf, procs: &[procfs::Process]) -> 
         outbound_port: cap.outbound_port,
         inbound_port: cap.inbound_port,
         inbound_bind: facts.inbound_bind.unwrap_or(Ipv4Addr::new(127, 0, 0, 6)),
+        inbound_bind6: crate::model::ISTIO_INBOUND_BIND6,
+        capture_ipv6: ipv6.is_some(),
         exclude_outbound_ports: cap.exclude_outbound_ports,
         exclude_inbound_ports: cap.exclude_inbound_ports,
         include_inbound_ports: cap.include_inbound_ports,
-        exclude_outbound_cidrs: cap.exclude_outbound_cidrs,
-        include_outbound: cap.include_outbound,
+        exclude_outbound_cidrs: [
+            cap.exclude_outbound_cidrs,
+            ipv6.as_ref()
+                .map(|c| c.exclude_outbound_cidrs.clone())
+                .unwrap_or_default(),
+        ]
+        .concat(),
+        include_outbound: match (cap.include_outbound, ipv6.map(|c| c.include_outbound)) {
+            (OutboundRanges::Only(v4), Some(OutboundRanges::Only(v6))) => {
+                OutboundRanges::Only([v4, v6].concat())
+            }
+            (include, _) => include,
+        },
         accelerate_outbound,
         accelerate_inbound: cap.inbound_captured,
         mode: None,
@@ -628,6 +642,39 @@ fn proxy_namespace(opts: &Options, path: PathBuf, procs: &[procfs::Process]) -> 
         return skip(&name, Reason::Policy, e.to_string());
     }
     Outcome::Pod { pod, notes }
+}
+
+/// The pod's IPv6 capture when its ip6tables capture IPv6 as its iptables capture IPv4 (a
+/// dual-stack or IPv6 pod under istio-iptables with IPv6 enabled). None without ISTIO_* chains
+/// there (IPv4-only capture, the common case, said nowhere), or with a note when they exist
+/// but cannot be mirrored: its IPv6 hops then stay on TCP.
+fn ipv6_capture(
+    ns: &std::fs::File,
+    opts: &Options,
+    v4: &iptables::Capture,
+    notes: &mut Vec<String>,
+) -> Option<iptables::Capture> {
+    let dump = match iptables::dump_any6(ns, &opts.iptables_save) {
+        Ok((_, d)) => d,
+        Err(e) => {
+            notes.push(format!("ip6tables-save: {e}; IPv6 hops not accelerated"));
+            return None;
+        }
+    };
+    match iptables::parse(&dump) {
+        Ok(v6) => match iptables::ipv6_differs(v4, &v6) {
+            None => Some(v6),
+            Some(why) => {
+                notes.push(format!("IPv6 hops not accelerated: {why}"));
+                None
+            }
+        },
+        Err(iptables::Error::NotCaptured) => None,
+        Err(e) => {
+            notes.push(format!("ip6tables: {e}; IPv6 hops not accelerated"));
+            None
+        }
+    }
 }
 
 /// The owner the datapath treats as the proxy: the process's own when iptables exempts it (or

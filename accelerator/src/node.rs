@@ -1,6 +1,11 @@
 //! Facts read from the node itself: a network namespace's cookie and its addresses.
 
-use std::{fs::File, io, net::Ipv4Addr, path::Path};
+use std::{
+    fs::File,
+    io,
+    net::{IpAddr, Ipv6Addr},
+    path::Path,
+};
 
 /// `SO_NETNS_COOKIE` (Linux 5.14+), not yet in every libc.
 const SO_NETNS_COOKIE: libc::c_int = 71;
@@ -16,25 +21,50 @@ pub fn netns_cookie(path: &Path) -> io::Result<u64> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetnsFacts {
     pub cookie: u64,
-    /// The IPv4 addresses on its interfaces, loopback and link-local left out: the pod's own
-    /// addresses, as other pods on this node reach it. Read from the namespace itself, so local
-    /// discovery (which knows no pod IPs) and the Kubernetes source agree.
-    pub ipv4: Vec<Ipv4Addr>,
+    /// The IPv4 and IPv6 addresses on its interfaces, loopback interfaces (with Istio's `::6`)
+    /// and link-local addresses left out: the pod's own addresses, as other pods on this node
+    /// reach it. Read from the namespace itself, so local discovery (which knows no pod IPs) and
+    /// the Kubernetes source agree.
+    pub ips: Vec<IpAddr>,
 }
 
 /// The cookie and the addresses of the network namespace at `path`, in one visit.
 pub fn netns_facts(path: &Path) -> io::Result<NetnsFacts> {
     in_netns(path, || {
         let cookie = socket_netns_cookie()?;
-        let mut ipv4: Vec<Ipv4Addr> = nix::ifaddrs::getifaddrs()
+        let mut ips: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
             .map_err(io::Error::from)?
-            .filter_map(|a| Some(a.address?.as_sockaddr_in()?.ip()))
-            .filter(|ip| !ip.is_loopback() && !ip.is_link_local() && !ip.is_unspecified())
+            .filter(|a| {
+                !a.flags
+                    .contains(nix::net::if_::InterfaceFlags::IFF_LOOPBACK)
+            })
+            .filter_map(|a| {
+                let a = a.address?;
+                match (a.as_sockaddr_in(), a.as_sockaddr_in6()) {
+                    (Some(v4), _) => Some(IpAddr::V4(v4.ip())),
+                    (_, Some(v6)) => Some(IpAddr::V6(v6.ip())),
+                    _ => None,
+                }
+            })
+            .filter(pod_address)
             .collect();
-        ipv4.sort();
-        ipv4.dedup();
-        Ok(NetnsFacts { cookie, ipv4 })
+        ips.sort();
+        ips.dedup();
+        Ok(NetnsFacts { cookie, ips })
     })
+}
+
+/// Whether another pod can reach this pod at `ip`: not loopback, link-local or unspecified.
+fn pod_address(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local() && !v4.is_unspecified(),
+        IpAddr::V6(v6) => !v6.is_loopback() && !v6.is_unspecified() && !is_unicast_link_local(v6),
+    }
+}
+
+/// fe80::/10.
+fn is_unicast_link_local(ip: &Ipv6Addr) -> bool {
+    ip.segments()[0] & 0xffc0 == 0xfe80
 }
 
 /// Runs `f` on a short-lived thread inside the network namespace at `path`.
@@ -77,4 +107,27 @@ fn socket_netns_cookie() -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(cookie)
+}
+
+#[cfg(test)]
+mod address_tests {
+    use super::*;
+
+    #[test]
+    fn only_addresses_other_pods_reach_are_the_pods() {
+        for (ip, pod) in [
+            ("10.1.2.3", true),
+            ("127.0.0.6", false),
+            ("169.254.1.1", false),
+            ("fd00::5", true),
+            ("2001:db8::1", true),
+            ("::1", false),
+            ("fe80::1", false),
+            ("febf::1", false),
+            ("fec0::1", true),
+            ("::", false),
+        ] {
+            assert_eq!(pod_address(&ip.parse().unwrap()), pod, "{ip}");
+        }
+    }
 }

@@ -450,7 +450,7 @@ fn sidecar_hop_setup(
     for cookie in [client_cookie, server_cookie] {
         dp.set_pod(cookie, &policy).map_err(|e| e.to_string())?;
     }
-    dp.set_pod_ip(checks::SIDECAR_HOP_SERVER, server_cookie)
+    dp.set_pod_ip(checks::SIDECAR_HOP_SERVER.into(), server_cookie)
         .map_err(|e| e.to_string())?;
     Ok((server, listener))
 }

@@ -7,7 +7,7 @@ mod support;
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, Shutdown, SocketAddrV4},
+    net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, SocketAddrV6},
 };
 
 use minimesh::{CaptureConfig, EchoServer, TwoPods};
@@ -269,23 +269,16 @@ fn the_sidecar_hop_follows_an_inbound_port_include_list() {
 /// AF_INET6 socket with v4-mapped addresses; a Java client opens AF_INET6 sockets and connects
 /// to `::ffff:a.b.c.d`. Both hops must pair exactly as for AF_INET sockets, and every byte
 /// arrive.
-#[test]
-fn dual_stack_app_sockets_pair_on_both_hops() {
-    let Some(mut accel) = Accel::new("dual_stack_apps") else {
-        return;
-    };
-    let mesh = mesh(77);
-    let listener = mesh
-        .server
-        .ns
+/// A Go-style echo server in `ns` (`[::]:8080`, IPV6_V6ONLY off: IPv4 clients arrive
+/// v4-mapped) that serves `n` connections one after another; it returns their peers.
+fn dual_stack_echo(ns: &minimesh::Netns, n: u64) -> std::thread::JoinHandle<Vec<SocketAddr>> {
+    let listener = ns
         .run(|| std::net::TcpListener::bind("[::]:8080"))
         .unwrap()
         .expect("a [::] listener (Go's default)");
-    const N: u64 = 6;
-    const SIZE: usize = 256 * 1024;
-    let server = std::thread::spawn(move || {
+    std::thread::spawn(move || {
         let mut peers = Vec::new();
-        for _ in 0..N {
+        for _ in 0..n {
             let (s, peer) = listener.accept().unwrap();
             peers.push(peer);
             let mut r = &s;
@@ -300,22 +293,36 @@ fn dual_stack_app_sockets_pair_on_both_hops() {
             s.shutdown(Shutdown::Write).unwrap();
         }
         peers
-    });
-    accel.add_pod(&mesh.client.ns, &mesh.client.capture);
-    accel.add_pod(&mesh.server.ns, &mesh.server.capture);
-    let dst = std::net::SocketAddrV6::new(mesh.server.ip.to_ipv6_mapped(), 8080, 0, 0);
-    for i in 0..N {
-        // Java's default: an AF_INET6 socket for an IPv4 destination.
-        let s = mesh
-            .client
-            .ns
+    })
+}
+
+/// `n` byte-exact echo exchanges of `size` bytes from an AF_INET6 socket in `ns` to `dst`.
+fn exchanges_v6(ns: &minimesh::Netns, dst: SocketAddrV6, n: u64, size: usize) {
+    for i in 0..n {
+        let s = ns
             .run(|| std::net::TcpStream::connect(dst))
             .unwrap()
             .expect("connect from an AF_INET6 socket");
-        let data = pattern(i + 1, SIZE);
+        let data = pattern(i + 1, size);
         let out = echo_exchange(s, &data, 16 * 1024).expect("exchange");
-        assert_same(&format!("connection {i}"), &out.bytes, &data);
+        assert_same(&format!("connection {i} to {dst}"), &out.bytes, &data);
     }
+}
+
+#[test]
+fn dual_stack_app_sockets_pair_on_both_hops() {
+    let Some(mut accel) = Accel::new("dual_stack_apps") else {
+        return;
+    };
+    let mesh = mesh(77);
+    const N: u64 = 6;
+    const SIZE: usize = 256 * 1024;
+    let server = dual_stack_echo(&mesh.server.ns, N);
+    accel.add_pod(&mesh.client.ns, &mesh.client.capture);
+    accel.add_pod(&mesh.server.ns, &mesh.server.capture);
+    // Java's default: an AF_INET6 socket for an IPv4 destination.
+    let dst = SocketAddrV6::new(mesh.server.ip.to_ipv6_mapped(), 8080, 0, 0);
+    exchanges_v6(&mesh.client.ns, dst, N, SIZE);
     let peers = server.join().unwrap();
     assert!(
         peers
@@ -349,6 +356,101 @@ struct PortReuse {
 /// captured, half excluded by port), plus five connections sharing one bound port, with both pods
 /// listed (`accelerate`) or not. Every stream must come back whole from the destination it named,
 /// and no segment leaving the pod may carry meshlane's option.
+/// True IPv6 in dual-stack pods: an AF_INET6 client to the server pod's IPv6 address goes app
+/// -> ip6tables REDIRECT -> client sidecar -> server pod's ip6tables REDIRECT -> server sidecar
+/// -> from `::6` -> the app, and all three hops pair, once per connection, byte-exact. IPv4
+/// connections between the same pods pair as before, and a policy without the pod's IPv6
+/// capture leaves IPv6 connections on TCP (nothing stamped, nothing paired, still exact).
+#[test]
+fn true_ipv6_hops_pair_on_all_three_hops_in_dual_stack_pods() {
+    let Some(mut accel) = Accel::new("ipv6_hops") else {
+        return;
+    };
+    let mesh = TwoPods::dual_stack(78, CaptureConfig::default(), CaptureConfig::default())
+        .expect("dual-stack pods");
+    const N: u64 = 6;
+    const SIZE: usize = 256 * 1024;
+    let register = |accel: &mut Accel, ipv6: bool| {
+        for pod in [&mesh.client, &mesh.server] {
+            let mut model = pod_model(&pod.ns, &pod.capture);
+            model.capture_ipv6 = ipv6;
+            let ips: [std::net::IpAddr; 2] = [pod.ip.into(), pod.ip6.expect("dual stack").into()];
+            accel.add_model_pod_with_sidecar_hop(&model, &ips);
+        }
+    };
+    register(&mut accel, true);
+    let server_ip6 = mesh.server.ip6.expect("dual stack");
+    let server = dual_stack_echo(&mesh.server.ns, 2 * N + 2);
+    exchanges_v6(
+        &mesh.client.ns,
+        SocketAddrV6::new(server_ip6, 8080, 0, 0),
+        N,
+        SIZE,
+    );
+    let c = accel.counters();
+    eprintln!("counters after IPv6: {c:?}");
+    for hop in ["outbound", "inbound", "sidecar"] {
+        assert_eq!(c.get(&format!("pairs_{hop}")), N, "{hop}: {c:?}");
+    }
+    for dir in [
+        "outbound_app_to_sidecar",
+        "inbound_app_to_sidecar",
+        "sidecar_client_to_server",
+        "sidecar_server_to_client",
+    ] {
+        assert_eq!(
+            c.get(&format!("bytes_redirected_{dir}")),
+            N * SIZE as u64,
+            "{dir}: {c:?}"
+        );
+    }
+    assert_eq!(c.get("stamps_written"), 2 * N, "{c:?}");
+    assert_eq!(c.get("pass_no_peer"), 0, "{c:?}");
+    assert_eq!(c.get("pair_rejected"), 0, "{c:?}");
+
+    // IPv4 between the same pods: the same three pairs per connection.
+    exchanges_v6(
+        &mesh.client.ns,
+        SocketAddrV6::new(mesh.server.ip.to_ipv6_mapped(), 8080, 0, 0),
+        N,
+        SIZE,
+    );
+    let c = accel.counters();
+    for hop in ["outbound", "inbound", "sidecar"] {
+        assert_eq!(c.get(&format!("pairs_{hop}")), 2 * N, "{hop}: {c:?}");
+    }
+
+    // Without the pod's IPv6 capture in its policy, an IPv6 connection is not predicted as
+    // captured (ip6tables still sends it through both sidecars): nothing pairs, all exact.
+    register(&mut accel, false);
+    let before = accel.counters();
+    exchanges_v6(
+        &mesh.client.ns,
+        SocketAddrV6::new(server_ip6, 8080, 0, 0),
+        2,
+        SIZE,
+    );
+    let after = accel.counters();
+    for name in [
+        "pairs_outbound",
+        "pairs_inbound",
+        "pairs_sidecar",
+        "stamps_written",
+    ] {
+        assert_eq!(after.get(name), before.get(name), "{name}: {after:?}");
+    }
+    let peers = server.join().unwrap();
+    let bind6: std::net::IpAddr = "::6".parse().unwrap();
+    assert!(
+        peers[..N as usize].iter().all(|p| p.ip() == bind6),
+        "the app's IPv6 peer is the sidecar's ::6: {peers:?}"
+    );
+    assert!(
+        mesh.server.relay_stats().inbound_accepted >= 2 * N + 2,
+        "every connection went through the server's sidecar"
+    );
+}
+
 fn port_reuse_traffic(test: &str, subnet: u8, accelerate: bool) -> Option<PortReuse> {
     let mut accel = Accel::new(test)?;
     let client_capture = CaptureConfig {

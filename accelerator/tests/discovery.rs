@@ -91,7 +91,7 @@ fn assert_learned(pod: &Pod, ns: &Netns, envoy: &Envoy, capture: &CaptureConfig)
         .exclude_outbound_cidrs
         .iter()
         .map(|(addr, prefix)| Cidr {
-            addr: *addr,
+            addr: (*addr).into(),
             prefix: *prefix,
         })
         .collect();
@@ -379,6 +379,83 @@ fn tproxy_pod_is_skipped_with_its_reason() {
 }
 
 /// One namespace with Istio's default rules and an Envoy sidecar.
+/// A dual-stack pod: istio-iptables with IPv6 enabled writes the same capture to ip6tables,
+/// and discovery reads it from there (IPv6 capture on, the IPv6 ranges added); where the two
+/// families disagree, the IPv6 hops are left alone and a note says why.
+#[test]
+fn dual_stack_capture_is_read_from_ip6tables_too() {
+    let Some(_serial) = Accel::cgroup_only("discovery_dual_stack") else {
+        return;
+    };
+    let capture = CaptureConfig {
+        exclude_outbound_cidrs: vec![(Ipv4Addr::new(10, 99, 0, 0), 16)],
+        exclude_outbound_cidrs6: vec![("fd00:99::".parse().unwrap(), 64)],
+        ..CaptureConfig::default()
+    };
+    let ns = Netns::new("ddual").expect("netns");
+    install_istio_capture(&ns, &capture).expect("capture rules");
+    minimesh::capture::install_istio_capture6(&ns, &capture).expect("IPv6 capture rules");
+    let _envoy = Envoy::spawn(&ns, &EnvoyConfig::for_capture(&capture)).expect("Envoy");
+    let d = discovery::discover(&discovery::Options::default());
+    let (found, skipped) = mine(&d, &[&ns]);
+    assert!(skipped.is_empty(), "{skipped:#?}");
+    assert_eq!(found.len(), 1, "{d:#?}");
+    let pod = &found[0];
+    assert!(pod.capture_ipv6, "{pod:#?}");
+    let cidrs: Vec<String> = pod
+        .exclude_outbound_cidrs
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(cidrs, ["10.99.0.0/16", "fd00:99::/64"], "{pod:#?}");
+    let p = meshlane::policy::pod_policy(pod).expect("policy");
+    assert_ne!(p.flags & meshlane_common::POLICY_IPV6, 0);
+    assert_eq!((p.n_exclude_cidrs, p.n_exclude_cidrs6), (1, 1));
+
+    // ip6tables that exclude another port: the pod keeps its IPv4 hops, not its IPv6 ones.
+    let status = ns
+        .cmd("ip6tables")
+        .args([
+            "-t",
+            "nat",
+            "-I",
+            "ISTIO_OUTPUT",
+            "1",
+            "-p",
+            "tcp",
+            "--dport",
+            "7777",
+            "-j",
+            "RETURN",
+        ])
+        .status()
+        .expect("run ip6tables");
+    assert!(status.success());
+    let d = discovery::discover(&discovery::Options::default());
+    let (found, _) = mine(&d, &[&ns]);
+    assert_eq!(found.len(), 1, "{d:#?}");
+    assert!(!found[0].capture_ipv6, "{:#?}", found[0]);
+    assert!(found[0].accelerate_outbound && found[0].accelerate_inbound);
+    let name = &found[0].name;
+    assert!(
+        d.notes.iter().any(|n| &n.pod == name
+            && n.message.contains("IPv6 hops not accelerated")
+            && n.message.contains("excluded outbound ports")),
+        "{:#?}",
+        d.notes
+    );
+
+    // An IPv4-only pod (no ip6tables capture) is simply IPv4-only, without a note.
+    let (_envoy4, ns4) = one_pod("dv4");
+    let d = discovery::discover(&discovery::Options::default());
+    let (found, _) = mine(&d, &[&ns4]);
+    assert!(!found[0].capture_ipv6);
+    assert!(!d
+        .notes
+        .iter()
+        .any(|n| n.pod == found[0].name && n.message.contains("IPv6")));
+}
+
 fn one_pod(prefix: &str) -> (Envoy, Netns) {
     let ns = Netns::new(prefix).expect("netns");
     install_istio_capture(&ns, &CaptureConfig::default()).expect("capture rules");

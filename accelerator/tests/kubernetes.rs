@@ -78,7 +78,10 @@ fn istio_init_injected_pod() {
     assert_eq!(p.include_outbound, OutboundRanges::All);
     assert!(p.accelerate_inbound && p.accelerate_outbound);
     assert!(p.include_inbound_ports.is_empty(), "includeInboundPorts *");
-    assert!(m.notes.is_empty(), "{:?}", m.notes);
+    // The fixture is dual-stack without ISTIO_DUAL_STACK: IPv4 capture only, said once.
+    assert!(!p.capture_ipv6);
+    assert_eq!(m.notes.len(), 1, "{:?}", m.notes);
+    assert!(m.notes[0].contains("ISTIO_DUAL_STACK"), "{:?}", m.notes);
 }
 
 /// istio-iptables also reads its settings from istio-init's environment (`flag.BindEnv`), for
@@ -190,11 +193,51 @@ fn istio_cni_pod_uses_validation_args_then_annotations() {
     let p = m.verdict.clone().expect("accelerated");
     assert_eq!(p.exclude_outbound_ports, vec![5432, 6379]);
     assert_eq!(p.exclude_inbound_ports, vec![15020, 15008]);
+    // Both families' ranges: istio-iptables writes each to its family's rules.
     assert_eq!(
         p.include_outbound,
-        OutboundRanges::Only(vec!["10.96.0.0/12".parse().unwrap()])
+        OutboundRanges::Only(vec![
+            "10.96.0.0/12".parse().unwrap(),
+            "fd00::/108".parse().unwrap()
+        ])
     );
-    assert!(m.notes.iter().any(|n| n.contains("IPv6")), "{:?}", m.notes);
+}
+
+/// istio-iptables captures IPv6 when the pod's first address is IPv6 (an IPv6-only pod), or,
+/// with ISTIO_DUAL_STACK=true, when it has one at all (`getLocalIP`); a dual-stack pod without
+/// it is captured for IPv4 only, and its IPv6 hops must not be predicted as captured.
+#[test]
+fn ipv6_capture_follows_istio_iptables_rule() {
+    let dual = fixture("injected-istio-init.json");
+    let m = map(dual.clone());
+    assert!(!m.verdict.clone().expect("accelerated").capture_ipv6);
+    assert!(
+        m.notes.iter().any(|n| n.contains("ISTIO_DUAL_STACK")),
+        "{:?}",
+        m.notes
+    );
+    for (i, c) in ["initContainers", "containers"].iter().enumerate() {
+        let mut v = dual.clone();
+        let env = &mut v["spec"][c][0]["env"];
+        if env.is_null() {
+            *env = json!([]);
+        }
+        env.as_array_mut()
+            .expect("env")
+            .push(json!({"name": "ISTIO_DUAL_STACK", "value": "true"}));
+        let m = map(v);
+        assert!(m.verdict.expect("accelerated").capture_ipv6, "case {i}");
+        assert!(!m.notes.iter().any(|n| n.contains("ISTIO_DUAL_STACK")));
+    }
+    let mut v6 = dual.clone();
+    v6["status"]["podIP"] = json!("fd00:10:244:1::11");
+    v6["status"]["podIPs"] = json!([{"ip": "fd00:10:244:1::11"}]);
+    assert!(map(v6).verdict.expect("accelerated").capture_ipv6);
+    let mut v4 = dual;
+    v4["status"]["podIPs"] = json!([{"ip": "10.244.1.17"}]);
+    let m = map(v4);
+    assert!(!m.verdict.expect("accelerated").capture_ipv6);
+    assert!(!m.notes.iter().any(|n| n.contains("IPv6")), "{:?}", m.notes);
 }
 
 /// includeInboundPorts as a list is the set of ports inbound capture covers (the sidecar hop is

@@ -297,8 +297,7 @@ fn a_full_pairing_map_keeps_new_hops_on_tcp_until_space_frees() {
         netns: 0,
         kind: u32::MAX,
         ports: i,
-        a: 0,
-        b: 0,
+        addr: [0; 4],
     };
     let mut filled = 0;
     while rendezvous

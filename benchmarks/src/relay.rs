@@ -134,7 +134,7 @@ fn attach(opts: &Options, mesh: &TwoPods, sidecar_hop: bool) -> Result<Datapath>
         let cookie = pod.ns.cookie()?;
         if sidecar_hop {
             policy.flags |= meshlane_common::POLICY_SIDECAR_HOP;
-            ips.insert(pod.ip, cookie);
+            ips.insert(pod.ip.into(), cookie);
         }
         dp.set_pod(cookie, &policy)?;
     }

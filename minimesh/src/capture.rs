@@ -5,7 +5,7 @@
 //! The rules mirror what `istio-iptables` of the Istio 1.2x series
 //! (`tools/istio-iptables/pkg/capture/run.go`, checked against its golden
 //! files) produces for `--inbound-interception-mode REDIRECT` without DNS
-//! capture, IPv4 only, including the rule order, which matters: meshlane must
+//! capture, including the rule order, which matters: meshlane must
 //! keep exactly the semantics these rules give (which connections Envoy sees,
 //! which bypass it). Two deliberate choices where releases differ:
 //! - `-A OUTPUT -p tcp -j ISTIO_OUTPUT` and TCP-only outbound port
@@ -14,19 +14,35 @@
 //! - `-p tcp --dport 22 -j RETURN` in ISTIO_INBOUND when all inbound ports
 //!   are captured, as older istio-iptables hard-coded, so a pod's ssh is
 //!   never captured (current releases only exclude what `-d` lists).
+//!
+//! A dual-stack pod (istio-iptables with IPv6 enabled) gets the same rules in ip6tables
+//! ([`install_istio_capture6`]), with `::1` and `::6` for 127.0.0.1 and 127.0.0.6 and the IPv6
+//! entries of the CIDR lists, and `::6` on `lo` for Envoy's inbound passthrough to bind.
 
 use crate::exec;
 use crate::netns::Netns;
 use anyhow::{Context, Result};
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// Istio's HBONE tunnel port; always bypasses capture.
 const INBOUND_TUNNEL_PORT: u16 = 15008;
-/// Loopback CIDR that Envoy-aware apps use explicitly (never captured).
-const HOST_LOOPBACK: &str = "127.0.0.1/32";
-/// Source address of Envoy's inbound passthrough connections to the app.
-const INBOUND_PASSTHROUGH_SRC: &str = "127.0.0.6/32";
+/// The addresses the rules name, per family: the loopback CIDR that Envoy-aware apps use
+/// explicitly (never captured), and the source of Envoy's inbound passthrough connections.
+struct Family {
+    host_loopback: &'static str,
+    inbound_passthrough_src: &'static str,
+}
+
+const IPV4: Family = Family {
+    host_loopback: "127.0.0.1/32",
+    inbound_passthrough_src: "127.0.0.6/32",
+};
+
+const IPV6: Family = Family {
+    host_loopback: "::1/128",
+    inbound_passthrough_src: "::6/128",
+};
 
 /// Which inbound ports are redirected to the sidecar (`-b`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +70,8 @@ pub struct CaptureConfig {
     pub exclude_inbound_ports: Vec<u16>,
     /// `-x`: destination CIDRs that bypass the outbound capture.
     pub exclude_outbound_cidrs: Vec<(Ipv4Addr, u8)>,
+    /// `-x`'s IPv6 entries, for [`install_istio_capture6`].
+    pub exclude_outbound_cidrs6: Vec<(Ipv6Addr, u8)>,
     /// `-b`: which inbound ports are captured.
     pub inbound_ports: InboundPorts,
 }
@@ -70,6 +88,7 @@ impl Default for CaptureConfig {
             // Envoy's prometheus, health and merged-metrics ports.
             exclude_inbound_ports: vec![15090, 15021, 15020],
             exclude_outbound_cidrs: Vec::new(),
+            exclude_outbound_cidrs6: Vec::new(),
             inbound_ports: InboundPorts::All,
         }
     }
@@ -77,6 +96,26 @@ impl Default for CaptureConfig {
 
 /// The `iptables-restore` input for `cfg` (nat table only).
 pub fn capture_rules(cfg: &CaptureConfig) -> String {
+    let cidrs: Vec<String> = cfg
+        .exclude_outbound_cidrs
+        .iter()
+        .map(|(a, len)| format!("{a}/{len}"))
+        .collect();
+    rules(cfg, &IPV4, &cidrs)
+}
+
+/// The `ip6tables-restore` input for `cfg` (nat table only).
+pub fn capture_rules6(cfg: &CaptureConfig) -> String {
+    let cidrs: Vec<String> = cfg
+        .exclude_outbound_cidrs6
+        .iter()
+        .map(|(a, len)| format!("{a}/{len}"))
+        .collect();
+    rules(cfg, &IPV6, &cidrs)
+}
+
+fn rules(cfg: &CaptureConfig, fam: &Family, exclude_cidrs: &[String]) -> String {
+    let (loopback, passthrough) = (fam.host_loopback, fam.inbound_passthrough_src);
     let mut r = String::new();
     let mut line = |s: String| {
         r.push_str(&s);
@@ -129,14 +168,12 @@ pub fn capture_rules(cfg: &CaptureConfig) -> String {
         line(format!("-A ISTIO_OUTPUT -p tcp --dport {port} -j RETURN"));
     }
     // Envoy's inbound passthrough connections (bound to 127.0.0.6) to the app.
-    line(format!(
-        "-A ISTIO_OUTPUT -o lo -s {INBOUND_PASSTHROUGH_SRC} -j RETURN"
-    ));
+    line(format!("-A ISTIO_OUTPUT -o lo -s {passthrough} -j RETURN"));
     for (kind, id) in [("uid", cfg.proxy_uid), ("gid", cfg.proxy_gid)] {
         // Envoy calling its own pod's address (app -> VIP -> Envoy -> pod IP):
         // send it through Envoy's inbound side.
         line(format!(
-            "-A ISTIO_OUTPUT -o lo ! -d {HOST_LOOPBACK} -p tcp ! --dport {INBOUND_TUNNEL_PORT} \
+            "-A ISTIO_OUTPUT -o lo ! -d {loopback} -p tcp ! --dport {INBOUND_TUNNEL_PORT} \
              -m owner --{kind}-owner {id} -j ISTIO_IN_REDIRECT"
         ));
         // The app calling itself over lo by pod IP: leave it alone.
@@ -148,10 +185,10 @@ pub fn capture_rules(cfg: &CaptureConfig) -> String {
             "-A ISTIO_OUTPUT -m owner --{kind}-owner {id} -j RETURN"
         ));
     }
-    line(format!("-A ISTIO_OUTPUT -d {HOST_LOOPBACK} -j RETURN"));
+    line(format!("-A ISTIO_OUTPUT -d {loopback} -j RETURN"));
     // Istio appends the CIDR exclusions after the loopback RETURN.
-    for (addr, len) in &cfg.exclude_outbound_cidrs {
-        line(format!("-A ISTIO_OUTPUT -d {addr}/{len} -j RETURN"));
+    for cidr in exclude_cidrs {
+        line(format!("-A ISTIO_OUTPUT -d {cidr} -j RETURN"));
     }
     line("-A ISTIO_OUTPUT -j ISTIO_REDIRECT".into());
     line("COMMIT".into());
@@ -162,12 +199,27 @@ pub fn capture_rules(cfg: &CaptureConfig) -> String {
 /// of the namespace is replaced as a whole, so calling it again with another
 /// config is not cumulative. The rules die with the namespace.
 pub fn install_istio_capture(ns: &Netns, cfg: &CaptureConfig) -> Result<()> {
-    let rules = capture_rules(cfg);
-    let mut cmd = ns.cmd("iptables-restore");
+    restore(ns, "iptables-restore", &capture_rules(cfg))
+}
+
+/// The IPv6 half of a dual-stack pod's capture, as istio-iptables writes it with IPv6
+/// enabled: `::6/128` on `lo` (IPv6 does not route a loopback range, so Envoy could not bind
+/// it otherwise) and [`capture_rules6`] with `ip6tables-restore`.
+pub fn install_istio_capture6(ns: &Netns, cfg: &CaptureConfig) -> Result<()> {
+    exec::run(
+        ns.cmd("ip")
+            .args(["-6", "addr", "add", "::6/128", "dev", "lo"]),
+    )
+    .with_context(|| format!("adding ::6 to lo in {}", ns.name()))?;
+    restore(ns, "ip6tables-restore", &capture_rules6(cfg))
+}
+
+fn restore(ns: &Netns, program: &str, rules: &str) -> Result<()> {
+    let mut cmd = ns.cmd(program);
     // Wait for the xtables lock if the legacy backend is in use (it is global,
     // not per netns); a no-op with the nft backend.
     cmd.arg("--wait=10");
-    exec::run_with_stdin(&mut cmd, Some(&rules)).with_context(|| {
+    exec::run_with_stdin(&mut cmd, Some(rules)).with_context(|| {
         let mut msg = format!("installing istio capture rules in {}:\n", ns.name());
         let _ = write!(msg, "{rules}");
         msg

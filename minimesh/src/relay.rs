@@ -13,7 +13,7 @@ use crate::netns::{enter_netns_current_thread, Netns};
 use crate::sock;
 use anyhow::{anyhow, Context, Result};
 use std::io::{ErrorKind, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -37,6 +37,10 @@ pub struct RelayConfig {
     /// Source address for inbound passthrough connections to the app
     /// (127.0.0.6, which the capture rules let through).
     pub inbound_bind: Ipv4Addr,
+    /// Some: also listen for IPv6 on both ports (`[::]`, IPv6 only, as Envoy's extra
+    /// listener addresses in a dual-stack pod) and bind this address (Istio's `::6`) for the
+    /// inbound hop of IPv6 connections.
+    pub inbound_bind6: Option<Ipv6Addr>,
 }
 
 impl Default for RelayConfig {
@@ -47,6 +51,7 @@ impl Default for RelayConfig {
             outbound_port: 15001,
             inbound_port: 15006,
             inbound_bind: Ipv4Addr::new(127, 0, 0, 6),
+            inbound_bind6: None,
         }
     }
 }
@@ -78,7 +83,8 @@ struct Counters {
 enum Side {
     Outbound,
     /// Inbound, with the passthrough source address.
-    Inbound(Ipv4Addr),
+    /// The source address to bind per family.
+    Inbound(Ipv4Addr, Option<Ipv6Addr>),
 }
 
 /// The running relay. Dropping it stops accepting; connections in flight
@@ -112,15 +118,31 @@ impl Relay {
                     counters: Arc::new(Counters::default()),
                 };
                 // On any error below, dropping `relay` stops what was started.
-                for (port, side) in [
+                let sides = [
                     (cfg.outbound_port, Side::Outbound),
-                    (cfg.inbound_port, Side::Inbound(cfg.inbound_bind)),
-                ] {
-                    let addr = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port);
-                    let listener = Arc::new(
+                    (
+                        cfg.inbound_port,
+                        Side::Inbound(cfg.inbound_bind, cfg.inbound_bind6),
+                    ),
+                ];
+                let families = if cfg.inbound_bind6.is_some() {
+                    &[false, true][..]
+                } else {
+                    &[false][..]
+                };
+                for ((port, side), v6) in sides
+                    .into_iter()
+                    .flat_map(|s| families.iter().map(move |v6| (s, *v6)))
+                {
+                    let listener = if v6 {
+                        sock::listen_v6_only(port)
+                            .with_context(|| format!("relay listener [::]:{port}"))?
+                    } else {
+                        let addr = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port);
                         sock::listen_reuseaddr(addr)
-                            .with_context(|| format!("relay listener {addr}"))?,
-                    );
+                            .with_context(|| format!("relay listener {addr}"))?
+                    };
+                    let listener = Arc::new(listener);
                     relay.listeners.push(Arc::clone(&listener));
                     let stopping = Arc::clone(&relay.stopping);
                     let counters = Arc::clone(&relay.counters);
@@ -194,7 +216,7 @@ fn accept_loop(
         };
         let counter = match side {
             Side::Outbound => &counters.outbound_accepted,
-            Side::Inbound(_) => &counters.inbound_accepted,
+            Side::Inbound(..) => &counters.inbound_accepted,
         };
         counter.fetch_add(1, Ordering::SeqCst);
         let counters = Arc::clone(counters);
@@ -216,7 +238,7 @@ fn reset(client: TcpStream) {
 }
 
 fn handle_connection(client: TcpStream, side: Side, counters: &Counters) {
-    let dst = match sock::original_dst(&client) {
+    let dst = match sock::original_dst_any(&client) {
         Ok(dst) => dst,
         Err(e) => {
             // Not a redirected connection (someone dialled the port directly).
@@ -226,9 +248,10 @@ fn handle_connection(client: TcpStream, side: Side, counters: &Counters) {
     };
     let src = match side {
         Side::Outbound => None,
-        Side::Inbound(bind) => Some(bind),
+        Side::Inbound(bind, _) if dst.is_ipv4() => Some(IpAddr::V4(bind)),
+        Side::Inbound(_, bind6) => bind6.map(IpAddr::V6),
     };
-    let upstream = match sock::connect_from(src, dst) {
+    let upstream = match sock::connect_from_any(src, dst) {
         Ok(upstream) => upstream,
         Err(_) => {
             counters

@@ -4,11 +4,13 @@
 
 use anyhow::{Context, Result};
 use nix::sys::socket::{
-    bind, connect, getsockopt, listen, setsockopt, socket, sockopt, AddressFamily, Backlog,
-    SockFlag, SockType, SockaddrIn, SockaddrIn6,
+    bind, getsockopt, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag,
+    SockType, SockaddrIn, SockaddrIn6,
 };
 use nix::sys::time::{TimeVal, TimeValLike};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream,
+};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::Duration;
 
@@ -58,6 +60,26 @@ pub(crate) fn listen_dual_stack(port: u16) -> Result<TcpListener> {
     Ok(TcpListener::from(fd))
 }
 
+/// A listening AF_INET6 socket on `[::]:port` for IPv6 only (IPV6_V6ONLY on): Envoy's
+/// listeners in a dual-stack Istio pod, one per family beside the IPv4 one on the same port.
+pub(crate) fn listen_v6_only(port: u16) -> Result<TcpListener> {
+    let fd = socket(
+        AddressFamily::Inet6,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .context("socket(AF_INET6, SOCK_STREAM)")?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)
+        .with_context(|| format!("SO_REUSEADDR for listener [::]:{port}"))?;
+    setsockopt(&fd, sockopt::Ipv6V6Only, &true)
+        .with_context(|| format!("IPV6_V6ONLY for listener [::]:{port}"))?;
+    let addr = SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0);
+    bind(fd.as_raw_fd(), &SockaddrIn6::from(addr)).with_context(|| format!("bind {addr}"))?;
+    listen(&fd, Backlog::MAXCONN).with_context(|| format!("listen on {addr}"))?;
+    Ok(TcpListener::from(fd))
+}
+
 /// Connects to `dst`, from `src:0` when given (Envoy's inbound passthrough
 /// binds 127.0.0.6 so the capture rules can tell its connections apart).
 pub(crate) fn connect_from(src: Option<Ipv4Addr>, dst: SocketAddrV4) -> Result<TcpStream> {
@@ -66,10 +88,52 @@ pub(crate) fn connect_from(src: Option<Ipv4Addr>, dst: SocketAddrV4) -> Result<T
         bind(fd.as_raw_fd(), &SockaddrIn::from(SocketAddrV4::new(src, 0)))
             .with_context(|| format!("bind {src}:0 before connecting to {dst}"))?;
     }
+    timed_connect(fd, &SockaddrIn::from(dst), &dst.to_string())
+}
+
+/// [`connect_from`] for either family: an IPv6 destination from an AF_INET6 socket (bound to
+/// `src`, Envoy's `::6`, when given).
+pub(crate) fn connect_from_any(src: Option<IpAddr>, dst: SocketAddr) -> Result<TcpStream> {
+    let dst6 = match dst {
+        SocketAddr::V4(dst) => {
+            let src = match src {
+                Some(IpAddr::V4(s)) => Some(s),
+                _ => None,
+            };
+            return connect_from(src, dst);
+        }
+        SocketAddr::V6(dst) => dst,
+    };
+    let fd = socket(
+        AddressFamily::Inet6,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .context("socket(AF_INET6, SOCK_STREAM)")?;
+    if let Some(IpAddr::V6(src)) = src {
+        bind(
+            fd.as_raw_fd(),
+            &SockaddrIn6::from(SocketAddrV6::new(src, 0, 0, 0)),
+        )
+        .with_context(|| format!("bind [{src}]:0 before connecting to {dst6}"))?;
+    }
+    timed_connect(fd, &SockaddrIn6::from(dst6), &dst6.to_string())
+}
+
+fn timed_connect(
+    fd: OwnedFd,
+    dst: &dyn nix::sys::socket::SockaddrLike,
+    what: &str,
+) -> Result<TcpStream> {
     // A blocking connect honours SO_SNDTIMEO on Linux.
     let timeout = TimeVal::milliseconds(CONNECT_TIMEOUT.as_millis() as i64);
     setsockopt(&fd, sockopt::SendTimeout, &timeout).context("SO_SNDTIMEO for connect")?;
-    connect(fd.as_raw_fd(), &SockaddrIn::from(dst)).with_context(|| format!("connect to {dst}"))?;
+    // SAFETY: `dst` is a valid sockaddr of its own length for the duration of the call.
+    let r = unsafe { libc::connect(fd.as_raw_fd(), dst.as_ptr(), dst.len()) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("connect to {what}"));
+    }
     setsockopt(&fd, sockopt::SendTimeout, &TimeVal::zero()).context("clearing SO_SNDTIMEO")?;
     Ok(TcpStream::from(fd))
 }
@@ -93,6 +157,39 @@ pub(crate) fn original_dst(stream: &TcpStream) -> Result<SocketAddrV4> {
         Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
         u16::from_be(sa.sin_port),
     ))
+}
+
+/// The destination the client dialled before REDIRECT rewrote it, for either family: IPv6
+/// asks `getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)`.
+pub(crate) fn original_dst_any(stream: &TcpStream) -> Result<SocketAddr> {
+    if stream.local_addr()?.is_ipv4() {
+        return original_dst(stream).map(SocketAddr::V4);
+    }
+    /// `IP6T_SO_ORIGINAL_DST` (linux/netfilter_ipv6/ip6_tables.h), not in libc.
+    const IP6T_SO_ORIGINAL_DST: libc::c_int = 80;
+    // SAFETY: zeroed sockaddr_in6 is a valid out-buffer; len matches its size.
+    let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+    // SAFETY: a live fd, a buffer of `len` bytes and its length.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_IPV6,
+            IP6T_SO_ORIGINAL_DST,
+            std::ptr::from_mut(&mut sa).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)");
+    }
+    Ok(SocketAddr::V6(SocketAddrV6::new(
+        Ipv6Addr::from(sa.sin6_addr.s6_addr),
+        u16::from_be(sa.sin6_port),
+        0,
+        0,
+    )))
 }
 
 /// Reads like an event-driven server (Envoy, nginx) does: an EAGAIN on this blocking socket

@@ -103,7 +103,7 @@ COMMIT
 ";
     assert_eq!(rules, expected);
 
-    let custom = capture_rules(&CaptureConfig {
+    let custom_cfg = CaptureConfig {
         proxy_uid: 2000,
         proxy_gid: 2001,
         outbound_port: 16001,
@@ -111,8 +111,17 @@ COMMIT
         exclude_outbound_ports: vec![5432],
         exclude_inbound_ports: vec![15090],
         exclude_outbound_cidrs: vec![(Ipv4Addr::new(10, 96, 0, 0), 12)],
+        exclude_outbound_cidrs6: vec![("fd00:96::".parse().unwrap(), 64)],
         inbound_ports: InboundPorts::List(vec![80, 443]),
-    });
+    };
+    // The IPv6 rules are the IPv4 ones with IPv6's loopback, `::6` and the IPv6 ranges.
+    let v6 = crate::capture::capture_rules6(&custom_cfg);
+    let expected6 = capture_rules(&custom_cfg)
+        .replace("127.0.0.1/32", "::1/128")
+        .replace("127.0.0.6/32", "::6/128")
+        .replace("10.96.0.0/12", "fd00:96::/64");
+    assert_eq!(v6, expected6);
+    let custom = capture_rules(&custom_cfg);
     let lines: Vec<&str> = custom.lines().collect();
     let pos = |needle: &str| {
         lines

@@ -7,12 +7,17 @@
 //!  app --REDIRECT 15001--> relay --veth--> REDIRECT 15006 --> relay --127.0.0.6--> app
 //! ```
 //! Each `TwoPods` lives in its own pair of namespaces, so two of them may use the same addresses.
+//! [`TwoPods::dual_stack`] also gives both pods an IPv6 address (`fd00:<n>::1`, `fd00:<n>::2`),
+//! Istio's ip6tables capture and sidecars that take IPv6 too.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result};
 
-use crate::{install_istio_capture, veth_link, CaptureConfig, Netns, Relay, RelayConfig};
+use crate::{
+    capture::install_istio_capture6, install_istio_capture, veth::add_addr6, veth_link,
+    CaptureConfig, Netns, Relay, RelayConfig,
+};
 
 /// One pod: its namespace, address, capture rules and sidecar.
 #[derive(Debug)]
@@ -21,6 +26,8 @@ pub struct Pod {
     pub relay: Option<Relay>,
     pub capture: CaptureConfig,
     pub ip: Ipv4Addr,
+    /// The pod's IPv6 address in a dual-stack pair.
+    pub ip6: Option<Ipv6Addr>,
     pub ns: Netns,
 }
 
@@ -42,8 +49,30 @@ impl TwoPods {
             Ipv4Addr::new(10, subnet, 0, 2),
         );
         veth_link(&client_ns, "eth0", cip, &server_ns, "eth0", sip, 24).context("pod link")?;
-        let client = Pod::start(client_ns, cip, client)?;
-        let server = Pod::start(server_ns, sip, server)?;
+        let client = Pod::start(client_ns, cip, None, client)?;
+        let server = Pod::start(server_ns, sip, None, server)?;
+        Ok(TwoPods { client, server })
+    }
+
+    /// [`TwoPods::new`] with dual-stack pods: each also has an IPv6 address on `eth0`, the
+    /// IPv6 half of istio-init's capture, and a sidecar listening on both families that binds
+    /// `::6` for the inbound hop of IPv6 connections.
+    pub fn dual_stack(subnet: u8, client: CaptureConfig, server: CaptureConfig) -> Result<TwoPods> {
+        let client_ns = Netns::new("cli6")?;
+        let server_ns = Netns::new("srv6")?;
+        let (cip, sip) = (
+            Ipv4Addr::new(10, subnet, 0, 1),
+            Ipv4Addr::new(10, subnet, 0, 2),
+        );
+        let (cip6, sip6) = (
+            Ipv6Addr::new(0xfd00, subnet.into(), 0, 0, 0, 0, 0, 1),
+            Ipv6Addr::new(0xfd00, subnet.into(), 0, 0, 0, 0, 0, 2),
+        );
+        veth_link(&client_ns, "eth0", cip, &server_ns, "eth0", sip, 24).context("pod link")?;
+        add_addr6(&client_ns, "eth0", cip6, 64)?;
+        add_addr6(&server_ns, "eth0", sip6, 64)?;
+        let client = Pod::start(client_ns, cip, Some(cip6), client)?;
+        let server = Pod::start(server_ns, sip, Some(sip6), server)?;
         Ok(TwoPods { client, server })
     }
 }
@@ -57,12 +86,21 @@ impl Pod {
             relay: None,
             capture,
             ip,
+            ip6: None,
             ns,
         })
     }
 
-    fn start(ns: Netns, ip: Ipv4Addr, capture: CaptureConfig) -> Result<Pod> {
+    fn start(
+        ns: Netns,
+        ip: Ipv4Addr,
+        ip6: Option<Ipv6Addr>,
+        capture: CaptureConfig,
+    ) -> Result<Pod> {
         install_istio_capture(&ns, &capture)?;
+        if ip6.is_some() {
+            install_istio_capture6(&ns, &capture)?;
+        }
         let relay = Relay::spawn(
             &ns,
             RelayConfig {
@@ -70,6 +108,7 @@ impl Pod {
                 gid: capture.proxy_gid,
                 outbound_port: capture.outbound_port,
                 inbound_port: capture.inbound_port,
+                inbound_bind6: ip6.map(|_| Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6)),
                 ..RelayConfig::default()
             },
         )?;
@@ -77,6 +116,7 @@ impl Pod {
             relay: Some(relay),
             capture,
             ip,
+            ip6,
             ns,
         })
     }

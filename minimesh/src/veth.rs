@@ -72,6 +72,29 @@ pub fn veth_link(
     Ok(())
 }
 
+/// Adds an IPv6 address to `ifname` in `ns`, usable at once (`nodad`: a tentative address
+/// could not be bound or reached during duplicate address detection).
+pub fn add_addr6(ns: &Netns, ifname: &str, addr: std::net::Ipv6Addr, prefix_len: u8) -> Result<()> {
+    check_ifname(ifname)?;
+    if prefix_len > 128 {
+        bail!("IPv6 prefix length {prefix_len} is larger than 128");
+    }
+    let cidr = format!("{addr}/{prefix_len}");
+    exec::run(exec::command("ip").args([
+        "-n",
+        ns.name(),
+        "-6",
+        "addr",
+        "add",
+        &cidr,
+        "dev",
+        ifname,
+        "nodad",
+    ]))
+    .with_context(|| format!("adding {cidr} to {}/{ifname}", ns.name()))?;
+    Ok(())
+}
+
 /// Adds another address to `ifname` in `ns`, e.g. several service
 /// destinations served by one pod.
 pub fn add_addr(ns: &Netns, ifname: &str, addr: Ipv4Addr, prefix_len: u8) -> Result<()> {

@@ -80,17 +80,40 @@ pub enum Error {
 /// the image that ran istio-init used (nft on current distributions, legacy on older nodes and
 /// images), and `iptables-save` shows only one of them.
 pub const BACKENDS: [&str; 2] = ["iptables-nft-save", "iptables-legacy-save"];
+/// The same for IPv6: istio-iptables writes a dual-stack or IPv6 pod's IPv6 capture with
+/// ip6tables of the same backend.
+pub const BACKENDS6: [&str; 2] = ["ip6tables-nft-save", "ip6tables-legacy-save"];
 
 /// `iptables-save` for whichever backend holds Istio's rules in `netns`: with `program` the
 /// plain `iptables-save`, each of [`BACKENDS`] is read and the first with an `ISTIO_` chain
 /// wins (else the first that ran, so "not captured" is still reported); any other `program`
 /// (`--iptables-save` style configuration) is used alone. Returns the program that answered.
 pub fn dump_any(netns: &std::fs::File, program: &str) -> io::Result<(String, String)> {
-    if program != "iptables-save" {
+    dump_first(netns, program, "iptables-save", &BACKENDS)
+}
+
+/// [`dump_any`] for the IPv6 rules: `ip6tables-save` of each of [`BACKENDS6`], or `program`
+/// with `iptables` in its name turned into `ip6tables`.
+pub fn dump_any6(netns: &std::fs::File, program: &str) -> io::Result<(String, String)> {
+    dump_first(
+        netns,
+        &program.replacen("iptables", "ip6tables", 1),
+        "ip6tables-save",
+        &BACKENDS6,
+    )
+}
+
+fn dump_first(
+    netns: &std::fs::File,
+    program: &str,
+    plain: &str,
+    backends: &[&str],
+) -> io::Result<(String, String)> {
+    if program != plain {
         return dump(netns, program).map(|d| (program.to_string(), d));
     }
     let mut first: Option<io::Result<(String, String)>> = None;
-    for backend in BACKENDS {
+    for &backend in backends {
         let got = dump(netns, backend);
         if let Ok(d) = &got {
             if d.contains(":ISTIO_") {
@@ -388,8 +411,12 @@ fn cidr(rule: &Rule, field: &'static str, s: &str) -> Result<Cidr, Error> {
     s.parse::<Cidr>().map_err(|m| rule.syntax(field, m))
 }
 
+/// Inside 127.0.0.0/8, or `::1` itself (IPv6 has no loopback range).
 fn is_loopback(c: &Cidr) -> bool {
-    c.prefix >= 8 && c.addr.octets()[0] == 127
+    match c.addr {
+        std::net::IpAddr::V4(a) => c.prefix >= 8 && a.octets()[0] == 127,
+        std::net::IpAddr::V6(a) => c.prefix == 128 && a.is_loopback(),
+    }
 }
 
 fn push_unique<T: PartialEq>(v: &mut Vec<T>, x: T) {
@@ -428,7 +455,49 @@ fn redirect_port(rules: &[&Rule], chain: &str, field: &'static str) -> Result<u1
     })
 }
 
-/// Reads the capture from `iptables-save` output (nat table required, mangle optional).
+/// Why a pod's IPv6 capture (`v6`, from ip6tables) cannot be mirrored with its IPv4 settings
+/// (`v4`): the datapath keeps one set of ports, owners and capture ports per pod, and
+/// istio-iptables writes the same ones for both families. None when they agree.
+pub fn ipv6_differs(v4: &Capture, v6: &Capture) -> Option<String> {
+    if let Some(why) = &v6.outbound_unsupported {
+        return Some(why.clone());
+    }
+    let same_shape = matches!(
+        (&v4.include_outbound, &v6.include_outbound),
+        (OutboundRanges::All, OutboundRanges::All)
+            | (OutboundRanges::Only(_), OutboundRanges::Only(_))
+    );
+    let fields = [
+        ("proxy uids", v4.proxy_uids == v6.proxy_uids),
+        ("proxy gids", v4.proxy_gids == v6.proxy_gids),
+        (
+            "outbound capture port",
+            v4.outbound_port == v6.outbound_port,
+        ),
+        ("inbound capture port", v4.inbound_port == v6.inbound_port),
+        (
+            "excluded outbound ports",
+            v4.exclude_outbound_ports == v6.exclude_outbound_ports,
+        ),
+        (
+            "excluded inbound ports",
+            v4.exclude_inbound_ports == v6.exclude_inbound_ports,
+        ),
+        (
+            "included inbound ports",
+            v4.include_inbound_ports == v6.include_inbound_ports
+                && v4.inbound_captured == v6.inbound_captured,
+        ),
+        ("outbound include list", same_shape),
+    ];
+    fields
+        .iter()
+        .find(|(_, same)| !same)
+        .map(|(what, _)| format!("ip6tables and iptables differ in their {what}"))
+}
+
+/// Reads the capture from `iptables-save` output (nat table required, mangle optional); the
+/// same parser reads `ip6tables-save` output, whose addresses are IPv6.
 pub fn parse(text: &str) -> Result<Capture, Error> {
     let (all, chains) = rules(text)?;
     let nat_chains = chains.get("nat").cloned().unwrap_or_default();

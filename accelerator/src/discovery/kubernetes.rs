@@ -131,6 +131,7 @@ pub fn map(pod: &ApiPod, ns: Option<&NamespaceFacts>) -> Option<Mapped> {
         }
         out.ips = pod_ips(pod)?;
         let mut p = map_capture(pod, ns, &out.name, &mut out.notes)?;
+        p.capture_ipv6 = ipv6_captured(pod, &out.ips, &mut out.notes);
         if pod.spec.as_ref().and_then(|s| s.host_users) == Some(false) {
             // Its capture rules name the proxy's ids inside the pod's user namespace, and BPF
             // sees the host's; kubelet picks the mapping and the API does not say it. (Local
@@ -442,20 +443,49 @@ fn id(s: &Setting) -> Result<u32, Declined> {
         .map_err(|_| bad(&s.field, format!("{:?} is not a uid/gid", s.value)))
 }
 
-/// IPv4 CIDRs of a list; IPv6 entries are left out with a note (the datapath predicts IPv4).
-fn cidrs(s: &Setting, notes: &mut Vec<String>) -> Result<Vec<Cidr>, Declined> {
-    let mut out = Vec::new();
-    for c in s.value.split(',').map(str::trim).filter(|c| !c.is_empty()) {
-        if c.contains(':') {
-            notes.push(format!(
-                "{}: IPv6 range {c} not modelled (IPv4 only)",
-                s.field
-            ));
-            continue;
-        }
-        out.push(c.parse().map_err(|m: String| bad(&s.field, m))?);
+/// The CIDRs of a list, both families (istio-iptables writes each to its family's rules).
+fn cidrs(s: &Setting) -> Result<Vec<Cidr>, Declined> {
+    s.value
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(|c| c.parse().map_err(|m: String| bad(&s.field, m)))
+        .collect()
+}
+
+/// Whether istio-iptables captured IPv6 in this pod. It decides from the pod's own addresses
+/// (`getLocalIP`): IPv6 is captured when the first address it finds is IPv6 (an IPv6-only pod),
+/// or, with `ISTIO_DUAL_STACK=true`, when the pod has any IPv6 address. A dual-stack pod without
+/// it has no ip6tables capture, so its IPv6 hops go straight to their destination and must not
+/// be predicted as captured.
+fn ipv6_captured(pod: &ApiPod, ips: &[IpAddr], notes: &mut Vec<String>) -> bool {
+    let (v4, v6) = (
+        ips.iter().any(IpAddr::is_ipv4),
+        ips.iter().any(IpAddr::is_ipv6),
+    );
+    if !v6 {
+        return false;
     }
-    Ok(out)
+    if !v4 {
+        return true;
+    }
+    let spec = pod.spec.as_ref();
+    let dual_stack = spec
+        .into_iter()
+        .flat_map(|s| s.init_containers.iter().flatten().chain(&s.containers))
+        .flat_map(|c| c.env.iter().flatten())
+        .any(|e| {
+            e.name == "ISTIO_DUAL_STACK"
+                && e.value
+                    .as_deref()
+                    .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+        });
+    if !dual_stack {
+        notes.push(
+            "dual-stack pod without ISTIO_DUAL_STACK=true: istio-iptables captures IPv4 only, so its IPv6 hops are not paired".into(),
+        );
+    }
+    dual_stack
 }
 
 /// The injection and capture of one pod; see the module docs for the precedence.
@@ -755,13 +785,13 @@ fn map_capture(
         }
     }
     let exclude_outbound_cidrs = match get("x", Some("excludeOutboundIPRanges")) {
-        Some(s) => cidrs(&s, notes)?,
+        Some(s) => cidrs(&s)?,
         None => Vec::new(),
     };
     let include_outbound = match get("i", Some("includeOutboundIPRanges")) {
         None => OutboundRanges::All,
         Some(s) if s.value.split(',').any(|c| c.trim() == "*") => OutboundRanges::All,
-        Some(s) => OutboundRanges::Only(cidrs(&s, notes)?),
+        Some(s) => OutboundRanges::Only(cidrs(&s)?),
     };
 
     let parse_mode = |field: String, v: &str| {
@@ -792,6 +822,8 @@ fn map_capture(
         outbound_port,
         inbound_port,
         inbound_bind: std::net::Ipv4Addr::new(127, 0, 0, 6),
+        inbound_bind6: crate::model::ISTIO_INBOUND_BIND6,
+        capture_ipv6: false,
         exclude_outbound_ports,
         exclude_inbound_ports,
         include_inbound_ports,

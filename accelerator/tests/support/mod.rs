@@ -157,15 +157,24 @@ impl Accel {
         &mut self,
         ns: &Netns,
         capture: &CaptureConfig,
-        ips: &[std::net::Ipv4Addr],
+        ips: &[impl Into<std::net::IpAddr> + Copy],
     ) {
-        let pod = pod_model(ns, capture);
-        let cookie = ns.cookie().expect("netns cookie");
-        let mut p = policy::pod_policy(&pod).expect("policy");
+        self.add_model_pod_with_sidecar_hop(&pod_model(ns, capture), ips);
+    }
+
+    /// [`Accel::add_pod_with_sidecar_hop`] for a pod exactly as the model has it (e.g. one
+    /// whose ip6tables capture IPv6 too).
+    pub fn add_model_pod_with_sidecar_hop(
+        &mut self,
+        pod: &Pod,
+        ips: &[impl Into<std::net::IpAddr> + Copy],
+    ) {
+        let cookie = meshlane::node::netns_cookie(&pod.netns).expect("netns cookie");
+        let mut p = policy::pod_policy(pod).expect("policy");
         p.flags |= meshlane_common::POLICY_SIDECAR_HOP;
         self.dp().set_pod(cookie, &p).expect("policy write");
         let mut all = self.dp().pod_ips().expect("pod addresses");
-        all.extend(ips.iter().map(|ip| (*ip, cookie)));
+        all.extend(ips.iter().map(|ip| ((*ip).into(), cookie)));
         assert_eq!(self.dp().set_pod_ips(&all).expect("pod addresses"), 0);
     }
 
@@ -328,7 +337,7 @@ pub fn pod_model(ns: &Netns, capture: &CaptureConfig) -> Pod {
             .exclude_outbound_cidrs
             .iter()
             .map(|(addr, prefix)| Cidr {
-                addr: *addr,
+                addr: (*addr).into(),
                 prefix: *prefix,
             })
             .collect(),

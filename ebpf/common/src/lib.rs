@@ -4,7 +4,9 @@
 //! has no `bool` and no implicit padding (padding is a named field), and has its size pinned by a
 //! `const` assertion. IPv4 addresses are kept exactly as the kernel hands them to BPF: the four
 //! address bytes in network order, read as a native `u32` (`u32::from_ne_bytes(ip.octets())`).
-//! Ports are host order unless a field says otherwise.
+//! Where a field holds either family it is an [`Addr`]: IPv6's sixteen bytes as four such words,
+//! with an IPv4 address in its v4-mapped form (`::ffff:a.b.c.d`), which is also how the kernel
+//! shows the IPv4 peer of a dual-stack socket. Ports are host order unless a field says otherwise.
 #![no_std]
 
 use core::mem::size_of;
@@ -22,6 +24,27 @@ pub const TCP_OPT_LEN: u8 = 12;
 pub const MAX_PORTS: usize = 32;
 /// Maximum CIDRs per list in a [`PodPolicy`].
 pub const MAX_CIDRS: usize = 16;
+/// Maximum IPv6 CIDRs per list in a [`PodPolicy`] (each takes 32 bytes of every policy entry).
+pub const MAX_CIDRS6: usize = 8;
+
+/// An address of either family, as four network-order words (see the crate docs); IPv4 is
+/// v4-mapped.
+pub type Addr = [u32; 4];
+
+/// The third word of a v4-mapped address: bytes `00 00 ff ff`.
+pub const V4_MAPPED_PREFIX: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// `::ffff:a.b.c.d` for an IPv4 address in network order.
+#[inline(always)]
+pub const fn v4_mapped(ip4: u32) -> Addr {
+    [0, 0, V4_MAPPED_PREFIX, ip4]
+}
+
+/// Whether an [`Addr`] is an IPv4 address in its v4-mapped form.
+#[inline(always)]
+pub const fn is_v4_mapped(a: &Addr) -> bool {
+    a[0] == 0 && a[1] == 0 && a[2] == V4_MAPPED_PREFIX
+}
 
 /// [`PodPolicy::flags`]: pair the outbound hop (app -> iptables REDIRECT -> sidecar).
 pub const POLICY_OUTBOUND: u32 = 1;
@@ -47,6 +70,13 @@ pub const POLICY_INBOUND_CAPTURED: u32 = 32;
 /// [`PodPolicy::flags`]: [`PodPolicy::inbound_ports`] lists the ports inbound capture covers
 /// (Istio's includeInboundPorts as a port list); without it, the ports it leaves out.
 pub const POLICY_INBOUND_PORTS_LISTED: u32 = 64;
+/// [`PodPolicy::flags`]: the pod's ip6tables capture IPv6 the way its iptables capture IPv4
+/// (istio-iptables with IPv6 enabled: a dual-stack or IPv6 pod). Without it no true IPv6 hop of
+/// the pod is paired: nothing redirects one to its sidecar.
+pub const POLICY_IPV6: u32 = 128;
+/// [`PodPolicy::flags`]: `include_outbound_cidrs6` is a real list (absent means `*`). With
+/// none listed, no IPv6 destination is captured (an include list of IPv4 ranges only).
+pub const POLICY_INCLUDE_CIDRS6: u32 = 256;
 
 /// An IPv4 prefix, both fields in network byte order as the kernel stores addresses.
 #[repr(C)]
@@ -60,6 +90,24 @@ impl Cidr4 {
     #[inline(always)]
     pub fn contains(&self, ip: u32) -> bool {
         ip & self.mask == self.addr & self.mask
+    }
+}
+
+/// An IPv6 prefix, address and mask as four network-order words each.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cidr6 {
+    pub addr: Addr,
+    pub mask: Addr,
+}
+
+impl Cidr6 {
+    #[inline(always)]
+    pub fn contains(&self, ip: &Addr) -> bool {
+        (ip[0] ^ self.addr[0]) & self.mask[0] == 0
+            && (ip[1] ^ self.addr[1]) & self.mask[1] == 0
+            && (ip[2] ^ self.addr[2]) & self.mask[2] == 0
+            && (ip[3] ^ self.addr[3]) & self.mask[3] == 0
     }
 }
 
@@ -94,11 +142,24 @@ pub struct PodPolicy {
     pub exclude_outbound_cidrs: [Cidr4; MAX_CIDRS],
     /// includeOutboundIPRanges when `POLICY_INCLUDE_CIDRS` is set; the first `n_include_cidrs`.
     pub include_outbound_cidrs: [Cidr4; MAX_CIDRS],
+    /// The IPv6 source address of the sidecar's inbound hop (Istio: `::6`), with [`POLICY_IPV6`].
+    pub inbound_bind_ip6: Addr,
+    pub n_exclude_cidrs6: u16,
+    pub n_include_cidrs6: u16,
+    pub _pad: u32,
+    /// The IPv6 entries of excludeOutboundIPRanges; the first `n_exclude_cidrs6` are valid.
+    pub exclude_outbound_cidrs6: [Cidr6; MAX_CIDRS6],
+    /// The IPv6 entries of includeOutboundIPRanges with [`POLICY_INCLUDE_CIDRS6`].
+    pub include_outbound_cidrs6: [Cidr6; MAX_CIDRS6],
 }
-const _: () = assert!(size_of::<PodPolicy>() == 24 + 2 * 2 * MAX_PORTS + 2 * 8 * MAX_CIDRS);
+const _: () = assert!(
+    size_of::<PodPolicy>()
+        == 24 + 2 * 2 * MAX_PORTS + 2 * 8 * MAX_CIDRS + 16 + 8 + 2 * 32 * MAX_CIDRS6
+);
 
 impl PodPolicy {
-    /// Istio's defaults: uid/gid 1337, 15001/15006, 127.0.0.6, both hops, nothing excluded.
+    /// Istio's defaults: uid/gid 1337, 15001/15006, 127.0.0.6 and `::6`, both hops, nothing
+    /// excluded, IPv4 only.
     pub const fn istio_default() -> Self {
         PodPolicy {
             proxy_uid: 1337,
@@ -113,6 +174,18 @@ impl PodPolicy {
             inbound_ports: [0; MAX_PORTS],
             exclude_outbound_cidrs: [Cidr4 { addr: 0, mask: 0 }; MAX_CIDRS],
             include_outbound_cidrs: [Cidr4 { addr: 0, mask: 0 }; MAX_CIDRS],
+            inbound_bind_ip6: [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 6])],
+            n_exclude_cidrs6: 0,
+            n_include_cidrs6: 0,
+            _pad: 0,
+            exclude_outbound_cidrs6: [Cidr6 {
+                addr: [0; 4],
+                mask: [0; 4],
+            }; MAX_CIDRS6],
+            include_outbound_cidrs6: [Cidr6 {
+                addr: [0; 4],
+                mask: [0; 4],
+            }; MAX_CIDRS6],
         }
     }
 }
@@ -128,20 +201,21 @@ pub const PAIR_SIDECAR: u32 = 3;
 
 /// Where the two ends of one local hop meet. Both ends compute the same key independently.
 ///
-/// Token: `a`/`b` are the low/high halves of the connection's random token, `ports` is 0.
-/// Tuple: the two endpoints sorted, `a`/`b` their addresses, `ports` = lo_port << 16 | hi_port.
-/// Inside one network namespace the kernel keeps 4-tuples unique, so the unordered tuple names
-/// exactly one connection; the namespace cookie keeps pods apart (invariant 3).
+/// Token: `addr[0]`/`addr[1]` are the low/high halves of the connection's random token, the
+/// rest is 0. Tuple (the inbound hop, where one end is always the sidecar's inbound bind
+/// address): `addr` is the app's address ([`Addr`]), `ports` = sidecar port << 16 | app port.
+/// The bind address is fixed per pod and family (a v4-mapped `addr` says which), so the key
+/// names the whole 4-tuple, and inside one network namespace the kernel keeps 4-tuples unique:
+/// it names exactly one connection; the namespace cookie keeps pods apart (invariant 3).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PairKey {
     pub netns: u64,
     pub kind: u32,
     pub ports: u32,
-    pub a: u32,
-    pub b: u32,
+    pub addr: Addr,
 }
-const _: () = assert!(size_of::<PairKey>() == 24);
+const _: () = assert!(size_of::<PairKey>() == 32);
 
 impl PairKey {
     #[inline(always)]
@@ -150,8 +224,7 @@ impl PairKey {
             netns,
             kind: PAIR_TOKEN,
             ports: 0,
-            a: token as u32,
-            b: (token >> 32) as u32,
+            addr: [token as u32, (token >> 32) as u32, 0, 0],
         }
     }
 
@@ -163,23 +236,20 @@ impl PairKey {
         }
     }
 
-    /// `ip`s in network order as the kernel gives them, ports in host order.
+    /// The token of a [`PairKey::token`] or [`PairKey::sidecar`] key.
     #[inline(always)]
-    pub fn tuple(netns: u64, ip1: u32, port1: u16, ip2: u32, port2: u16) -> Self {
-        // Sort on (address, port) so both ends agree; byte order does not matter for a total order.
-        let e1 = ((ip1 as u64) << 16) | port1 as u64;
-        let e2 = ((ip2 as u64) << 16) | port2 as u64;
-        let (lo_ip, lo_port, hi_ip, hi_port) = if e1 <= e2 {
-            (ip1, port1, ip2, port2)
-        } else {
-            (ip2, port2, ip1, port1)
-        };
+    pub fn token_value(&self) -> u64 {
+        (u64::from(self.addr[1]) << 32) | u64::from(self.addr[0])
+    }
+
+    /// The inbound hop's key: the app's address, the sidecar's port, the app's port (host order).
+    #[inline(always)]
+    pub fn tuple(netns: u64, app: Addr, sidecar_port: u16, app_port: u16) -> Self {
         PairKey {
             netns,
             kind: PAIR_TUPLE,
-            ports: ((lo_port as u32) << 16) | hi_port as u32,
-            a: lo_ip,
-            b: hi_ip,
+            ports: ((sidecar_port as u32) << 16) | app_port as u32,
+            addr: app,
         }
     }
 }
@@ -229,11 +299,11 @@ pub struct Waiter {
     /// must agree: a sidecar end that would redirect into an app end joined under the reader
     /// rule (which leaves the sockhash at its half-close) could strand bytes there.
     pub two_way: u8,
-    pub _pad: [u8; 2],
-    /// Token pairs: the app socket's local IPv4 address (network order). The sidecar's accepted
-    /// end must see it as its remote address (REDIRECT rewrites the destination only), so a
-    /// handshake from anywhere else cannot pair even with the right token.
-    pub ip: u32,
+    pub _pad: [u8; 6],
+    /// Token pairs: the connecting socket's local address ([`Addr`]). The accepting end must see
+    /// it as its remote address (REDIRECT rewrites the destination only), so a handshake from
+    /// anywhere else cannot pair even with the right token.
+    pub ip: Addr,
     /// The second end's cookie, written once both ends are in a sockhash; 0 while waiting.
     pub partner: u64,
     /// The first end's kernel address (`struct sock *`): its key in [`maps::UNREAD`].
@@ -244,7 +314,7 @@ pub struct Waiter {
     /// pods when they differ (the sidecar hop).
     pub netns: u64,
 }
-const _: () = assert!(size_of::<Waiter>() == 48);
+const _: () = assert!(size_of::<Waiter>() == 64);
 
 /// [`SockState::flags`]: the next non-SYN segment this socket sends carries the token option.
 pub const SOCK_STAMP_PENDING: u8 = 1;
@@ -284,7 +354,7 @@ pub struct SockState {
     /// The peer's kernel address, its key in [`maps::UNREAD`] (set with `peer`).
     pub peer_sk: u64,
 }
-const _: () = assert!(size_of::<SockState>() == 72);
+const _: () = assert!(size_of::<SockState>() == 80);
 
 /// A socket adds what it redirected to the node-wide counters, its pod's [`PodStats`] and its
 /// reader's unread count every this many messages or [`FOLD_BYTES`] bytes, and when it stops
@@ -483,7 +553,7 @@ pub mod maps {
     pub const OWNERS: &str = "ML_OWNERS";
     /// Sockets that only ever receive redirected bytes: the sidecar ends under the reader rule.
     pub const TARGETS: &str = "ML_TARGETS";
-    /// This node's pod IPv4 addresses (network order) -> the pod's network-namespace cookie:
+    /// This node's pod addresses ([`super::Addr`]) -> the pod's network-namespace cookie:
     /// where a sidecar's connection may meet another sidecar (the sidecar hop).
     pub const POD_IPS: &str = "ML_POD_IPS";
     pub const ALL: [&str; 11] = [
@@ -491,7 +561,7 @@ pub mod maps {
         TARGETS, POD_IPS,
     ];
     pub const POLICY_MAX: u32 = 4096;
-    /// Room for two IPv4 addresses per pod.
+    /// Room for two addresses per pod (a dual-stack pod has one of each family).
     pub const POD_IPS_MAX: u32 = 2 * POLICY_MAX;
     pub const SOCKS_MAX: u32 = 65536;
     pub const RENDEZVOUS_MAX: u32 = 65536;
@@ -526,7 +596,7 @@ pub mod programs {
     pub const TCP_DATA_SEGS_OUT: &str = "MESHLANE_TCP_DATA_SEGS_OUT";
     /// cgroup/connect4: records who calls connect(), for sock_ops (see `owner.rs`).
     pub const CONNECT4: &str = "meshlane_connect4";
-    /// cgroup/connect6: the same for IPv6 sockets connecting to v4-mapped addresses.
+    /// cgroup/connect6: the same for IPv6 sockets.
     pub const CONNECT6: &str = "meshlane_connect6";
     /// The raw tracepoint `RECV` attaches to: fired after every recvmsg() with the socket, the
     /// bytes read and the flags (Linux 6.4+).

@@ -39,7 +39,7 @@ pub fn meshlane_connect4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(connect6)]
 pub fn meshlane_connect6(ctx: SockAddrContext) -> i32 {
-    owner::on_connect6(&ctx);
+    owner::on_connect(&ctx);
     1
 }
 

@@ -7,7 +7,7 @@ use aya_ebpf::{
 use meshlane_common::{
     counter::SLOTS,
     maps::{OWNERS_MAX, PEERS_MAX, POD_IPS_MAX, POLICY_MAX, RENDEZVOUS_MAX, SOCKS_MAX},
-    PairKey, PodPolicy, PodStats, SockState, Waiter,
+    Addr, PairKey, PodPolicy, PodStats, SockState, Waiter,
 };
 
 /// Pods meshlane accelerates. Key: network-namespace cookie. Value: [`PodPolicy`].
@@ -79,9 +79,9 @@ pub static ML_UNREAD: HashMap<u64, i64, { PEERS_MAX as usize }> = HashMap::new()
 #[btf_map]
 pub static ML_OWNERS: LruHashMap<u64, u64, { OWNERS_MAX as usize }> = LruHashMap::new();
 
-/// This node's pod addresses. Key: IPv4 address, network order. Value: the pod's
+/// This node's pod addresses. Key: the address ([`Addr`], IPv4 v4-mapped). Value: the pod's
 /// network-namespace cookie (its key in [`ML_POLICY`]). Writer: the daemon, from each listed
 /// pod's own interfaces. Reader: sock_ops, when a sidecar connects: only a connection to an
 /// address here is stamped for the sidecar hop, so the token never leaves the node.
 #[btf_map]
-pub static ML_POD_IPS: HashMap<u32, u64, { POD_IPS_MAX as usize }> = HashMap::new();
+pub static ML_POD_IPS: HashMap<Addr, u64, { POD_IPS_MAX as usize }> = HashMap::new();

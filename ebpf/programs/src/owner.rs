@@ -1,6 +1,6 @@
 //! cgroup/connect4 and connect6: remember who calls connect() on a TCP socket of a listed pod,
 //! so sock_ops can tell the sidecar's own connections (its uid/gid) from the app's. connect6 is
-//! for IPv6 sockets connecting to a v4-mapped address (Java's default for IPv4 destinations). sock_ops runs in the
+//! for IPv6 sockets: true IPv6, and v4-mapped (Java's default for IPv4 destinations). sock_ops runs in the
 //! same connect() call but is not offered `bpf_get_current_uid_gid` on older kernels (6.1,
 //! 6.12); connect hooks are. The hook never changes the connect: it always allows it.
 
@@ -13,15 +13,6 @@ use crate::maps::{ML_OWNERS, ML_POLICY};
 
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
-
-/// connect6: only a v4-mapped destination makes a hop sock_ops pairs (true IPv6 is left alone).
-pub fn on_connect6(ctx: &SockAddrContext) {
-    // SAFETY: plain field read of this program's context.
-    let dst = unsafe { (*ctx.sock_addr).user_ip6 };
-    if dst[0] == 0 && dst[1] == 0 && dst[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]) {
-        on_connect(ctx);
-    }
-}
 
 pub fn on_connect(ctx: &SockAddrContext) {
     // SAFETY: ctx.sock_addr is the kernel's context for this call; plain field reads.

@@ -15,8 +15,14 @@
 //! stamped connection that never reaches the sidecar simply never finds its partner and stays on
 //! TCP (and the daemon's sweep takes it out of the sockhash).
 //!
-//! Inbound hop: the sidecar connects from 127.0.0.6 to the app inside the same namespace, without
-//! NAT, so the two sockets are mirror 4-tuples and meet on the unordered tuple.
+//! Inbound hop: the sidecar connects from 127.0.0.6 (`::6` for IPv6) to the app inside the same
+//! namespace, without NAT, so the two sockets are mirror 4-tuples and meet on that tuple.
+//!
+//! Both families: an IPv4 socket, an IPv6 socket carrying IPv4 (a dual-stack Go, Java or Node
+//! socket, v4-mapped peer) and a true IPv6 socket are all seen through [`Ends`], whose addresses
+//! are [`Addr`]s (IPv4 v4-mapped), so the two ends of a hop compute the same key whatever family
+//! each of them uses; capture prediction follows the pod's iptables for IPv4 and its ip6tables
+//! for IPv6 (DESIGN.md, "Both families").
 //!
 //! Sidecar hop: a sidecar connects to the IP of another listed pod on this node (its upstream;
 //! Istio never captures the proxy's own connections on the client side), and the server pod's
@@ -44,12 +50,13 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use meshlane_common::{
-    counter, hop, partner_role, Cidr4, PairKey, PodPolicy, SockState, Waiter, CONTROL_DRAIN,
-    CONTROL_FLAGS, MAX_CIDRS, MAX_PORTS, POLICY_INBOUND, POLICY_INBOUND_CAPTURED,
-    POLICY_INBOUND_PORTS_LISTED, POLICY_INCLUDE_CIDRS, POLICY_INTO_APP, POLICY_OUTBOUND,
-    POLICY_SIDECAR_HOP, ROLE_IN_APP, ROLE_IN_PROXY, ROLE_OUT_APP, ROLE_OUT_PROXY, ROLE_SC_CLIENT,
-    ROLE_SC_SERVER, SOCK_IN_MAP, SOCK_PEER_KNOWN, SOCK_READER_RULE, SOCK_STAMP_PENDING,
-    SOCK_WAITING, TCP_OPT_EXID, TCP_OPT_KIND, TCP_OPT_LEN,
+    counter, hop, is_v4_mapped, partner_role, v4_mapped, Addr, Cidr4, Cidr6, PairKey, PodPolicy,
+    SockState, Waiter, CONTROL_DRAIN, CONTROL_FLAGS, MAX_CIDRS, MAX_CIDRS6, MAX_PORTS,
+    POLICY_INBOUND, POLICY_INBOUND_CAPTURED, POLICY_INBOUND_PORTS_LISTED, POLICY_INCLUDE_CIDRS,
+    POLICY_INCLUDE_CIDRS6, POLICY_INTO_APP, POLICY_IPV6, POLICY_OUTBOUND, POLICY_SIDECAR_HOP,
+    ROLE_IN_APP, ROLE_IN_PROXY, ROLE_OUT_APP, ROLE_OUT_PROXY, ROLE_SC_CLIENT, ROLE_SC_SERVER,
+    SOCK_IN_MAP, SOCK_PEER_KNOWN, SOCK_READER_RULE, SOCK_STAMP_PENDING, SOCK_WAITING, TCP_OPT_EXID,
+    TCP_OPT_KIND, TCP_OPT_LEN,
 };
 
 use crate::{
@@ -81,13 +88,55 @@ fn owner_in_sockops() -> bool {
     unsafe { ptr::read_volatile(&MESHLANE_OWNER_IN_SOCKOPS) != 0 }
 }
 
+/// A socket's two addresses, as [`Addr`]s, and whether it carries IPv4.
+struct Ends {
+    local: Addr,
+    remote: Addr,
+    v4: bool,
+}
+
+/// The socket's ends. An IPv6 socket with a v4-mapped peer carries IPv4, and the kernel keeps
+/// its IPv4 addresses in the fields sock_ops reads as `local_ip4`/`remote_ip4` from the moment
+/// it connects (its IPv6 local address is filled in only after TCP_CONNECT_CB), so both IPv4
+/// cases read those.
+fn ends(ctx: &SockOpsContext) -> Ends {
+    if ctx.family() == AF_INET6 {
+        // SAFETY: reads of the live context's address fields.
+        let (remote, local) = unsafe { (ip6(&(*ctx.ops).remote_ip6), ip6(&(*ctx.ops).local_ip6)) };
+        if !is_v4_mapped(&remote) {
+            return Ends {
+                local,
+                remote,
+                v4: false,
+            };
+        }
+    }
+    Ends {
+        local: v4_mapped(ctx.local_ip4()),
+        remote: v4_mapped(ctx.remote_ip4()),
+        v4: true,
+    }
+}
+
+/// An IPv6 address field of the context, one 32-bit load per word: the verifier accepts only
+/// loads of a context field's own size at its own offset, and a plain array copy may be
+/// merged into wider loads (rejected: "dereference of modified ctx ptr").
+#[inline(always)]
+fn ip6(field: &[u32; 4]) -> Addr {
+    // SAFETY: each element is a u32 field of the context `field` points into.
+    unsafe {
+        [
+            ptr::read_volatile(&field[0]),
+            ptr::read_volatile(&field[1]),
+            ptr::read_volatile(&field[2]),
+            ptr::read_volatile(&field[3]),
+        ]
+    }
+}
+
 pub fn handle(ctx: &SockOpsContext) {
-    // IPv4 sockets, and IPv6 sockets carrying IPv4 (v4-mapped peer: a Go, Java or Node app on a
-    // dual-stack socket), whose IPv4 addresses the kernel keeps in the same fields sock_ops
-    // reads as `local_ip4`/`remote_ip4`. True IPv6 hops are left on TCP (fail open): neither
-    // of their ends ever joins, so no end waits for one that cannot come.
     let family = ctx.family();
-    if family != AF_INET && !(family == AF_INET6 && v4_mapped(&ctx.remote_ip6())) {
+    if family != AF_INET && family != AF_INET6 {
         return;
     }
     // State changes only come for sockets that joined: they clean up (and, under the reader
@@ -113,15 +162,26 @@ pub fn handle(ctx: &SockOpsContext) {
     let Some(policy) = (unsafe { ML_POLICY.get(netns) }) else {
         return;
     };
+    let e = ends(ctx);
     match op {
-        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(ctx, netns, policy),
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(ctx, netns, policy),
-        _ => on_passive_established(ctx, netns, policy),
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(ctx, &e, netns, policy),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(ctx, &e, netns, policy),
+        _ => on_passive_established(ctx, &e, netns, policy),
+    }
+}
+
+/// Whether `a` is the sidecar's inbound source address for the socket's family (IPv6 only
+/// where the pod's ip6tables capture IPv6: elsewhere nothing makes an inbound IPv6 hop).
+fn is_inbound_bind(policy: &PodPolicy, e: &Ends, a: &Addr) -> bool {
+    if e.v4 {
+        a[3] == policy.inbound_bind_ip4
+    } else {
+        policy.flags & POLICY_IPV6 != 0 && *a == policy.inbound_bind_ip6
     }
 }
 
 /// Active open, in the connecting process's context: who connects decides the role.
-fn on_connect(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy) {
+fn on_connect(ctx: &SockOpsContext, e: &Ends, netns: u64, policy: &PodPolicy) {
     // A socket can connect again after a failed connect or a disconnect (`connect(AF_UNSPEC)`),
     // keeping its storage and callback flags. Its last connection's pairing ended at that close
     // (the state callback cleaned up); what is left (role, peer, pins) must not carry over to
@@ -169,11 +229,11 @@ fn on_connect(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy) {
         // inbound hop to the app, made from the inbound bind address, and its upstream to a
         // sidecar of another pod on this node.
         let (role, server_netns) = if policy.flags & POLICY_INBOUND != 0
-            && ctx.local_ip4() == policy.inbound_bind_ip4
+            && is_inbound_bind(policy, e, &e.local)
             && inbound_captured(policy, dport)
         {
             (ROLE_IN_PROXY, 0)
-        } else if let Some(server) = sidecar_server(ctx, netns, policy, dport) {
+        } else if let Some(server) = sidecar_server(e, netns, policy, dport) {
             (ROLE_SC_CLIENT, server)
         } else {
             return;
@@ -190,7 +250,12 @@ fn on_connect(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy) {
     if policy.flags & POLICY_OUTBOUND == 0 {
         return;
     }
-    if !predict_captured(ctx, policy, dport) {
+    let captured = if e.v4 {
+        predict_captured(e, policy, dport)
+    } else {
+        predict_captured6(e, policy, dport)
+    };
+    if !captured {
         inc(counter::CONNECT_NOT_CAPTURED);
         return;
     }
@@ -205,29 +270,30 @@ fn on_connect(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy) {
 /// PREROUTING captures the port (inbound capture on, the port not excluded), whether or not
 /// its inbound app hop is paired (the sidecar mode pairs no app hop). Otherwise None and
 /// the connection is left alone (so nothing is stamped toward an address off this node).
-fn sidecar_server(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy, dport: u16) -> Option<u64> {
+fn sidecar_server(e: &Ends, netns: u64, policy: &PodPolicy, dport: u16) -> Option<u64> {
     if policy.flags & POLICY_SIDECAR_HOP == 0 {
         return None;
     }
     // SAFETY: read-only copy of a u64 value.
-    let server = unsafe { ML_POD_IPS.get(ctx.remote_ip4()) }.copied()?;
+    let server = unsafe { ML_POD_IPS.get(e.remote) }.copied()?;
     if server == netns {
         // Its own pod's address: Istio sends that through lo by rules of its own; not this hop.
         return None;
     }
     // SAFETY: read-only view of a hash map value.
     let sp = unsafe { ML_POLICY.get(server) }?;
-    let wanted = POLICY_SIDECAR_HOP | POLICY_INBOUND_CAPTURED;
+    // An IPv6 connection is captured only by a server pod whose ip6tables capture IPv6.
+    let wanted = POLICY_SIDECAR_HOP | POLICY_INBOUND_CAPTURED | if e.v4 { 0 } else { POLICY_IPV6 };
     (sp.flags & wanted == wanted && inbound_captured(sp, dport)).then_some(server)
 }
 
 /// Mirrors istio-init's ISTIO_OUTPUT for a non-proxy process: loopback and the pod's own address
 /// leave through `lo` and RETURN; excluded ports and CIDRs RETURN; with includeOutboundIPRanges
 /// only those ranges are captured; everything else is REDIRECTed to the outbound capture port.
-fn predict_captured(ctx: &SockOpsContext, policy: &PodPolicy, dport: u16) -> bool {
-    let dst = ctx.remote_ip4();
+fn predict_captured(e: &Ends, policy: &PodPolicy, dport: u16) -> bool {
+    let dst = e.remote[3];
     // Addresses are network order; the first octet is the lowest byte in memory.
-    if dst.to_ne_bytes()[0] == 127 || dst == ctx.local_ip4() {
+    if dst.to_ne_bytes()[0] == 127 || dst == e.local[3] {
         return false;
     }
     if port_listed(&policy.exclude_outbound_ports, dport) {
@@ -238,6 +304,37 @@ fn predict_captured(ctx: &SockOpsContext, policy: &PodPolicy, dport: u16) -> boo
     }
     if policy.flags & POLICY_INCLUDE_CIDRS != 0 {
         return in_cidrs(&policy.include_outbound_cidrs, policy.n_include_cidrs, dst);
+    }
+    true
+}
+
+/// The same for IPv6, after istio-iptables' ip6tables rules: nothing is captured unless the pod
+/// has them; `::1` and the pod's own address RETURN; then the same ports, and the IPv6 entries of
+/// the CIDR lists (an include list without IPv6 entries captures no IPv6 destination).
+fn predict_captured6(e: &Ends, policy: &PodPolicy, dport: u16) -> bool {
+    if policy.flags & POLICY_IPV6 == 0 {
+        return false;
+    }
+    let dst = &e.remote;
+    if *dst == [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])] || *dst == e.local {
+        return false;
+    }
+    if port_listed(&policy.exclude_outbound_ports, dport) {
+        return false;
+    }
+    if in_cidrs6(
+        &policy.exclude_outbound_cidrs6,
+        policy.n_exclude_cidrs6,
+        dst,
+    ) {
+        return false;
+    }
+    if policy.flags & POLICY_INCLUDE_CIDRS6 != 0 {
+        return in_cidrs6(
+            &policy.include_outbound_cidrs6,
+            policy.n_include_cidrs6,
+            dst,
+        );
     }
     true
 }
@@ -266,7 +363,7 @@ fn on_write_hdr_opt(ctx: &SockOpsContext) {
     st.flags &= !SOCK_STAMP_PENDING;
     let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
     let exid = TCP_OPT_EXID.to_be_bytes();
-    let c = ((u64::from(st.pair_key.b) << 32) | u64::from(st.pair_key.a)).to_ne_bytes();
+    let c = st.pair_key.token_value().to_ne_bytes();
     let opt: [u8; TCP_OPT_LEN as usize] = [
         TCP_OPT_KIND,
         TCP_OPT_LEN,
@@ -295,11 +392,12 @@ fn on_write_hdr_opt(ctx: &SockOpsContext) {
     }
 }
 
-fn on_active_established(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy) {
+fn on_active_established(ctx: &SockOpsContext, e: &Ends, netns: u64, policy: &PodPolicy) {
     let Some(st) = state(ctx, false) else { return };
     let key = match st.role {
         ROLE_OUT_APP => PairKey::token(netns, random_token()),
-        ROLE_IN_PROXY => tuple_key(ctx, netns),
+        // The sidecar's end: the app is its remote side.
+        ROLE_IN_PROXY => PairKey::tuple(netns, e.remote, ctx.local_port() as u16, remote_port(ctx)),
         ROLE_SC_CLIENT => PairKey::sidecar(st.pair_key.netns, random_token()),
         _ => return,
     };
@@ -312,7 +410,7 @@ fn on_active_established(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy) {
         return;
     }
     // A socket that could not join is never stamped: no sidecar end may pair with it.
-    if join(ctx, st, key, policy) && (st.role == ROLE_OUT_APP || st.role == ROLE_SC_CLIENT) {
+    if join(ctx, e, st, key, policy) && (st.role == ROLE_OUT_APP || st.role == ROLE_SC_CLIENT) {
         // The kernel sends the handshake's final ACK right after this callback; the flag makes it
         // ask us for option space (HDR_OPT_LEN) and then for the bytes (WRITE_HDR_OPT).
         st.flags |= SOCK_STAMP_PENDING;
@@ -320,7 +418,7 @@ fn on_active_established(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy) {
     }
 }
 
-fn on_passive_established(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy) {
+fn on_passive_established(ctx: &SockOpsContext, e: &Ends, netns: u64, policy: &PodPolicy) {
     let lport = ctx.local_port() as u16;
     let (role, key) = if policy.flags & POLICY_OUTBOUND != 0 && lport == policy.outbound_port {
         // The sidecar accepted a captured connection. Only a stamped handshake names its app
@@ -333,10 +431,14 @@ fn on_passive_established(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy) 
         inc(counter::STAMPS_FOUND);
         (ROLE_OUT_PROXY, PairKey::token(netns, token))
     } else if policy.flags & POLICY_INBOUND != 0
-        && ctx.remote_ip4() == policy.inbound_bind_ip4
+        && is_inbound_bind(policy, e, &e.remote)
         && inbound_captured(policy, lport)
     {
-        (ROLE_IN_APP, tuple_key(ctx, netns))
+        // The app's end: the sidecar is its remote side.
+        (
+            ROLE_IN_APP,
+            PairKey::tuple(netns, e.local, remote_port(ctx), lport),
+        )
     } else if policy.flags & POLICY_SIDECAR_HOP != 0 && lport == policy.inbound_port {
         // The sidecar accepted a captured inbound connection. Only one a sidecar on this node
         // stamped is paired; the rest (other nodes, unmeshed clients) are plain inbound traffic
@@ -358,7 +460,7 @@ fn on_passive_established(ctx: &SockOpsContext, netns: u64, policy: &PodPolicy) 
     st.role = role;
     st.cookie = cookie(ctx);
     st.netns = netns;
-    join(ctx, st, key, policy);
+    join(ctx, e, st, key, policy);
 }
 
 /// A joined socket changes state: at the app's own half-close it leaves the sockhash (reader
@@ -435,7 +537,13 @@ fn on_own_half_close(ctx: &SockOpsContext) {
 /// and so do both ends of the sidecar hop (no app socket there).
 /// Returns whether this end is in a sockhash (whether or not its partner is there yet); an end
 /// that finds no room in the sockhash, the unread map or the pairing map is in none.
-fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey, policy: &PodPolicy) -> bool {
+fn join(
+    ctx: &SockOpsContext,
+    e: &Ends,
+    st: &mut SockState,
+    key: PairKey,
+    policy: &PodPolicy,
+) -> bool {
     if draining() {
         return false;
     }
@@ -478,11 +586,11 @@ fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey, policy: &PodPoli
         cookie: st.cookie,
         role: st.role,
         two_way: u8::from(!reader_rule),
-        _pad: [0; 2],
+        _pad: [0; 6],
         ip: if st.role == ROLE_OUT_APP || st.role == ROLE_SC_CLIENT {
-            ctx.local_ip4()
+            e.local
         } else {
-            0
+            [0; 4]
         },
         partner: 0,
         sk,
@@ -494,7 +602,7 @@ fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey, policy: &PodPoli
             st.pair_key = key;
             st.flags |= SOCK_WAITING;
         }
-        Err(e) if e == -EEXIST => {
+        Err(err) if err == -EEXIST => {
             let Some(other) = ML_RENDEZVOUS.get_ptr_mut(key) else {
                 inc(counter::PAIR_REJECTED);
                 return true;
@@ -511,7 +619,7 @@ fn join(ctx: &SockOpsContext, st: &mut SockState, key: PairKey, policy: &PodPoli
                 || other.cookie == st.cookie
                 || other.two_way != me.two_way
                 || other.partner != 0
-                || (accepted_token_end && other.ip != ctx.remote_ip4())
+                || (accepted_token_end && other.ip != e.remote)
             {
                 inc(counter::PAIR_REJECTED);
                 return true;
@@ -589,21 +697,6 @@ fn load_token(ctx: &SockOpsContext) -> Option<u64> {
     ]))
 }
 
-fn tuple_key(ctx: &SockOpsContext, netns: u64) -> PairKey {
-    PairKey::tuple(
-        netns,
-        ctx.local_ip4(),
-        ctx.local_port() as u16,
-        ctx.remote_ip4(),
-        remote_port(ctx),
-    )
-}
-
-/// Whether an IPv6 address (four network-order words as sock_ops gives them) is `::ffff:a.b.c.d`.
-fn v4_mapped(ip6: &[u32; 4]) -> bool {
-    ip6[0] == 0 && ip6[1] == 0 && ip6[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
-}
-
 /// `remote_port` is the network-order port in the upper 16 bits on little-endian hosts.
 fn remote_port(ctx: &SockOpsContext) -> u16 {
     u32::from_be(ctx.remote_port()) as u16
@@ -614,6 +707,22 @@ fn remote_port(ctx: &SockOpsContext) -> u16 {
 /// the 6.1 verifier loses ("invalid access to map value"), and the program does not load there.
 fn in_cidrs(cidrs: &[Cidr4; MAX_CIDRS], n: u16, ip: u32) -> bool {
     for i in 0..MAX_CIDRS as u32 {
+        let i = opaque(i) as usize;
+        if i >= n as usize {
+            return false;
+        }
+        match cidrs.get(i) {
+            Some(c) if c.contains(ip) => return true,
+            Some(_) => {}
+            None => return false,
+        }
+    }
+    false
+}
+
+/// [`in_cidrs`] for IPv6, with the same care for the 6.1 verifier.
+fn in_cidrs6(cidrs: &[Cidr6; MAX_CIDRS6], n: u16, ip: &Addr) -> bool {
+    for i in 0..MAX_CIDRS6 as u32 {
         let i = opaque(i) as usize;
         if i >= n as usize {
             return false;
