@@ -4,11 +4,12 @@
 //! end) and as server (the inbound hop's app end), through the pods' uid-1337 relays, three ways:
 //! plain (pods unlisted), the default reader rule, and the two-way opt-in. The counters must show
 //! that each accelerated run redirected exactly the directions its mode promises, or the
-//! comparison would prove nothing.
+//! comparison would prove nothing. The reader rule also runs for apps on IPv6 sockets, carrying
+//! IPv4 (v4-mapped) and true IPv6, in dual-stack pods.
 
 mod support;
 
-use std::net::{SocketAddrV4, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 
 use meshlane::{
     mode::{self, Mode},
@@ -19,17 +20,19 @@ use support::*;
 
 type Observations = Vec<(&'static str, String)>;
 
-/// (app as client, app as server) observations.
-fn observe(mesh: &TwoPods, port: u16) -> (Observations, Observations) {
-    let dst = SocketAddrV4::new(mesh.server.ip, port);
+/// (app as client, app as server) observations, with `family`'s sockets.
+fn observe(mesh: &TwoPods, family: Family, port: u16) -> (Observations, Observations) {
+    let net = Net { mesh, family };
+    let dst = net.dst(port);
+    let listen = net.listen_addr(port);
     let l = mesh
         .server
         .ns
-        .run(|| TcpListener::bind(dst))
+        .run(|| TcpListener::bind(listen))
         .unwrap()
         .unwrap();
     let pair = || -> std::io::Result<(TcpStream, TcpStream)> {
-        let c = connect(&mesh.client.ns, dst)?;
+        let c = net.connect(dst)?;
         let (s, _) = l.accept()?;
         Ok((c, s))
     };
@@ -62,19 +65,28 @@ struct Run {
     counters: meshlane::datapath::Counters,
 }
 
-/// Plain, then accelerated in `two_way` or the reader rule, on fresh pods.
-fn run(test: &str, subnet: u8, two_way: bool) -> Option<Run> {
+/// Plain, then accelerated in `two_way` or the reader rule, on fresh pods (dual-stack unless
+/// the apps use IPv4 sockets).
+fn run(test: &str, subnet: u8, two_way: bool, family: Family) -> Option<Run> {
     let mut accel = Accel::new(test)?;
-    let mesh = TwoPods::new(subnet, CaptureConfig::default(), CaptureConfig::default()).unwrap();
-    let (pc, ps) = observe(&mesh, 8080);
+    let (client, server) = (CaptureConfig::default(), CaptureConfig::default());
+    let mesh = match family {
+        Family::V4 => TwoPods::new(subnet, client, server),
+        _ => TwoPods::dual_stack(subnet, client, server),
+    }
+    .unwrap();
+    let (pc, ps) = observe(&mesh, family, 8080);
     assert_eq!(
         accel.counters().pairs(),
         0,
         "{test}: the plain run touched the datapath"
     );
-    accel.add_pod_in(&mesh.client.ns, &mesh.client.capture, two_way);
-    accel.add_pod_in(&mesh.server.ns, &mesh.server.capture, two_way);
-    let (fc, fs) = observe(&mesh, 8081);
+    for pod in [&mesh.client, &mesh.server] {
+        let mut model = pod_model(&pod.ns, &pod.capture);
+        model.capture_ipv6 = pod.ip6.is_some();
+        accel.add_model_pod_in(&model, two_way);
+    }
+    let (fc, fs) = observe(&mesh, family, 8081);
     let counters = accel.counters();
     let mut diffs: Vec<String> = differences(&pc, &fc)
         .into_iter()
@@ -121,7 +133,7 @@ fn assert_directions(test: &str, c: &meshlane::datapath::Counters, two_way: bool
 /// side may see one the other did not in a given run; none of them may go unreported.)
 #[test]
 fn the_default_mode_is_invisible_to_apps_or_leaves_them_alone() {
-    let Some(r) = run("default_mode_apps_see_plain_tcp", 91, false) else {
+    let Some(r) = run("default_mode_apps_see_plain_tcp", 91, false, Family::V4) else {
         return;
     };
     assert_directions("reader", &r.counters, false);
@@ -166,11 +178,42 @@ fn the_default_mode_is_invisible_to_apps_or_leaves_them_alone() {
     }
 }
 
+/// Apps on IPv6 sockets, carrying IPv4 or true IPv6, under the reader rule: both app -> sidecar
+/// directions redirected, nothing into the app, and what they can notice is no more than what
+/// the probe (IPv4) reports, so `auto` leaves them alone wherever IPv4 apps could tell too.
+#[test]
+fn ipv6_and_v4_mapped_apps_see_what_ipv4_apps_see() {
+    for (family, subnet) in [(Family::V4Mapped, 93), (Family::V6, 94)] {
+        let test = format!("reader_{family:?}").to_lowercase();
+        let Some(r) = run(&test, subnet, false, family) else {
+            return;
+        };
+        assert_directions(&test, &r.counters, false);
+        if r.diffs.is_empty() {
+            continue;
+        }
+        let report = probe::run(None);
+        let reader = report
+            .mode(Mode::Reader)
+            .expect("the probe measured the reader rule");
+        assert!(
+            !reader.differences.is_empty(),
+            "{test}: the suite found {:?} but the probe found nothing",
+            r.diffs
+        );
+        let decision = mode::decide(mode::Choice::Auto, Some(&report), true);
+        assert!(
+            !decision.mode.app_hops(),
+            "{test}: apps can tell here, so auto must leave them alone"
+        );
+    }
+}
+
 /// The opt-in: every direction redirected, and the differences documented (printed); the
 /// behaviours that make the reader rule necessary must show up here.
 #[test]
 fn the_two_way_opt_in_redirects_into_the_app_and_its_differences_are_listed() {
-    let Some(r) = run("two_way_differences", 92, true) else {
+    let Some(r) = run("two_way_differences", 92, true, Family::V4) else {
         return;
     };
     assert_directions("two-way", &r.counters, true);

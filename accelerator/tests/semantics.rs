@@ -1,30 +1,43 @@
 //! Stream semantics through both accelerated hops, each case run accelerated and on plain TCP:
 //! write right after connect(), 16 MiB writes, many tiny writes, half-close in each direction,
-//! RST, close with unread data, and end of stream on a blocking read.
+//! RST, close with unread data, and end of stream on a blocking read. Every case runs in
+//! dual-stack pods for each [`Family`] an app may use: IPv4 sockets, IPv6 sockets carrying
+//! IPv4 (Go's `[::]` server, Java's AF_INET6 client to a v4-mapped address), and true IPv6.
 
 mod support;
 
 use std::{
     io::{ErrorKind, Read, Write},
-    net::{Shutdown, SocketAddrV4, TcpListener, TcpStream},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     thread::JoinHandle,
     time::Duration,
 };
 
-use minimesh::{CaptureConfig, EchoServer, TwoPods};
+use minimesh::{CaptureConfig, TwoPods};
 use support::*;
 
-/// Builds the mesh and runs `case` twice: with both pods accelerated, then with the pods
-/// unlisted (programs attached, nothing touched). Returns the counters after each run.
+/// Builds dual-stack pods and runs `case` for each [`Family`] twice: with both pods
+/// accelerated, then with the pods unlisted (programs attached, nothing touched). Returns each
+/// mode's results, one per family, and the counters after the accelerated runs.
 fn both_ways<T: PartialEq + std::fmt::Debug>(
     test: &str,
     subnet: u8,
-    case: impl Fn(&TwoPods) -> T,
-) -> Option<(T, T, meshlane::datapath::Counters)> {
+    case: impl Fn(&Net) -> T,
+) -> Option<(Vec<T>, Vec<T>, meshlane::datapath::Counters)> {
     let mut accel = Accel::new(test)?;
-    let mesh = TwoPods::new(subnet, CaptureConfig::default(), CaptureConfig::default()).unwrap();
-    accel.add_pod(&mesh.client.ns, &mesh.client.capture);
-    accel.add_pod(&mesh.server.ns, &mesh.server.capture);
+    let mesh =
+        TwoPods::dual_stack(subnet, CaptureConfig::default(), CaptureConfig::default()).unwrap();
+    for pod in [&mesh.client, &mesh.server] {
+        let mut model = pod_model(&pod.ns, &pod.capture);
+        model.capture_ipv6 = true;
+        accel.add_model_pod(&model);
+    }
+    let case = |mesh: &TwoPods| -> Vec<T> {
+        FAMILIES
+            .iter()
+            .map(|&family| case(&Net { mesh, family }))
+            .collect()
+    };
     // A case that opens one connection and writes at once can lose the pairing race fairly: if
     // the sidecar's accepted end is paired after the app's first write (the final ACK was left
     // to ksoftirqd on a busy machine), that direction is pinned to TCP (invariant 2) and nothing
@@ -53,17 +66,19 @@ fn both_ways<T: PartialEq + std::fmt::Debug>(
     Some((fast, plain, accelerated))
 }
 
-/// One server-side app connection handled by `handler` on a thread in the server pod.
+/// One server-side app connection handled by `handler` on a thread in the server pod; returns
+/// where the client dials it.
 fn serve<T: Send + 'static>(
-    mesh: &TwoPods,
+    net: &Net,
     port: u16,
     handler: impl FnOnce(TcpStream) -> T + Send + 'static,
-) -> (SocketAddrV4, JoinHandle<T>) {
-    let addr = SocketAddrV4::new(mesh.server.ip, port);
-    let l = mesh
+) -> (SocketAddr, JoinHandle<T>) {
+    let listen = net.listen_addr(port);
+    let l = net
+        .mesh
         .server
         .ns
-        .run(|| TcpListener::bind(addr))
+        .run(|| TcpListener::bind(listen))
         .unwrap()
         .unwrap();
     let h = std::thread::spawn(move || {
@@ -71,16 +86,16 @@ fn serve<T: Send + 'static>(
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         handler(s)
     });
-    (addr, h)
+    (net.dst(port), h)
 }
 
 #[test]
 fn write_right_after_connect_keeps_every_byte_in_order() {
-    let Some(((), (), c)) = both_ways("write_right_after_connect", 81, |mesh| {
-        let dst = SocketAddrV4::new(mesh.server.ip, 8080);
-        let _echo = EchoServer::spawn(&mesh.server.ns, dst).unwrap();
+    let Some((_, _, c)) = both_ways("write_right_after_connect", 81, |net| {
+        let dst = net.dst(8080);
+        let _echo = net.echo(8080);
         for i in 0..100 {
-            let mut s = connect(&mesh.client.ns, dst).unwrap();
+            let mut s = net.connect(dst).unwrap();
             let data = pattern(i, 300);
             // No pause between connect() and the first write: pairing may not be complete yet.
             s.write_all(&data[..1]).unwrap();
@@ -93,7 +108,7 @@ fn write_right_after_connect_keeps_every_byte_in_order() {
         return;
     };
     eprintln!("counters: {c:?}");
-    assert_eq!(c.get("pairs_outbound"), 100);
+    assert_eq!(c.get("pairs_outbound"), 100 * RUNS);
     // Each first write was either redirected (the pair was ready) or pinned its direction to TCP;
     // the bytes above prove the order held either way.
     assert!(c.get("msgs_redirected_outbound_app_to_sidecar") > 0);
@@ -101,14 +116,14 @@ fn write_right_after_connect_keeps_every_byte_in_order() {
 
 #[test]
 fn sixteen_mib_writes_and_many_tiny_writes_arrive_whole() {
-    let Some((_, _, c)) = both_ways("big_and_tiny_writes", 82, |mesh| {
-        let dst = SocketAddrV4::new(mesh.server.ip, 8080);
-        let _echo = EchoServer::spawn(&mesh.server.ns, dst).unwrap();
+    let Some((_, _, c)) = both_ways("big_and_tiny_writes", 82, |net| {
+        let dst = net.dst(8080);
+        let _echo = net.echo(8080);
         let big = pattern(1, 16 << 20);
-        let out = echo_exchange(connect(&mesh.client.ns, dst).unwrap(), &big, big.len()).unwrap();
+        let out = echo_exchange(net.connect(dst).unwrap(), &big, big.len()).unwrap();
         assert_same("16 MiB write", &out.bytes, &big);
         let tiny = pattern(2, 7 * 20_000);
-        let s = connect(&mesh.client.ns, dst).unwrap();
+        let s = net.connect(dst).unwrap();
         s.set_nodelay(true).unwrap();
         let out = echo_exchange(s, &tiny, 7).unwrap();
         assert_same("20000 writes of 7 bytes", &out.bytes, &tiny);
@@ -120,9 +135,9 @@ fn sixteen_mib_writes_and_many_tiny_writes_arrive_whole() {
     // the rest takes TCP, whole and in order as checked above.
     let redirected = c.get("bytes_redirected_outbound_app_to_sidecar");
     let budget = meshlane_common::UNREAD_BUDGET as u64;
-    assert!(redirected >= budget + 140_000, "{c:?}");
+    assert!(redirected >= RUNS * (budget + 140_000), "{c:?}");
     if c.get("pass_over_budget") == 0 {
-        assert!(redirected >= (16 << 20) + 140_000, "{c:?}");
+        assert!(redirected >= RUNS * ((16 << 20) + 140_000), "{c:?}");
     }
 }
 
@@ -138,13 +153,13 @@ fn a_reader_that_stops_holds_the_writer_back() {
     // stalled reader without bound. With it, the writer must meet EAGAIN, like on plain TCP,
     // and every byte it got in must still arrive, in order, once the reader reads again.
     const CAP: u64 = 128 << 20;
-    let Some((fast, plain, c)) = both_ways("stalled_reader", 88, |mesh| {
+    let Some((fast, plain, c)) = both_ways("stalled_reader", 88, |net| {
         let (go, wait) = std::sync::mpsc::channel::<()>();
-        let (dst, server) = serve(mesh, 8082, move |s| {
+        let (dst, server) = serve(net, 8082, move |s| {
             wait.recv().unwrap();
             read_to_end(&s).unwrap().bytes
         });
-        let mut s = connect(&mesh.client.ns, dst).unwrap();
+        let mut s = net.connect(dst).unwrap();
         s.set_nonblocking(true).unwrap();
         let mut written: u64 = 0;
         let mut chunk = vec![0u8; 64 * 1024];
@@ -186,32 +201,32 @@ fn a_reader_that_stops_holds_the_writer_back() {
     };
     assert_eq!(
         plain,
-        (true, true),
+        [(true, true); 3],
         "plain TCP: held back, every byte delivered"
     );
     assert_eq!(
         fast,
-        (true, true),
+        [(true, true); 3],
         "accelerated: held back, every byte delivered"
     );
     assert!(
-        c.get("pass_over_budget") >= 1,
+        c.get("pass_over_budget") >= RUNS,
         "the budget moved the writer to TCP: {c:?}"
     );
 }
 
 #[test]
 fn half_close_works_in_each_direction() {
-    let Some(((), (), c)) = both_ways("half_close", 83, |mesh| {
+    let Some((_, _, c)) = both_ways("half_close", 83, |net| {
         // Server half-closes first: it sends, shuts down its write side, then reads the reply.
-        let (dst, server) = serve(mesh, 7001, |mut s| {
+        let (dst, server) = serve(net, 7001, |mut s| {
             s.write_all(&pattern(10, 1 << 20)).unwrap();
             s.shutdown(Shutdown::Write).unwrap();
             // A blocking read after our own half-close is where the kernel's spurious EAGAIN
             // shows (see the test below); read like a careful app and compare the bytes.
             read_to_end(&s).unwrap().bytes == pattern(11, 1 << 20)
         });
-        let mut s = connect(&mesh.client.ns, dst).unwrap();
+        let mut s = net.connect(dst).unwrap();
         let out = read_to_end(&s).unwrap();
         assert_same(
             "server to client before the server's FIN",
@@ -227,15 +242,15 @@ fn half_close_works_in_each_direction() {
         );
 
         // Client half-closes first (the echo exchange does exactly that).
-        let dst = SocketAddrV4::new(mesh.server.ip, 8080);
-        let _echo = EchoServer::spawn(&mesh.server.ns, dst).unwrap();
+        let dst = net.dst(8080);
+        let _echo = net.echo(8080);
         let data = pattern(12, 1 << 20);
-        let out = echo_exchange(connect(&mesh.client.ns, dst).unwrap(), &data, 64 * 1024).unwrap();
+        let out = echo_exchange(net.connect(dst).unwrap(), &data, 64 * 1024).unwrap();
         assert_same("client half-close", &out.bytes, &data);
     }) else {
         return;
     };
-    assert!(c.get("bytes_redirected_outbound_app_to_sidecar") >= 2 << 20);
+    assert!(c.get("bytes_redirected_outbound_app_to_sidecar") >= RUNS * (2 << 20));
     assert_eq!(
         c.get("bytes_redirected_outbound_sidecar_to_app"),
         0,
@@ -266,8 +281,8 @@ fn ending(s: &TcpStream) -> Ending {
 
 #[test]
 fn a_reset_reaches_the_client_as_a_reset() {
-    let Some((fast, plain, _)) = both_ways("reset", 84, |mesh| {
-        let (dst, server) = serve(mesh, 7002, |mut s| {
+    let Some((fast, plain, _)) = both_ways("reset", 84, |net| {
+        let (dst, server) = serve(net, 7002, |mut s| {
             let mut b = [0u8; 1024];
             s.read_exact(&mut b).unwrap();
             // SO_LINGER {on, 0}: close sends RST.
@@ -277,14 +292,17 @@ fn a_reset_reaches_the_client_as_a_reset() {
             };
             nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Linger, &l).unwrap();
         });
-        let mut s = connect(&mesh.client.ns, dst).unwrap();
+        let mut s = net.connect(dst).unwrap();
         s.write_all(&[7u8; 1024]).unwrap();
         server.join().unwrap();
         ending(&s)
     }) else {
         return;
     };
-    assert_eq!(plain, Ending::Reset, "plain TCP through the relays");
+    assert!(
+        plain.iter().all(|e| *e == Ending::Reset),
+        "plain TCP through the relays: {plain:?}"
+    );
     assert_eq!(fast, plain);
 }
 
@@ -295,12 +313,12 @@ fn a_reset_reaches_the_client_as_a_reset() {
 /// the app and the stream ends; nothing hangs and nothing reaches another socket.
 #[test]
 fn close_with_unread_data_ends_the_stream() {
-    let Some((fast, plain, _)) = both_ways("close_with_unread_data", 85, |mesh| {
-        let (dst, server) = serve(mesh, 7003, |s| {
+    let Some((fast, plain, _)) = both_ways("close_with_unread_data", 85, |net| {
+        let (dst, server) = serve(net, 7003, |s| {
             std::thread::sleep(Duration::from_millis(200));
             drop(s); // closes with the client's bytes unread
         });
-        let mut s = connect(&mesh.client.ns, dst).unwrap();
+        let mut s = net.connect(dst).unwrap();
         s.write_all(&pattern(20, 64 * 1024)).unwrap();
         server.join().unwrap();
         ending(&s)
@@ -308,23 +326,24 @@ fn close_with_unread_data_ends_the_stream() {
         return;
     };
     eprintln!("close with unread data: accelerated {fast:?}, plain {plain:?}");
-    assert_eq!(plain, Ending::Reset);
+    assert!(plain.iter().all(|e| *e == Ending::Reset), "{plain:?}");
     assert!(
-        matches!(fast, Ending::Reset | Ending::Eof),
+        fast.iter()
+            .all(|e| matches!(e, Ending::Reset | Ending::Eof)),
         "accelerated: {fast:?}"
     );
 }
 
 #[test]
 fn blocking_read_at_end_of_stream_returns_zero_never_eagain() {
-    let Some((fast, plain, c)) = both_ways("eof_never_eagain", 86, |mesh| {
+    let Some((fast, plain, c)) = both_ways("eof_never_eagain", 86, |net| {
         let mut eagain = 0;
         for i in 0..150u64 {
             // The server writes and closes; the client reads to end of stream.
-            let (dst, server) = serve(mesh, 7100 + i as u16, move |mut s| {
+            let (dst, server) = serve(net, 7100 + i as u16, move |mut s| {
                 s.write_all(&pattern(i, 32 * 1024)).unwrap();
             });
-            let s = connect(&mesh.client.ns, dst).unwrap();
+            let s = net.connect(dst).unwrap();
             let out = read_to_end(&s).unwrap();
             assert_same(&format!("stream {i}"), &out.bytes, &pattern(i, 32 * 1024));
             eagain += out.spurious_eagain;
@@ -334,9 +353,12 @@ fn blocking_read_at_end_of_stream_returns_zero_never_eagain() {
     }) else {
         return;
     };
-    assert_eq!(plain, 0);
-    assert_eq!(fast, 0, "a blocking read at end of stream returned EAGAIN");
-    assert_eq!(c.get("pairs_outbound"), 150);
+    assert_eq!(plain, [0; 3]);
+    assert_eq!(
+        fast, [0; 3],
+        "a blocking read at end of stream returned EAGAIN (per family)"
+    );
+    assert_eq!(c.get("pairs_outbound"), 150 * RUNS);
 }
 
 /// The kernel hazard from PAIRING.md, characterised: tcp_bpf_recvmsg (Linux through at least
@@ -349,17 +371,17 @@ fn blocking_read_at_end_of_stream_returns_zero_never_eagain() {
 /// plain TCP never does it, and reports how often it happened.
 #[test]
 fn blocking_read_after_own_half_close_is_exact_after_retry() {
-    let Some((fast, plain, _)) = both_ways("eagain_after_own_half_close", 87, |mesh| {
+    let Some((fast, plain, _)) = both_ways("eagain_after_own_half_close", 87, |net| {
         let mut eagain = 0;
         for i in 0..40u64 {
-            let (dst, server) = serve(mesh, 7300 + i as u16, move |mut s| {
+            let (dst, server) = serve(net, 7300 + i as u16, move |mut s| {
                 let mut req = Vec::new();
                 s.read_to_end(&mut req).unwrap();
                 // Answer after the client's FIN has long been ACKed by the kernel.
                 std::thread::sleep(Duration::from_millis(60));
                 s.write_all(&req).unwrap();
             });
-            let mut s = connect(&mesh.client.ns, dst).unwrap();
+            let mut s = net.connect(dst).unwrap();
             s.write_all(&pattern(i, 512)).unwrap();
             s.shutdown(Shutdown::Write).unwrap();
             let out = read_to_end(&s).unwrap();
@@ -371,9 +393,9 @@ fn blocking_read_after_own_half_close_is_exact_after_retry() {
     }) else {
         return;
     };
-    eprintln!("spurious EAGAIN on blocking reads after own half-close: accelerated {fast}/40, plain {plain}/40");
+    eprintln!("spurious EAGAIN on blocking reads after own half-close, per family {FAMILIES:?}: accelerated {fast:?}/40, plain {plain:?}/40");
     assert_eq!(
-        plain, 0,
+        plain, [0; 3],
         "plain TCP never returns EAGAIN on a blocking read"
     );
 }

@@ -181,8 +181,16 @@ impl Accel {
     /// Registers a pod exactly as the model has it (e.g. as discovery found it), keyed by the
     /// cookie of its `netns` path.
     pub fn add_model_pod(&mut self, pod: &Pod) {
+        self.add_model_pod_in(pod, false)
+    }
+
+    /// [`Accel::add_model_pod`], in the two-way opt-in when `two_way` is set.
+    pub fn add_model_pod_in(&mut self, pod: &Pod, two_way: bool) {
         let cookie = meshlane::node::netns_cookie(&pod.netns).expect("netns cookie");
-        let p = policy::pod_policy(pod).expect("policy");
+        let mut p = policy::pod_policy(pod).expect("policy");
+        if two_way {
+            p.flags |= meshlane_common::POLICY_INTO_APP;
+        }
         self.dp().set_pod(cookie, &p).expect("policy write");
     }
 
@@ -346,9 +354,10 @@ pub fn pod_model(ns: &Netns, capture: &CaptureConfig) -> Pod {
 }
 
 /// Connects from inside `ns` (the socket lives there, and in this process's cgroup).
-pub fn connect(ns: &Netns, dst: SocketAddrV4) -> io::Result<TcpStream> {
+pub fn connect(ns: &Netns, dst: impl Into<std::net::SocketAddr>) -> io::Result<TcpStream> {
+    let dst = dst.into();
     let s = ns
-        .run(|| TcpStream::connect_timeout(&dst.into(), Duration::from_secs(10)))
+        .run(|| TcpStream::connect_timeout(&dst, Duration::from_secs(10)))
         .map_err(io::Error::other)??;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     s.set_write_timeout(Some(Duration::from_secs(30)))?;
@@ -690,4 +699,66 @@ pub fn istio_listeners(outbound: u16, inbound: u16, transparent: bool) -> serde_
          "listener_filters": ["envoy.filters.listener.original_dst", "envoy.filters.listener.tls_inspector"]},
         {"name": "0.0.0.0_9080", "port": 9080}
     ])
+}
+
+/// The socket family the apps of a run use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// AF_INET on both sides.
+    V4,
+    /// AF_INET6 sockets carrying IPv4: the server on `[::]` (IPV6_V6ONLY off), the client
+    /// dialling `::ffff:a.b.c.d`.
+    V4Mapped,
+    /// True IPv6 between the pods' IPv6 addresses.
+    V6,
+}
+
+pub const FAMILIES: [Family; 3] = [Family::V4, Family::V4Mapped, Family::V6];
+/// How many times each case runs per mode, for counts that scale with the runs.
+pub const RUNS: u64 = FAMILIES.len() as u64;
+
+/// The mesh as one family's apps see it.
+pub struct Net<'a> {
+    pub mesh: &'a minimesh::TwoPods,
+    pub family: Family,
+}
+
+impl Net<'_> {
+    /// Where the client app dials the server app's `port`.
+    pub fn dst(&self, port: u16) -> std::net::SocketAddr {
+        let server = &self.mesh.server;
+        match self.family {
+            Family::V4 => std::net::SocketAddrV4::new(server.ip, port).into(),
+            Family::V4Mapped => {
+                std::net::SocketAddrV6::new(server.ip.to_ipv6_mapped(), port, 0, 0).into()
+            }
+            Family::V6 => {
+                std::net::SocketAddrV6::new(server.ip6.expect("dual stack"), port, 0, 0).into()
+            }
+        }
+    }
+
+    /// Where the server app listens for `port`: its IPv4 address, or `[::]` (Go's default).
+    pub fn listen_addr(&self, port: u16) -> std::net::SocketAddr {
+        match self.family {
+            Family::V4 => std::net::SocketAddrV4::new(self.mesh.server.ip, port).into(),
+            _ => std::net::SocketAddrV6::new(std::net::Ipv6Addr::UNSPECIFIED, port, 0, 0).into(),
+        }
+    }
+
+    pub fn echo(&self, port: u16) -> minimesh::EchoServer {
+        let ns = &self.mesh.server.ns;
+        match self.family {
+            Family::V4 => minimesh::EchoServer::spawn(
+                ns,
+                std::net::SocketAddrV4::new(self.mesh.server.ip, port),
+            ),
+            _ => minimesh::EchoServer::spawn_dual_stack(ns, port),
+        }
+        .unwrap()
+    }
+
+    pub fn connect(&self, dst: std::net::SocketAddr) -> io::Result<TcpStream> {
+        connect(&self.mesh.client.ns, dst)
+    }
 }
