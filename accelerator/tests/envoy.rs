@@ -789,7 +789,8 @@ fn true_ipv6_through_envoy_in_dual_stack_pods() {
         return;
     };
     raise_fd_limit();
-    let pods = EnvoyPods::dual_stack(114, &services(), true).expect("dual-stack Envoy pods");
+    let pods =
+        EnvoyPods::dual_stack(114, &services(), true, &[ECHO]).expect("dual-stack Envoy pods");
     for pod in [&pods.client, &pods.server] {
         let mut model = pod_model(&pod.ns, &pod.capture);
         model.capture_ipv6 = true;

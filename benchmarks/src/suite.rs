@@ -25,9 +25,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use minimesh::{
-    grpc::GrpcServer, BarePods, CaptureConfig, Cgroup, EchoServer, EnvoyPods, Nginx, Protocol,
-};
+use minimesh::{grpc::GrpcServer, BarePods, Cgroup, EchoServer, EnvoyPods, Nginx, Protocol};
 
 use crate::{
     daemon::{self, Counters, Daemon, DaemonSpec},
@@ -43,6 +41,8 @@ const ECHO: u16 = 8080;
 const HTTP: u16 = 8081;
 const GRPC: u16 = 8082;
 const ECHO_DUAL_STACK: u16 = 8083;
+/// The IPv6 rows' echo server: its Service's endpoint is the server pod's IPv6 address.
+const ECHO_IPV6: u16 = 8084;
 
 /// One workload in one scenario round.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -91,61 +91,37 @@ fn warmup(matrix: &[Workload]) -> Workload {
 pub fn workloads(scale: f64) -> Vec<Workload> {
     let n = |base: usize| ((base as f64 * scale).round() as usize).max(5);
     let mut v = Vec::new();
-    let mut add = |name: &str, kind, size, conns, count, dual_stack| {
+    let mut add = |name: &str, kind, size, conns, count, family| {
         v.push(Workload {
             name: name.to_string(),
             kind,
             size,
             conns,
             count,
-            dual_stack,
+            family,
         })
     };
-    add("tcp 64B x1", Kind::TcpPingPong, 64, 1, n(2000), false);
-    add("tcp 1KiB x1", Kind::TcpPingPong, 1024, 1, n(2000), false);
-    add(
-        "tcp 16KiB x1",
-        Kind::TcpPingPong,
-        16 << 10,
-        1,
-        n(1000),
-        false,
-    );
-    add(
-        "tcp 64KiB x1",
-        Kind::TcpPingPong,
-        64 << 10,
-        1,
-        n(500),
-        false,
-    );
-    add("tcp 64B x16", Kind::TcpPingPong, 64, 16, n(200), false);
-    add("tcp 64B x64", Kind::TcpPingPong, 64, 64, n(50), false);
-    add(
-        "tcp 64B x1 dual-stack",
-        Kind::TcpPingPong,
-        64,
-        1,
-        n(2000),
-        true,
-    );
-    add(
-        "tcp 64B x16 dual-stack",
-        Kind::TcpPingPong,
-        64,
-        16,
-        n(200),
-        true,
-    );
-    add("http 1KiB x1", Kind::Http, 1024, 1, n(1000), false);
-    add("http 1KiB x16", Kind::Http, 1024, 16, n(100), false);
-    add("http 1KiB x64", Kind::Http, 1024, 64, n(30), false);
-    add("grpc 1KiB x1", Kind::Grpc, 1024, 1, n(500), false);
-    add("grpc 1KiB x16", Kind::Grpc, 1024, 16, n(50), false);
-    add("connect+close", Kind::Connect, 1, 1, n(300), false);
+    use workload::Family::{DualStack, Ipv4, Ipv6};
+    let ping = Kind::TcpPingPong;
+    add("tcp 64B x1", ping, 64, 1, n(2000), Ipv4);
+    add("tcp 1KiB x1", ping, 1024, 1, n(2000), Ipv4);
+    add("tcp 16KiB x1", ping, 16 << 10, 1, n(1000), Ipv4);
+    add("tcp 64KiB x1", ping, 64 << 10, 1, n(500), Ipv4);
+    add("tcp 64B x16", ping, 64, 16, n(200), Ipv4);
+    add("tcp 64B x64", ping, 64, 64, n(50), Ipv4);
+    add("tcp 64B x1 dual-stack", ping, 64, 1, n(2000), DualStack);
+    add("tcp 64B x16 dual-stack", ping, 64, 16, n(200), DualStack);
+    add("tcp 64B x1 ipv6", ping, 64, 1, n(2000), Ipv6);
+    add("tcp 64B x16 ipv6", ping, 64, 16, n(200), Ipv6);
+    add("http 1KiB x1", Kind::Http, 1024, 1, n(1000), Ipv4);
+    add("http 1KiB x16", Kind::Http, 1024, 16, n(100), Ipv4);
+    add("http 1KiB x64", Kind::Http, 1024, 64, n(30), Ipv4);
+    add("grpc 1KiB x1", Kind::Grpc, 1024, 1, n(500), Ipv4);
+    add("grpc 1KiB x16", Kind::Grpc, 1024, 16, n(50), Ipv4);
+    add("connect+close", Kind::Connect, 1, 1, n(300), Ipv4);
     let bulk = ((64 << 20) as f64 * scale).max((2 << 20) as f64) as usize;
-    add("bulk 64KiB writes", Kind::Bulk, 64 << 10, 1, bulk, false);
-    add("bulk 1MiB writes", Kind::Bulk, 1 << 20, 1, bulk, false);
+    add("bulk 64KiB writes", Kind::Bulk, 64 << 10, 1, bulk, Ipv4);
+    add("bulk 1MiB writes", Kind::Bulk, 1 << 20, 1, bulk, Ipv4);
     v
 }
 
@@ -154,6 +130,7 @@ struct Apps {
     // Dropped in order; nginx killed, servers stop listening.
     _echo: EchoServer,
     _echo_dual_stack: EchoServer,
+    _echo_ipv6: EchoServer,
     nginx: Nginx,
     _grpc: GrpcServer,
 }
@@ -163,6 +140,7 @@ impl Apps {
         Ok(Apps {
             _echo: EchoServer::spawn(ns, SocketAddrV4::new(ip, ECHO))?,
             _echo_dual_stack: EchoServer::spawn_dual_stack(ns, ECHO_DUAL_STACK)?,
+            _echo_ipv6: EchoServer::spawn_dual_stack(ns, ECHO_IPV6)?,
             nginx: Nginx::spawn(ns, SocketAddrV4::new(ip, HTTP))?,
             _grpc: GrpcServer::spawn(ns, SocketAddrV4::new(ip, GRPC))?,
         })
@@ -193,17 +171,14 @@ pub fn suite(args: &Args, stop: &AtomicBool) -> Result<()> {
             ECHO_DUAL_STACK,
             Protocol::Tcp,
         ),
+        ("echo-ipv6".to_string(), ECHO_IPV6, Protocol::Tcp),
         ("web".to_string(), HTTP, Protocol::Http),
         ("grpc".to_string(), GRPC, Protocol::Http),
     ];
-    let mut mesh = EnvoyPods::build(
-        212,
-        &services,
-        CaptureConfig::default(),
-        CaptureConfig::default(),
-        args.mtls == "on",
-    )
-    .context("Envoy pods")?;
+    // Dual-stack pods (Istio's ip6tables capture, sidecars on both families); only the IPv6
+    // rows' Service has an IPv6 endpoint, every other workload is IPv4 between the sidecars.
+    let mut mesh = EnvoyPods::dual_stack(212, &services, args.mtls == "on", &[ECHO_IPV6])
+        .context("Envoy pods")?;
     let id = std::process::id();
     let spec = DaemonSpec {
         bin: args.meshlane_bin()?,
@@ -293,9 +268,14 @@ fn scenario_round(
         // scenario would carry C's HTTP on B's unpaired connections, or B's on C's paired ones.
         mesh.restart_client_envoy()?;
     }
-    let (client_ns, server_ns, server_ip) = match scenario {
-        "A" => (&bare.client, &bare.server, bare.server_ip),
-        _ => (&mesh.client.ns, &mesh.server.ns, mesh.server.ip),
+    let (client_ns, server_ns, server_ip, server_ip6) = match scenario {
+        "A" => (&bare.client, &bare.server, bare.server_ip, bare.server_ip6),
+        _ => (
+            &mesh.client.ns,
+            &mesh.server.ns,
+            mesh.server.ip,
+            mesh.server.ip6.context("dual-stack server pod")?,
+        ),
     };
     let apps = Apps::start(server_ns, server_ip)?;
     let targets = Targets {
@@ -306,6 +286,7 @@ fn scenario_round(
             0,
             0,
         ),
+        echo_ipv6: std::net::SocketAddrV6::new(server_ip6, ECHO_IPV6, 0, 0),
         http: SocketAddrV4::new(server_ip, HTTP),
         grpc: SocketAddrV4::new(server_ip, GRPC),
     };

@@ -40,10 +40,24 @@ pub struct Workload {
     pub conns: usize,
     /// Requests per connection (bulk: bytes in total).
     pub count: usize,
-    /// tcp ping-pong only: the apps as Go, Java and Node make them by default, a server on
-    /// `[::]` with IPV6_V6ONLY off and clients on AF_INET6 sockets to the v4-mapped service
-    /// address, so both app ends are AF_INET6 sockets carrying IPv4.
-    pub dual_stack: bool,
+    /// tcp ping-pong only: which sockets the apps use.
+    pub family: Family,
+}
+
+/// The apps' sockets in a tcp ping-pong workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Family {
+    /// AF_INET on both sides.
+    Ipv4,
+    /// As Go, Java and Node make them by default: a server on `[::]` with IPV6_V6ONLY off and
+    /// clients on AF_INET6 sockets to the v4-mapped service address, so both app ends are
+    /// AF_INET6 sockets carrying IPv4 (and every other hop is IPv4).
+    DualStack,
+    /// True IPv6 in dual-stack pods: the same apps, the client dialling the server pod's IPv6
+    /// address, a Service whose endpoint is IPv6, so every hop is IPv6 (the inbound one from
+    /// `::6`).
+    Ipv6,
 }
 
 /// What one workload measured in one round.
@@ -73,6 +87,8 @@ pub struct Targets {
     pub echo: SocketAddrV4,
     /// The dual-stack echo server, by its v4-mapped address.
     pub echo_dual_stack: SocketAddrV6,
+    /// The IPv6 echo server (a dual-stack one on its own port), by the pod's IPv6 address.
+    pub echo_ipv6: SocketAddrV6,
     pub http: SocketAddrV4,
     pub grpc: SocketAddrV4,
 }
@@ -185,10 +201,10 @@ impl Client {
         Ok(match w.kind {
             Kind::TcpPingPong => Client::Tcp {
                 // An IPv6 destination makes the socket AF_INET6 (Java's default for IPv4 too).
-                s: if w.dual_stack {
-                    connect(ns, t.echo_dual_stack)?
-                } else {
-                    connect(ns, t.echo)?
+                s: match w.family {
+                    Family::Ipv4 => connect(ns, t.echo)?,
+                    Family::DualStack => connect(ns, t.echo_dual_stack)?,
+                    Family::Ipv6 => connect(ns, t.echo_ipv6)?,
                 },
                 msg: (0..w.size).map(|i| (i % 251) as u8).collect(),
                 buf: vec![0; w.size],

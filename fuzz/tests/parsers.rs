@@ -45,6 +45,7 @@ const IPTABLES: &[&[u8]] = &[
     include_bytes!("../../accelerator/tests/fixtures/iptables-save-minimesh-default.txt"),
     include_bytes!("../seeds/iptables-excludes-includes.txt"),
     include_bytes!("../seeds/iptables-tproxy.txt"),
+    include_bytes!("../../accelerator/tests/fixtures/ip6tables-save-dual-stack.txt"),
 ];
 const IPTABLES_TOKENS: &[&str] = &[
     "-A ISTIO_OUTPUT ",
@@ -75,6 +76,9 @@ const IPTABLES_TOKENS: &[&str] = &[
     "10.0.0.0/33",
     "256.1.1.1/8",
     "::1/128",
+    "::6/128",
+    "fd00::/129",
+    "::ffff:10.0.0.1/120",
     "65535",
     "65536",
     "0",

@@ -1196,26 +1196,21 @@ impl EnvoyPods {
         server_capture: CaptureConfig,
         mtls: bool,
     ) -> Result<EnvoyPods> {
-        Self::build_with(
-            subnet,
-            services,
-            client_capture,
-            server_capture,
-            mtls,
-            false,
-        )
+        Self::build_with(subnet, services, client_capture, server_capture, mtls, None)
     }
 
     /// Like [`EnvoyPods::build`] with Istio's default capture, for dual-stack pods: each also has
     /// an IPv6 address (`fd00:<subnet>::1`, `::2`), the IPv6 half of istio-init's capture
     /// (ip6tables, `::6` on `lo`) and a dual-stack sidecar ([`EnvoyConfig::dual_stack`]). The
-    /// services' endpoints are the server's IPv6 address (a Service whose first IP family is
-    /// IPv6), so the client Envoy reaches the server Envoy over IPv6 whatever family the app
-    /// used, and the server Envoy reaches the app from `::6`.
+    /// services on `ipv6_ports` have the server's IPv6 address as their endpoint (a Service
+    /// whose first IP family is IPv6): the client Envoy reaches the server Envoy over IPv6
+    /// whatever family the app used, and the server Envoy reaches the app from `::6`. The other
+    /// services keep the server's IPv4 address.
     pub fn dual_stack(
         subnet: u8,
         services: &[(String, u16, Protocol)],
         mtls: bool,
+        ipv6_ports: &[u16],
     ) -> Result<EnvoyPods> {
         Self::build_with(
             subnet,
@@ -1223,7 +1218,7 @@ impl EnvoyPods {
             CaptureConfig::default(),
             CaptureConfig::default(),
             mtls,
-            true,
+            Some(ipv6_ports),
         )
     }
 
@@ -1233,8 +1228,9 @@ impl EnvoyPods {
         client_capture: CaptureConfig,
         server_capture: CaptureConfig,
         mtls: bool,
-        dual_stack: bool,
+        ipv6_ports: Option<&[u16]>,
     ) -> Result<EnvoyPods> {
+        let dual_stack = ipv6_ports.is_some();
         let ca = mtls
             .then(crate::mtls::TestCa::new)
             .transpose()
@@ -1270,8 +1266,10 @@ impl EnvoyPods {
                     port: *port,
                     // A dual-stack Service with IPv6 first: Envoy -> Envoy over IPv6.
                     endpoints: vec![match server.ip6 {
-                        Some(ip6) => SocketAddr::new(ip6.into(), *port),
-                        None => SocketAddr::new(sip.into(), *port),
+                        Some(ip6) if ipv6_ports.is_some_and(|p| p.contains(port)) => {
+                            SocketAddr::new(ip6.into(), *port)
+                        }
+                        _ => SocketAddr::new(sip.into(), *port),
                     }],
                     protocol: *protocol,
                 })

@@ -134,12 +134,15 @@ impl Pod {
 pub struct BarePods {
     pub client_ip: Ipv4Addr,
     pub server_ip: Ipv4Addr,
+    pub client_ip6: Ipv6Addr,
+    pub server_ip6: Ipv6Addr,
     pub client: Netns,
     pub server: Netns,
 }
 
 impl BarePods {
-    /// Both namespaces on `10.<subnet>.0.0/24` (client `.1`, server `.2`).
+    /// Both namespaces on `10.<subnet>.0.0/24` (client `.1`, server `.2`), and on
+    /// `fd00:<subnet>::/64` (`::1`, `::2`).
     pub fn new(subnet: u8) -> Result<BarePods> {
         let client = Netns::new("bcli")?;
         let server = Netns::new("bsrv")?;
@@ -149,9 +152,17 @@ impl BarePods {
         );
         veth_link(&client, "eth0", client_ip, &server, "eth0", server_ip, 24)
             .context("bare pod link")?;
+        let (client_ip6, server_ip6) = (
+            Ipv6Addr::new(0xfd00, subnet.into(), 0, 0, 0, 0, 0, 1),
+            Ipv6Addr::new(0xfd00, subnet.into(), 0, 0, 0, 0, 0, 2),
+        );
+        add_addr6(&client, "eth0", client_ip6, 64)?;
+        add_addr6(&server, "eth0", server_ip6, 64)?;
         Ok(BarePods {
             client_ip,
             server_ip,
+            client_ip6,
+            server_ip6,
             client,
             server,
         })

@@ -40,7 +40,8 @@ REPO = HERE.parent.parent
 TEST_SUITES = ["datapath", "semantics", "lifecycle", "probe", "appview", "cost", "forgery", "reorder"]
 
 # Host tools the tests run, copied into the guest with the shared libraries they load.
-GUEST_TOOLS = ["ip", "nsenter", "iptables-restore", "iptables-save", "iptables"]
+GUEST_TOOLS = ["ip", "nsenter", "iptables-restore", "iptables-save", "iptables",
+               "ip6tables-restore", "ip6tables-save", "ip6tables"]
 
 # Kernel modules the pods need: veth links and istio-init's nat rules through iptables-nft
 # (REDIRECT, owner and port matches through nft_compat). Built-in or absent ones are skipped.

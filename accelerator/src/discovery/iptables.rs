@@ -818,6 +818,9 @@ mod tests {
     /// `iptables-save -t nat` in a minimesh pod with Istio's default capture (real output of
     /// iptables v1.8.9, nf_tables backend).
     const MINIMESH: &str = include_str!("../../tests/fixtures/iptables-save-minimesh-default.txt");
+    /// `ip6tables-save -t nat` of a dual-stack pod: istio-iptables' IPv6 capture (`::6`, `::1`)
+    /// with an excluded and two included IPv6 ranges.
+    const DUAL_STACK6: &str = include_str!("../../tests/fixtures/ip6tables-save-dual-stack.txt");
 
     fn cidr(s: &str) -> Cidr {
         s.parse().unwrap()
@@ -844,6 +847,37 @@ mod tests {
              -A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN\n\
              {output_after}COMMIT\n"
         )
+    }
+
+    #[test]
+    fn ip6tables_save_reads_like_iptables_save() {
+        let v6 = parse(DUAL_STACK6).unwrap();
+        assert_eq!((v6.outbound_port, v6.inbound_port), (15001, 15006));
+        assert_eq!(
+            (&v6.proxy_uids[..], &v6.proxy_gids[..]),
+            (&[1337][..], &[1337][..])
+        );
+        assert_eq!(v6.exclude_outbound_ports, vec![9000]);
+        assert_eq!(v6.exclude_outbound_cidrs, vec![cidr("fd00:96::/64")]);
+        assert_eq!(
+            v6.include_outbound,
+            OutboundRanges::Only(vec![cidr("2001:db8::/32"), cidr("fd12::/16")])
+        );
+        assert!(v6.outbound_unsupported.is_none(), "{v6:?}");
+        // ::1 is loopback; ::6's and the proxy's lo rules are not exclusions.
+        assert!(!v6.exclude_outbound_cidrs.iter().any(is_loopback));
+        let mut v4 = parse(MINIMESH).unwrap();
+        assert_eq!(
+            ipv6_differs(&v4, &v6).as_deref(),
+            Some("ip6tables and iptables differ in their excluded outbound ports")
+        );
+        v4.exclude_outbound_ports = vec![9000];
+        v4.exclude_inbound_ports
+            .clone_from(&v6.exclude_inbound_ports);
+        v4.include_outbound = OutboundRanges::Only(vec![cidr("10.0.0.0/8")]);
+        assert_eq!(ipv6_differs(&v4, &v6), None);
+        v4.include_outbound = OutboundRanges::All;
+        assert!(ipv6_differs(&v4, &v6).unwrap().contains("include list"));
     }
 
     #[test]
