@@ -1252,7 +1252,7 @@ impl EnvoyPods {
         let mut server = Pod::without_sidecar(server_ns, sip, server_capture)?;
         if dual_stack {
             for (pod, host) in [(&mut client, 1), (&mut server, 2)] {
-                let ip6 = std::net::Ipv6Addr::new(0xfd00, subnet.into(), 0, 0, 0, 0, 0, host);
+                let ip6 = crate::topology::pod_ip6(subnet, host);
                 crate::veth::add_addr6(&pod.ns, "eth0", ip6, 64)?;
                 crate::capture::install_istio_capture6(&pod.ns, &pod.capture)?;
                 pod.ip6 = Some(ip6);

@@ -43,26 +43,16 @@ pub(crate) fn listen_reuseaddr(addr: SocketAddrV4) -> Result<TcpListener> {
 /// servers listen by default: IPv4 clients arrive on it with v4-mapped addresses
 /// (`::ffff:a.b.c.d`). The option is set explicitly, not left to `net.ipv6.bindv6only`.
 pub(crate) fn listen_dual_stack(port: u16) -> Result<TcpListener> {
-    let fd = socket(
-        AddressFamily::Inet6,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .context("socket(AF_INET6, SOCK_STREAM)")?;
-    setsockopt(&fd, sockopt::ReuseAddr, &true)
-        .with_context(|| format!("SO_REUSEADDR for listener [::]:{port}"))?;
-    setsockopt(&fd, sockopt::Ipv6V6Only, &false)
-        .with_context(|| format!("IPV6_V6ONLY off for listener [::]:{port}"))?;
-    let addr = SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0);
-    bind(fd.as_raw_fd(), &SockaddrIn6::from(addr)).with_context(|| format!("bind {addr}"))?;
-    listen(&fd, Backlog::MAXCONN).with_context(|| format!("listen on {addr}"))?;
-    Ok(TcpListener::from(fd))
+    listen6(port, false)
 }
 
 /// A listening AF_INET6 socket on `[::]:port` for IPv6 only (IPV6_V6ONLY on): Envoy's
 /// listeners in a dual-stack Istio pod, one per family beside the IPv4 one on the same port.
 pub(crate) fn listen_v6_only(port: u16) -> Result<TcpListener> {
+    listen6(port, true)
+}
+
+fn listen6(port: u16, v6_only: bool) -> Result<TcpListener> {
     let fd = socket(
         AddressFamily::Inet6,
         SockType::Stream,
@@ -72,8 +62,8 @@ pub(crate) fn listen_v6_only(port: u16) -> Result<TcpListener> {
     .context("socket(AF_INET6, SOCK_STREAM)")?;
     setsockopt(&fd, sockopt::ReuseAddr, &true)
         .with_context(|| format!("SO_REUSEADDR for listener [::]:{port}"))?;
-    setsockopt(&fd, sockopt::Ipv6V6Only, &true)
-        .with_context(|| format!("IPV6_V6ONLY for listener [::]:{port}"))?;
+    setsockopt(&fd, sockopt::Ipv6V6Only, &v6_only)
+        .with_context(|| format!("IPV6_V6ONLY={v6_only} for listener [::]:{port}"))?;
     let addr = SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0);
     bind(fd.as_raw_fd(), &SockaddrIn6::from(addr)).with_context(|| format!("bind {addr}"))?;
     listen(&fd, Backlog::MAXCONN).with_context(|| format!("listen on {addr}"))?;

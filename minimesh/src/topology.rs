@@ -19,6 +19,11 @@ use crate::{
     CaptureConfig, Netns, Relay, RelayConfig,
 };
 
+/// A dual-stack pod's IPv6 address: `fd00:<subnet>::<host>`, beside its `10.<subnet>.0.<host>`.
+pub fn pod_ip6(subnet: u8, host: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, subnet.into(), 0, 0, 0, 0, 0, host)
+}
+
 /// One pod: its namespace, address, capture rules and sidecar.
 #[derive(Debug)]
 pub struct Pod {
@@ -42,37 +47,39 @@ impl TwoPods {
     /// Builds both pods on subnet `10.<subnet>.0.0/24` with the given capture rules and a relay in
     /// each, running as the proxy uid/gid of its capture config.
     pub fn new(subnet: u8, client: CaptureConfig, server: CaptureConfig) -> Result<TwoPods> {
-        let client_ns = Netns::new("cli")?;
-        let server_ns = Netns::new("srv")?;
-        let (cip, sip) = (
-            Ipv4Addr::new(10, subnet, 0, 1),
-            Ipv4Addr::new(10, subnet, 0, 2),
-        );
-        veth_link(&client_ns, "eth0", cip, &server_ns, "eth0", sip, 24).context("pod link")?;
-        let client = Pod::start(client_ns, cip, None, client)?;
-        let server = Pod::start(server_ns, sip, None, server)?;
-        Ok(TwoPods { client, server })
+        Self::build(subnet, client, server, false)
     }
 
     /// [`TwoPods::new`] with dual-stack pods: each also has an IPv6 address on `eth0`, the
     /// IPv6 half of istio-init's capture, and a sidecar listening on both families that binds
     /// `::6` for the inbound hop of IPv6 connections.
     pub fn dual_stack(subnet: u8, client: CaptureConfig, server: CaptureConfig) -> Result<TwoPods> {
-        let client_ns = Netns::new("cli6")?;
-        let server_ns = Netns::new("srv6")?;
+        Self::build(subnet, client, server, true)
+    }
+
+    fn build(
+        subnet: u8,
+        client: CaptureConfig,
+        server: CaptureConfig,
+        dual_stack: bool,
+    ) -> Result<TwoPods> {
+        let client_ns = Netns::new(if dual_stack { "cli6" } else { "cli" })?;
+        let server_ns = Netns::new(if dual_stack { "srv6" } else { "srv" })?;
         let (cip, sip) = (
             Ipv4Addr::new(10, subnet, 0, 1),
             Ipv4Addr::new(10, subnet, 0, 2),
         );
-        let (cip6, sip6) = (
-            Ipv6Addr::new(0xfd00, subnet.into(), 0, 0, 0, 0, 0, 1),
-            Ipv6Addr::new(0xfd00, subnet.into(), 0, 0, 0, 0, 0, 2),
-        );
         veth_link(&client_ns, "eth0", cip, &server_ns, "eth0", sip, 24).context("pod link")?;
-        add_addr6(&client_ns, "eth0", cip6, 64)?;
-        add_addr6(&server_ns, "eth0", sip6, 64)?;
-        let client = Pod::start(client_ns, cip, Some(cip6), client)?;
-        let server = Pod::start(server_ns, sip, Some(sip6), server)?;
+        let (cip6, sip6) = if dual_stack {
+            let (c, s) = (pod_ip6(subnet, 1), pod_ip6(subnet, 2));
+            add_addr6(&client_ns, "eth0", c, 64)?;
+            add_addr6(&server_ns, "eth0", s, 64)?;
+            (Some(c), Some(s))
+        } else {
+            (None, None)
+        };
+        let client = Pod::start(client_ns, cip, cip6, client)?;
+        let server = Pod::start(server_ns, sip, sip6, server)?;
         Ok(TwoPods { client, server })
     }
 }
@@ -152,10 +159,7 @@ impl BarePods {
         );
         veth_link(&client, "eth0", client_ip, &server, "eth0", server_ip, 24)
             .context("bare pod link")?;
-        let (client_ip6, server_ip6) = (
-            Ipv6Addr::new(0xfd00, subnet.into(), 0, 0, 0, 0, 0, 1),
-            Ipv6Addr::new(0xfd00, subnet.into(), 0, 0, 0, 0, 0, 2),
-        );
+        let (client_ip6, server_ip6) = (pod_ip6(subnet, 1), pod_ip6(subnet, 2));
         add_addr6(&client, "eth0", client_ip6, 64)?;
         add_addr6(&server, "eth0", server_ip6, 64)?;
         Ok(BarePods {
