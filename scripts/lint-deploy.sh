@@ -192,6 +192,7 @@ expect(kinds(d) == ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet
 c = main(d)
 expect(c["lifecycle"]["preStop"]["exec"]["command"][:2] == ["meshlane", "detach"], "defaults: preStop runs meshlane detach")
 expect(c["args"][0] == "run" and "--metrics-addr" in c["args"] and "--api-socket" in c["args"], "defaults: run with --metrics-addr and --api-socket")
+expect(c["args"][c["args"].index("--max-sockets") + 1] == "65536", "defaults: --max-sockets 65536 (a whole number, not 6.5536e+04)")
 expect(c["securityContext"]["capabilities"]["drop"] == ["ALL"], "defaults: drops ALL capabilities")
 expect(not c["securityContext"].get("privileged"), "defaults: daemon container not privileged")
 spec = ds(d)["spec"]["template"]["spec"]
@@ -249,6 +250,10 @@ must_fail() {
 --set discovery.local.pods[0].name=x --set discovery.local.pods[0].netns=/y --set discovery.local.pods[0].nets=1|unknown key nets
 --set capabilities[0]=CAP_BPF|without the CAP_ prefix
 --set mode=fast|mode=fast: expected one of
+--set maxSockets=8|maxSockets=8: expected a whole number of sockets from 16 to 1048576
+--set maxSockets=2000000|expected a whole number of sockets from 16 to 1048576
+--set-string maxSockets=lots|maxSockets=lots: expected a whole number
+--set maxSockets=1000.5|maxSockets=1000.5: expected a whole number
 EOF
   return $ok
 }

@@ -43,6 +43,27 @@ use meshlane_common::{
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshlane-ebpf"));
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/meshlane";
+
+/// Sockets each sockhash holds at once unless `--max-sockets` says otherwise.
+pub const DEFAULT_MAX_SOCKETS: u32 = maps::SOCKS_MAX;
+/// What `--max-sockets` accepts. Below 16 even the start-up probe's scenarios would not fit; the
+/// top keeps the preallocated pairing and unread maps (DESIGN.md "Maps") within a few hundred MB.
+pub const MAX_SOCKETS_RANGE: std::ops::RangeInclusive<u32> = 16..=1 << 20;
+/// The start-up probe's private copy holds a handful of sockets; it need not preallocate the
+/// node's full pairing map.
+const SCRATCH_MAX_SOCKETS: u32 = 1024;
+
+/// The maps sized by `max_sockets`, with their sizes: each sockhash holds `max_sockets` sockets,
+/// the pairing map one waiting end per hop (at most one per socket), and the unread map one entry
+/// per socket that may receive (at most every socket of both sockhashes).
+pub fn socket_maps(max_sockets: u32) -> [(&'static str, u32); 4] {
+    [
+        (maps::SOCKS, max_sockets),
+        (maps::TARGETS, max_sockets),
+        (maps::RENDEZVOUS, max_sockets),
+        (maps::UNREAD, max_sockets.saturating_mul(2)),
+    ]
+}
 const PIN_PROG_SOCK_OPS: &str = "prog_sockops";
 const PIN_PROG_SK_MSG: &str = "prog_sk_msg";
 const PIN_LINK_SOCK_OPS: &str = "link_sockops";
@@ -111,6 +132,9 @@ pub struct Options {
     pub pin_dir: PathBuf,
     /// cgroup v2 directory sock_ops attaches to (default: the unified root).
     pub cgroup: PathBuf,
+    /// Sockets each sockhash holds at once; the pairing and unread maps are sized from it
+    /// ([`socket_maps`]). Applies when the maps are created: pins are adopted at their size.
+    pub max_sockets: u32,
 }
 
 impl Options {
@@ -122,6 +146,7 @@ impl Options {
         Ok(Options {
             pin_dir: pin_dir.unwrap_or_else(|| DEFAULT_PIN_DIR.into()),
             cgroup,
+            max_sockets: DEFAULT_MAX_SOCKETS,
         })
     }
 }
@@ -233,7 +258,7 @@ impl Datapath {
             sock_ops_link,
             connect_links,
             recv_link,
-        } = load_and_attach(&opts.cgroup, Some(&opts.pin_dir))?;
+        } = load_and_attach(&opts.cgroup, Some(&opts.pin_dir), opts.max_sockets)?;
         if let Some((tracer, link)) = recv_link {
             let pin = match tracer {
                 ReadTracer::Exit => PIN_LINK_RECV_EXIT,
@@ -277,6 +302,7 @@ impl Datapath {
     /// programs are replaced in place where they differ (maps and live connections kept).
     fn adopt(opts: &Options) -> Result<Datapath, Error> {
         check_layout(&opts.pin_dir)?;
+        warn_capacity(opts);
         // A failed replacement leaves the other build's programs running (or some replaced, on
         // the same maps, which both builds read alike: the layouts are equal): still a working
         // datapath, so it is adopted as it is and the error said, instead of giving up on it.
@@ -406,38 +432,43 @@ impl Datapath {
             typed(dir, maps::RENDEZVOUS)?;
         let unread: HashMap<MapData, u64, i64> = typed(dir, maps::UNREAD)?;
         let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
-        Ok(vec![
-            MapUsage {
-                name: maps::POLICY,
-                entries: count(self.policy.keys().filter(Result::is_ok).count()),
-                capacity: maps::POLICY_MAX,
-            },
-            MapUsage {
-                name: maps::POD_IPS,
-                entries: count(self.pod_ips.keys().filter(Result::is_ok).count()),
-                capacity: maps::POD_IPS_MAX,
-            },
-            MapUsage {
-                name: maps::SOCKS,
-                entries: count(socks.keys().filter(Result::is_ok).count()),
-                capacity: maps::SOCKS_MAX,
-            },
-            MapUsage {
-                name: maps::TARGETS,
-                entries: count(targets.keys().filter(Result::is_ok).count()),
-                capacity: maps::SOCKS_MAX,
-            },
-            MapUsage {
-                name: maps::RENDEZVOUS,
-                entries: count(rendezvous.keys().filter(Result::is_ok).count()),
-                capacity: maps::RENDEZVOUS_MAX,
-            },
-            MapUsage {
-                name: maps::UNREAD,
-                entries: count(unread.keys().filter(Result::is_ok).count()),
-                capacity: maps::PEERS_MAX,
-            },
-        ])
+        let entries = [
+            (
+                maps::POLICY,
+                count(self.policy.keys().filter(Result::is_ok).count()),
+            ),
+            (
+                maps::POD_IPS,
+                count(self.pod_ips.keys().filter(Result::is_ok).count()),
+            ),
+            (
+                maps::SOCKS,
+                count(socks.keys().filter(Result::is_ok).count()),
+            ),
+            (
+                maps::TARGETS,
+                count(targets.keys().filter(Result::is_ok).count()),
+            ),
+            (
+                maps::RENDEZVOUS,
+                count(rendezvous.keys().filter(Result::is_ok).count()),
+            ),
+            (
+                maps::UNREAD,
+                count(unread.keys().filter(Result::is_ok).count()),
+            ),
+        ];
+        // The size each map was made with, not this build's default: adopted pins keep theirs.
+        entries
+            .into_iter()
+            .map(|(name, entries)| {
+                Ok(MapUsage {
+                    name,
+                    entries,
+                    capacity: pinned_capacity(dir, name)?,
+                })
+            })
+            .collect()
     }
 
     /// Removes ends that waited for a partner through two sweeps (`previous` is what the last
@@ -612,9 +643,13 @@ struct Attached {
 
 /// Loads the object, attaches sk_msg to the sockhash and sock_ops to `cgroup`. With `pin_dir`,
 /// maps and programs are pinned there before anything is attached (the caller pins the link).
-fn load_and_attach(cgroup: &Path, pin_dir: Option<&Path>) -> Result<Attached, Error> {
+fn load_and_attach(
+    cgroup: &Path,
+    pin_dir: Option<&Path>,
+    max_sockets: u32,
+) -> Result<Attached, Error> {
     let cgroup_fd = stdfs::File::open(cgroup).map_err(|_| Error::NoCgroup(cgroup.to_path_buf()))?;
-    let (mut ebpf, owner_in_sockops) = load_object(None)?;
+    let (mut ebpf, owner_in_sockops) = load_object(None, max_sockets)?;
     if let Some(dir) = pin_dir {
         for name in maps::ALL {
             let map = ebpf
@@ -695,25 +730,33 @@ fn load_and_attach(cgroup: &Path, pin_dir: Option<&Path>) -> Result<Attached, Er
 /// [`tcp_offsets`]); a kernel that refuses those reads gets a build without them, logged.
 ///
 /// With `pinned_maps`, the object's maps are the ones pinned there (an upgrade loads new programs
-/// onto the running datapath's maps) instead of new ones.
-fn load_object(pinned_maps: Option<&Path>) -> Result<(Ebpf, bool), Error> {
+/// onto the running datapath's maps) instead of new ones, at whatever size they were made;
+/// otherwise the socket maps are made for `max_sockets`.
+fn load_object(pinned_maps: Option<&Path>, max_sockets: u32) -> Result<(Ebpf, bool), Error> {
     let offsets = tcp_offsets();
-    match load_with(pinned_maps, offsets) {
+    match load_with(pinned_maps, max_sockets, offsets) {
         Err(e) if offsets.is_some() => {
             tracing::warn!(
                 error = %e,
                 "sk_msg may not read the socket's TCP sequence here; loading it without the check for writes that raced connect() (README: Known kernel limitations)"
             );
-            load_with(pinned_maps, None)
+            load_with(pinned_maps, max_sockets, None)
         }
         r => r,
     }
 }
 
-fn load_with(pinned_maps: Option<&Path>, offsets: Option<[u32; 3]>) -> Result<(Ebpf, bool), Error> {
+fn load_with(
+    pinned_maps: Option<&Path>,
+    max_sockets: u32,
+    offsets: Option<[u32; 3]>,
+) -> Result<(Ebpf, bool), Error> {
     let offsets = offsets.unwrap_or_default();
     let loader = || {
         let mut l = EbpfLoader::new();
+        for (name, entries) in socket_maps(max_sockets) {
+            l.map_max_entries(name, entries);
+        }
         if let Some(dir) = pinned_maps {
             for name in maps::ALL {
                 l.map_pin_path(name, dir.join(name));
@@ -866,7 +909,7 @@ pub struct Scratch {
 
 impl Scratch {
     pub fn load(cgroup: &Path) -> Result<Scratch, Error> {
-        let mut attached = load_and_attach(cgroup, None)?;
+        let mut attached = load_and_attach(cgroup, None, SCRATCH_MAX_SOCKETS)?;
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name)
                 .ok_or(Error::Map(name, "missing".into()))
@@ -999,6 +1042,35 @@ fn check_layout(pin_dir: &Path) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// The number of entries the pinned map `name` was made for.
+fn pinned_capacity(pin_dir: &Path, name: &'static str) -> Result<u32, Error> {
+    let data = MapData::from_pin(pin_dir.join(name))
+        .map_err(|e| Error::Map(name, format!("open pin: {e}")))?;
+    let info = data.info().map_err(|e| Error::Map(name, e.to_string()))?;
+    Ok(info.max_entries())
+}
+
+/// Adopted maps keep the size they were made with: a map cannot be resized, and remaking it would
+/// drop every live pairing. A `max_sockets` other than theirs is said once, with what applies it.
+fn warn_capacity(opts: &Options) {
+    for (name, asked) in socket_maps(opts.max_sockets) {
+        match pinned_capacity(&opts.pin_dir, name) {
+            Ok(pinned) if pinned != asked => {
+                tracing::warn!(
+                    map = name,
+                    pinned,
+                    asked,
+                    max_sockets = opts.max_sockets,
+                    "the adopted maps keep the size they were made with; to apply --max-sockets, run `meshlane detach` (live connections fall back to TCP) and start again"
+                );
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot read a pinned map's size"),
+        }
+    }
 }
 
 fn typed<T>(pin_dir: &Path, name: &'static str) -> Result<T, Error>

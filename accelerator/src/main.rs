@@ -180,6 +180,29 @@ struct DatapathArgs {
     /// cgroup v2 directory to attach sock_ops to (default: the unified root, detected).
     #[arg(long)]
     cgroup: Option<PathBuf>,
+    /// Sockets each of the two sockhashes holds at once (about two per accelerated hop: its
+    /// app end and its sidecar end, in the sockhash for their role). When one is full, new hops
+    /// stay on plain TCP and `meshlane_map_full_total{map="socks"}` counts them. The pairing and
+    /// unread maps, which the kernel preallocates, are sized from it (about 350 bytes per
+    /// socket: 23 MB at the default). Takes effect when the maps are made: pins are adopted at
+    /// the size they have (a warning says so); `meshlane detach` first to resize.
+    #[arg(long, env = "MESHLANE_MAX_SOCKETS", default_value_t = datapath::DEFAULT_MAX_SOCKETS, value_parser = parse_max_sockets)]
+    max_sockets: u32,
+}
+
+fn parse_max_sockets(s: &str) -> Result<u32, String> {
+    let range = datapath::MAX_SOCKETS_RANGE;
+    s.trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|n| range.contains(n))
+        .ok_or_else(|| {
+            format!(
+                "{s:?}: expected a number of sockets from {} to {}",
+                range.start(),
+                range.end()
+            )
+        })
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -251,10 +274,9 @@ fn main() -> ExitCode {
                 Ok(k)
             })
             .and_then(|kubernetes| {
-                Ok((
-                    kubernetes,
-                    datapath::Options::with_defaults(Some(dp.pin_dir), dp.cgroup)?,
-                ))
+                let mut datapath = datapath::Options::with_defaults(Some(dp.pin_dir), dp.cgroup)?;
+                datapath.max_sockets = dp.max_sockets;
+                Ok((kubernetes, datapath))
             })
             .and_then(|(kubernetes, datapath)| {
                 daemon::run(daemon::RunOptions {

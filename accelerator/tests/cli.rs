@@ -216,6 +216,13 @@ fn bad_flags_are_refused_without_side_effects() {
             "{resync}: {err}"
         );
     }
+    for n in ["8", "0", "2000000", "lots", "4294967296"] {
+        let err = run_err(accel.run_command().args(["--max-sockets", n]));
+        assert!(
+            err.contains("--max-sockets") && err.contains("from 16 to 1048576"),
+            "{n}: {err}"
+        );
+    }
     // --api-socket naming an ordinary file: refused, and the file is left as it was.
     let file = std::env::temp_dir().join(format!("meshlane-not-a-socket-{}", std::process::id()));
     std::fs::write(&file, b"keep me").unwrap();

@@ -200,7 +200,10 @@ fn the_daemon_sweeps_stamps_no_sidecar_reads() {
 
 /// For the capacity tests: both pods accelerated, an echo server behind the server pod's 8080.
 fn capacity_scene(test: &str, subnet: u8) -> Option<(Accel, TwoPods, SocketAddrV4, EchoServer)> {
-    let mut accel = Accel::new(test)?;
+    scene_with(Accel::new(test)?, subnet)
+}
+
+fn scene_with(mut accel: Accel, subnet: u8) -> Option<(Accel, TwoPods, SocketAddrV4, EchoServer)> {
     let mesh = TwoPods::new(subnet, CaptureConfig::default(), CaptureConfig::default()).unwrap();
     let dst = SocketAddrV4::new(mesh.server.ip, 8080);
     let echo = EchoServer::spawn(&mesh.server.ns, dst).unwrap();
@@ -377,4 +380,126 @@ fn a_full_unread_map_keeps_new_hops_on_tcp_until_space_frees() {
     for k in 1001..=filled {
         let _ = unread.remove(&k);
     }
+}
+
+/// The sockhashes at capacity. They hold live sockets, so the datapath is made small
+/// (`max_sockets`) and filled with open connections. Then every new hop stays on plain TCP with
+/// every byte exact, `sockhash_full` and the fill levels say why, and once the held connections
+/// close their room frees and pairing resumes. The maps sized from `max_sockets` report it.
+#[test]
+fn full_sockhashes_keep_new_hops_on_tcp_until_sockets_close() {
+    use meshlane_common::maps;
+    const SMALL: u32 = 16;
+    let Some(accel) = Accel::with_max_sockets("capacity_sockhash", SMALL) else {
+        return;
+    };
+    let Some((mut accel, mesh, dst, _echo)) = scene_with(accel, 137) else {
+        return;
+    };
+    for (name, capacity) in [
+        (maps::SOCKS, SMALL),
+        (maps::TARGETS, SMALL),
+        (maps::RENDEZVOUS, SMALL),
+        (maps::UNREAD, 2 * SMALL),
+    ] {
+        assert_eq!(usage(&mut accel, name).capacity, capacity, "{name}");
+    }
+
+    // Each held connection is paired on both hops (its ends sit in a sockhash until it closes).
+    let full = |accel: &mut Accel| {
+        usage(accel, maps::SOCKS).entries == SMALL && usage(accel, maps::TARGETS).entries == SMALL
+    };
+    let mut held = Vec::new();
+    while !full(&mut accel) {
+        assert!(
+            held.len() < 4 * SMALL as usize,
+            "the sockhashes never filled"
+        );
+        let mut s = connect(&mesh.client.ns, dst).unwrap();
+        s.write_all(b"hold").unwrap();
+        let mut back = [0u8; 4];
+        s.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"hold");
+        held.push(s);
+    }
+    assert!(accel.counters().pairs() > 0, "the held connections paired");
+
+    stay_on_tcp(&accel, &mesh, dst, "sockhash_full");
+    // The held connections still carry their bytes, redirected, while the maps are full.
+    for s in &mut held {
+        s.write_all(b"more").unwrap();
+        let mut back = [0u8; 4];
+        s.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"more");
+    }
+
+    drop(held);
+    wait_until("the held connections' sockets leave the sockhashes", || {
+        per_socket_entries(&mut accel).iter().all(|(_, e)| *e == 0)
+    });
+    let before = accel.counters();
+    pair_again(&accel, &mesh, dst, &before);
+}
+
+/// `--max-sockets` sizes the maps a daemon makes. A daemon adopting pins keeps the size they were
+/// made with (a map cannot be resized under its live connections), says so in its log, and
+/// reports the size the maps have; after `meshlane detach` the next daemon makes them anew.
+#[test]
+fn max_sockets_sizes_new_maps_and_adopted_pins_keep_theirs() {
+    let Some(mut accel) = Accel::cgroup_only("max_sockets_daemon") else {
+        return;
+    };
+    let log = std::env::temp_dir().join(format!("meshlane-max-sockets-{}.log", std::process::id()));
+    let capacity = |accel: &Accel, map: &str| {
+        let (_, body) = accel.http_get("/metrics").expect("/metrics");
+        sample(&body, &format!("meshlane_map_capacity{{map=\"{map}\"}}"))
+    };
+    let start = |accel: &Accel, n: &str| {
+        let d = Daemon(
+            accel
+                .run_command()
+                .args(["--max-sockets", n])
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        accel.wait_ready();
+        d
+    };
+
+    let mut d = start(&accel, "32");
+    assert_eq!(capacity(&accel, "ML_SOCKS"), Some(32.0));
+    assert_eq!(capacity(&accel, "ML_TARGETS"), Some(32.0));
+    assert_eq!(capacity(&accel, "ML_RENDEZVOUS"), Some(32.0));
+    assert_eq!(capacity(&accel, "ML_UNREAD"), Some(64.0));
+    assert!(d.terminate().success());
+
+    let mut d = start(&accel, "64");
+    assert_eq!(
+        capacity(&accel, "ML_SOCKS"),
+        Some(32.0),
+        "adopted at their size"
+    );
+    assert_eq!(
+        capacity(&accel, "ML_UNREAD"),
+        Some(64.0),
+        "adopted at their size"
+    );
+    assert!(d.terminate().success());
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        said.contains("the adopted maps keep the size they were made with")
+            && said.contains("asked=64"),
+        "the log says why --max-sockets did not apply:\n{said}"
+    );
+
+    accel.detach();
+    let mut d = start(&accel, "64");
+    assert_eq!(
+        capacity(&accel, "ML_SOCKS"),
+        Some(64.0),
+        "made anew after detach"
+    );
+    assert!(d.terminate().success());
+    let _ = std::fs::remove_file(&log);
 }

@@ -62,6 +62,7 @@ pub fn run(args: &Args, stop: &AtomicBool) -> Result<Vec<Round>> {
     let opts = Options {
         pin_dir: pin_dir.clone(),
         cgroup: cgroup.path().to_path_buf(),
+        max_sockets: meshlane::datapath::DEFAULT_MAX_SOCKETS,
     };
     let _bpf_stats = StatsEnabled::enable()?;
     let mut out = Vec::new();

@@ -63,7 +63,7 @@ pub struct Replaced {
 pub(super) fn replace_changed(opts: &Options) -> Result<Vec<Replaced>, Error> {
     let dir = &opts.pin_dir;
     remove_staged(dir);
-    let (mut ebpf, owner_in_sockops) = load_object(Some(dir))?;
+    let (mut ebpf, owner_in_sockops) = load_object(Some(dir), opts.max_sockets)?;
     let mut done = Vec::new();
 
     // sk_msg: compared with the pinned program, which is the one on the sockhash.

@@ -46,6 +46,17 @@ impl Accel {
         Some(a)
     }
 
+    /// Like [`Accel::new`], with sockhashes (and the maps sized from them) for `max_sockets`.
+    pub fn with_max_sockets(test: &str, max_sockets: u32) -> Option<Accel> {
+        let mut a = Self::cgroup_only(test)?;
+        let opts = Options {
+            max_sockets,
+            ..a.options()
+        };
+        a.dp = Some(Datapath::open(&opts).expect("load the datapath"));
+        Some(a)
+    }
+
     /// The test cgroup and a pin directory name, but nothing loaded (for tests that run the daemon).
     pub fn cgroup_only(test: &str) -> Option<Accel> {
         let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -76,6 +87,7 @@ impl Accel {
         Options {
             pin_dir: self.pin_dir.clone(),
             cgroup: self.cgroup.path().to_path_buf(),
+            max_sockets: datapath::DEFAULT_MAX_SOCKETS,
         }
     }
 

@@ -62,6 +62,10 @@ DaemonSet so that `helm template`, `helm install` and `helm lint` all stop on it
 {{- if not (has .Values.mode $modes) -}}
 {{- fail (printf "mode=%v: expected one of %s" .Values.mode (join ", " $modes)) -}}
 {{- end -}}
+{{- $sockets := .Values.maxSockets -}}
+{{- if or (not (or (kindIs "float64" $sockets) (kindIs "int" $sockets) (kindIs "int64" $sockets))) (ne (float64 (int $sockets)) (float64 $sockets)) (lt (int $sockets) 16) (gt (int $sockets) 1048576) -}}
+{{- fail (printf "maxSockets=%v: expected a whole number of sockets from 16 to 1048576" $sockets) -}}
+{{- end -}}
 {{- $known := list "name" "netns" "proxy_uid" "proxy_gid" "outbound_port" "inbound_port" "inbound_bind" "exclude_outbound_ports" "exclude_inbound_ports" "exclude_outbound_cidrs" "include_outbound_cidrs" "accelerate" "mode" -}}
 {{- range $i, $pod := .Values.discovery.local.pods -}}
 {{- if not (kindIs "map" $pod) -}}
