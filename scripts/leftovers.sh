@@ -9,7 +9,7 @@ if mountpoint -q /sys/fs/bpf; then
   pins=$(ls /sys/fs/bpf | grep -E '^meshlane' || true)
   [ -n "$pins" ] && { echo "left bpffs pins: $pins" >&2; left=1; }
 fi
-for root in /sys/fs/cgroup/unified /sys/fs/cgroup; do
+for root in /sys/fs/cgroup/unified /sys/fs/cgroup /sys/fs/cgroup/memory; do
   [ -d "$root" ] || continue
   cg=$(find "$root" -mindepth 1 -maxdepth 1 -type d -name 'meshlane-*' 2>/dev/null)
   [ -n "$cg" ] && { echo "left cgroups: $cg" >&2; left=1; }

@@ -17,11 +17,7 @@ use minimesh::{CaptureConfig, EchoServer, TwoPods};
 use support::*;
 
 fn start_daemon(accel: &Accel, config: &Path, log: &Path) -> Daemon {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
+    let log = append_to(log);
     let child = accel
         .run_command()
         // This test is about the datapath outliving its daemon, on every kernel of the matrix,

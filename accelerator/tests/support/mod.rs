@@ -774,3 +774,12 @@ impl Net<'_> {
         connect(&self.mesh.client.ns, dst)
     }
 }
+
+/// `path` opened for appending (created if missing): a log that several daemons in turn write.
+pub fn append_to(path: &std::path::Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+}
