@@ -167,8 +167,11 @@ fn native_sidecar_pod() {
     assert!(d.contains("sidecar.istio.io/status"), "{d}");
 }
 
+/// With istio-cni there is no istio-init: the CNI plugin writes the rules from the pod's
+/// annotations and its own defaults (istio-cni's `NewRedirect`), and istio-validation only checks
+/// them, so its arguments never decide.
 #[test]
-fn istio_cni_pod_uses_validation_args_then_annotations() {
+fn istio_cni_pod_follows_the_plugin_annotations_and_defaults() {
     let m = map(fixture("istio-cni.json"));
     let p = m.verdict.expect("accelerated");
     assert_eq!(p.exclude_outbound_ports, vec![5432]);
@@ -176,6 +179,38 @@ fn istio_cni_pod_uses_validation_args_then_annotations() {
         p.exclude_outbound_cidrs,
         vec!["169.254.169.254/32".parse::<Cidr>().unwrap()]
     );
+    // The annotation's 15020, then the ports the plugin always adds, then the tunnel port.
+    assert_eq!(p.exclude_inbound_ports, vec![15020, 15021, 15090, 15008]);
+    assert!(
+        m.notes.iter().any(|n| n.contains("istio-cni")),
+        "{:?}",
+        m.notes
+    );
+    // istio-validation's arguments saying otherwise change nothing.
+    let mut v = fixture("istio-cni.json");
+    let args = v["spec"]["initContainers"][0]["args"]
+        .as_array_mut()
+        .unwrap();
+    let o = args.iter().position(|a| a == "-o").unwrap();
+    args[o + 1] = json!("9999");
+    assert_eq!(
+        map(v).verdict.expect("accelerated").exclude_outbound_ports,
+        vec![5432]
+    );
+    // No annotations: the plugin's defaults exclude its status port both ways.
+    let mut v = fixture("istio-cni.json");
+    for key in [
+        "traffic.sidecar.istio.io/excludeOutboundPorts",
+        "traffic.sidecar.istio.io/excludeInboundPorts",
+    ] {
+        v["metadata"]["annotations"]
+            .as_object_mut()
+            .unwrap()
+            .remove(key);
+    }
+    let p = map(v).verdict.expect("accelerated");
+    assert_eq!(p.exclude_outbound_ports, vec![15020]);
+    assert_eq!(p.exclude_inbound_ports, vec![15020, 15021, 15090, 15008]);
     // Without istio-validation only the annotations are left.
     let mut v = fixture("istio-cni.json");
     v["spec"]["initContainers"] = json!([]);
@@ -192,7 +227,7 @@ fn istio_cni_pod_uses_validation_args_then_annotations() {
     let m = map(v);
     let p = m.verdict.clone().expect("accelerated");
     assert_eq!(p.exclude_outbound_ports, vec![5432, 6379]);
-    assert_eq!(p.exclude_inbound_ports, vec![15020, 15008]);
+    assert_eq!(p.exclude_inbound_ports, vec![15020, 15021, 15090, 15008]);
     // Both families' ranges: istio-iptables writes each to its family's rules.
     assert_eq!(
         p.include_outbound,
@@ -414,18 +449,54 @@ fn capture_flags_are_istio_iptables_own() {
 }
 
 #[test]
-fn proxy_identity_without_arguments() {
-    // No capture arguments: the sidecar's securityContext, else OpenShift's range, else 1337.
+fn proxy_identity_with_istio_cni() {
+    // The plugin exempts the istio-proxy container's own runAsUser and runAsGroup, each 1337
+    // where unset or 0; istio-iptables' "gid follows uid" does not apply, nor does the pod's
+    // securityContext.
     let mut v = fixture("istio-cni.json");
-    v["spec"]["initContainers"] = json!([]);
     v["spec"]["containers"][1]["securityContext"]["runAsUser"] = json!(1000650001);
     v["spec"]["containers"][1]["securityContext"]
         .as_object_mut()
         .unwrap()
         .remove("runAsGroup");
     let p = map(v.clone()).verdict.expect("accelerated");
-    assert_eq!((p.proxy_uid, p.proxy_gid), (1000650001, 1000650001));
+    assert_eq!((p.proxy_uid, p.proxy_gid), (1000650001, 1337));
+    v["spec"]["containers"][1]["securityContext"]["runAsGroup"] = json!(0);
+    v["spec"]["securityContext"] = json!({"runAsUser": 2000, "runAsGroup": 2000});
+    let p = map(v.clone()).verdict.expect("accelerated");
+    assert_eq!((p.proxy_uid, p.proxy_gid), (1000650001, 1337));
     v["spec"]["containers"][1]["securityContext"]
+        .as_object_mut()
+        .unwrap()
+        .remove("runAsUser");
+    let p = map(v).verdict.expect("accelerated");
+    assert_eq!((p.proxy_uid, p.proxy_gid), (1337, 1337));
+}
+
+#[test]
+fn proxy_identity_without_a_uid_argument() {
+    // istio-init without -u: the sidecar's securityContext, else OpenShift's range, else
+    // 1337; the gid follows the uid.
+    let mut v = fixture("injected-istio-init.json");
+    let args = v["spec"]["initContainers"][0]["args"]
+        .as_array_mut()
+        .unwrap();
+    let u = args.iter().position(|a| a == "-u").unwrap();
+    args.drain(u..u + 2);
+    let proxy = v["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|c| c["name"] == "istio-proxy")
+        .unwrap();
+    v["spec"]["containers"][proxy]["securityContext"]["runAsUser"] = json!(1000650001);
+    v["spec"]["containers"][proxy]["securityContext"]
+        .as_object_mut()
+        .unwrap()
+        .remove("runAsGroup");
+    let p = map(v.clone()).verdict.expect("accelerated");
+    assert_eq!((p.proxy_uid, p.proxy_gid), (1000650001, 1000650001));
+    v["spec"]["containers"][proxy]["securityContext"]
         .as_object_mut()
         .unwrap()
         .remove("runAsUser");
@@ -458,15 +529,8 @@ fn proxy_identity_without_arguments() {
 fn interception_modes() {
     let mut v = fixture("istio-cni.json");
     annotate(&mut v, "sidecar.istio.io/interceptionMode", "TPROXY");
-    // istio-validation says -m REDIRECT: the arguments win, with a note.
-    let m = map(v.clone());
-    assert!(m.verdict.is_ok());
-    assert!(
-        m.notes.iter().any(|n| n.contains("TPROXY")),
-        "{:?}",
-        m.notes
-    );
-    v["spec"]["initContainers"] = json!([]);
+    // istio-validation says -m REDIRECT, but the CNI plugin writes its rules from the
+    // annotation.
     let (r, d) = declined(&map(v.clone()));
     assert_eq!(r, Reason::Tproxy);
     assert!(d.contains("uid 0") && d.contains("127.0.0.6"), "{d}");

@@ -3,10 +3,12 @@
 //! network namespace (a process whose cgroup path carries the pod UID).
 //!
 //! What Istio injected decides, not what a user asked for: the capture comes from the arguments
-//! istio-init ran with (or, with istio-cni, the `istio-validation` container's identical
-//! arguments), and only without either from the `traffic.sidecar.istio.io/*` annotations istio-cni
-//! reads. The proxy uid/gid come from those arguments (`-u`, `-g`), else the sidecar's
-//! `securityContext`, else the pod's, else the namespace's OpenShift uid range, else Istio's 1337.
+//! istio-init ran with; without istio-init the istio-cni plugin wrote the rules, from the
+//! `traffic.sidecar.istio.io/*` annotations and its own defaults (status port 15020 excluded both
+//! ways), which is what is read then (`istio-validation`'s arguments only check those rules).
+//! The proxy uid/gid come from istio-init's arguments (`-u`, `-g`), else the sidecar's
+//! `securityContext`, else the pod's, else the namespace's OpenShift uid range, else Istio's
+//! 1337; with istio-cni, from the istio-proxy container's own `securityContext`, else 1337.
 //!
 //! [`map`] turns one API pod into a pod of the model or a [`Declined`] reason; a resource that
 //! does not decode, or a bad annotation or argument, is declined with the field named, never a
@@ -42,6 +44,8 @@ const MODE: &str = "sidecar.istio.io/interceptionMode";
 const TRAFFIC: &str = "traffic.sidecar.istio.io/";
 const UID_RANGE: &str = "openshift.io/sa.scc.uid-range";
 const ISTIO_UID: u32 = 1337;
+/// istio-cni's status port, which the plugin excludes by default both ways.
+const CNI_STATUS_PORT: u16 = 15020;
 
 /// What matters about a namespace.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -224,27 +228,31 @@ fn sidecar(pod: &ApiPod) -> Option<(&Container, bool)> {
         })
 }
 
-/// The capture arguments Istio ran with: istio-init's, else istio-cni's `istio-validation`
-/// (same flags, run with `--run-validation`). Gives the field path, the words and the container.
+/// The arguments istio-init ran istio-iptables with: the field path, the words and the
+/// container. (istio-cni's `istio-validation` runs the same flags with `--run-validation`, but
+/// only checks the rules the plugin wrote from the annotations: it is not read.)
 fn capture_args(pod: &ApiPod) -> Option<(String, Vec<String>, &Container)> {
     let inits = pod.spec.as_ref()?.init_containers.as_ref()?;
-    for want in ["istio-init", "istio-validation"] {
-        if let Some((i, c)) = inits.iter().enumerate().find(|(_, c)| c.name == want) {
-            let words: Vec<String> = c
-                .command
-                .iter()
-                .flatten()
-                .chain(c.args.iter().flatten())
-                .cloned()
-                .collect();
-            if words.iter().any(|w| w.ends_with("istio-iptables"))
-                || words.iter().any(|w| w == "-p")
-            {
-                return Some((format!("spec.initContainers[{i}] ({want}) args"), words, c));
-            }
-        }
-    }
-    None
+    let (i, c) = inits
+        .iter()
+        .enumerate()
+        .find(|(_, c)| c.name == "istio-init")?;
+    let words: Vec<String> = c
+        .command
+        .iter()
+        .flatten()
+        .chain(c.args.iter().flatten())
+        .cloned()
+        .collect();
+    (words.iter().any(|w| w.ends_with("istio-iptables")) || words.iter().any(|w| w == "-p")).then(
+        || {
+            (
+                format!("spec.initContainers[{i}] (istio-init) args"),
+                words,
+                c,
+            )
+        },
+    )
 }
 
 /// The environment variables istio-iptables reads for a flag the command line does not set
@@ -572,8 +580,11 @@ fn map_capture(
         }
     }
 
-    // Capture settings: the arguments Istio ran, else the annotations istio-cni reads.
+    // Capture settings: the arguments istio-init ran. Without istio-init the istio-cni plugin
+    // wrote the rules, from the pod's annotations (the injector copies the mesh-wide values
+    // there) and its own defaults; istio-validation's arguments only check what it wrote.
     let args = capture_args(pod);
+    let cni = args.is_none();
     let mut flags: BTreeMap<&'static str, (String, String)> = BTreeMap::new();
     let mut owner_groups_ok = true;
     if let Some((field, words, container)) = &args {
@@ -587,12 +598,9 @@ fn map_capture(
             .into_iter()
             .map(|(flag, v)| (flag, (format!("{field} -{flag}"), v)))
             .collect();
-        // istio-init runs istio-iptables with its own environment; istio-cni's validation
-        // container only checks rules the plugin wrote from the annotations.
-        if container.name == "istio-init" {
-            let prefix = field.trim_end_matches(" args");
-            owner_groups_ok = env_settings(container, prefix, &mut flags, notes)?;
-        }
+        // istio-init runs istio-iptables with its own environment.
+        let prefix = field.trim_end_matches(" args");
+        owner_groups_ok = env_settings(container, prefix, &mut flags, notes)?;
     }
     // A flag's value from the arguments (or istio-init's environment) when Istio ran any, else
     // the annotation `traffic.sidecar.istio.io/<annotation>` that istio-cni reads.
@@ -657,9 +665,9 @@ fn map_capture(
             ))
         }
     }
-    if args.is_none() && !ann.keys().any(|k| k.starts_with(TRAFFIC)) && !ann.contains_key(MODE) {
+    if cni {
         notes.push(
-            "no istio-init arguments and no traffic.sidecar.istio.io annotations; assuming Istio's defaults".into(),
+            "no istio-init: istio-cni's rules, from the pod's annotations and the plugin's defaults".into(),
         );
     }
 
@@ -679,9 +687,9 @@ fn map_capture(
         pod_sc.and_then(|s| s.run_as_group),
         "spec.securityContext.runAsGroup",
     )?);
-    let openshift = ns
-        .and_then(|n| n.annotations.get(UID_RANGE))
-        .map(|r| {
+    // OpenShift's range start is the uid istio-init exempts when nothing else names one.
+    let openshift = || {
+        ns.and_then(|n| n.annotations.get(UID_RANGE)).map(|r| {
             r.split('/')
                 .next()
                 .and_then(|s| s.trim().parse::<u32>().ok())
@@ -692,25 +700,40 @@ fn map_capture(
                     )
                 })
         })
-        .transpose()?;
+    };
     let uid_setting = get("u", None);
     let arg_uid = uid_setting.as_ref().map(id).transpose()?;
     let uid_field = uid_setting.map(|s| s.field).unwrap_or_default();
     let arg_gid = get("g", None).map(|s| id(&s)).transpose()?;
-    let runs_as = ctx_uid.or(openshift);
-    let proxy_uid = match (arg_uid, runs_as) {
-        (Some(a), Some(r)) if a != r => {
-            notes.push(format!(
-                "istio-proxy runs as uid {r} but {uid_field} exempts {a}; using {a}"
-            ));
-            a
-        }
-        (Some(a), _) => a,
-        (None, Some(r)) => r,
-        (None, None) => ISTIO_UID,
+    let (proxy_uid, proxy_gid) = if cni {
+        // The plugin exempts the istio-proxy container's own runAsUser and runAsGroup (not the
+        // pod's), each 1337 where unset or 0 (istio-cni's NewRedirect).
+        let own = |v: Option<i64>, field: &str| -> Result<u32, Declined> {
+            Ok(from_ctx(v, field)?.filter(|&n| n != 0).unwrap_or(ISTIO_UID))
+        };
+        (
+            own(sc_user, "istio-proxy securityContext.runAsUser")?,
+            own(sc_group, "istio-proxy securityContext.runAsGroup")?,
+        )
+    } else {
+        let runs_as = match ctx_uid {
+            Some(u) => Some(u),
+            None => openshift().transpose()?,
+        };
+        let uid = match (arg_uid, runs_as) {
+            (Some(a), Some(r)) if a != r => {
+                notes.push(format!(
+                    "istio-proxy runs as uid {r} but {uid_field} exempts {a}; using {a}"
+                ));
+                a
+            }
+            (Some(a), _) => a,
+            (None, Some(r)) => r,
+            (None, None) => ISTIO_UID,
+        };
+        // istio-iptables defaults the gid to the uid.
+        (uid, arg_gid.or(ctx_gid).unwrap_or(uid))
     };
-    // istio-iptables defaults the gid to the uid.
-    let proxy_gid = arg_gid.or(ctx_gid).unwrap_or(proxy_uid);
 
     let outbound_port = get("p", None)
         .map(|s| port(&s))
@@ -720,10 +743,17 @@ fn map_capture(
         .map(|s| port(&s))
         .transpose()?
         .unwrap_or(15006);
+    // The plugin's default for excludeOutboundPorts is its status port, 15020.
     let mut exclude_outbound_ports = get("o", Some("excludeOutboundPorts"))
         .map(|s| ports(&s))
         .transpose()?
-        .unwrap_or_default();
+        .unwrap_or_else(|| {
+            if cni {
+                vec![CNI_STATUS_PORT]
+            } else {
+                Vec::new()
+            }
+        });
     // DNS capture (istio-iptables --redirect-dns; istio-cni follows the sidecar's
     // ISTIO_META_DNS_CAPTURE) sends TCP port 53 to the agent, never to Envoy: never predict it
     // as captured.
@@ -744,7 +774,21 @@ fn map_capture(
     let mut exclude_inbound_ports = get("d", Some("excludeInboundPorts"))
         .map(|s| ports(&s))
         .transpose()?
-        .unwrap_or_default();
+        .unwrap_or_else(|| {
+            if cni {
+                vec![CNI_STATUS_PORT]
+            } else {
+                Vec::new()
+            }
+        });
+    if cni {
+        // The plugin always adds the agent's and Envoy's own ports.
+        for p in [CNI_STATUS_PORT, 15021, 15090] {
+            if !exclude_inbound_ports.contains(&p) {
+                exclude_inbound_ports.push(p);
+            }
+        }
+    }
     // istio-iptables always returns the inbound tunnel port (-e, default 15008) before capture.
     let tunnel = match get("e", None) {
         Some(s) => port(&s)?,
