@@ -1590,12 +1590,32 @@ fn daemon_cross_checks_each_pod_against_its_sidecars_xds_listeners() {
         Some(1.0),
         "{body}"
     );
-    support::wait_until("xds source healthy", || {
-        support::try_status_json(&accel).is_some_and(|st| {
+    let xds_healthy = |accel: &support::Accel| {
+        support::try_status_json(accel).and_then(|st| {
             st["sources"]
-                .as_array()
-                .is_some_and(|s| s.iter().any(|x| x["name"] == "xds" && x["healthy"] == true))
+                .as_array()?
+                .iter()
+                .find(|x| x["name"] == "xds")?["healthy"]
+                .as_bool()
         })
+    };
+    support::wait_until("xds source healthy", || xds_healthy(&accel) == Some(true));
+
+    // The control plane goes away: the source says so at once (not at the next resync, ten
+    // minutes away), and is healthy again as soon as the stream is back and has ACKed, though
+    // the listeners (so the capture) are the same as before.
+    ads.stop();
+    support::wait_until_within("xds source unhealthy", Duration::from_secs(10), || {
+        xds_healthy(&accel) == Some(false)
+    });
+    let ads = support::AdsServer::start(
+        &py,
+        xds_port,
+        &json!([{"version": "1", "listeners": support::istio_listeners(15001, 15016, false)}]),
+        "differ-again",
+    );
+    support::wait_until_within("xds source healthy again", Duration::from_secs(10), || {
+        xds_healthy(&accel) == Some(true)
     });
 
     // The control plane now says TPROXY: the pod is declined and leaves the map.

@@ -79,6 +79,22 @@ pub struct Status {
     pub reconnects: u64,
 }
 
+impl Status {
+    /// The stream's problem, if it has one: a NACKed update or a connection error (kept until
+    /// the next accepted update), or a stream down after it had been up. A first connection
+    /// still under way is not a problem yet: it ends in an update or in an error soon (the
+    /// connect timeout is 2 s).
+    pub fn problem(&self) -> Option<String> {
+        if !self.last_error.is_empty() {
+            Some(self.last_error.clone())
+        } else if !self.connected && (self.acks > 0 || self.reconnects > 0) {
+            Some("not connected".into())
+        } else {
+            None
+        }
+    }
+}
+
 /// A running client; dropping it stops the stream.
 pub struct Client {
     status: Arc<Mutex<Status>>,
@@ -216,9 +232,19 @@ struct Shared {
 }
 
 impl Shared {
+    /// Changes the status. A change of health wakes the daemon's loop too, so the source's
+    /// state in status follows the stream at once, both ways, instead of at the next resync.
     fn set(&self, f: impl FnOnce(&mut Status)) {
-        f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+        let health_changed = {
+            let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            let before = s.problem().is_none();
+            f(&mut s);
+            before != s.problem().is_none()
+        };
         self.updates.send_modify(|n| *n += 1);
+        if let (true, Some(w)) = (health_changed, &self.wake) {
+            w.notify();
+        }
     }
 
     fn version(&self) -> String {
@@ -464,20 +490,12 @@ impl Pool {
         self.clients.get(pod).map(|(_, c)| c.status())
     }
 
-    /// Healthy when every stream is up and its last update was accepted; else the first
-    /// problem, named by pod.
+    /// Healthy when no stream has a problem ([`Status::problem`]); else the first problem,
+    /// named by pod.
     pub fn health(&self) -> Result<(), String> {
         for (pod, (_, c)) in &self.clients {
-            let s = c.status();
-            if !s.connected || !s.last_error.is_empty() {
-                return Err(format!(
-                    "{pod}: {}",
-                    if s.last_error.is_empty() {
-                        "not connected".to_string()
-                    } else {
-                        s.last_error
-                    }
-                ));
+            if let Some(p) = c.status().problem() {
+                return Err(format!("{pod}: {p}"));
             }
         }
         Ok(())
@@ -515,6 +533,23 @@ mod tests {
             }),
             ..Listener::default()
         }
+    }
+
+    #[test]
+    fn a_stream_has_a_problem_only_once_it_failed() {
+        let mut s = Status::default();
+        assert_eq!(s.problem(), None, "a first connection under way");
+        s.connected = true;
+        s.acks = 1;
+        assert_eq!(s.problem(), None);
+        s.connected = false;
+        assert_eq!(s.problem().as_deref(), Some("not connected"));
+        s.last_error = "connect: refused".into();
+        assert_eq!(s.problem().as_deref(), Some("connect: refused"));
+        s.connected = true;
+        assert!(s.problem().is_some(), "up again, but not yet ACKed");
+        s.last_error.clear();
+        assert_eq!(s.problem(), None);
     }
 
     #[test]
