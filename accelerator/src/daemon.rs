@@ -577,7 +577,7 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
                     desired.insert(cookie, (p, statuses.len()));
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "pod not accelerated");
+                    tracing::error!(pod = %st.name, error = %e, "pod not accelerated");
                     st.decline("invalid_policy", format!("invalid policy: {e}"));
                 }
             }
@@ -590,9 +590,17 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
         statuses.push(st);
     }
 
+    // Removed pods are named from the last pass (a pod listed by an earlier daemon has no name
+    // here: its cookie is all there is). Read before the datapath lock is taken.
+    let known: BTreeMap<u64, String> = shared
+        .read()
+        .pods
+        .iter()
+        .filter_map(|p| Some((p.netns_cookie?, p.name.clone())))
+        .collect();
     let mut errors = 0;
     if let Some(dp) = shared.datapath().as_mut() {
-        errors = write_policies(dp, &desired, &mut statuses);
+        errors = write_policies(dp, &desired, &mut statuses, &known);
         let (unique, ambiguous) =
             policy::pod_addresses(addresses.iter().map(|(c, ips)| (*c, ips.as_slice())));
         for ip in ambiguous {
@@ -621,6 +629,7 @@ fn write_policies(
     dp: &mut Datapath,
     desired: &BTreeMap<u64, (meshlane_common::PodPolicy, usize)>,
     statuses: &mut [PodStatus],
+    known: &BTreeMap<u64, String>,
 ) -> u64 {
     let current = match dp.pods() {
         Ok(c) => c,
@@ -662,11 +671,14 @@ fn write_policies(
         }
     }
     for cookie in &diff.remove {
+        let pod = known
+            .get(cookie)
+            .map_or("(listed by an earlier daemon)", String::as_str);
         match dp.remove_pod(*cookie) {
-            Ok(()) => tracing::info!(netns_cookie = cookie, "pod removed"),
+            Ok(()) => tracing::info!(pod, netns_cookie = cookie, "pod removed"),
             Err(e) => {
                 errors += 1;
-                tracing::error!(netns_cookie = cookie, error = %e, "policy removal failed")
+                tracing::error!(pod, netns_cookie = cookie, error = %e, "policy removal failed")
             }
         }
     }

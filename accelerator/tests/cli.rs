@@ -188,6 +188,13 @@ fn a_bad_pod_list_is_refused_by_field_and_the_last_good_state_kept() {
     std::fs::write(&config, "").unwrap();
     wait("the pod to be removed", &|| pods() == 0);
     assert!(daemon.terminate().success(), "SIGTERM is a clean stop");
+    // Log lines name the pod, not only its namespace cookie.
+    let said = std::fs::read_to_string(&log).unwrap();
+    let removed = said
+        .lines()
+        .find(|l| l.contains("pod removed"))
+        .unwrap_or_else(|| panic!("no removal logged:\n{said}"));
+    assert!(removed.contains("demo/a"), "{removed}");
     assert!(
         accel.pin_dir.exists(),
         "without --detach-on-exit the datapath stays pinned"
