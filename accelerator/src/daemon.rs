@@ -303,6 +303,7 @@ impl Sources {
         if let Some(k) = &self.kube {
             let snap = k.snapshot();
             match (&snap.error, snap.synced) {
+                (Some(e), _) if snap.throttled => source_degraded(shared, KUBE_SOURCE, e.clone()),
                 (Some(e), _) => source_failed(shared, KUBE_SOURCE, e.clone()),
                 (None, true) => source_ok(shared, KUBE_SOURCE),
                 (None, false) => {
@@ -689,6 +690,7 @@ fn source_ok(shared: &Shared, name: &str) {
     let mut s = shared.write();
     let h = s.sources.entry(name.to_string()).or_default();
     h.healthy = true;
+    h.degraded = false;
     h.last_error.clear();
     h.last_success = Some(SystemTime::now());
 }
@@ -697,8 +699,20 @@ fn source_failed(shared: &Shared, name: &str, error: String) {
     let mut s = shared.write();
     let h = s.sources.entry(name.to_string()).or_default();
     h.healthy = false;
+    h.degraded = false;
     h.last_error = error;
     h.errors_total += 1;
+}
+
+/// The source is throttled (not broken): its last good state is kept and it retries.
+fn source_degraded(shared: &Shared, name: &str, error: String) {
+    source_failed(shared, name, error);
+    shared
+        .write()
+        .sources
+        .entry(name.to_string())
+        .or_default()
+        .degraded = true;
 }
 
 /// A pod's redirect mode: the node's decision, unless the pod names its own, which is judged

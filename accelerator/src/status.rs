@@ -99,6 +99,8 @@ fn render(s: &pb::Status) -> String {
             src.name,
             if src.healthy {
                 "healthy"
+            } else if src.degraded {
+                "DEGRADED (throttled), last good state kept"
             } else {
                 "FAILING, last good state kept"
             },
@@ -201,6 +203,7 @@ fn to_json(s: &pb::Status) -> Value {
         "sources": s.sources.iter().map(|x| json!({
             "name": x.name,
             "healthy": x.healthy,
+            "degraded": x.degraded,
             "last_error": x.last_error,
             "last_success_unix": x.last_success_unix,
             "errors_total": x.errors_total,

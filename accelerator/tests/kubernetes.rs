@@ -762,6 +762,8 @@ struct Inner {
     requests: Vec<String>,
     /// Answer everything with 500 (an API server outage).
     broken: bool,
+    /// Answer everything with 429 and `Retry-After: 1` (API Priority and Fairness throttling).
+    throttled: bool,
 }
 
 fn key(o: &Value) -> String {
@@ -844,9 +846,18 @@ impl ApiServer {
     }
 
     fn set_broken(&self, broken: bool) {
+        self.set(|s| s.broken = broken);
+    }
+
+    fn set_throttled(&self, throttled: bool) {
+        self.set(|s| s.throttled = throttled);
+    }
+
+    /// Changes how the server answers, and ends the open watches (the client lists again).
+    fn set(&self, f: impl FnOnce(&mut Inner)) {
         let mut guard = self.inner.lock().unwrap();
         let s = &mut *guard;
-        s.broken = broken;
+        f(s);
         for w in s.pod_watches.drain(..).chain(s.ns_watches.drain(..)) {
             let _ = w.send(None);
         }
@@ -907,6 +918,18 @@ fn serve(conn: TcpStream, inner: &Mutex<Inner>) {
         };
         let mut s = inner.lock().unwrap();
         s.requests.push(target.clone());
+        if s.throttled {
+            drop(s);
+            respond(
+                &mut conn,
+                429,
+                &json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                "status": "Failure", "message": "Too many requests, please try again later.",
+                "reason": "TooManyRequests", "code": 429})
+                .to_string(),
+            );
+            continue;
+        }
         if s.broken {
             drop(s);
             respond(
@@ -967,14 +990,15 @@ fn serve(conn: TcpStream, inner: &Mutex<Inner>) {
 }
 
 fn respond(conn: &mut TcpStream, code: u16, body: &str) {
-    let reason = match code {
-        200 => "OK",
-        404 => "Not Found",
-        _ => "Internal Server Error",
+    let (reason, extra) = match code {
+        200 => ("OK", ""),
+        404 => ("Not Found", ""),
+        429 => ("Too Many Requests", "Retry-After: 1\r\n"),
+        _ => ("Internal Server Error", ""),
     };
     let _ = write!(
         conn,
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{body}",
         body.len()
     );
     let _ = conn.flush();
@@ -1446,6 +1470,40 @@ fn daemon_follows_the_watch_into_the_policy_map() {
     });
     server.pod_event("ADDED", injected.clone());
     support::wait_until("the pod back", || in_map(&accel).is_some());
+
+    // Throttling (429): the source is degraded, not failing; status, metrics and the log say
+    // so, the map keeps the last good state, and it is healthy again once the throttling ends.
+    server.set_throttled(true);
+    support::wait_until("source degraded", || {
+        support::try_status_json(&accel).is_some_and(|st| {
+            st["sources"].as_array().is_some_and(|s| {
+                s.iter().any(|x| {
+                    x["name"] == "kubernetes"
+                        && x["healthy"] == false
+                        && x["degraded"] == true
+                        && x["last_error"].as_str().is_some_and(|e| e.contains("429"))
+                })
+            })
+        })
+    });
+    let (_, body) = accel.http_get("/metrics").expect("metrics");
+    assert_eq!(
+        support::sample(&body, "meshlane_source_degraded{source=\"kubernetes\"}"),
+        Some(1.0),
+        "{body}"
+    );
+    assert!(logs().contains("throttling this client (429 Too Many Requests)"));
+    assert!(in_map(&accel).is_some(), "last good state kept");
+    server.set_throttled(false);
+    support::wait_until("source healthy after the throttling", || {
+        source_health(&accel).is_some_and(|(ok, _)| ok)
+    });
+    let (_, body) = accel.http_get("/metrics").expect("metrics");
+    assert_eq!(
+        support::sample(&body, "meshlane_source_degraded{source=\"kubernetes\"}"),
+        Some(0.0),
+        "{body}"
+    );
 
     // An outage: status and metrics say so, the map keeps the last good state.
     server.set_broken(true);

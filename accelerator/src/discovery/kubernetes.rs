@@ -940,6 +940,9 @@ struct State {
     namespaces_synced: bool,
     pod_error: Option<String>,
     namespace_error: Option<String>,
+    /// The last failure of each watch was the API server throttling this client (429).
+    pods_throttled: bool,
+    namespaces_throttled: bool,
 }
 
 /// What the daemon gets from one read.
@@ -949,6 +952,9 @@ pub struct Snapshot {
     pub synced: bool,
     /// The watch's last error, if it has not recovered since (the last good state is kept).
     pub error: Option<String>,
+    /// That error is the API server throttling this client (429 Too Many Requests, after the
+    /// client's own retries): the source is degraded rather than broken.
+    pub throttled: bool,
     pub discovery: Discovery,
     /// Per pod name: UID and IPs, for status.
     pub identities: BTreeMap<String, (String, Vec<IpAddr>)>,
@@ -978,7 +984,7 @@ impl Source {
 
     /// The current pods, each with its network namespace found on the node.
     pub fn snapshot(&self) -> Snapshot {
-        let (mapped, synced, error) = {
+        let (mapped, synced, error, throttled) = {
             let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
             let mapped: Vec<Mapped> = st
                 .pods
@@ -1006,7 +1012,16 @@ impl Source {
                     .clone()
                     .map(|e| format!("namespaces: {e}"))
             });
-            (mapped, st.pods_synced && st.namespaces_synced, error)
+            let throttled = (st.pod_error.is_some() && st.pods_throttled)
+                || (st.pod_error.is_none()
+                    && st.namespace_error.is_some()
+                    && st.namespaces_throttled);
+            (
+                mapped,
+                st.pods_synced && st.namespaces_synced,
+                error,
+                throttled,
+            )
         };
         let host = procfs::netns_inode(&self.opts.host_netns).ok();
         let by_uid = if mapped.iter().any(|m| m.verdict.is_ok()) {
@@ -1049,6 +1064,7 @@ impl Source {
         Snapshot {
             synced,
             error,
+            throttled,
             discovery: d,
             identities,
         }
@@ -1064,6 +1080,13 @@ async fn watch_all(opts: Options, state: Arc<Mutex<State>>, wake: Wake) {
                 .map(kube::Config::new)
                 .map_err(|e| format!("{u:?}: {e}")),
         };
+        // kube-rs would retry a 429, 503 or 504 itself, silently, up to 15 times with a backoff
+        // growing from 5 ms (minutes in all): the watch here restarts with its own jittered
+        // backoff instead, so throttling and outages show in status and logs as they happen.
+        let config = config.map(|mut c| {
+            c.default_retry = false;
+            c
+        });
         match config.and_then(|c| Client::try_from(c).map_err(|e| e.to_string())) {
             Ok(c) => break c,
             Err(e) => {
@@ -1105,14 +1128,34 @@ fn is_gone(e: &watcher::Error) -> bool {
     matches!(e, watcher::Error::WatchError(s) if s.code == 410)
 }
 
+/// The least wait before listing again after a 429.
+const THROTTLED_MIN_DELAY: Duration = Duration::from_secs(1);
+
+/// Whether a watcher error is the API server throttling this client: 429 Too Many Requests
+/// (API Priority and Fairness).
+fn is_throttled(e: &watcher::Error) -> bool {
+    let code = match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code,
+        watcher::Error::WatchError(s) => s.code,
+        _ => 0,
+    };
+    code == 429
+}
+
 /// What a watch tells its owner.
 enum Change<K> {
     /// A complete list (at start, after a 410 Gone, after a failure): replaces everything.
     Replace(Vec<K>),
     Apply(K),
     Delete(K),
-    /// The watch failed; it is restarted (with a fresh list) after a backoff.
-    Failed(String),
+    /// The watch failed; it is restarted (with a fresh list) after a backoff. `throttled`: the
+    /// failure was a 429 Too Many Requests.
+    Failed {
+        error: String,
+        throttled: bool,
+    },
 }
 
 /// Runs a watcher forever. kube-rs relists by itself on 410 Gone; on any other error the stream
@@ -1131,6 +1174,7 @@ async fn follow<K>(
     let mut backoff =
         super::backoff::Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     loop {
+        let mut throttled = false;
         let mut stream = watcher(api.clone(), config.clone()).boxed();
         let mut buffer = Vec::new();
         while let Some(ev) = stream.next().await {
@@ -1155,8 +1199,16 @@ async fn follow<K>(
                     continue;
                 }
                 Err(e) => {
-                    tracing::error!(what, error = %e, "watch failed; keeping the last good state");
-                    on(Change::Failed(e.to_string()));
+                    throttled = is_throttled(&e);
+                    if throttled {
+                        tracing::warn!(what, error = %e, "the API server is throttling this client (429 Too Many Requests); backing off, keeping the last good state");
+                    } else {
+                        tracing::error!(what, error = %e, "watch failed; keeping the last good state");
+                    }
+                    on(Change::Failed {
+                        error: e.to_string(),
+                        throttled,
+                    });
                     wake.notify();
                     break;
                 }
@@ -1164,7 +1216,11 @@ async fn follow<K>(
             on(change);
             wake.notify();
         }
-        let delay = backoff.next_delay();
+        let mut delay = backoff.next_delay();
+        if throttled {
+            // A throttled client gives the API server at least a second.
+            delay = delay.max(THROTTLED_MIN_DELAY);
+        }
         tracing::info!(what, retry_in = ?delay, "restarting the watch with a fresh list");
         tokio::time::sleep(delay).await;
     }
@@ -1193,7 +1249,10 @@ async fn watch_pods(client: Client, node: &str, state: &Mutex<State>, wake: &Wak
                 st.pods.remove(&pod_key(&o));
                 st.pod_error = None;
             }
-            Change::Failed(e) => st.pod_error = Some(e),
+            Change::Failed { error, throttled } => {
+                st.pod_error = Some(error);
+                st.pods_throttled = throttled;
+            }
         }
     })
     .await
@@ -1231,7 +1290,10 @@ async fn watch_namespaces(client: Client, state: &Mutex<State>, wake: &Wake) {
                 Change::Delete(n) => {
                     st.namespaces.remove(&facts(&n).0);
                 }
-                Change::Failed(e) => st.namespace_error = Some(e),
+                Change::Failed { error, throttled } => {
+                    st.namespace_error = Some(error);
+                    st.namespaces_throttled = throttled;
+                }
             }
         },
     )

@@ -153,6 +153,7 @@ fn build_status(shared: &Shared) -> pb::Status {
             .map(|(name, h)| pb::Source {
                 name: name.clone(),
                 healthy: h.healthy,
+                degraded: h.degraded,
                 last_error: h.last_error.clone(),
                 last_success_unix: h.last_success.map(unix_secs).unwrap_or(0.0),
                 errors_total: h.errors_total,

@@ -440,6 +440,18 @@ impl prometheus_client::collector::Collector for Collector {
             Gauge,
             &up,
         )?;
+        let degraded: Vec<_> = snap
+            .sources
+            .iter()
+            .map(|(n, h)| (vec![("source", n.as_str())], u64::from(h.degraded)))
+            .collect();
+        family(
+            &mut enc,
+            "meshlane_source_degraded",
+            "1 if the discovery source is throttled (an API server's 429): not failing, last good state kept, retrying",
+            Gauge,
+            &degraded,
+        )?;
         let errs: Vec<_> = snap
             .sources
             .iter()

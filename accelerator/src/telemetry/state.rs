@@ -64,6 +64,9 @@ impl PodStatus {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SourceHealth {
     pub healthy: bool,
+    /// Not healthy because the source is being throttled (an API server's 429), not broken:
+    /// it keeps the last good state and retries with backoff.
+    pub degraded: bool,
     pub last_error: String,
     pub last_success: Option<SystemTime>,
     pub errors_total: u64,
