@@ -376,6 +376,7 @@ impl Sources {
             match xds::cross_check(&pod, &cap) {
                 xds::Verdict::Agree => kept.push(pod),
                 xds::Verdict::Tproxy => d.skipped.push(discovery::Skipped {
+                    derived: Some((&pod).into()),
                     name: pod.name.clone(),
                     netns: pod.netns.clone(),
                     reason: discovery::Reason::Tproxy,
@@ -463,10 +464,7 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
             } else {
                 sources.primary.into()
             },
-            proxy_uid: 0,
-            proxy_gid: 0,
-            outbound_port: 0,
-            inbound_port: 0,
+            derived: sk.derived,
             uid: String::new(),
             ips: Vec::new(),
             mode: None,
@@ -530,10 +528,7 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
             } else {
                 sources.primary.into()
             },
-            proxy_uid: pod.proxy_uid,
-            proxy_gid: pod.proxy_gid,
-            outbound_port: pod.outbound_port,
-            inbound_port: pod.inbound_port,
+            derived: Some(pod.into()),
             uid: String::new(),
             ips: Vec::new(),
             mode: Some(pod_mode.mode),

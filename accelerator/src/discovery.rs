@@ -155,6 +155,29 @@ pub struct Skipped {
     pub netns: PathBuf,
     pub reason: Reason,
     pub detail: String,
+    /// What was derived about its sidecar before it was declined, when it got that far.
+    pub derived: Option<Derived>,
+}
+
+/// A sidecar's identity and capture ports as discovery derived them (status shows them for
+/// pods that are not accelerated too, instead of zeros).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Derived {
+    pub proxy_uid: u32,
+    pub proxy_gid: u32,
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+}
+
+impl From<&Pod> for Derived {
+    fn from(p: &Pod) -> Derived {
+        Derived {
+            proxy_uid: p.proxy_uid,
+            proxy_gid: p.proxy_gid,
+            outbound_port: p.outbound_port,
+            inbound_port: p.inbound_port,
+        }
+    }
 }
 
 /// Something worth a log line about a pod that is accelerated (perhaps only one hop).
@@ -218,6 +241,7 @@ impl Discovery {
                 netns: o.netns,
                 reason: Reason::OptedOut,
                 detail: "accelerate = false in the pod list file".into(),
+                derived: None,
             }));
         self
     }
@@ -259,6 +283,7 @@ impl NamespaceFilter {
             match self.refuses(&pod.name) {
                 None => kept.push(pod),
                 Some(why) => d.skipped.push(Skipped {
+                    derived: Some((&pod).into()),
                     name: pod.name,
                     netns: pod.netns,
                     reason: Reason::OptedOut,
@@ -323,6 +348,7 @@ impl Discoverer {
                     netns: opts.proc_root.clone(),
                     reason: Reason::NetnsNotFound,
                     detail: format!("cannot read {}: {e}", opts.proc_root.display()),
+                    derived: None,
                 });
                 return out;
             }
@@ -406,6 +432,7 @@ fn bare_namespace(opts: &Options, path: PathBuf) -> Outcome {
             netns: path,
             reason: Reason::NoSidecar,
             detail: "Istio capture rules, but no proxy process".into(),
+            derived: None,
         }),
         Err(_) => Outcome::Nothing,
     }
@@ -456,6 +483,7 @@ fn isolated(path: &Path, read: impl FnOnce() -> Outcome) -> Outcome {
             netns: path.to_path_buf(),
             reason: Reason::BadAdminConfig,
             detail: format!("reading this pod panicked ({what}); please report it"),
+            derived: None,
         })
     })
 }
@@ -471,6 +499,7 @@ fn proxy_namespace(opts: &Options, path: PathBuf, procs: &[procfs::Process]) -> 
             netns: path.clone(),
             reason,
             detail,
+            derived: None,
         })
     };
     let ns = match File::open(&path) {

@@ -632,19 +632,32 @@ fn pods_that_are_not_meshed() {
 fn pending_pods_wait_for_running_and_an_address() {
     let mut v = fixture("injected-istio-init.json");
     v["status"]["phase"] = json!("Pending");
-    let (r, d) = declined(&map(v));
+    let m = map(v);
+    let (r, d) = declined(&m);
     assert_eq!((r, r.as_str()), (Reason::Pending, "pending"));
     assert!(d.contains("Pending"), "{d}");
+    // Status shows what was derived about the sidecar, not zeros.
+    assert_eq!(
+        m.verdict.unwrap_err().derived,
+        Some(meshlane::discovery::Derived {
+            proxy_uid: 1337,
+            proxy_gid: 1337,
+            outbound_port: 15001,
+            inbound_port: 15006
+        })
+    );
     let mut v = fixture("injected-istio-init.json");
     v["status"]["podIP"] = Value::Null;
     v["status"]["podIPs"] = json!([]);
     let (r, d) = declined(&map(v));
     assert_eq!(r, Reason::Pending);
     assert!(d.contains("podIP"), "{d}");
-    // Not meshed stays not meshed, whatever the phase.
+    // Not meshed stays not meshed, whatever the phase; nothing was derived.
     let mut v = fixture("no-sidecar.json");
     v["status"]["phase"] = json!("Pending");
-    assert_eq!(declined(&map(v)).0, Reason::NoSidecar);
+    let m = map(v);
+    assert_eq!(declined(&m).0, Reason::NoSidecar);
+    assert_eq!(m.verdict.unwrap_err().derived, None);
 }
 
 /// A pod with a user namespace of its own: its rules exempt uid 1337 inside it, BPF would see
@@ -1462,6 +1475,11 @@ fn daemon_follows_the_watch_into_the_policy_map() {
     });
     let pod = opted_out(&support::status_json(&accel)).unwrap();
     assert_eq!(pod["source"], "kubernetes", "{pod}");
+    // Declined before its capture was read: nothing derived, so nothing shown (not zeros).
+    assert!(
+        pod["proxy_uid"].is_null() && pod["outbound_port"].is_null(),
+        "{pod}"
+    );
 
     // Deletion removes the pod from the map.
     server.pod_event("DELETED", injected.clone());
@@ -1702,6 +1720,17 @@ fn daemon_cross_checks_each_pod_against_its_sidecars_xds_listeners() {
     assert_eq!(pod["state"], "not_accelerated", "{pod}");
     assert!(
         pod["reason"].as_str().unwrap().contains("transparent"),
+        "{pod}"
+    );
+    // Declined after its capture was derived: status shows it.
+    assert_eq!(
+        (
+            &pod["proxy_uid"],
+            &pod["proxy_gid"],
+            &pod["outbound_port"],
+            &pod["inbound_port"]
+        ),
+        (&json!(1337), &json!(1337), &json!(15001), &json!(15006)),
         "{pod}"
     );
     daemon.terminate();

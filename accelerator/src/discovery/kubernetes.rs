@@ -59,6 +59,8 @@ pub struct NamespaceFacts {
 pub struct Declined {
     pub reason: Reason,
     pub detail: String,
+    /// What was derived before the decline, when the pod got that far.
+    pub derived: Option<super::Derived>,
 }
 
 /// One API pod, mapped. `verdict`'s pod has an empty `netns`: the node fills it in.
@@ -78,6 +80,7 @@ fn decline(reason: Reason, detail: impl Into<String>) -> Declined {
     Declined {
         reason,
         detail: super::clip(&detail.into()),
+        derived: None,
     }
 }
 
@@ -136,6 +139,12 @@ pub fn map(pod: &ApiPod, ns: Option<&NamespaceFacts>) -> Option<Mapped> {
         out.ips = pod_ips(pod)?;
         let mut p = map_capture(pod, ns, &out.name, &mut out.notes)?;
         p.capture_ipv6 = ipv6_captured(pod, &out.ips, &mut out.notes);
+        // Declined from here on, the pod still shows what was derived about its sidecar.
+        let derived = Some(super::Derived::from(&p));
+        let decline = |reason, detail: &str| Declined {
+            derived,
+            ..decline(reason, detail)
+        };
         if pod.spec.as_ref().and_then(|s| s.host_users) == Some(false) {
             // Its capture rules name the proxy's ids inside the pod's user namespace, and BPF
             // sees the host's; kubelet picks the mapping and the API does not say it. (Local
@@ -150,7 +159,7 @@ pub fn map(pod: &ApiPod, ns: Option<&NamespaceFacts>) -> Option<Mapped> {
         if phase != Some("Running") {
             return Err(decline(
                 Reason::Pending,
-                format!(
+                &format!(
                     "status.phase is {}: accelerated once Running",
                     phase.unwrap_or("not set")
                 ),
@@ -1044,6 +1053,7 @@ impl Source {
                         d.pods.push(pod);
                     }
                     None => d.skipped.push(Skipped {
+                        derived: Some((&pod).into()),
                         name: m.name,
                         netns: PathBuf::new(),
                         reason: Reason::NetnsNotFound,
@@ -1058,6 +1068,7 @@ impl Source {
                     netns: PathBuf::new(),
                     reason: dc.reason,
                     detail: dc.detail,
+                    derived: dc.derived,
                 }),
             }
         }

@@ -36,10 +36,9 @@ pub struct PodStatus {
     /// The same as a short stable code for metric labels (`netns_not_found`, ...).
     pub reason_code: &'static str,
     pub source: String,
-    pub proxy_uid: u32,
-    pub proxy_gid: u32,
-    pub outbound_port: u16,
-    pub inbound_port: u16,
+    /// The sidecar's uid/gid and capture ports, as discovery derived them (also for a pod it
+    /// declined, when it got that far); `None` when nothing was derived.
+    pub derived: Option<crate::discovery::Derived>,
     /// The Kubernetes pod UID and IPs, when the source knows them.
     pub uid: String,
     pub ips: Vec<std::net::IpAddr>,
