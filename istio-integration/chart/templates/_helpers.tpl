@@ -44,27 +44,18 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 
 {{/*
 Refuses values the daemon cannot honour, at template time, with the reason. Included by the
-DaemonSet so that `helm template`, `helm install` and `helm lint` all stop on it.
+DaemonSet so that `helm template`, `helm install` and `helm lint` all stop on it. Each value's
+own type, enum, range and pattern is values.schema.json's (helm checks it first); what is left
+here are rules across fields, the explanation of a planned source, and the pod list entries'
+keys (named per entry).
 */}}
 {{- define "meshlane.validate" -}}
 {{- $source := .Values.discovery.source -}}
-{{- $planned := list "xds" -}}
-{{- $working := list "local" "kubernetes" -}}
-{{- if has $source $planned -}}
+{{- if eq $source "xds" -}}
 {{- fail (printf "discovery.source=%s: this meshlane (%s) does not implement the %s source on its own: xDS cross-checks the kubernetes source (set discovery.source=kubernetes and discovery.xdsServer); the working sources are local (sidecars found on each node) and kubernetes (this node's pods from the API server)" $source .Chart.AppVersion $source) -}}
-{{- else if not (has $source $working) -}}
-{{- fail (printf "discovery.source=%v: unknown source; the working sources are local and kubernetes" $source) -}}
 {{- end -}}
 {{- if and .Values.discovery.xdsServer (ne $source "kubernetes") -}}
 {{- fail "discovery.xdsServer needs discovery.source=kubernetes: each pod's xDS identity (pod IP, name, namespace) comes from the API" -}}
-{{- end -}}
-{{- $modes := list "auto" "reader" "two-way" "sidecar" "off" -}}
-{{- if not (has .Values.mode $modes) -}}
-{{- fail (printf "mode=%v: expected one of %s" .Values.mode (join ", " $modes)) -}}
-{{- end -}}
-{{- $sockets := .Values.maxSockets -}}
-{{- if or (not (or (kindIs "float64" $sockets) (kindIs "int" $sockets) (kindIs "int64" $sockets))) (ne (float64 (int $sockets)) (float64 $sockets)) (lt (int $sockets) 16) (gt (int $sockets) 1048576) -}}
-{{- fail (printf "maxSockets=%v: expected a whole number of sockets from 16 to 1048576" $sockets) -}}
 {{- end -}}
 {{- $known := list "name" "netns" "proxy_uid" "proxy_gid" "outbound_port" "inbound_port" "inbound_bind" "exclude_outbound_ports" "exclude_inbound_ports" "exclude_outbound_cidrs" "include_outbound_cidrs" "accelerate" "mode" -}}
 {{- range $i, $pod := .Values.discovery.local.pods -}}
