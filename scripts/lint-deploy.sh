@@ -141,6 +141,7 @@ declare -A variants=(
   [pods-netns-nobpffsinit]="--set bpffs.mountIfMissing=false --set hostNetnsDir.enabled=true -f $work/pods.yaml"
   [all-in-one]="--set createNamespace=true"
   [kubernetes]="--set discovery.source=kubernetes"
+  [monitoring]="--set podMonitor.enabled=true --set podMonitor.honorLabels=true --set prometheusRule.enabled=true"
 )
 cat >"$work/pods.yaml" <<'EOF'
 discovery:
@@ -203,6 +204,14 @@ expect(ds(d)["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == 1, 
 
 s = load("servicemonitor")
 expect("ServiceMonitor" in kinds(s) and "Service" in kinds(s), "servicemonitor: Service and ServiceMonitor rendered")
+m = load("monitoring")
+expect("PodMonitor" in kinds(m) and "PrometheusRule" in kinds(m) and "ServiceMonitor" not in kinds(m), "monitoring: PodMonitor and PrometheusRule rendered, no ServiceMonitor")
+pm = next(x for x in m if x["kind"] == "PodMonitor")
+expect(pm["spec"]["podMetricsEndpoints"][0]["honorLabels"] is True, "monitoring: PodMonitor honorLabels from values")
+with open("istio-integration/chart/files/alerts.yaml") as f:
+    alerts = yaml.safe_load(f)
+pr = next(x for x in m if x["kind"] == "PrometheusRule")
+expect(pr["spec"]["groups"] == alerts["groups"], "monitoring: PrometheusRule carries files/alerts.yaml unchanged")
 n = load("no-prestop")
 expect("lifecycle" not in main(n), "no-prestop: no preStop hook")
 p = load("pods-netns-nobpffsinit")
@@ -357,6 +366,8 @@ import { pathToFileURL } from "node:url";
 const root = process.cwd() + "/node_modules/@kubernetes-models/";
 const models = {
   "monitoring.coreos.com/v1/ServiceMonitor": "prometheus-operator/monitoring.coreos.com/v1/ServiceMonitor.js",
+  "monitoring.coreos.com/v1/PodMonitor": "prometheus-operator/monitoring.coreos.com/v1/PodMonitor.js",
+  "monitoring.coreos.com/v1/PrometheusRule": "prometheus-operator/monitoring.coreos.com/v1/PrometheusRule.js",
   "install.istio.io/v1alpha1/IstioOperator": "istio/install.istio.io/v1alpha1/IstioOperator.js",
 };
 const objects = JSON.parse(readFileSync(process.argv[2], "utf8"));
@@ -378,6 +389,12 @@ process.exit(bad ? 1 : 0);
 EOF
 }
 
+# The chart's alerts, checked and unit-tested by Prometheus's own tool.
+alert_rules() {
+  promtool check rules "$CHART/files/alerts.yaml" || return 1
+  promtool test rules istio-integration/alerts/alerts_test.yaml
+}
+
 hadolint_dockerfile() {
   "$VENV_BIN/hadolint" --no-color docker/Dockerfile || return 1
   echo "no findings"
@@ -395,14 +412,15 @@ rendered_current() {
 say "helm $("$HELM" version --short), $("$VENV_BIN/hadolint" --version), $("$VENV_BIN/yamllint" --version)"
 step "yamllint: Chart.yaml, values.yaml, istio-overlay.yaml, rendered/meshlane.yaml" lint_yaml
 step "helm lint --strict" "$HELM" lint --strict "$CHART"
-step "helm template: defaults, servicemonitor, no-prestop, pods+netns, all-in-one, kubernetes" render_all
+step "helm template: defaults, servicemonitor, monitoring, no-prestop, pods+netns, all-in-one, kubernetes" render_all
 step "rendered objects: each variation shows what its values ask" check_variants
 step "helm template refuses bad values: values.schema.json (types, enums, ranges, patterns, unknown keys) and the templates' rules across fields" must_fail
 step "split rendered objects: built-in vs CRD" split_objects
 step "kubernetes-validate --strict on every built-in object ($K8S_VERSIONS)" k8s_validate
 step "kubernetes-validate --strict rejects a broken DaemonSet (negative control)" k8s_validate_negative
 step "API-server rules no schema carries (mount propagation, privilege escalation, probe ports)" api_rules
-step "ServiceMonitor and IstioOperator overlay against @kubernetes-models schemas" crd_validate
+step "ServiceMonitor, PodMonitor, PrometheusRule and IstioOperator overlay against @kubernetes-models schemas" crd_validate
+step "alert rules: promtool check rules and promtool test rules (istio-integration/alerts)" alert_rules
 step "hadolint docker/Dockerfile" hadolint_dockerfile
 step "shellcheck scripts/lint-deploy.sh istio-integration/check-capabilities.sh" \
   shellcheck scripts/lint-deploy.sh istio-integration/check-capabilities.sh

@@ -242,6 +242,35 @@ fn status_and_metrics_match_the_kernel_counters_and_prometheus_scrapes_them() {
         String::from_utf8_lossy(&lint.stdout),
         String::from_utf8_lossy(&lint.stderr)
     );
+    // Every series the chart's alerts query is one this daemon exports (the rules themselves
+    // are unit-tested with promtool in scripts/lint-deploy.sh).
+    let alerts = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../istio-integration/chart/files/alerts.yaml"
+    ))
+    .unwrap();
+    let exported: std::collections::BTreeSet<&str> = body
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let queried: std::collections::BTreeSet<String> = alerts
+        .lines()
+        .filter(|l| l.trim_start().starts_with("expr:"))
+        .flat_map(|l| {
+            l.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("meshlane_"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(queried.len() >= 5, "{queried:?}");
+    for name in &queried {
+        assert!(
+            exported.contains(name.as_str()),
+            "the alerts query {name}, which /metrics does not export"
+        );
+    }
     for (series, want) in [
         ("meshlane_pairs_total{hop=\"outbound\"}", N),
         ("meshlane_pairs_total{hop=\"inbound\"}", N),
