@@ -28,6 +28,16 @@ fn tcp_socket() -> Result<OwnedFd> {
     .context("socket(AF_INET, SOCK_STREAM)")
 }
 
+fn tcp6_socket() -> Result<OwnedFd> {
+    socket(
+        AddressFamily::Inet6,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .context("socket(AF_INET6, SOCK_STREAM)")
+}
+
 /// A listening socket on `addr` with SO_REUSEADDR, in the calling thread's
 /// network namespace.
 pub(crate) fn listen_reuseaddr(addr: SocketAddrV4) -> Result<TcpListener> {
@@ -53,13 +63,7 @@ pub(crate) fn listen_v6_only(port: u16) -> Result<TcpListener> {
 }
 
 fn listen6(port: u16, v6_only: bool) -> Result<TcpListener> {
-    let fd = socket(
-        AddressFamily::Inet6,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .context("socket(AF_INET6, SOCK_STREAM)")?;
+    let fd = tcp6_socket()?;
     setsockopt(&fd, sockopt::ReuseAddr, &true)
         .with_context(|| format!("SO_REUSEADDR for listener [::]:{port}"))?;
     setsockopt(&fd, sockopt::Ipv6V6Only, &v6_only)
@@ -94,13 +98,7 @@ pub(crate) fn connect_from_any(src: Option<IpAddr>, dst: SocketAddr) -> Result<T
         }
         SocketAddr::V6(dst) => dst,
     };
-    let fd = socket(
-        AddressFamily::Inet6,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .context("socket(AF_INET6, SOCK_STREAM)")?;
+    let fd = tcp6_socket()?;
     if let Some(IpAddr::V6(src)) = src {
         bind(
             fd.as_raw_fd(),
