@@ -141,6 +141,7 @@ declare -A variants=(
   [pods-netns-nobpffsinit]="--set bpffs.mountIfMissing=false --set hostNetnsDir.enabled=true -f $work/pods.yaml"
   [all-in-one]="--set createNamespace=true"
   [kubernetes]="--set discovery.source=kubernetes"
+  [overrides]="--set fullnameOverride=meshlane-node --set nameOverride=ml"
   [monitoring]="--set podMonitor.enabled=true --set podMonitor.honorLabels=true --set prometheusRule.enabled=true"
 )
 cat >"$work/pods.yaml" <<'EOF'
@@ -204,6 +205,8 @@ expect(ds(d)["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == 1, 
 
 s = load("servicemonitor")
 expect("ServiceMonitor" in kinds(s) and "Service" in kinds(s), "servicemonitor: Service and ServiceMonitor rendered")
+o = load("overrides")
+expect(ds(o)["metadata"]["name"] == "meshlane-node", "overrides: fullnameOverride names the objects")
 m = load("monitoring")
 expect("PodMonitor" in kinds(m) and "PrometheusRule" in kinds(m) and "ServiceMonitor" not in kinds(m), "monitoring: PodMonitor and PrometheusRule rendered, no ServiceMonitor")
 pm = next(x for x in m if x["kind"] == "PodMonitor")
@@ -258,6 +261,9 @@ must_fail() {
 --set bogus=1|additional properties 'bogus' not allowed
 --set discovery.resinc=2s|additional properties 'resinc' not allowed
 --set discovery.resync=2h|at '/discovery/resync': '2h' does not match pattern
+--set discovery.resync=5ms|at '/discovery/resync': '5ms' does not match pattern
+--set discovery.resync=61m|at '/discovery/resync': '61m' does not match pattern
+--set podMonitor.enabled=true --set serviceMonitor.enabled=true|podMonitor and serviceMonitor both scrape
 --set metricsPort=abc|at '/metricsPort': got string, want integer
 --set metricsPort=70000|at '/metricsPort': maximum:
 --set image.pullPolicy=Sometimes|at '/image/pullPolicy': value must be one of
@@ -412,7 +418,7 @@ rendered_current() {
 say "helm $("$HELM" version --short), $("$VENV_BIN/hadolint" --version), $("$VENV_BIN/yamllint" --version)"
 step "yamllint: Chart.yaml, values.yaml, istio-overlay.yaml, rendered/meshlane.yaml" lint_yaml
 step "helm lint --strict" "$HELM" lint --strict "$CHART"
-step "helm template: defaults, servicemonitor, monitoring, no-prestop, pods+netns, all-in-one, kubernetes" render_all
+step "helm template: defaults, servicemonitor, monitoring, overrides, no-prestop, pods+netns, all-in-one, kubernetes" render_all
 step "rendered objects: each variation shows what its values ask" check_variants
 step "helm template refuses bad values: values.schema.json (types, enums, ranges, patterns, unknown keys) and the templates' rules across fields" must_fail
 step "split rendered objects: built-in vs CRD" split_objects

@@ -691,23 +691,22 @@ fn source_ok(shared: &Shared, name: &str) {
 }
 
 fn source_failed(shared: &Shared, name: &str, error: String) {
-    let mut s = shared.write();
-    let h = s.sources.entry(name.to_string()).or_default();
-    h.healthy = false;
-    h.degraded = false;
-    h.last_error = error;
-    h.errors_total += 1;
+    source_down(shared, name, error, false);
 }
 
 /// The source is throttled (not broken): its last good state is kept and it retries.
 fn source_degraded(shared: &Shared, name: &str, error: String) {
-    source_failed(shared, name, error);
-    shared
-        .write()
-        .sources
-        .entry(name.to_string())
-        .or_default()
-        .degraded = true;
+    source_down(shared, name, error, true);
+}
+
+/// One write, so a scrape never sees half of it.
+fn source_down(shared: &Shared, name: &str, error: String, degraded: bool) {
+    let mut s = shared.write();
+    let h = s.sources.entry(name.to_string()).or_default();
+    h.healthy = false;
+    h.degraded = degraded;
+    h.last_error = error;
+    h.errors_total += 1;
 }
 
 /// A pod's redirect mode: the node's decision, unless the pod names its own, which is judged

@@ -46,8 +46,9 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/meshlane";
 
 /// Sockets each sockhash holds at once unless `--max-sockets` says otherwise.
 pub const DEFAULT_MAX_SOCKETS: u32 = maps::SOCKS_MAX;
-/// What `--max-sockets` accepts. Below 16 even the start-up probe's scenarios would not fit; the
-/// top keeps the preallocated pairing and unread maps (DESIGN.md "Maps") within a few hundred MB.
+/// What `--max-sockets` accepts: a handful of connections at the bottom (the start-up probe has
+/// its own copy, [`SCRATCH_MAX_SOCKETS`]); the top keeps the preallocated pairing and unread maps
+/// (DESIGN.md "Capacity") within a few hundred MB.
 pub const MAX_SOCKETS_RANGE: std::ops::RangeInclusive<u32> = 16..=1 << 20;
 /// The start-up probe's private copy holds a handful of sockets; it need not preallocate the
 /// node's full pairing map.

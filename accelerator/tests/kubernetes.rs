@@ -1690,7 +1690,8 @@ fn daemon_cross_checks_each_pod_against_its_sidecars_xds_listeners() {
         &json!([{"version": "1", "listeners": support::istio_listeners(15001, 15016, false)}]),
         "differ-again",
     );
-    support::wait_until_within("xds source healthy again", Duration::from_secs(10), || {
+    // Its reconnect backoff may be a few seconds by now; the resync is ten minutes away.
+    support::wait_until_within("xds source healthy again", Duration::from_secs(45), || {
         xds_healthy(&accel) == Some(true)
     });
 

@@ -1,4 +1,7 @@
 //! A sidecar whose memory cgroup is at its TCP limit, behind a reader that stopped reading.
+//! (The whole test process joins the limited group, the app's writer too: the relays run as its
+//! threads. The app's own sends charge its socket, which plain TCP's result below shows holds
+//! it back by blocking; what differs is the redirect's charge to the sidecar's socket.)
 //! Plain TCP holds the writer back (a blocking write waits, a non-blocking one gets EAGAIN). A
 //! redirect charges the bytes to the receiving socket's memory cgroup from the writer's call,
 //! and a charge that fails there is the writer's error (ENOMEM) or a short write
@@ -29,6 +32,8 @@ const V1_MEMORY: &str = "/sys/fs/cgroup/memory";
 /// (sockets created or accepted meanwhile are charged to it).
 struct TcpLimitedMemcg {
     path: PathBuf,
+    /// The group this process was in, to go back to.
+    was: PathBuf,
 }
 
 impl TcpLimitedMemcg {
@@ -39,8 +44,20 @@ impl TcpLimitedMemcg {
             return None;
         }
         let path = root.join(format!("meshlane-test-{name}-{}", std::process::id()));
+        let was = std::fs::read_to_string("/proc/self/cgroup")
+            .unwrap()
+            .lines()
+            .find_map(|l| {
+                let mut f = l.splitn(3, ':');
+                let (_, controllers, p) = (f.next()?, f.next()?, f.next()?);
+                controllers
+                    .split(',')
+                    .any(|c| c == "memory")
+                    .then(|| root.join(p.trim_start_matches('/')))
+            })
+            .unwrap_or_else(|| root.clone());
         std::fs::create_dir(&path).unwrap();
-        let g = TcpLimitedMemcg { path };
+        let g = TcpLimitedMemcg { path, was };
         std::fs::write(
             g.path.join("memory.kmem.tcp.limit_in_bytes"),
             tcp_limit.to_string(),
@@ -62,7 +79,7 @@ impl TcpLimitedMemcg {
 impl Drop for TcpLimitedMemcg {
     fn drop(&mut self) {
         let _ = std::fs::write(
-            PathBuf::from(V1_MEMORY).join("cgroup.procs"),
+            self.was.join("cgroup.procs"),
             std::process::id().to_string(),
         );
         // The group goes once its sockets' charges are gone; retry briefly.

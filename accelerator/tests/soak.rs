@@ -1,5 +1,6 @@
 //! The soak: mixed traffic through real Envoy (Istio's mTLS between the sidecars, all three hops
-//! accelerated) while the daemon is SIGKILLed and restarted every few seconds, the pod list
+//! accelerated) while the daemon is SIGKILLed and restarted every few seconds (three restarts
+//! in four skip the start-up probe so that they reconcile before they die), the pod list
 //! flaps (pods listed, unlisted, a pod list that does not parse), and short-lived pods come and
 //! go with connections open. Afterwards: every byte of every connection arrived, in order; no
 //! connection broke; no daemon panicked; all three hops were redirected; and once the pods are
@@ -345,18 +346,32 @@ fn churn_pods(tally: &Tally, list: &Mutex<PodList>, path: &Path, lives: &AtomicU
     }
 }
 
-fn start_daemon(accel: &Accel, config: &Path, log: &Path) -> Daemon {
+/// Starts a daemon. `probe`: run the start-up probe (several seconds, so most such daemons are
+/// killed while probing); otherwise `--force`, so the daemon reconciles within its short life.
+fn start_daemon(accel: &Accel, config: &Path, log: &Path, probe: bool) -> Daemon {
     let log = append_to(log);
+    let mut cmd = accel.run_command();
+    if !probe {
+        cmd.arg("--force");
+    }
     Daemon(
-        accel
-            .run_command()
-            .args(["--resync", "100ms", "--sweep", "1s", "--config"])
+        cmd.args(["--resync", "100ms", "--sweep", "1s", "--config"])
             .arg(config)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("start meshlane run"),
     )
+}
+
+/// Ends the soak's workers when dropped, also when the daemon's loop panics (the scope would
+/// otherwise wait for them forever).
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Relaxed);
+    }
 }
 
 fn soak_secs() -> u64 {
@@ -404,7 +419,7 @@ fn soak_daemon_kills_pod_churn_and_list_flaps_under_mixed_traffic() {
     });
     list.lock().unwrap().write(&config);
 
-    let mut daemon = start_daemon(&accel, &config, &log);
+    let mut daemon = start_daemon(&accel, &config, &log, true);
     accel.wait_ready();
     wait_until("both Envoy pods accelerated", || {
         datapath::pinned_pods(&accel.pin_dir).is_ok_and(|p| p.len() == 2)
@@ -416,6 +431,7 @@ fn soak_daemon_kills_pod_churn_and_list_flaps_under_mixed_traffic() {
     std::thread::scope(|scope| {
         let (ns, echo_dst) = (&pods.client.ns, pods.service_addr(ECHO));
         let tally = &tally;
+        let _stop = StopOnDrop(&tally.stop);
         for seed in 0..2 {
             scope.spawn(move || long_stream(tally, ns, echo_dst, seed));
             scope.spawn(move || short_connections(tally, ns, echo_dst, seed));
@@ -425,17 +441,16 @@ fn soak_daemon_kills_pod_churn_and_list_flaps_under_mixed_traffic() {
         scope.spawn(|| flap_pod_list(tally, &list, &config, &flaps));
         scope.spawn(|| churn_pods(tally, &list, &config, &lives));
 
-        // The daemon: SIGKILLed at random points of its life (loading, probing, reconciling,
-        // sweeping) and started again, until the time is up.
+        // The daemon: SIGKILLed at random points of its life (adopting, reconciling,
+        // sweeping; every fourth one while it probes) and started again, until the time is up.
         let mut rng = Rng(0xbf58_476d_1ce4_e5b9);
         while started.elapsed() < Duration::from_secs(secs) && !tally.stopped() {
             std::thread::sleep(Duration::from_millis(rng.between(DAEMON_LIFE_MS)));
             nix::sys::signal::kill(daemon.pid(), nix::sys::signal::Signal::SIGKILL).unwrap();
             daemon.0.wait().unwrap();
-            daemon = start_daemon(&accel, &config, &log);
-            restarts.fetch_add(1, Relaxed);
+            let n = restarts.fetch_add(1, Relaxed) + 1;
+            daemon = start_daemon(&accel, &config, &log, n % 4 == 0);
         }
-        tally.stop.store(true, Relaxed);
     });
     let said = std::fs::read_to_string(&log).unwrap_or_default();
     eprintln!(
@@ -462,6 +477,16 @@ fn soak_daemon_kills_pod_churn_and_list_flaps_under_mixed_traffic() {
         "too few restarts to call this a soak"
     );
     assert!(lives.load(Relaxed) >= 1 && tally.calls.load(Relaxed) > 0);
+    // The restarted daemons acted on the flaps and the short-lived pods, not only probed.
+    let (removed, accelerated) = (
+        said.matches("pod removed").count(),
+        said.matches("pod accelerated").count(),
+    );
+    eprintln!("soak: the daemons logged {accelerated} pods accelerated, {removed} removed");
+    assert!(
+        removed as u64 >= secs / 20 && accelerated as u64 >= secs / 20,
+        "the daemons hardly reconciled: {accelerated} accelerated, {removed} removed"
+    );
 
     // The last daemon settles with both Envoy pods listed; every hop was redirected.
     accel.wait_ready();

@@ -254,17 +254,28 @@ fn status_and_metrics_match_the_kernel_counters_and_prometheus_scrapes_them() {
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| l.split(['{', ' ']).next())
         .collect();
-    let queried: std::collections::BTreeSet<String> = alerts
-        .lines()
-        .filter(|l| l.trim_start().starts_with("expr:"))
-        .flat_map(|l| {
-            l.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .filter(|w| w.starts_with("meshlane_"))
-                .map(str::to_string)
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    assert!(queried.len() >= 5, "{queried:?}");
+    // Each `expr:` with its folded continuation lines (indented deeper than the key).
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let mut queried = std::collections::BTreeSet::new();
+    let mut expr_at: Option<usize> = None;
+    for l in alerts.lines() {
+        if l.trim_start().starts_with("expr:") {
+            expr_at = Some(indent(l));
+        } else if expr_at.is_some_and(|at| l.trim().is_empty() || indent(l) <= at) {
+            expr_at = None;
+        }
+        if expr_at.is_some() {
+            queried.extend(
+                l.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .filter(|w| w.starts_with("meshlane_"))
+                    .map(str::to_string),
+            );
+        }
+    }
+    assert!(
+        queried.contains("meshlane_datapath_state") && queried.contains("meshlane_mode"),
+        "{queried:?}"
+    );
     for name in &queried {
         assert!(
             exported.contains(name.as_str()),

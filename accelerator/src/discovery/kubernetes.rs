@@ -961,8 +961,8 @@ pub struct Snapshot {
     pub synced: bool,
     /// The watch's last error, if it has not recovered since (the last good state is kept).
     pub error: Option<String>,
-    /// That error is the API server throttling this client (429 Too Many Requests, after the
-    /// client's own retries): the source is degraded rather than broken.
+    /// That error is the API server throttling this client (429 Too Many Requests): the source
+    /// is degraded rather than broken.
     pub throttled: bool,
     pub discovery: Discovery,
     /// Per pod name: UID and IPs, for status.

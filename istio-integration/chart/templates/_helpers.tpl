@@ -54,6 +54,9 @@ keys (named per entry).
 {{- if eq $source "xds" -}}
 {{- fail (printf "discovery.source=%s: this meshlane (%s) does not implement the %s source on its own: xDS cross-checks the kubernetes source (set discovery.source=kubernetes and discovery.xdsServer); the working sources are local (sidecars found on each node) and kubernetes (this node's pods from the API server)" $source .Chart.AppVersion $source) -}}
 {{- end -}}
+{{- if and .Values.podMonitor.enabled .Values.serviceMonitor.enabled -}}
+{{- fail "podMonitor and serviceMonitor both scrape the daemon pods: enable one (every series would be collected twice)" -}}
+{{- end -}}
 {{- if and .Values.discovery.xdsServer (ne $source "kubernetes") -}}
 {{- fail "discovery.xdsServer needs discovery.source=kubernetes: each pod's xDS identity (pod IP, name, namespace) comes from the API" -}}
 {{- end -}}
