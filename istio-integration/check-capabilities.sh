@@ -126,7 +126,7 @@ while [ $i -lt ${#rendered[@]} ]; do
   case "$a" in
     # The chart's `--mode auto` loads the datapath on every kernel measured so far: the reader
     # rule where apps cannot tell, else the sidecar hop alone.
-    run | --log-format | --log-level | --resync | --discovery | --sidecar-hop | --mode) args+=("$a"); [ "$a" = run ] || { args+=("$v"); i=$((i + 1)); } ;;
+    run | --log-format | --log-level | --resync | --discovery | --sidecar-hop | --mode | --max-sockets) args+=("$a"); [ "$a" = run ] || { args+=("$v"); i=$((i + 1)); } ;;
     --pin-dir) args+=("$a" "$pins"); i=$((i + 1)) ;;
     --cgroup) args+=("$a" "$cg"); i=$((i + 1)) ;;
     --config) args+=("$a" "$work/pods.toml"); i=$((i + 1)) ;;
