@@ -18,6 +18,7 @@ pub mod backoff;
 pub mod envoy_admin;
 pub mod iptables;
 pub mod kubernetes;
+pub mod nftables;
 pub mod procfs;
 pub mod xds;
 
@@ -93,8 +94,6 @@ pub enum Reason {
     NoSidecar,
     /// A proxy, but no ISTIO_* rules (a gateway, or istio-init has not run).
     NotCaptured,
-    /// Captured by Istio's native nftables rules (`inet istio-proxy-nat`), not read yet.
-    NftablesCapture,
     /// Inbound interception by TPROXY.
     Tproxy,
     /// The namespace vanished or cannot be opened.
@@ -127,7 +126,6 @@ impl Reason {
         match self {
             Reason::NoSidecar => "no_sidecar",
             Reason::NotCaptured => "not_captured",
-            Reason::NftablesCapture => "nftables_capture",
             Reason::UserNamespace => "user_namespace",
             Reason::Tproxy => "tproxy_mode",
             Reason::NetnsNotFound => "netns_not_found",
@@ -493,15 +491,16 @@ fn proxy_namespace(opts: &Options, path: PathBuf, procs: &[procfs::Process]) -> 
         return Outcome::Nothing;
     };
     let mut name = fallback_name(&path, Some(proxy.pid));
-    let skip = |name: &str, reason: Reason, detail: String| {
+    let skip_with = |name: &str, reason: Reason, detail: String, derived: Option<Derived>| {
         Outcome::Skipped(Skipped {
             name: name.to_string(),
             netns: path.clone(),
             reason,
             detail,
-            derived: None,
+            derived,
         })
     };
+    let skip = |name: &str, reason: Reason, detail: String| skip_with(name, reason, detail, None);
     let ns = match File::open(&path) {
         Ok(f) => f,
         Err(e) => {
@@ -514,28 +513,19 @@ fn proxy_namespace(opts: &Options, path: PathBuf, procs: &[procfs::Process]) -> 
     };
 
     // The rules first: they decide whether this is a captured pod at all.
-    let dump = match iptables::dump_any(&ns, &opts.iptables_save) {
-        Ok((_, d)) => d,
-        Err(e) => return skip(&name, Reason::BadCapture, format!("iptables-save: {e}")),
+    let (cap, rules) = match capture_rules(&ns, opts) {
+        Ok(found) => found,
+        Err((reason, detail)) => return skip(&name, reason, detail),
     };
-    let cap = match iptables::parse(&dump) {
-        Ok(c) => c,
-        Err(e @ iptables::Error::NotCaptured) => {
-            // Istio's native nftables mode leaves iptables empty; say so instead.
-            if iptables::nft_tables(&ns).is_ok_and(|t| iptables::has_istio_nftables(&t)) {
-                return skip(
-                    &name,
-                    Reason::NftablesCapture,
-                    "Istio's native nftables capture (table inet istio-proxy-nat); only iptables rules are read".into(),
-                );
-            }
-            return skip(&name, Reason::NotCaptured, e.to_string());
-        }
-        Err(e @ iptables::Error::Tproxy { .. }) => {
-            return skip(&name, Reason::Tproxy, e.to_string())
-        }
-        Err(e) => return skip(&name, Reason::BadCapture, e.to_string()),
-    };
+    // What the rules say, for status when the pod is declined from here on.
+    let derived = Some(Derived {
+        proxy_uid: cap.proxy_uids.first().copied().unwrap_or(proxy.uid),
+        proxy_gid: cap.proxy_gids.first().copied().unwrap_or(proxy.gid),
+        outbound_port: cap.outbound_port,
+        inbound_port: cap.inbound_port,
+    });
+    let skip =
+        |name: &str, reason: Reason, detail: String| skip_with(name, reason, detail, derived);
     // Then the sidecar's own account; it also names the pod.
     let (candidates, listen_ports) = admin_candidates(opts, procs);
     let mut facts = Err(format!(
@@ -576,7 +566,13 @@ fn proxy_namespace(opts: &Options, path: PathBuf, procs: &[procfs::Process]) -> 
     }
 
     let mut notes = Vec::new();
-    let ipv6 = ipv6_capture(&ns, opts, &cap, &mut notes);
+    if let Rules::Nftables(_) = &rules {
+        notes.push(format!(
+            "Istio's native nftables capture (table inet {}), read with nft -j",
+            nftables::NAT_TABLE
+        ));
+    }
+    let ipv6 = ipv6_capture(&ns, opts, &rules, &cap, &mut notes);
     for n in &facts.notes {
         notes.push(format!("admin API: {n}"));
     }
@@ -673,20 +669,81 @@ fn proxy_namespace(opts: &Options, path: PathBuf, procs: &[procfs::Process]) -> 
     Outcome::Pod { pod, notes }
 }
 
-/// The pod's IPv6 capture when its ip6tables capture IPv6 as its iptables capture IPv4 (a
-/// dual-stack or IPv6 pod under istio-iptables with IPv6 enabled). None without ISTIO_* chains
-/// there (IPv4-only capture, the common case, said nowhere), or with a note when they exist
-/// but cannot be mirrored: its IPv6 hops then stay on TCP.
+/// Where a pod's capture rules were found.
+enum Rules {
+    /// iptables (either backend; its IPv6 half is in ip6tables).
+    Iptables,
+    /// Istio's native nftables mode: one `inet` table for both families.
+    Nftables(nftables::Tables),
+}
+
+/// The pod's IPv4 capture: istio-iptables' rules in iptables (whichever backend holds them),
+/// else Istio's native nftables tables, which `iptables-save` does not show. Err: the reason
+/// the pod is declined, and the detail.
+fn capture_rules(
+    ns: &File,
+    opts: &Options,
+) -> Result<(iptables::Capture, Rules), (Reason, String)> {
+    let (_, dump) = iptables::dump_any(ns, &opts.iptables_save)
+        .map_err(|e| (Reason::BadCapture, format!("iptables-save: {e}")))?;
+    let declined = |e: iptables::Error| match e {
+        iptables::Error::NotCaptured => (Reason::NotCaptured, e.to_string()),
+        iptables::Error::Tproxy { .. } => (Reason::Tproxy, e.to_string()),
+        e => (Reason::BadCapture, e.to_string()),
+    };
+    match iptables::parse(&dump) {
+        Ok(cap) => Ok((cap, Rules::Iptables)),
+        Err(iptables::Error::NotCaptured) => {
+            // No iptables capture: Istio's nftables mode, or none at all. Without the `nft`
+            // program the pod is reported as not captured, with the reason.
+            let tables = nftables::read(ns)
+                .map_err(|e| {
+                    (
+                        Reason::NotCaptured,
+                        format!("{}; nft: {e}", iptables::Error::NotCaptured),
+                    )
+                })?
+                .ok_or_else(|| declined(iptables::Error::NotCaptured))?;
+            let text = nftables::to_iptables_save(&tables, nftables::Family::V4)
+                .map_err(|e| (Reason::BadCapture, e.to_string()))?;
+            let cap = iptables::parse(&text).map_err(|e| match e {
+                // The table exists but holds none of Istio's chains.
+                iptables::Error::NotCaptured => (
+                    Reason::BadCapture,
+                    format!("table inet {} has no istio-* chains", nftables::NAT_TABLE),
+                ),
+                e => declined(e),
+            })?;
+            Ok((cap, Rules::Nftables(tables)))
+        }
+        Err(e) => Err(declined(e)),
+    }
+}
+
+/// The pod's IPv6 capture when its rules capture IPv6 as they capture IPv4 (a dual-stack or
+/// IPv6 pod under istio-iptables with IPv6 enabled, or Istio's nftables mode, whose `inet`
+/// table serves both families). None without ISTIO_* chains in ip6tables (IPv4-only capture,
+/// the common case, said nowhere), or with a note when they exist but cannot be mirrored: its
+/// IPv6 hops then stay on TCP.
 fn ipv6_capture(
     ns: &std::fs::File,
     opts: &Options,
+    rules: &Rules,
     v4: &iptables::Capture,
     notes: &mut Vec<String>,
 ) -> Option<iptables::Capture> {
-    let dump = match iptables::dump_any6(ns, &opts.iptables_save) {
-        Ok((_, d)) => d,
+    let dump = match rules {
+        Rules::Iptables => iptables::dump_any6(ns, &opts.iptables_save)
+            .map(|(_, d)| d)
+            .map_err(|e| format!("ip6tables-save: {e}")),
+        Rules::Nftables(tables) => {
+            nftables::to_iptables_save(tables, nftables::Family::V6).map_err(|e| e.to_string())
+        }
+    };
+    let dump = match dump {
+        Ok(d) => d,
         Err(e) => {
-            notes.push(format!("ip6tables-save: {e}; IPv6 hops not accelerated"));
+            notes.push(format!("{e}; IPv6 hops not accelerated"));
             return None;
         }
     };

@@ -303,25 +303,74 @@ fn legacy_backend_capture_is_read_too() {
     assert_learned(&found[0], &ns, &envoy, &capture);
 }
 
+/// Istio's native nftables mode (`values.global.nativeNftables`): its `inet istio-proxy-nat`
+/// table and no iptables ISTIO_* chains. Read with the real `nft -j`, the pod is learned as
+/// the same settings in iptables form are.
 #[test]
-fn nftables_capture_is_a_named_reason() {
+fn nftables_capture_is_read_like_iptables() {
     let Some(_serial) = Accel::cgroup_only("discovery_nftables") else {
         return;
     };
-    // Istio's native nftables mode: its table, and no iptables ISTIO_* chains.
+    let capture = CaptureConfig {
+        proxy_uid: 1400,
+        proxy_gid: 1401,
+        outbound_port: 15011,
+        inbound_port: 15016,
+        exclude_outbound_ports: vec![9000, 9443],
+        exclude_inbound_ports: vec![15090, 8081],
+        exclude_outbound_cidrs: vec![(Ipv4Addr::new(10, 99, 0, 0), 16)],
+        ..CaptureConfig::default()
+    };
     let ns = Netns::new("dnft").expect("netns");
-    let status = ns
+    minimesh::install_istio_nftables_capture(&ns, &capture, false).expect("nftables capture");
+    let saved = ns.cmd("iptables-save").output().expect("iptables-save");
+    assert!(
+        !String::from_utf8_lossy(&saved.stdout).contains("ISTIO_"),
+        "iptables must not show the nftables capture, or this tests nothing"
+    );
+    let envoy = Envoy::spawn(
+        &ns,
+        &EnvoyConfig {
+            admin_port: 15100,
+            ..EnvoyConfig::for_capture(&capture)
+        },
+    )
+    .expect("Envoy");
+    // A table of that name without Istio's chains is not a capture meshlane can read.
+    let empty = Netns::new("dnfe").expect("netns");
+    let status = empty
         .cmd("nft")
         .args(["add", "table", "inet", "istio-proxy-nat"])
         .status()
         .expect("run nft");
     assert!(status.success(), "nft add table: {status}");
-    let _envoy = Envoy::spawn(&ns, &EnvoyConfig::default()).expect("Envoy");
+    let _envoy2 = Envoy::spawn(&empty, &EnvoyConfig::default()).expect("Envoy");
+
     let d = discovery::discover(&discovery::Options::default());
-    let (found, skipped) = mine(&d, &[&ns]);
-    assert!(found.is_empty(), "{found:#?}");
+    let (found, skipped) = mine(&d, &[&ns, &empty]);
+    assert_eq!(found.len(), 1, "{d:#?}");
+    let mut pod = found[0].clone();
+    // nft keeps a port set sorted; the order carries no meaning.
+    let mut want = expected_inbound_excludes(&capture);
+    want.sort();
+    pod.exclude_inbound_ports.sort();
+    assert_eq!(pod.exclude_inbound_ports, want, "{pod:?}");
+    pod.exclude_inbound_ports = expected_inbound_excludes(&capture);
+    assert_learned(&pod, &ns, &envoy, &capture);
+    assert!(
+        d.notes
+            .iter()
+            .any(|n| n.pod == pod.name && n.message.contains("nftables")),
+        "the pod's status says where its rules came from: {:#?}",
+        d.notes
+    );
     assert_eq!(skipped.len(), 1, "{skipped:#?}");
-    assert_eq!(skipped[0].reason, Reason::NftablesCapture, "{skipped:#?}");
+    assert_eq!(skipped[0].netns, empty.path(), "{skipped:#?}");
+    assert_eq!(skipped[0].reason, Reason::BadCapture, "{skipped:#?}");
+    assert!(
+        skipped[0].detail.contains("istio-proxy-nat"),
+        "{skipped:#?}"
+    );
 }
 
 #[test]
@@ -349,6 +398,17 @@ fn unreachable_admin_api_is_a_named_reason() {
     assert_eq!(skipped[0].reason, Reason::AdminUnreachable, "{skipped:#?}");
     assert!(
         skipped[0].detail.contains("127.0.0.1:15000"),
+        "{skipped:#?}"
+    );
+    // What the rules said is shown for the declined pod too.
+    assert_eq!(
+        skipped[0].derived,
+        Some(discovery::Derived {
+            proxy_uid: 1337,
+            proxy_gid: 1337,
+            outbound_port: 15001,
+            inbound_port: 15006,
+        }),
         "{skipped:#?}"
     );
 }

@@ -71,7 +71,14 @@ fn both_runs_with<T>(
     client_capture: CaptureConfig,
     case: impl Fn(&EnvoyPods) -> T,
 ) -> Option<(T, T, Counters)> {
-    both_runs_of(test, subnet, client_capture, false, case)
+    both_runs_of(
+        test,
+        subnet,
+        client_capture,
+        CaptureConfig::default(),
+        false,
+        case,
+    )
 }
 
 /// The general form: the client pod's istio-init configuration, and Istio's mTLS between the
@@ -80,19 +87,14 @@ fn both_runs_of<T>(
     test: &str,
     subnet: u8,
     client_capture: CaptureConfig,
+    server_capture: CaptureConfig,
     mtls: bool,
     case: impl Fn(&EnvoyPods) -> T,
 ) -> Option<(T, T, Counters)> {
     let mut accel = Accel::new(test)?;
     raise_fd_limit();
-    let pods = EnvoyPods::build(
-        subnet,
-        &services(),
-        client_capture,
-        CaptureConfig::default(),
-        mtls,
-    )
-    .expect("Envoy pods");
+    let pods = EnvoyPods::build(subnet, &services(), client_capture, server_capture, mtls)
+        .expect("Envoy pods");
     // Both pods with the sidecar hop, as the daemon lists them: every case also crosses the
     // client Envoy -> server Envoy hop through the sockhash, both ways.
     accel.add_pod_with_sidecar_hop(&pods.client.ns, &pods.client.capture, &[pods.client.ip]);
@@ -222,8 +224,13 @@ fn tcp_streams_through_envoy_are_byte_exact() {
 /// users run): the TLS records are just bytes to the sidecar hop's redirect, both ways.
 #[test]
 fn tcp_http_and_grpc_with_mtls_between_the_sidecars() {
-    let Some((fast, plain, c)) =
-        both_runs_of("envoy_mtls", 110, CaptureConfig::default(), true, |pods| {
+    let Some((fast, plain, c)) = both_runs_of(
+        "envoy_mtls",
+        110,
+        CaptureConfig::default(),
+        CaptureConfig::default(),
+        true,
+        |pods| {
             assert!(pods.mtls());
             let handshakes = || {
                 pods.server_envoy
@@ -239,8 +246,8 @@ fn tcp_http_and_grpc_with_mtls_between_the_sidecars() {
             let tls = handshakes() - before;
             assert!(tls >= 34, "{tls} TLS handshakes on the server's inbound");
             calls
-        })
-    else {
+        },
+    ) else {
         return;
     };
     assert_eq!((fast, plain), (202, 202));
@@ -250,6 +257,51 @@ fn tcp_http_and_grpc_with_mtls_between_the_sidecars() {
             "{dir}: {c:?}"
         );
     }
+}
+
+/// Both pods captured by Istio's native nftables rules (`inet istio-proxy-nat`, what
+/// `values.global.nativeNftables` installs) instead of iptables: the kernel's nftables
+/// REDIRECT hands the sidecar the same connections, and every hop pairs as under iptables.
+#[test]
+fn tcp_http_and_grpc_through_nftables_captured_pods() {
+    let nft = CaptureConfig {
+        native_nftables: true,
+        ..CaptureConfig::default()
+    };
+    let Some((fast, plain, c)) =
+        both_runs_of("envoy_nftables", 118, nft.clone(), nft, false, |pods| {
+            for ns in [&pods.client.ns, &pods.server.ns] {
+                let listed = ns.cmd("nft").args(["list", "tables"]).output().unwrap();
+                assert!(
+                    String::from_utf8_lossy(&listed.stdout).contains("inet istio-proxy-nat"),
+                    "{} has no nftables capture",
+                    ns.name()
+                );
+            }
+            tcp_streams(pods);
+            http_keepalive(pods);
+            grpc_calls(pods)
+        })
+    else {
+        return;
+    };
+    assert_eq!((fast, plain), (202, 202));
+    // Every direction the default (reader rule) mode redirects: into the sidecars only.
+    for dir in [
+        "outbound_app_to_sidecar",
+        "inbound_app_to_sidecar",
+        "sidecar_client_to_server",
+        "sidecar_server_to_client",
+    ] {
+        assert!(
+            c.get(&format!("bytes_redirected_{dir}")) > 0,
+            "{dir}: {c:?}"
+        );
+    }
+    assert!(
+        c.get("bytes_redirected_outbound_app_to_sidecar") >= 4 << 20,
+        "{c:?}"
+    );
 }
 
 #[test]

@@ -211,6 +211,15 @@ fn istio_cni_pod_follows_the_plugin_annotations_and_defaults() {
     let p = map(v).verdict.expect("accelerated");
     assert_eq!(p.exclude_outbound_ports, vec![15020]);
     assert_eq!(p.exclude_inbound_ports, vec![15020, 15021, 15090, 15008]);
+    // The plugin skips a pod the injector did not mark: nothing is captured around its proxy.
+    let mut v = fixture("istio-cni.json");
+    v["metadata"]["annotations"]
+        .as_object_mut()
+        .unwrap()
+        .remove("sidecar.istio.io/status");
+    let (r, d) = declined(&map(v));
+    assert_eq!(r, Reason::NotCaptured);
+    assert!(d.contains("sidecar.istio.io/status"), "{d}");
     // Without istio-validation only the annotations are left.
     let mut v = fixture("istio-cni.json");
     v["spec"]["initContainers"] = json!([]);
@@ -435,6 +444,23 @@ fn capture_flags_are_istio_iptables_own() {
     .verdict
     .expect("accelerated");
     assert_eq!((p.outbound_port, p.inbound_port), (15101, 15106));
+    // Istio's nftables backend (`values.global.nativeNftables`) is the same capture in an nft
+    // table: accelerated, and said.
+    let m = with_args(json!([
+        "istio-iptables",
+        "--native-nftables",
+        "-p",
+        "15001",
+        "-z",
+        "15006"
+    ]));
+    let p = m.verdict.as_ref().expect("accelerated");
+    assert!(p.accelerate_outbound && p.accelerate_inbound);
+    assert!(
+        m.notes.iter().any(|n| n.contains("nftables")),
+        "{:?}",
+        m.notes
+    );
     // A flag istio-iptables does not have (this one was meshlane's own misspelling of -q).
     for bogus in ["--istio-local-outbound-ports", "--frobnicate", "-Q"] {
         let (r, d) = declined(&with_args(json!(["istio-iptables", bogus, "8080"])));
@@ -775,8 +801,11 @@ struct Inner {
     requests: Vec<String>,
     /// Answer everything with 500 (an API server outage).
     broken: bool,
-    /// Answer everything with 429 and `Retry-After: 1` (API Priority and Fairness throttling).
-    throttled: bool,
+    /// Answer everything with 429, asking the client to wait this many seconds (`Retry-After`
+    /// and the Status' `details.retryAfterSeconds`, as API Priority and Fairness does).
+    throttled: Option<u32>,
+    /// When each pod list or watch that got a 429 arrived.
+    throttled_pod_requests: Vec<Instant>,
 }
 
 fn key(o: &Value) -> String {
@@ -862,8 +891,12 @@ impl ApiServer {
         self.set(|s| s.broken = broken);
     }
 
-    fn set_throttled(&self, throttled: bool) {
-        self.set(|s| s.throttled = throttled);
+    fn set_throttled(&self, retry_after: Option<u32>) {
+        self.set(|s| s.throttled = retry_after);
+    }
+
+    fn throttled_pod_requests(&self) -> Vec<Instant> {
+        self.inner.lock().unwrap().throttled_pod_requests.clone()
     }
 
     /// Changes how the server answers, and ends the open watches (the client lists again).
@@ -931,16 +964,22 @@ fn serve(conn: TcpStream, inner: &Mutex<Inner>) {
         };
         let mut s = inner.lock().unwrap();
         s.requests.push(target.clone());
-        if s.throttled {
+        if let Some(retry_after) = s.throttled {
+            if kind == "pods" {
+                s.throttled_pod_requests.push(Instant::now());
+            }
             drop(s);
-            respond(
-                &mut conn,
-                429,
-                &json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+            let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
                 "status": "Failure", "message": "Too many requests, please try again later.",
-                "reason": "TooManyRequests", "code": 429})
-                .to_string(),
+                "reason": "TooManyRequests", "code": 429,
+                "details": {"retryAfterSeconds": retry_after}})
+            .to_string();
+            let _ = write!(
+                conn,
+                "HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\nRetry-After: {retry_after}\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
             );
+            let _ = conn.flush();
             continue;
         }
         if s.broken {
@@ -1006,7 +1045,6 @@ fn respond(conn: &mut TcpStream, code: u16, body: &str) {
     let (reason, extra) = match code {
         200 => ("OK", ""),
         404 => ("Not Found", ""),
-        429 => ("Too Many Requests", "Retry-After: 1\r\n"),
         _ => ("Internal Server Error", ""),
     };
     let _ = write!(
@@ -1491,7 +1529,7 @@ fn daemon_follows_the_watch_into_the_policy_map() {
 
     // Throttling (429): the source is degraded, not failing; status, metrics and the log say
     // so, the map keeps the last good state, and it is healthy again once the throttling ends.
-    server.set_throttled(true);
+    server.set_throttled(Some(3));
     support::wait_until("source degraded", || {
         support::try_status_json(&accel).is_some_and(|st| {
             st["sources"].as_array().is_some_and(|s| {
@@ -1512,7 +1550,20 @@ fn daemon_follows_the_watch_into_the_policy_map() {
     );
     assert!(logs().contains("throttling this client (429 Too Many Requests)"));
     assert!(in_map(&accel).is_some(), "last good state kept");
-    server.set_throttled(false);
+    // The API server asked for 3 s between tries: the pod watch waits that long (its own
+    // backoff would retry within a second).
+    support::wait_until("three throttled pod requests", || {
+        server.throttled_pod_requests().len() >= 3
+    });
+    let times = server.throttled_pod_requests();
+    for w in times.windows(2) {
+        let gap = w[1] - w[0];
+        assert!(
+            gap >= Duration::from_millis(2900),
+            "the pod watch tried again {gap:?} after a 429 asking for 3 s: {times:?}"
+        );
+    }
+    server.set_throttled(None);
     support::wait_until("source healthy after the throttling", || {
         source_health(&accel).is_some_and(|(ok, _)| ok)
     });

@@ -20,7 +20,7 @@ use envoy_types::pb::{
 };
 use meshlane::{
     config,
-    discovery::{envoy_admin, iptables, kubernetes, procfs, xds},
+    discovery::{envoy_admin, iptables, kubernetes, nftables, procfs, xds},
 };
 use meshlane_fuzz::Mutation;
 use prost::Message as _;
@@ -115,6 +115,73 @@ fn iptables_save() {
             Err(e) => bounded("iptables error", e.to_string()),
         }
     });
+}
+
+const NFT: &[&[u8]] = &[
+    include_bytes!("../../accelerator/tests/fixtures/nft-json-default.json"),
+    include_bytes!("../../accelerator/tests/fixtures/nft-json-custom-dual.json"),
+    include_bytes!("../../accelerator/tests/fixtures/nft-json-exclude-interface.json"),
+];
+const NFT_MANGLE: &[u8] =
+    include_bytes!("../../accelerator/tests/fixtures/nft-json-tproxy-mangle.json");
+const NFT_TOKENS: &[&str] = &[
+    "{\"jump\": {\"target\": \"istio-redirect\"}}",
+    "{\"return\": null}",
+    "{\"redirect\": {\"port\": 70000}}",
+    "{\"tproxy\": {\"port\": 15006}}",
+    "{\"set\": []}",
+    "{\"range\": [9, 1]}",
+    "{\"prefix\": {\"addr\": \"::\", \"len\": 200}}",
+    "\"skuid\"",
+    "\"nfproto\"",
+    "\"!=\"",
+    "\"hook\": \"output\"",
+    "null",
+    "-1",
+    "18446744073709551616",
+    "\\u0000",
+    "[",
+    "{",
+];
+
+/// Istio's nftables capture: `nft -j` output, turned into iptables form and read by the same
+/// parser, for both families, with and without the TPROXY mangle table.
+#[test]
+fn nft_json() {
+    for seed in NFT {
+        let tables = nftables::Tables {
+            nat: text(seed),
+            mangle: None,
+        };
+        for family in [nftables::Family::V4, nftables::Family::V6] {
+            let ipt = nftables::to_iptables_save(&tables, family).expect("the nft seeds convert");
+            iptables::parse(&ipt).expect("the nft seeds are read");
+        }
+    }
+    check!()
+        .with_type::<(bool, bool, Mutation)>()
+        .for_each(|(v6, mangle, m)| {
+            let tables = nftables::Tables {
+                nat: text(&m.json(NFT, NFT_TOKENS).0),
+                mangle: mangle.then(|| text(NFT_MANGLE)),
+            };
+            let family = if *v6 {
+                nftables::Family::V6
+            } else {
+                nftables::Family::V4
+            };
+            match nftables::to_iptables_save(&tables, family) {
+                Ok(ipt) => match iptables::parse(&ipt) {
+                    Ok(cap) => {
+                        if let Some(why) = &cap.outbound_unsupported {
+                            bounded("nft outbound_unsupported", why.clone());
+                        }
+                    }
+                    Err(e) => bounded("nft parse error", e.to_string()),
+                },
+                Err(e) => bounded("nft error", e.to_string()),
+            }
+        });
 }
 
 const ADMIN_LISTENERS: &[&[u8]] = &[

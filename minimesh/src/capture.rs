@@ -74,6 +74,9 @@ pub struct CaptureConfig {
     pub exclude_outbound_cidrs6: Vec<(Ipv6Addr, u8)>,
     /// `-b`: which inbound ports are captured.
     pub inbound_ports: InboundPorts,
+    /// `--native-nftables`: the same capture as Istio's nftables table ([`capture_nftables`])
+    /// instead of iptables rules.
+    pub native_nftables: bool,
 }
 
 impl Default for CaptureConfig {
@@ -90,6 +93,7 @@ impl Default for CaptureConfig {
             exclude_outbound_cidrs: Vec::new(),
             exclude_outbound_cidrs6: Vec::new(),
             inbound_ports: InboundPorts::All,
+            native_nftables: false,
         }
     }
 }
@@ -195,23 +199,51 @@ fn rules(cfg: &CaptureConfig, fam: &Family, exclude_cidrs: &[String]) -> String 
     r
 }
 
-/// Installs [`capture_rules`] in `ns` with `iptables-restore`. The nat table
+/// Installs [`capture_rules`] in `ns` with `iptables-restore` (or, with
+/// `native_nftables`, [`capture_nftables`] for IPv4 with `nft`). The nat table
 /// of the namespace is replaced as a whole, so calling it again with another
 /// config is not cumulative. The rules die with the namespace.
 pub fn install_istio_capture(ns: &Netns, cfg: &CaptureConfig) -> Result<()> {
+    if cfg.native_nftables {
+        return install_istio_nftables_capture(ns, cfg, false);
+    }
     restore(ns, "iptables-restore", &capture_rules(cfg))
+}
+
+/// A dual-stack pod's whole capture: IPv4 and IPv6 rules, and `::6` on `lo`.
+pub fn install_istio_capture_dual(ns: &Netns, cfg: &CaptureConfig) -> Result<()> {
+    if cfg.native_nftables {
+        return install_istio_nftables_capture(ns, cfg, true);
+    }
+    install_istio_capture(ns, cfg)?;
+    install_istio_capture6(ns, cfg)
 }
 
 /// The IPv6 half of a dual-stack pod's capture, as istio-iptables writes it with IPv6
 /// enabled: `::6/128` on `lo` (IPv6 does not route a loopback range, so Envoy could not bind
 /// it otherwise) and [`capture_rules6`] with `ip6tables-restore`.
+/// With `native_nftables` the IPv4-only table [`install_istio_capture`] wrote is replaced by the
+/// dual-stack one.
 pub fn install_istio_capture6(ns: &Netns, cfg: &CaptureConfig) -> Result<()> {
+    if cfg.native_nftables {
+        exec::run(
+            ns.cmd("nft")
+                .args(["delete", "table", "inet", "istio-proxy-nat"]),
+        )
+        .with_context(|| format!("replacing the nftables capture in {}", ns.name()))?;
+        return install_istio_nftables_capture(ns, cfg, true);
+    }
+    add_inbound_bind6(ns)?;
+    restore(ns, "ip6tables-restore", &capture_rules6(cfg))
+}
+
+fn add_inbound_bind6(ns: &Netns) -> Result<()> {
     exec::run(
         ns.cmd("ip")
             .args(["-6", "addr", "add", "::6/128", "dev", "lo"]),
     )
     .with_context(|| format!("adding ::6 to lo in {}", ns.name()))?;
-    restore(ns, "ip6tables-restore", &capture_rules6(cfg))
+    Ok(())
 }
 
 fn restore(ns: &Netns, program: &str, rules: &str) -> Result<()> {
@@ -223,6 +255,159 @@ fn restore(ns: &Netns, program: &str, rules: &str) -> Result<()> {
         let mut msg = format!("installing istio capture rules in {}:\n", ns.name());
         let _ = write!(msg, "{rules}");
         msg
+    })?;
+    Ok(())
+}
+
+/// The `nft -f` input for `cfg` in Istio's native nftables mode (`values.global.nativeNftables`,
+/// istio-iptables `--native-nftables`): one `inet istio-proxy-nat` table for both families, with
+/// the chains and rule order of Istio's nftables capture (checked against the shapes of its
+/// `tools/istio-nftables` golden files): lower-case chain names, base chains on the nat hooks,
+/// ports as sets, `skuid`/`skgid` for the owner match, and IPv6 twins of the address rules when
+/// `dual_stack`.
+pub fn capture_nftables(cfg: &CaptureConfig, dual_stack: bool) -> String {
+    const T: &str = "inet istio-proxy-nat";
+    let mut r = String::new();
+    let mut line = |s: String| {
+        r.push_str(&s);
+        r.push('\n');
+    };
+    line(format!("add table {T}"));
+    line(format!(
+        "add chain {T} prerouting {{ type nat hook prerouting priority -100 ; }}"
+    ));
+    line(format!(
+        "add chain {T} output {{ type nat hook output priority -100 ; }}"
+    ));
+    for chain in [
+        "istio-inbound",
+        "istio-redirect",
+        "istio-in-redirect",
+        "istio-output",
+    ] {
+        line(format!("add chain {T} {chain}"));
+    }
+    line(format!(
+        "add rule {T} istio-inbound meta l4proto tcp tcp dport {INBOUND_TUNNEL_PORT} return"
+    ));
+    line(format!(
+        "add rule {T} istio-redirect meta l4proto tcp redirect to :{}",
+        cfg.outbound_port
+    ));
+    line(format!(
+        "add rule {T} istio-in-redirect meta l4proto tcp redirect to :{}",
+        cfg.inbound_port
+    ));
+
+    // Inbound.
+    line(format!(
+        "add rule {T} prerouting meta l4proto tcp jump istio-inbound"
+    ));
+    match &cfg.inbound_ports {
+        InboundPorts::All => {
+            let mut excluded = vec![22];
+            excluded.extend(&cfg.exclude_inbound_ports);
+            line(format!(
+                "add rule {T} istio-inbound meta l4proto tcp tcp dport {} return",
+                nft_set(&excluded)
+            ));
+            line(format!(
+                "add rule {T} istio-inbound meta l4proto tcp jump istio-in-redirect"
+            ));
+        }
+        InboundPorts::List(ports) => {
+            for port in ports {
+                line(format!(
+                    "add rule {T} istio-inbound meta l4proto tcp tcp dport {port} jump istio-in-redirect"
+                ));
+            }
+        }
+    }
+
+    // Outbound.
+    let families: &[(&str, &Family)] = if dual_stack {
+        &[("ip", &IPV4), ("ip6", &IPV6)]
+    } else {
+        &[("ip", &IPV4)]
+    };
+    line(format!("add rule {T} output jump istio-output"));
+    if !cfg.exclude_outbound_ports.is_empty() {
+        line(format!(
+            "add rule {T} istio-output meta l4proto tcp tcp dport {} return",
+            nft_set(&cfg.exclude_outbound_ports)
+        ));
+    }
+    for (ip, fam) in families {
+        line(format!(
+            "add rule {T} istio-output oifname lo {ip} saddr {} return",
+            fam.inbound_passthrough_src
+        ));
+    }
+    for (kind, id) in [("skuid", cfg.proxy_uid), ("skgid", cfg.proxy_gid)] {
+        for (ip, fam) in families {
+            line(format!(
+                "add rule {T} istio-output oifname lo meta l4proto tcp {ip} daddr != {} tcp dport != {INBOUND_TUNNEL_PORT} {kind} {id} jump istio-in-redirect",
+                fam.host_loopback
+            ));
+        }
+        line(format!(
+            "add rule {T} istio-output oifname lo {kind} != {id} return"
+        ));
+        line(format!("add rule {T} istio-output {kind} {id} return"));
+    }
+    for (ip, fam) in families {
+        line(format!(
+            "add rule {T} istio-output {ip} daddr {} return",
+            fam.host_loopback
+        ));
+    }
+    for (a, len) in &cfg.exclude_outbound_cidrs {
+        line(format!(
+            "add rule {T} istio-output ip daddr {a}/{len} return"
+        ));
+    }
+    if dual_stack {
+        for (a, len) in &cfg.exclude_outbound_cidrs6 {
+            line(format!(
+                "add rule {T} istio-output ip6 daddr {a}/{len} return"
+            ));
+        }
+    }
+    line(format!("add rule {T} istio-output jump istio-redirect"));
+    r
+}
+
+/// `53` or `{ 53, 15008 }`.
+fn nft_set(ports: &[u16]) -> String {
+    match ports {
+        [one] => one.to_string(),
+        many => format!(
+            "{{ {} }}",
+            many.iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// Installs [`capture_nftables`] in `ns` with `nft -f -`, and no iptables rules: a pod of
+/// Istio's native nftables mode (with `dual_stack`, `::6` on `lo` too). The table dies with
+/// the namespace.
+pub fn install_istio_nftables_capture(
+    ns: &Netns,
+    cfg: &CaptureConfig,
+    dual_stack: bool,
+) -> Result<()> {
+    if dual_stack {
+        add_inbound_bind6(ns)?;
+    }
+    let rules = capture_nftables(cfg, dual_stack);
+    exec::run_with_stdin(ns.cmd("nft").args(["-f", "-"]), Some(&rules)).with_context(|| {
+        format!(
+            "installing istio nftables capture in {}:\n{rules}",
+            ns.name()
+        )
     })?;
     Ok(())
 }

@@ -39,7 +39,10 @@ pub mod topology;
 pub mod veth;
 
 pub use apps::{dest_header, EchoServer};
-pub use capture::{capture_rules, install_istio_capture, CaptureConfig, InboundPorts};
+pub use capture::{
+    capture_nftables, capture_rules, install_istio_capture, install_istio_nftables_capture,
+    CaptureConfig, InboundPorts,
+};
 pub use cgroup::{cgroup2_root, Cgroup, CgroupGuard};
 pub use creds::become_thread_uid_gid;
 pub use envoy::{Envoy, EnvoyConfig, EnvoyPods, OutboundService, Protocol};

@@ -113,6 +113,7 @@ COMMIT
         exclude_outbound_cidrs: vec![(Ipv4Addr::new(10, 96, 0, 0), 12)],
         exclude_outbound_cidrs6: vec![("fd00:96::".parse().unwrap(), 64)],
         inbound_ports: InboundPorts::List(vec![80, 443]),
+        native_nftables: false,
     };
     // The IPv6 rules are the IPv4 ones with IPv6's loopback, `::6` and the IPv6 ranges.
     let v6 = crate::capture::capture_rules6(&custom_cfg);

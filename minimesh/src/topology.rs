@@ -15,7 +15,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use anyhow::{Context, Result};
 
 use crate::{
-    capture::install_istio_capture6, install_istio_capture, veth::add_addr6, veth_link,
+    capture::install_istio_capture_dual, install_istio_capture, veth::add_addr6, veth_link,
     CaptureConfig, Netns, Relay, RelayConfig,
 };
 
@@ -104,9 +104,10 @@ impl Pod {
         ip6: Option<Ipv6Addr>,
         capture: CaptureConfig,
     ) -> Result<Pod> {
-        install_istio_capture(&ns, &capture)?;
         if ip6.is_some() {
-            install_istio_capture6(&ns, &capture)?;
+            install_istio_capture_dual(&ns, &capture)?;
+        } else {
+            install_istio_capture(&ns, &capture)?;
         }
         let relay = Relay::spawn(
             &ns,

@@ -141,23 +141,9 @@ pub fn dump(netns: &std::fs::File, program: &str) -> io::Result<String> {
     Ok(out)
 }
 
-/// `nft list tables` inside `netns`.
-pub fn nft_tables(netns: &std::fs::File) -> io::Result<String> {
-    run_in(netns, "nft", &["list", "tables"])
-}
-
-/// Whether `nft list tables` shows Istio's native nftables capture (`inet istio-proxy-nat`),
-/// which `iptables-save` does not show.
-pub fn has_istio_nftables(tables: &str) -> bool {
-    tables.lines().any(|l| {
-        let mut w = l.split_whitespace();
-        w.next() == Some("table") && w.nth(1).is_some_and(|n| n.starts_with("istio-proxy-"))
-    })
-}
-
 /// Runs `program args` with its stdout captured, in the network namespace `netns`: a
 /// short-lived thread enters it, and the child forked from that thread starts there.
-fn run_in(netns: &std::fs::File, program: &str, args: &[&str]) -> io::Result<String> {
+pub(crate) fn run_in(netns: &std::fs::File, program: &str, args: &[&str]) -> io::Result<String> {
     let output = std::thread::scope(|s| {
         s.spawn(|| -> io::Result<std::process::Output> {
             nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET)
@@ -990,15 +976,6 @@ mod tests {
         );
         let got = parse(&text).unwrap().outbound_unsupported.unwrap();
         assert!(got.contains("not-istio-nic"), "{got}");
-    }
-
-    #[test]
-    fn istio_nftables_tables_are_recognised() {
-        assert!(has_istio_nftables(
-            "table ip filter\ntable inet istio-proxy-nat\n"
-        ));
-        assert!(!has_istio_nftables("table ip nat\ntable inet istio\n"));
-        assert!(!has_istio_nftables(""));
     }
 
     #[test]

@@ -391,6 +391,13 @@ fn flag_kind(flag: &str) -> Option<Flag> {
         | "capture-all-dns"
         | "cni-mode"
         | "host-nsenter-exec"
+        // Istio's nftables backend writes the same capture (read back by local discovery
+        // from its `inet istio-proxy-nat` table).
+        | "native-nftables"
+        | "force-legacy-iptables"
+        | "reconcile"
+        | "cleanup-only"
+        | "force-apply"
         | "log_as_json" => return Some(Flag::Bool),
         _ => return None,
     }))
@@ -594,6 +601,23 @@ fn map_capture(
     // there) and its own defaults; istio-validation's arguments only check what it wrote.
     let args = capture_args(pod);
     let cni = args.is_none();
+    // The istio-cni plugin only writes rules for pods the injector marked (it skips a pod
+    // without the status annotation), so such a pod has no capture at all.
+    if cni && status.is_none() {
+        return Err(decline(
+            Reason::NotCaptured,
+            format!(
+                "no istio-init container and no {STATUS} annotation: the istio-cni plugin skips such a pod, so nothing is captured"
+            ),
+        ));
+    }
+    let nftables = args.as_ref().is_some_and(|(_, w, _)| {
+        w.iter()
+            .any(|w| w == "--native-nftables" || w == "--native-nftables=true")
+    });
+    if nftables {
+        notes.push("istio-init writes Istio's native nftables capture (--native-nftables)".into());
+    }
     let mut flags: BTreeMap<&'static str, (String, String)> = BTreeMap::new();
     let mut owner_groups_ok = true;
     if let Some((field, words, container)) = &args {
@@ -1141,18 +1165,29 @@ fn is_gone(e: &watcher::Error) -> bool {
 
 /// The least wait before listing again after a 429.
 const THROTTLED_MIN_DELAY: Duration = Duration::from_secs(1);
+/// The most a 429's `retryAfterSeconds` can make the watch wait (a bad value must not stall
+/// discovery for hours).
+const THROTTLED_MAX_DELAY: Duration = Duration::from_secs(300);
 
-/// Whether a watcher error is the API server throttling this client: 429 Too Many Requests
-/// (API Priority and Fairness).
-fn is_throttled(e: &watcher::Error) -> bool {
-    let code = match e {
+/// When a watcher error is the API server throttling this client (429 Too Many Requests, API
+/// Priority and Fairness), how long it asks the client to wait: the Status body's
+/// `details.retryAfterSeconds` (the API server sends it with the `Retry-After` header), at
+/// least [`THROTTLED_MIN_DELAY`], at most [`THROTTLED_MAX_DELAY`]. None for other errors.
+fn throttled_for(e: &watcher::Error) -> Option<Duration> {
+    let status = match e {
         watcher::Error::InitialListFailed(kube::Error::Api(s))
         | watcher::Error::WatchStartFailed(kube::Error::Api(s))
-        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code,
-        watcher::Error::WatchError(s) => s.code,
-        _ => 0,
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s,
+        watcher::Error::WatchError(s) => s,
+        _ => return None,
     };
-    code == 429
+    (status.code == 429).then(|| {
+        let asked = status
+            .details
+            .as_ref()
+            .map_or(0, |d| u64::from(d.retry_after_seconds));
+        Duration::from_secs(asked).clamp(THROTTLED_MIN_DELAY, THROTTLED_MAX_DELAY)
+    })
 }
 
 /// What a watch tells its owner.
@@ -1185,7 +1220,7 @@ async fn follow<K>(
     let mut backoff =
         super::backoff::Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     loop {
-        let mut throttled = false;
+        let mut throttled: Option<Duration> = None;
         let mut stream = watcher(api.clone(), config.clone()).boxed();
         let mut buffer = Vec::new();
         while let Some(ev) = stream.next().await {
@@ -1210,15 +1245,18 @@ async fn follow<K>(
                     continue;
                 }
                 Err(e) => {
-                    throttled = is_throttled(&e);
-                    if throttled {
-                        tracing::warn!(what, error = %e, "the API server is throttling this client (429 Too Many Requests); backing off, keeping the last good state");
-                    } else {
-                        tracing::error!(what, error = %e, "watch failed; keeping the last good state");
+                    throttled = throttled_for(&e);
+                    match throttled {
+                        Some(wait) => {
+                            tracing::warn!(what, error = %e, retry_after = ?wait, "the API server is throttling this client (429 Too Many Requests); backing off as it asks, keeping the last good state")
+                        }
+                        None => {
+                            tracing::error!(what, error = %e, "watch failed; keeping the last good state")
+                        }
                     }
                     on(Change::Failed {
                         error: e.to_string(),
-                        throttled,
+                        throttled: throttled.is_some(),
                     });
                     wake.notify();
                     break;
@@ -1228,9 +1266,9 @@ async fn follow<K>(
             wake.notify();
         }
         let mut delay = backoff.next_delay();
-        if throttled {
-            // A throttled client gives the API server at least a second.
-            delay = delay.max(THROTTLED_MIN_DELAY);
+        if let Some(wait) = throttled {
+            // A throttled client waits as long as the API server asked (at least a second).
+            delay = delay.max(wait);
         }
         tracing::info!(what, retry_in = ?delay, "restarting the watch with a fresh list");
         tokio::time::sleep(delay).await;
