@@ -175,12 +175,10 @@ fn envoy_pods_are_found_as_their_bootstrap_says() {
     );
 }
 
-#[test]
-fn non_default_capture_is_learned_from_the_node() {
-    let Some(_serial) = Accel::cgroup_only("discovery_custom_pod") else {
-        return;
-    };
-    let capture = CaptureConfig {
+/// istio-init settings other than the defaults: uid/gid, capture ports, excluded ports and a
+/// range.
+fn custom_capture() -> CaptureConfig {
+    CaptureConfig {
         proxy_uid: 1400,
         proxy_gid: 1401,
         outbound_port: 15011,
@@ -189,7 +187,15 @@ fn non_default_capture_is_learned_from_the_node() {
         exclude_inbound_ports: vec![15090, 8081],
         exclude_outbound_cidrs: vec![(Ipv4Addr::new(10, 99, 0, 0), 16)],
         ..CaptureConfig::default()
+    }
+}
+
+#[test]
+fn non_default_capture_is_learned_from_the_node() {
+    let Some(_serial) = Accel::cgroup_only("discovery_custom_pod") else {
+        return;
     };
+    let capture = custom_capture();
     let ns = Netns::new("dcust").expect("netns");
     install_istio_capture(&ns, &capture).expect("capture rules");
     let envoy = Envoy::spawn(
@@ -311,16 +317,7 @@ fn nftables_capture_is_read_like_iptables() {
     let Some(_serial) = Accel::cgroup_only("discovery_nftables") else {
         return;
     };
-    let capture = CaptureConfig {
-        proxy_uid: 1400,
-        proxy_gid: 1401,
-        outbound_port: 15011,
-        inbound_port: 15016,
-        exclude_outbound_ports: vec![9000, 9443],
-        exclude_inbound_ports: vec![15090, 8081],
-        exclude_outbound_cidrs: vec![(Ipv4Addr::new(10, 99, 0, 0), 16)],
-        ..CaptureConfig::default()
-    };
+    let capture = custom_capture();
     let ns = Netns::new("dnft").expect("netns");
     minimesh::install_istio_nftables_capture(&ns, &capture, false).expect("nftables capture");
     let saved = ns.cmd("iptables-save").output().expect("iptables-save");
