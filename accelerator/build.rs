@@ -2,6 +2,36 @@
 //! as part of the normal `cargo build`. Needs bpf-linker (installed by scripts/setup.sh).
 use anyhow::{anyhow, Context as _};
 
+/// The git revision this binary is built from, for `meshlane_build_info` and `--version`:
+/// `MESHLANE_GIT_REVISION` when set (an image build has no `.git`), else `git rev-parse`, else
+/// `unknown`.
+fn revision(manifest: &std::path::Path) {
+    println!("cargo:rerun-if-env-changed=MESHLANE_GIT_REVISION");
+    let repo = manifest.parent().unwrap_or(manifest);
+    let git = repo.join(".git");
+    for watched in ["HEAD", "refs", "packed-refs"] {
+        if git.join(watched).exists() {
+            println!("cargo:rerun-if-changed={}", git.join(watched).display());
+        }
+    }
+    let run = |args: &[&str]| {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(repo)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let rev = std::env::var("MESHLANE_GIT_REVISION")
+        .ok()
+        .filter(|r| !r.trim().is_empty())
+        .or_else(|| run(&["rev-parse", "--short=12", "HEAD"]))
+        .unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=MESHLANE_GIT_REVISION={rev}");
+}
+
 fn main() -> anyhow::Result<()> {
     // Read at run time, not with env!(): cargo reuses a compiled build script across checkouts
     // of the same workspace sharing a target directory (its hash has no absolute path), and a
@@ -17,6 +47,7 @@ fn main() -> anyhow::Result<()> {
         .to_str()
         .ok_or_else(|| anyhow!("non-UTF-8 path {}", root.display()))?;
     println!("cargo:rerun-if-changed={root}/../common/src");
+    revision(&manifest);
     // The eBPF crate needs -Z build-std=core. RUSTC_BOOTSTRAP is set for that sub-build only:
     // aya-build reads it from this build script's environment and passes it to the child cargo.
     // SAFETY: build scripts are single-threaded at this point.

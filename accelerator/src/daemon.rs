@@ -117,7 +117,12 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         shared.beat();
         let woken = wake.wait(Duration::from_millis(50));
         if woken || hup.swap(false, Ordering::Relaxed) || Instant::now() >= next {
+            let started = Instant::now();
             reconcile(&shared, &mut sources);
+            shared
+                .timings
+                .reconcile
+                .observe(started.elapsed().as_secs_f64());
             next = Instant::now() + opts.resync;
         }
         sweep.maybe_run(&shared, opts.sweep);
@@ -321,7 +326,12 @@ impl Sources {
             self.cross_check_xds(shared, &mut d);
         }
         if let Some(disc) = &mut self.discoverer {
+            let started = Instant::now();
             d = disc.pass();
+            shared
+                .timings
+                .discovery
+                .observe(started.elapsed().as_secs_f64());
             match d.skipped.iter().find(|s| s.name == "(node)") {
                 Some(s) => source_failed(shared, LOCAL_SOURCE, s.detail.clone()),
                 None => source_ok(shared, LOCAL_SOURCE),

@@ -13,7 +13,11 @@ use meshlane::{daemon, datapath, telemetry};
 /// istio-init's REDIRECT, sidecar -> app from 127.0.0.6) and hands bytes straight from one socket
 /// to the other with eBPF sock_ops + sk_msg. Where connections go is still decided by Istio.
 #[derive(Parser)]
-#[command(name = "meshlane", version, propagate_version = true)]
+#[command(
+    name = "meshlane",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("MESHLANE_GIT_REVISION"), ")"),
+    propagate_version = true
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]

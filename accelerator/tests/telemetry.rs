@@ -286,10 +286,10 @@ fn status_and_metrics_match_the_kernel_counters_and_prometheus_scrapes_them() {
         ("meshlane_pairs_total{hop=\"outbound\"}", N),
         ("meshlane_pairs_total{hop=\"inbound\"}", N),
         ("meshlane_redirected_bytes_total{direction=\"inbound_app_to_sidecar\"}", all),
-        ("meshlane_pod_redirected_bytes_total{pod=\"demo/client\",direction=\"outbound_app_to_sidecar\"}", all),
-        ("meshlane_pod_redirected_bytes_total{pod=\"demo/client\",direction=\"outbound_sidecar_to_app\"}", 0),
+        ("meshlane_pod_redirected_bytes_total{pod=\"demo/client\",pod_namespace=\"demo\",pod_name=\"client\",direction=\"outbound_app_to_sidecar\"}", all),
+        ("meshlane_pod_redirected_bytes_total{pod=\"demo/client\",pod_namespace=\"demo\",pod_name=\"client\",direction=\"outbound_sidecar_to_app\"}", 0),
         ("meshlane_mode{mode=\"reader\"}", 1),
-        ("meshlane_pod_pairs_total{pod=\"demo/server\",hop=\"inbound\"}", N),
+        ("meshlane_pod_pairs_total{pod=\"demo/server\",pod_namespace=\"demo\",pod_name=\"server\",hop=\"inbound\"}", N),
         ("meshlane_pods{state=\"accelerated\",reason=\"\"}", 2),
         ("meshlane_pods{state=\"not_accelerated\",reason=\"netns_not_found\"}", 1),
         ("meshlane_datapath_state{state=\"accelerating\"}", 1),
@@ -299,6 +299,36 @@ fn status_and_metrics_match_the_kernel_counters_and_prometheus_scrapes_them() {
         assert_eq!(sample(&body, series), Some(want as f64), "{series} in\n{body}");
     }
     assert_eq!(first_sample(&body, "meshlane_probe_ok"), Some(1.0));
+    // The build's git revision (this checkout's HEAD when built from one).
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let revision = head.unwrap_or_else(|| "unknown".into());
+    assert_eq!(
+        sample(
+            &body,
+            &format!(
+                "meshlane_build_info{{version=\"{}\",revision=\"{revision}\"}}",
+                env!("CARGO_PKG_VERSION")
+            )
+        ),
+        Some(1.0),
+        "{body}"
+    );
+    // Pass durations are histograms; every reconcile so far was observed.
+    assert!(
+        sample(&body, "meshlane_reconcile_duration_seconds_count").is_some_and(|n| n >= 1.0),
+        "{body}"
+    );
+    assert!(
+        body.contains("meshlane_reconcile_duration_seconds_bucket{le=\"+Inf\"}")
+            && body.contains("# TYPE meshlane_discovery_pass_duration_seconds histogram"),
+        "{body}"
+    );
 
     // A real Prometheus scrapes it (OpenMetrics, negotiated) and sees the same numbers.
     let prom = Prometheus::start(&prometheus, accel.metrics_port);
@@ -318,7 +348,10 @@ fn status_and_metrics_match_the_kernel_counters_and_prometheus_scrapes_them() {
         std::thread::sleep(Duration::from_millis(500));
     }
     assert_eq!(
-        prom.query_one("meshlane_pod_pairs_total{pod=\"demo/client\",hop=\"outbound\"}"),
+        // Per-pod series carry pod_namespace and pod_name, what a join with Istio's uses.
+        prom.query_one(
+            "meshlane_pod_pairs_total{pod_namespace=\"demo\",pod_name=\"client\",hop=\"outbound\"}"
+        ),
         Some(N as f64)
     );
     assert_eq!(

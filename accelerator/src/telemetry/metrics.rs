@@ -20,6 +20,16 @@ use crate::probe;
 /// The registry to encode on each scrape.
 pub fn registry(shared: Arc<Shared>) -> Registry {
     let mut r = Registry::default();
+    r.register(
+        "meshlane_reconcile_duration_seconds",
+        "Time one reconcile pass took: sources read, policies written, status updated",
+        shared.timings.reconcile.clone(),
+    );
+    r.register(
+        "meshlane_discovery_pass_duration_seconds",
+        "Time one pass of local discovery took (every proxy namespace's rules and admin API, cached ones skipped)",
+        shared.timings.discovery.clone(),
+    );
     r.register_collector(Box::new(Collector(shared)));
     r
 }
@@ -124,9 +134,15 @@ impl prometheus_client::collector::Collector for Collector {
         family(
             &mut enc,
             "meshlane_build_info",
-            "meshlane version (always 1)",
+            "meshlane version and the git revision it was built from (always 1)",
             Gauge,
-            &[(vec![("version", env!("CARGO_PKG_VERSION"))], 1)],
+            &[(
+                vec![
+                    ("version", env!("CARGO_PKG_VERSION")),
+                    ("revision", env!("MESHLANE_GIT_REVISION")),
+                ],
+                1,
+            )],
         )?;
         let phase = match &snap.phase {
             Phase::Starting => "starting",
@@ -274,12 +290,24 @@ impl prometheus_client::collector::Collector for Collector {
             let Some(name) = names.get(cookie) else {
                 continue;
             };
+            // `pod` is meshlane's `namespace/name`; `pod_namespace` and `pod_name` join with
+            // Istio's series (whose `namespace` and `pod` are the scraped sidecar's), which a
+            // `pod` label of meshlane's own could not do under a scrape without honorLabels.
+            let (namespace, pod_name) = name.split_once('/').unwrap_or(("", name));
+            let labels = |k: &'static str, v: &'static str| -> Labels {
+                vec![
+                    ("pod", name),
+                    ("pod_namespace", namespace),
+                    ("pod_name", pod_name),
+                    (k, v),
+                ]
+            };
             for (hop, v) in HOPS.iter().zip(s.pairs) {
-                pod_pairs.push((vec![("pod", *name), ("hop", *hop)], v));
+                pod_pairs.push((labels("hop", hop), v));
             }
             for (i, d) in DIRECTIONS.iter().enumerate() {
-                pod_bytes.push((vec![("pod", *name), ("direction", *d)], s.bytes[i]));
-                pod_msgs.push((vec![("pod", *name), ("direction", *d)], s.msgs[i]));
+                pod_bytes.push((labels("direction", d), s.bytes[i]));
+                pod_msgs.push((labels("direction", d), s.msgs[i]));
             }
         }
         family(
