@@ -394,13 +394,7 @@ impl Datapath {
 
     /// This node's pod addresses as the datapath has them.
     pub fn pod_ips(&self) -> Result<BTreeMap<std::net::IpAddr, u64>, Error> {
-        self.pod_ips
-            .iter()
-            .map(|r| {
-                r.map(|(ip, c)| (crate::policy::ip_of(ip), c))
-                    .map_err(|e| Error::Map(maps::POD_IPS, e.to_string()))
-            })
-            .collect()
+        read_pod_ips(&self.pod_ips)
     }
 
     /// Each listed pod's traffic through the fast lane, summed over CPUs, by namespace cookie.
@@ -1107,6 +1101,22 @@ pub fn pinned_pods(pin_dir: &Path) -> Result<BTreeMap<u64, PodPolicy>, Error> {
     policy
         .iter()
         .map(|r| r.map_err(|e| Error::Map(maps::POLICY, e.to_string())))
+        .collect()
+}
+
+/// The pod addresses of a pinned datapath, with each pod's namespace cookie.
+pub fn pinned_pod_ips(pin_dir: &Path) -> Result<BTreeMap<std::net::IpAddr, u64>, Error> {
+    read_pod_ips(&typed(pin_dir, maps::POD_IPS)?)
+}
+
+fn read_pod_ips(
+    map: &HashMap<MapData, Addr, u64>,
+) -> Result<BTreeMap<std::net::IpAddr, u64>, Error> {
+    map.iter()
+        .map(|r| {
+            r.map(|(ip, c)| (crate::policy::ip_of(ip), c))
+                .map_err(|e| Error::Map(maps::POD_IPS, e.to_string()))
+        })
         .collect()
 }
 

@@ -8,7 +8,7 @@ use std::{
     io::Write,
     net::{Shutdown, SocketAddrV4},
     path::Path,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -16,22 +16,10 @@ use meshlane::datapath;
 use minimesh::{CaptureConfig, EchoServer, TwoPods};
 use support::*;
 
+// This test is about the datapath outliving its daemon, on every kernel of the matrix,
+// including those whose probe refuses acceleration (probe.rs tests that gate): --force.
 fn start_daemon(accel: &Accel, config: &Path, log: &Path) -> Daemon {
-    let log = append_to(log);
-    let child = accel
-        .run_command()
-        // This test is about the datapath outliving its daemon, on every kernel of the matrix,
-        // including those whose probe refuses acceleration (probe.rs tests that gate).
-        .arg("--force")
-        .args(["--resync", "200ms"])
-        .arg("--config")
-        .arg(config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start meshlane run");
-    Daemon(child)
+    start_forced_daemon(accel, config, log)
 }
 
 fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {

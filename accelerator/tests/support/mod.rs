@@ -577,6 +577,27 @@ pub fn par_each<T: Send>(items: Vec<T>, threads: usize, work: impl Fn(T) + Sync)
 /// A `meshlane run` child that is killed and reaped when dropped, also when a test panics.
 pub struct Daemon(pub std::process::Child);
 
+/// `meshlane run --force --resync 200ms --config <config>` for `accel`, its log appended to
+/// `log`: the daemon attaches whatever the start-up probe says.
+pub fn start_forced_daemon(
+    accel: &Accel,
+    config: &std::path::Path,
+    log: &std::path::Path,
+) -> Daemon {
+    let child = accel
+        .run_command()
+        .arg("--force")
+        .args(["--resync", "200ms"])
+        .arg("--config")
+        .arg(config)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(append_to(log))
+        .spawn()
+        .expect("start meshlane run");
+    Daemon(child)
+}
+
 impl Daemon {
     pub fn pid(&self) -> nix::unistd::Pid {
         nix::unistd::Pid::from_raw(self.0.id() as i32)
