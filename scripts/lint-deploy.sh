@@ -143,6 +143,7 @@ declare -A variants=(
   [kubernetes]="--set discovery.source=kubernetes"
   [overrides]="--set fullnameOverride=meshlane-node --set nameOverride=ml"
   [monitoring]="--set podMonitor.enabled=true --set podMonitor.honorLabels=true --set prometheusRule.enabled=true"
+  [digest]="--set image.digest=sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef --set image.tag=ignored"
 )
 cat >"$work/pods.yaml" <<'EOF'
 discovery:
@@ -235,6 +236,11 @@ expect(kspec["automountServiceAccountToken"] is True and kspec["hostPID"] is Tru
 expect(c["args"][c["args"].index("--discovery") + 1] == "local" and "env" not in c, "defaults: --discovery local, no NODE_NAME")
 a = load("all-in-one")
 expect("Namespace" in kinds(a), "all-in-one: Namespace object")
+
+dg = load("digest")
+images = [x["image"] for x in ds(dg)["spec"]["template"]["spec"]["initContainers"] + ds(dg)["spec"]["template"]["spec"]["containers"]]
+expect(all(i == "meshlane@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef" for i in images) and images, "digest: every container runs repository@sha256:..., the tag ignored")
+expect(all(x["image"] == "meshlane:0.1.0" for x in spec["containers"]), "defaults: repository:appVersion")
 sys.exit(1 if errors else 0)
 EOF
 }
@@ -275,6 +281,8 @@ must_fail() {
 --set maxSockets=2000000|at '/maxSockets': maximum:
 --set-string maxSockets=lots|at '/maxSockets': got string, want integer
 --set-json maxSockets=1000.5|at '/maxSockets': got number, want integer
+--set image.digest=sha256:abc|at '/image/digest': 'sha256:abc' does not match pattern
+--set image.digest=md5:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef|at '/image/digest': 'md5:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef' does not match pattern
 EOF
   return $ok
 }
@@ -418,7 +426,7 @@ rendered_current() {
 say "helm $("$HELM" version --short), $("$VENV_BIN/hadolint" --version), $("$VENV_BIN/yamllint" --version)"
 step "yamllint: Chart.yaml, values.yaml, istio-overlay.yaml, rendered/meshlane.yaml" lint_yaml
 step "helm lint --strict" "$HELM" lint --strict "$CHART"
-step "helm template: defaults, servicemonitor, monitoring, overrides, no-prestop, pods+netns, all-in-one, kubernetes" render_all
+step "helm template: defaults, servicemonitor, monitoring, digest, overrides, no-prestop, pods+netns, all-in-one, kubernetes" render_all
 step "rendered objects: each variation shows what its values ask" check_variants
 step "helm template refuses bad values: values.schema.json (types, enums, ranges, patterns, unknown keys) and the templates' rules across fields" must_fail
 step "split rendered objects: built-in vs CRD" split_objects
