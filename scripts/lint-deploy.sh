@@ -143,6 +143,8 @@ declare -A variants=(
   [kubernetes]="--set discovery.source=kubernetes"
   [overrides]="--set fullnameOverride=meshlane-node --set nameOverride=ml"
   [monitoring]="--set podMonitor.enabled=true --set podMonitor.honorLabels=true --set prometheusRule.enabled=true"
+  [gke]="--set platform=gke"
+  [openshift]="--set platform=openshift"
   [digest]="--set image.digest=sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef --set image.tag=ignored"
 )
 cat >"$work/pods.yaml" <<'EOF'
@@ -236,6 +238,28 @@ expect(kspec["automountServiceAccountToken"] is True and kspec["hostPID"] is Tru
 expect(c["args"][c["args"].index("--discovery") + 1] == "local" and "env" not in c, "defaults: --discovery local, no NODE_NAME")
 a = load("all-in-one")
 expect("Namespace" in kinds(a), "all-in-one: Namespace object")
+expect(not spec["securityContext"].get("seLinuxOptions"), "defaults: no SELinux type (openshift only)")
+
+g = load("gke")
+rq = [x for x in g if x["kind"] == "ResourceQuota"]
+sel = rq[0]["spec"]["scopeSelector"]["matchExpressions"] if rq else []
+expect(len(rq) == 1 and sel == [{"scopeName": "PriorityClass", "operator": "In",
+                                 "values": [ds(g)["spec"]["template"]["spec"]["priorityClassName"]]}],
+       "gke: a ResourceQuota scoped to the DaemonSet's own priorityClassName")
+expect(rq and int(rq[0]["spec"]["hard"]["pods"]) >= 5000, "gke: the quota's pod limit leaves room for large clusters")
+expect("ResourceQuota" not in kinds(d), "defaults: no ResourceQuota")
+
+osh = load("openshift")
+role = [x for x in osh if x["kind"] == "Role"]
+rb = [x for x in osh if x["kind"] == "RoleBinding"]
+expect(len(role) == 1 and role[0]["rules"] == [{"apiGroups": ["security.openshift.io"], "resources": ["securitycontextconstraints"],
+                                                "resourceNames": ["privileged"], "verbs": ["use"]}],
+       "openshift: a Role that may use only the privileged SCC")
+expect(len(rb) == 1 and rb[0]["roleRef"]["name"] == role[0]["metadata"]["name"]
+       and rb[0]["subjects"] == [{"kind": "ServiceAccount", "name": ds(osh)["spec"]["template"]["spec"]["serviceAccountName"], "namespace": "meshlane"}],
+       "openshift: bound to the DaemonSet's service account")
+expect(ds(osh)["spec"]["template"]["spec"]["securityContext"].get("seLinuxOptions") == {"type": "spc_t"}, "openshift: pod SELinux type spc_t")
+expect("Role" not in kinds(d) and "RoleBinding" not in kinds(d), "defaults: no SCC Role")
 
 dg = load("digest")
 images = [x["image"] for x in ds(dg)["spec"]["template"]["spec"]["initContainers"] + ds(dg)["spec"]["template"]["spec"]["containers"]]
@@ -283,6 +307,8 @@ must_fail() {
 --set-json maxSockets=1000.5|at '/maxSockets': got number, want integer
 --set image.digest=sha256:abc|at '/image/digest': 'sha256:abc' does not match pattern
 --set image.digest=md5:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef|at '/image/digest': 'md5:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef' does not match pattern
+--set platform=aks|at '/platform': value must be one of '', 'gke', 'openshift'
+--set resourceQuota.pods=0|at '/resourceQuota/pods': minimum: got 0, want 1
 EOF
   return $ok
 }
@@ -426,7 +452,7 @@ rendered_current() {
 say "helm $("$HELM" version --short), $("$VENV_BIN/hadolint" --version), $("$VENV_BIN/yamllint" --version)"
 step "yamllint: Chart.yaml, values.yaml, istio-overlay.yaml, rendered/meshlane.yaml" lint_yaml
 step "helm lint --strict" "$HELM" lint --strict "$CHART"
-step "helm template: defaults, servicemonitor, monitoring, digest, overrides, no-prestop, pods+netns, all-in-one, kubernetes" render_all
+step "helm template: defaults, servicemonitor, monitoring, gke, openshift, digest, overrides, no-prestop, pods+netns, all-in-one, kubernetes" render_all
 step "rendered objects: each variation shows what its values ask" check_variants
 step "helm template refuses bad values: values.schema.json (types, enums, ranges, patterns, unknown keys) and the templates' rules across fields" must_fail
 step "split rendered objects: built-in vs CRD" split_objects
