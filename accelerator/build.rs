@@ -8,12 +8,6 @@ use anyhow::{anyhow, Context as _};
 fn revision(manifest: &std::path::Path) {
     println!("cargo:rerun-if-env-changed=MESHLANE_GIT_REVISION");
     let repo = manifest.parent().unwrap_or(manifest);
-    let git = repo.join(".git");
-    for watched in ["HEAD", "refs", "packed-refs"] {
-        if git.join(watched).exists() {
-            println!("cargo:rerun-if-changed={}", git.join(watched).display());
-        }
-    }
     let run = |args: &[&str]| {
         std::process::Command::new("git")
             .arg("-C")
@@ -24,6 +18,21 @@ fn revision(manifest: &std::path::Path) {
             .filter(|o| o.status.success())
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
     };
+    // Asked of git rather than assumed to be `<repo>/.git`: in a worktree that is a file, HEAD
+    // lives in the worktree's own git dir and the refs in the common one, and a rebuild that
+    // watched neither would keep an older commit's revision.
+    let dir = |flag: &str| {
+        run(&["rev-parse", "--path-format=absolute", flag]).map(std::path::PathBuf::from)
+    };
+    for (flag, watched) in [
+        ("--git-dir", "HEAD"),
+        ("--git-common-dir", "refs"),
+        ("--git-common-dir", "packed-refs"),
+    ] {
+        if let Some(path) = dir(flag).map(|d| d.join(watched)).filter(|p| p.exists()) {
+            println!("cargo:rerun-if-changed={}", path.display());
+        }
+    }
     let rev = std::env::var("MESHLANE_GIT_REVISION")
         .ok()
         .filter(|r| !r.trim().is_empty())

@@ -143,6 +143,10 @@ declare -A variants=(
   [kubernetes]="--set discovery.source=kubernetes"
   [overrides]="--set fullnameOverride=meshlane-node --set nameOverride=ml"
   [monitoring]="--set podMonitor.enabled=true --set podMonitor.honorLabels=true --set prometheusRule.enabled=true"
+  [dashboard]="--set dashboard.enabled=true --set dashboard.namespace=monitoring --set dashboard.labels.team=mesh --set dashboard.annotations.grafana_folder=Mesh"
+  [gke]="--set platform=gke"
+  [openshift]="--set platform=openshift"
+  [digest]="--set image.digest=sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef --set image.tag=ignored"
 )
 cat >"$work/pods.yaml" <<'EOF'
 discovery:
@@ -175,7 +179,7 @@ render_all() {
 # Facts each variation must show, read from the rendered objects.
 check_variants() {
   "$PY" - "$work" <<'EOF'
-import sys, tomllib, yaml
+import json, sys, tomllib, yaml
 work = sys.argv[1]
 def load(name):
     with open(f"{work}/{name}.yaml") as f:
@@ -235,6 +239,45 @@ expect(kspec["automountServiceAccountToken"] is True and kspec["hostPID"] is Tru
 expect(c["args"][c["args"].index("--discovery") + 1] == "local" and "env" not in c, "defaults: --discovery local, no NODE_NAME")
 a = load("all-in-one")
 expect("Namespace" in kinds(a), "all-in-one: Namespace object")
+expect(not spec["securityContext"].get("seLinuxOptions"), "defaults: no SELinux type (openshift only)")
+
+db = load("dashboard")
+dcm = [x for x in db if x["kind"] == "ConfigMap" and x["metadata"]["name"].endswith("-dashboard")]
+expect(len(dcm) == 1 and dcm[0]["metadata"]["namespace"] == "monitoring", "dashboard: one ConfigMap, in dashboard.namespace")
+dmeta = dcm[0]["metadata"] if dcm else {}
+expect(dmeta.get("labels", {}).get("grafana_dashboard") == "1" and dmeta["labels"].get("team") == "mesh",
+       "dashboard: Grafana sidecar label by default, plus dashboard.labels")
+expect(dmeta.get("annotations") == {"grafana_folder": "Mesh"}, "dashboard: dashboard.annotations")
+with open("istio-integration/chart/files/dashboard.json") as f:
+    dashboard = json.load(f)
+expect(bool(dcm) and json.loads(dcm[0]["data"]["meshlane.json"]) == dashboard, "dashboard: ConfigMap carries files/dashboard.json unchanged")
+expect(not any(x["metadata"]["name"].endswith("-dashboard") for x in d), "defaults: no dashboard ConfigMap")
+
+g = load("gke")
+rq = [x for x in g if x["kind"] == "ResourceQuota"]
+sel = rq[0]["spec"]["scopeSelector"]["matchExpressions"] if rq else []
+expect(len(rq) == 1 and sel == [{"scopeName": "PriorityClass", "operator": "In",
+                                 "values": [ds(g)["spec"]["template"]["spec"]["priorityClassName"]]}],
+       "gke: a ResourceQuota scoped to the DaemonSet's own priorityClassName")
+expect(rq and int(rq[0]["spec"]["hard"]["pods"]) >= 5000, "gke: the quota's pod limit leaves room for large clusters")
+expect("ResourceQuota" not in kinds(d), "defaults: no ResourceQuota")
+
+osh = load("openshift")
+role = [x for x in osh if x["kind"] == "Role"]
+rb = [x for x in osh if x["kind"] == "RoleBinding"]
+expect(len(role) == 1 and role[0]["rules"] == [{"apiGroups": ["security.openshift.io"], "resources": ["securitycontextconstraints"],
+                                                "resourceNames": ["privileged"], "verbs": ["use"]}],
+       "openshift: a Role that may use only the privileged SCC")
+expect(len(rb) == 1 and rb[0]["roleRef"]["name"] == role[0]["metadata"]["name"]
+       and rb[0]["subjects"] == [{"kind": "ServiceAccount", "name": ds(osh)["spec"]["template"]["spec"]["serviceAccountName"], "namespace": "meshlane"}],
+       "openshift: bound to the DaemonSet's service account")
+expect(ds(osh)["spec"]["template"]["spec"]["securityContext"].get("seLinuxOptions") == {"type": "spc_t"}, "openshift: pod SELinux type spc_t")
+expect("Role" not in kinds(d) and "RoleBinding" not in kinds(d), "defaults: no SCC Role")
+
+dg = load("digest")
+images = [x["image"] for x in ds(dg)["spec"]["template"]["spec"]["initContainers"] + ds(dg)["spec"]["template"]["spec"]["containers"]]
+expect(all(i == "meshlane@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef" for i in images) and images, "digest: every container runs repository@sha256:..., the tag ignored")
+expect(all(x["image"] == "meshlane:0.1.0" for x in spec["containers"]), "defaults: repository:appVersion")
 sys.exit(1 if errors else 0)
 EOF
 }
@@ -275,6 +318,12 @@ must_fail() {
 --set maxSockets=2000000|at '/maxSockets': maximum:
 --set-string maxSockets=lots|at '/maxSockets': got string, want integer
 --set-json maxSockets=1000.5|at '/maxSockets': got number, want integer
+--set image.digest=sha256:abc|at '/image/digest': 'sha256:abc' does not match pattern
+--set image.digest=md5:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef|at '/image/digest': 'md5:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef' does not match pattern
+--set platform=aks|at '/platform': value must be one of '', 'gke', 'openshift'
+--set resourceQuota.pods=0|at '/resourceQuota/pods': minimum: got 0, want 1
+--set dashboard.label.x=y|additional properties 'label' not allowed
+--set dashboard.namespace=Monitoring|at '/dashboard/namespace': 'Monitoring' does not match pattern
 EOF
   return $ok
 }
@@ -401,6 +450,82 @@ alert_rules() {
   promtool test rules istio-integration/alerts/alerts_test.yaml
 }
 
+# The Grafana dashboard: valid JSON of the shape Grafana provisions, every query on the data
+# source variable, every meshlane_* series it queries one the daemon exports (the names are read
+# from accelerator/src/telemetry/metrics.rs; the telemetry test checks the same against a live
+# /metrics), and every query valid PromQL by promtool's own parser.
+dashboard_json() {
+  "$PY" - "$CHART/files/dashboard.json" accelerator/src/telemetry/metrics.rs "$work/dashboard-rules.yaml" <<'EOF' || return 1
+import json, re, sys, yaml
+dash_path, metrics_rs, rules_out = sys.argv[1:]
+errors = []
+def expect(cond, msg):
+    print(("ok    " if cond else "WRONG ") + msg)
+    if not cond: errors.append(msg)
+
+with open(dash_path) as f:
+    dash = json.load(f)
+print(f"{dash_path}: valid JSON")
+expect(isinstance(dash.get("schemaVersion"), int) and dash["schemaVersion"] >= 36, f"schemaVersion {dash.get('schemaVersion')}")
+expect(dash.get("uid") == "meshlane" and dash.get("id") is None, "uid meshlane, no fixed id (Grafana assigns one)")
+variables = {v["name"]: v for v in dash["templating"]["list"]}
+expect(variables.get("datasource", {}).get("type") == "datasource" and variables["datasource"].get("query") == "prometheus",
+       "a Prometheus data source variable `datasource`")
+node_q = variables.get("node", {}).get("query", {})
+expect("meshlane_datapath_state" in json.dumps(node_q) and variables["node"].get("includeAll"),
+       "a `node` variable from meshlane_datapath_state, with All")
+
+def walk(panels):
+    for p in panels:
+        yield p
+        yield from walk(p.get("panels", []))
+panels = list(walk(dash["panels"]))
+ids = [p["id"] for p in panels]
+expect(len(ids) == len(set(ids)), "panel ids unique")
+ds = {"type": "prometheus", "uid": "${datasource}"}
+exprs = []
+for p in panels:
+    if p["type"] == "row":
+        continue
+    expect(bool(p.get("targets")) and p.get("datasource") == ds and all(t.get("datasource") == ds for t in p["targets"]),
+           f"panel {p['id']} {p['title']!r}: queries ${{datasource}}")
+    exprs += [t["expr"] for t in p.get("targets", [])]
+
+# The sample names each registered family gives: counters `_total`, histograms `_bucket`,
+# `_sum`, `_count`, gauges their own name.
+with open(metrics_rs) as f:
+    src = f.read()
+exported = set()
+lits = list(re.finditer(r'"(meshlane_[a-z0-9_]+)"', src))
+for i, m in enumerate(lits):
+    name = m.group(1)
+    chunk = src[m.end(): lits[i + 1].start() if i + 1 < len(lits) else len(src)]
+    kind = re.search(r"\b(Counter|Gauge)\b", chunk)
+    if re.search(r"\.register\(\s*$", src[: m.start()]):
+        exported |= {name + s for s in ("_bucket", "_sum", "_count")}
+    elif kind and kind.group(1) == "Counter":
+        exported.add(name + "_total")
+    else:
+        exported.add(name)
+expect({"meshlane_reconcile_duration_seconds_bucket", "meshlane_pairs_total", "meshlane_pods"} <= exported,
+       f"{len(exported)} exported sample names read from {metrics_rs}")
+queried = set()
+for e in exprs + [json.dumps(node_q)]:
+    queried |= set(re.findall(r"\bmeshlane_[a-z0-9_]+", e))
+for name in sorted(queried):
+    expect(name in exported, f"queried {name} is exported")
+
+# Grafana's variables mean nothing to promtool: give them values of the right type.
+rules = [{"record": f"meshlane:dashboard_query_{i}",
+          "expr": e.replace("$__rate_interval", "5m").replace("$node", ".*")} for i, e in enumerate(exprs)]
+with open(rules_out, "w") as f:
+    yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}, f)
+print(f"{len(exprs)} queries")
+sys.exit(1 if errors else 0)
+EOF
+  promtool check rules "$work/dashboard-rules.yaml"
+}
+
 hadolint_dockerfile() {
   "$VENV_BIN/hadolint" --no-color docker/Dockerfile || return 1
   echo "no findings"
@@ -418,7 +543,7 @@ rendered_current() {
 say "helm $("$HELM" version --short), $("$VENV_BIN/hadolint" --version), $("$VENV_BIN/yamllint" --version)"
 step "yamllint: Chart.yaml, values.yaml, istio-overlay.yaml, rendered/meshlane.yaml" lint_yaml
 step "helm lint --strict" "$HELM" lint --strict "$CHART"
-step "helm template: defaults, servicemonitor, monitoring, overrides, no-prestop, pods+netns, all-in-one, kubernetes" render_all
+step "helm template: defaults, servicemonitor, monitoring, dashboard, gke, openshift, digest, overrides, no-prestop, pods+netns, all-in-one, kubernetes" render_all
 step "rendered objects: each variation shows what its values ask" check_variants
 step "helm template refuses bad values: values.schema.json (types, enums, ranges, patterns, unknown keys) and the templates' rules across fields" must_fail
 step "split rendered objects: built-in vs CRD" split_objects
@@ -427,6 +552,7 @@ step "kubernetes-validate --strict rejects a broken DaemonSet (negative control)
 step "API-server rules no schema carries (mount propagation, privilege escalation, probe ports)" api_rules
 step "ServiceMonitor, PodMonitor, PrometheusRule and IstioOperator overlay against @kubernetes-models schemas" crd_validate
 step "alert rules: promtool check rules and promtool test rules (istio-integration/alerts)" alert_rules
+step "Grafana dashboard: JSON, data source variable, exported meshlane_* names only, PromQL parses" dashboard_json
 step "hadolint docker/Dockerfile" hadolint_dockerfile
 step "shellcheck scripts/lint-deploy.sh istio-integration/check-capabilities.sh" \
   shellcheck scripts/lint-deploy.sh istio-integration/check-capabilities.sh

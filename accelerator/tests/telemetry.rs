@@ -282,6 +282,56 @@ fn status_and_metrics_match_the_kernel_counters_and_prometheus_scrapes_them() {
             "the alerts query {name}, which /metrics does not export"
         );
     }
+    // The same for the chart's Grafana dashboard: every `expr` of every panel (rows nest
+    // panels) and the `node` variable's query. Histogram quantiles query the `_bucket` series,
+    // which are sample names in the body like any other.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../istio-integration/chart/files/dashboard.json"
+        ))
+        .unwrap(),
+    )
+    .expect("files/dashboard.json is JSON");
+    fn exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    match (k.as_str(), v) {
+                        ("expr", serde_json::Value::String(e)) => out.push(e.clone()),
+                        _ => exprs(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| exprs(v, out)),
+            _ => {}
+        }
+    }
+    let mut dashboard_exprs = Vec::new();
+    exprs(&dashboard["panels"], &mut dashboard_exprs);
+    let node_query = dashboard["templating"]["list"]
+        .as_array()
+        .and_then(|l| l.iter().find(|v| v["name"] == "node"))
+        .map(|v| v["query"]["query"].as_str().unwrap_or_default().to_string())
+        .expect("a node variable");
+    dashboard_exprs.push(node_query);
+    let dashboard_queried: std::collections::BTreeSet<&str> = dashboard_exprs
+        .iter()
+        .flat_map(|e| e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')))
+        .filter(|w| w.starts_with("meshlane_"))
+        .collect();
+    assert!(
+        dashboard_queried.contains("meshlane_reconcile_duration_seconds_bucket")
+            && dashboard_queried.contains("meshlane_pod_redirected_bytes_total")
+            && dashboard_queried.contains("meshlane_datapath_state"),
+        "{dashboard_queried:?}"
+    );
+    for name in &dashboard_queried {
+        assert!(
+            exported.contains(name),
+            "the dashboard queries {name}, which /metrics does not export"
+        );
+    }
     for (series, want) in [
         ("meshlane_pairs_total{hop=\"outbound\"}", N),
         ("meshlane_pairs_total{hop=\"inbound\"}", N),
