@@ -22,8 +22,9 @@ struct Cli {
     /// Log format.
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
-    /// Log filter (tracing EnvFilter syntax), e.g. "info" or "meshlane=debug".
-    #[arg(long, global = true, env = "MESHLANE_LOG", default_value = "info")]
+    /// Log filter (tracing EnvFilter syntax), e.g. "info" or "meshlane=debug". A filter that
+    /// does not parse is refused (silently logging at another level would hide what was asked).
+    #[arg(long, global = true, env = "MESHLANE_LOG", default_value = "info", value_parser = parse_log_filter)]
     log_level: String,
     #[command(subcommand)]
     command: Command,
@@ -427,7 +428,15 @@ fn pinned_status(pin_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn parse_log_filter(s: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::builder()
+        .parse(s)
+        .map(|_| s.to_string())
+        .map_err(|e| format!("not a log filter ({e}); e.g. \"info\" or \"meshlane=debug,warn\""))
+}
+
 fn init_logs(format: &str, level: &str) {
+    // Checked by clap (parse_log_filter), so only the default could get here unparsed.
     let filter = tracing_subscriber::EnvFilter::try_new(level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colours only on a terminal: logs in files and journals stay greppable.

@@ -230,6 +230,14 @@ fn bad_flags_are_refused_without_side_effects() {
             "{n}: {err}"
         );
     }
+    // A log filter that does not parse is refused, naming the flag, not run at another level.
+    for filter in ["meshlane=nonsense", "[unclosed", "meshlane=debug,,=x"] {
+        let err = run_err(accel.run_command().args(["--log-level", filter]));
+        assert!(
+            err.contains("--log-level") && err.contains("not a log filter"),
+            "{filter}: {err}"
+        );
+    }
     // --api-socket naming an ordinary file: refused, and the file is left as it was.
     let file = std::env::temp_dir().join(format!("meshlane-not-a-socket-{}", std::process::id()));
     std::fs::write(&file, b"keep me").unwrap();
