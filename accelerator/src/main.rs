@@ -20,7 +20,7 @@ use meshlane::{daemon, datapath, telemetry};
 )]
 struct Cli {
     /// Log format.
-    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    #[arg(long, global = true, env = "MESHLANE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
     /// Log filter (tracing EnvFilter syntax), e.g. "info" or "meshlane=debug". A filter that
     /// does not parse is refused (silently logging at another level would hide what was asked).
@@ -65,7 +65,7 @@ enum Command {
         #[arg(long, env = "MESHLANE_KUBE_API")]
         kube_api: Option<String>,
         /// The node's /proc (where each pod's network namespace is found by its UID).
-        #[arg(long, default_value = "/proc")]
+        #[arg(long, env = "MESHLANE_PROC_ROOT", default_value = "/proc")]
         proc_root: PathBuf,
         /// Control plane to ask for each pod's Listener resources, as the pod's own sidecar
         /// does (ADS, e.g. http://istiod.istio-system.svc:15010), to cross-check the capture
@@ -73,12 +73,22 @@ enum Command {
         #[arg(long, env = "MESHLANE_XDS_SERVER")]
         xds_server: Option<String>,
         /// Accelerate discovered pods only in these namespaces (repeat, or comma-separated).
-        #[arg(long, value_delimiter = ',', value_name = "NAMESPACE")]
+        #[arg(
+            long,
+            env = "MESHLANE_NAMESPACE_INCLUDE",
+            value_delimiter = ',',
+            value_name = "NAMESPACE"
+        )]
         namespace_include: Vec<String>,
         /// Never accelerate discovered pods in these namespaces (repeat, or comma-separated);
         /// wins over --namespace-include. Per pod or namespace, the meshlane.io/accelerate
         /// annotation/label does the same with --discovery kubernetes.
-        #[arg(long, value_delimiter = ',', value_name = "NAMESPACE")]
+        #[arg(
+            long,
+            env = "MESHLANE_NAMESPACE_EXCLUDE",
+            value_delimiter = ',',
+            value_name = "NAMESPACE"
+        )]
         namespace_exclude: Vec<String>,
         /// Pod list (TOML; see the README). Re-read every --resync and on SIGHUP. With
         /// discovery on, the file wins for the namespaces it names, and `accelerate = false`
@@ -86,18 +96,18 @@ enum Command {
         #[arg(long, env = "MESHLANE_CONFIG")]
         config: Option<PathBuf>,
         /// How often the sources are read and the policy map reconciled.
-        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        #[arg(long, env = "MESHLANE_RESYNC", default_value = "2s", value_parser = parse_duration)]
         resync: Duration,
         /// How often sockets that waited for a partner are checked; one still alone at the next
         /// check (a stamp no sidecar read) leaves the sockhash, so its reads are plain TCP.
         #[arg(long, env = "MESHLANE_SWEEP", default_value = "10s", value_parser = parse_duration)]
         sweep: Duration,
         /// Detach everything on SIGTERM/SIGINT instead of leaving it pinned.
-        #[arg(long)]
+        #[arg(long, env = "MESHLANE_DETACH_ON_EXIT")]
         detach_on_exit: bool,
         /// Break-glass: accelerate without running the start-up safety probe (`meshlane probe`).
         /// Without it, a failed probe keeps the daemon up but accelerating nothing.
-        #[arg(long)]
+        #[arg(long, env = "MESHLANE_FORCE")]
         force: bool,
         /// Which directions to redirect. "auto" (default): the reader rule (only app -> sidecar,
         /// so the app's socket never receives a redirected byte) if the probe found apps see
@@ -180,10 +190,10 @@ enum Command {
 #[derive(clap::Args)]
 struct DatapathArgs {
     /// bpffs directory for pins (mounted at /sys/fs/bpf if missing).
-    #[arg(long, default_value = datapath::DEFAULT_PIN_DIR)]
+    #[arg(long, env = "MESHLANE_PIN_DIR", default_value = datapath::DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
     /// cgroup v2 directory to attach sock_ops to (default: the unified root, detected).
-    #[arg(long)]
+    #[arg(long, env = "MESHLANE_CGROUP")]
     cgroup: Option<PathBuf>,
     /// Sockets each of the two sockhashes holds at once (about two per accelerated hop: its
     /// app end and its sidecar end, in the sockhash for their role). When one is full, new hops

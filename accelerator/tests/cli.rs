@@ -64,6 +64,25 @@ fn help_explains_every_command() {
     ] {
         assert!(text.contains(word), "run --help lacks {word}:\n{text}");
     }
+    // Every flag of `run` can also come from the environment (a DaemonSet's `env`), and
+    // --help says from which variable.
+    let mut flag: Option<&str> = None;
+    let mut missing = Vec::new();
+    for line in text.lines().chain(["      --end"]) {
+        if let Some(f) = line.trim_start().strip_prefix("--") {
+            if let Some(prev) = flag.take() {
+                missing.push(prev);
+            }
+            let name = f.split([' ', '=']).next().unwrap_or_default();
+            flag = (!matches!(name, "help" | "version" | "end")).then_some(name);
+        } else if line.contains("[env: ") {
+            flag = None;
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "run flags without an environment variable: {missing:?}"
+    );
     let out = meshlane().args(["detach", "--help"]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("Live connections keep working"));
 }
@@ -230,6 +249,9 @@ fn bad_flags_are_refused_without_side_effects() {
             "{n}: {err}"
         );
     }
+    // The environment is checked as strictly as the flags.
+    let err = run_err(accel.run_command().env("MESHLANE_RESYNC", "2h"));
+    assert!(err.contains("--resync") && err.contains("2h"), "{err}");
     // A log filter that does not parse is refused, naming the flag, not run at another level.
     for filter in ["meshlane=nonsense", "[unclosed", "meshlane=debug,,=x"] {
         let err = run_err(accel.run_command().args(["--log-level", filter]));
