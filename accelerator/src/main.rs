@@ -147,7 +147,7 @@ enum Command {
     /// closes. Safe to run when nothing is attached.
     Detach {
         /// bpffs directory of the pins.
-        #[arg(long, default_value = datapath::DEFAULT_PIN_DIR)]
+        #[arg(long, env = "MESHLANE_PIN_DIR", default_value = datapath::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
     /// Check whether this node's kernel may be accelerated, and report why.
@@ -179,7 +179,7 @@ enum Command {
         #[arg(long)]
         pins: bool,
         /// bpffs directory of the pins (with --pins).
-        #[arg(long, default_value = datapath::DEFAULT_PIN_DIR)]
+        #[arg(long, env = "MESHLANE_PIN_DIR", default_value = datapath::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
         /// Print JSON instead of a table.
         #[arg(long)]

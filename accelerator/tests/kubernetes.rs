@@ -431,7 +431,7 @@ fn capture_flags_are_istio_iptables_own() {
     // Booleans take no value: -p after them is still read.
     let p = with_args(json!([
         "istio-iptables",
-        "-n",
+        "--iptables-trace-logging",
         "--run-validation",
         "--redirect-dns=false",
         "-p",
@@ -460,6 +460,25 @@ fn capture_flags_are_istio_iptables_own() {
         m.notes.iter().any(|n| n.contains("nftables")),
         "{:?}",
         m.notes
+    );
+    // Flags with which istio-iptables writes no rules: nothing is captured.
+    for flag in [
+        "--cleanup-only",
+        "--dry-run",
+        "-n",
+        "--skip-rule-apply=true",
+    ] {
+        let (r, d) = declined(&with_args(json!(["istio-iptables", flag, "-p", "15001"])));
+        assert_eq!(r, Reason::NotCaptured, "{flag}");
+        assert!(
+            d.contains(flag) && d.contains("writes no capture rules"),
+            "{flag}: {d}"
+        );
+    }
+    assert!(
+        with_args(json!(["istio-iptables", "--dry-run=false", "-p", "15001"]))
+            .verdict
+            .is_ok()
     );
     // A flag istio-iptables does not have (this one was meshlane's own misspelling of -q).
     for bogus in ["--istio-local-outbound-ports", "--frobnicate", "-Q"] {

@@ -349,15 +349,19 @@ fn status_and_metrics_match_the_kernel_counters_and_prometheus_scrapes_them() {
         assert_eq!(sample(&body, series), Some(want as f64), "{series} in\n{body}");
     }
     assert_eq!(first_sample(&body, "meshlane_probe_ok"), Some(1.0));
-    // The build's git revision (this checkout's HEAD when built from one).
-    let head = std::process::Command::new("git")
-        .args(["rev-parse", "--short=12", "HEAD"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+    // The build's git revision, as the binary's --version says it ("meshlane 0.1.0 (rev)").
+    let version = std::process::Command::new(env!("CARGO_BIN_EXE_meshlane"))
+        .arg("--version")
         .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-    let revision = head.unwrap_or_else(|| "unknown".into());
+        .unwrap();
+    let version = String::from_utf8_lossy(&version.stdout);
+    let revision = version
+        .trim()
+        .rsplit_once(" (")
+        .and_then(|(_, r)| r.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("no revision in --version: {version:?}"))
+        .to_string();
+    assert!(!revision.is_empty(), "{version}");
     assert_eq!(
         sample(
             &body,

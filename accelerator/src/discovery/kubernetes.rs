@@ -611,6 +611,22 @@ fn map_capture(
             ),
         ));
     }
+    // Flags with which istio-iptables writes no capture at all: whatever else the arguments
+    // say, nothing is redirected around this proxy.
+    if let Some((field, words, _)) = &args {
+        if let Some(w) = words.iter().find(|w| {
+            let flag = w.trim_start_matches('-');
+            let (flag, value) = flag.split_once('=').unwrap_or((flag, "true"));
+            w.starts_with('-')
+                && matches!(flag, "cleanup-only" | "dry-run" | "n" | "skip-rule-apply")
+                && value != "false"
+        }) {
+            return Err(decline(
+                Reason::NotCaptured,
+                format!("{field}: {w} writes no capture rules"),
+            ));
+        }
+    }
     let nftables = args.as_ref().is_some_and(|(_, w, _)| {
         w.iter()
             .any(|w| w == "--native-nftables" || w == "--native-nftables=true")

@@ -174,7 +174,12 @@ fn rule_line(
     let mut target: Option<String> = None;
     let mut proto: Option<String> = None;
     for e in exprs {
-        let Some((key, body)) = e.as_object().and_then(|o| o.iter().next()) else {
+        // nft writes each expression as an object of one key; anything else is not read.
+        let Some((key, body)) = e
+            .as_object()
+            .filter(|o| o.len() == 1)
+            .and_then(|o| o.iter().next())
+        else {
             opts.push("--nft-unknown".into());
             continue;
         };
@@ -188,10 +193,10 @@ fn rule_line(
                 }
                 continue;
             }
-            "jump" | "goto" => {
+            "jump" => {
                 let to = body.get("target").and_then(Value::as_str).unwrap_or("");
                 let to = chains.get(to).cloned().unwrap_or_else(|| iptables_name(to));
-                format!("{} {to}", if key == "jump" { "-j" } else { "-g" })
+                format!("-j {to}")
             }
             "return" => "-j RETURN".into(),
             "accept" => "-j ACCEPT".into(),
@@ -249,19 +254,24 @@ fn matcher(body: &Value, family: Family, proto: &mut Option<String>) -> Matched 
     let right = body.get("right").unwrap_or(&Value::Null);
     if let Some(key) = left.pointer("/meta/key").and_then(Value::as_str) {
         return match key {
-            "l4proto" | "protocol" if !negated => {
+            "l4proto" if !negated => {
                 let p = match right {
                     Value::String(s) => word(s),
                     Value::Number(n) if n.as_u64() == Some(6) => "tcp".into(),
                     Value::Number(n) if n.as_u64() == Some(17) => "udp".into(),
                     other => word(&other.to_string()),
                 };
-                *proto = Some(p);
+                match proto {
+                    // `meta l4proto tcp udp dport 53`: never matches; not mirrored.
+                    Some(q) if *q != p => return Matched::Opt("--nft-protocols-disagree".into()),
+                    _ => *proto = Some(p),
+                }
                 Matched::Nothing
             }
-            "nfproto" => {
-                let v4 = right.as_str() == Some("ipv4");
-                let v6 = right.as_str() == Some("ipv6");
+            // The family: `meta nfproto ipv4`, or `meta protocol ip` (the EtherType).
+            "nfproto" | "protocol" => {
+                let v4 = matches!(right.as_str(), Some("ipv4" | "ip"));
+                let v6 = matches!(right.as_str(), Some("ipv6" | "ip6"));
                 let ours = match family {
                     Family::V4 => v4,
                     Family::V6 => v6,
@@ -285,8 +295,9 @@ fn matcher(body: &Value, family: Family, proto: &mut Option<String>) -> Matched 
     let field = left.pointer("/payload/field").and_then(Value::as_str);
     match (protocol, field) {
         (Some(p @ ("tcp" | "udp")), Some(f @ ("dport" | "sport"))) => {
-            if proto.is_none() {
-                *proto = Some(p.to_string());
+            match proto {
+                Some(q) if q != p => return Matched::Opt("--nft-protocols-disagree".into()),
+                _ => *proto = Some(p.to_string()),
             }
             let Some(ports) = port_list(right) else {
                 return Matched::Opt(format!("--nft-{p}-{f}"));
@@ -497,8 +508,13 @@ mod tests {
                 ]}}"#
             )
         };
-        // A mark match, a set of addresses, and a comparison other than == / !=.
+        // A mark match, a set of addresses, a comparison other than == / !=, NAT to an address,
+        // a goto (which does not come back to the chain, unlike a jump), protocols that
+        // contradict each other, and an expression object of two keys.
         for bad_rule in [
+            r#"{"rule": {"chain": "istio-output", "handle": 5, "expr": [{"goto": {"target": "istio-in-redirect"}}]}},"#,
+            r#"{"rule": {"chain": "istio-output", "handle": 5, "expr": [{"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}}, {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": 53}}, {"return": null}]}},"#,
+            r#"{"rule": {"chain": "istio-output", "handle": 5, "expr": [{"return": null, "accept": null}]}},"#,
             r#"{"rule": {"chain": "istio-output", "handle": 5, "expr": [{"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": 7}}, {"return": null}]}},"#,
             r#"{"rule": {"chain": "istio-output", "handle": 5, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": {"set": ["1.1.1.1", "2.2.2.2"]}}}, {"return": null}]}},"#,
             r#"{"rule": {"chain": "istio-output", "handle": 5, "expr": [{"match": {"op": "<", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": 1024}}, {"return": null}]}},"#,
