@@ -190,6 +190,18 @@ fn custom_capture() -> CaptureConfig {
     }
 }
 
+/// The sidecar for [`custom_capture`], with its admin API on 15100 instead of 15000.
+fn custom_envoy(ns: &Netns, capture: &CaptureConfig) -> Envoy {
+    Envoy::spawn(
+        ns,
+        &EnvoyConfig {
+            admin_port: 15100,
+            ..EnvoyConfig::for_capture(capture)
+        },
+    )
+    .expect("Envoy")
+}
+
 #[test]
 fn non_default_capture_is_learned_from_the_node() {
     let Some(_serial) = Accel::cgroup_only("discovery_custom_pod") else {
@@ -198,14 +210,7 @@ fn non_default_capture_is_learned_from_the_node() {
     let capture = custom_capture();
     let ns = Netns::new("dcust").expect("netns");
     install_istio_capture(&ns, &capture).expect("capture rules");
-    let envoy = Envoy::spawn(
-        &ns,
-        &EnvoyConfig {
-            admin_port: 15100,
-            ..EnvoyConfig::for_capture(&capture)
-        },
-    )
-    .expect("Envoy");
+    let envoy = custom_envoy(&ns, &capture);
 
     let d = discovery::discover(&discovery::Options::default());
     let (found, skipped) = mine(&d, &[&ns]);
@@ -325,14 +330,7 @@ fn nftables_capture_is_read_like_iptables() {
         !String::from_utf8_lossy(&saved.stdout).contains("ISTIO_"),
         "iptables must not show the nftables capture, or this tests nothing"
     );
-    let envoy = Envoy::spawn(
-        &ns,
-        &EnvoyConfig {
-            admin_port: 15100,
-            ..EnvoyConfig::for_capture(&capture)
-        },
-    )
-    .expect("Envoy");
+    let envoy = custom_envoy(&ns, &capture);
     // A table of that name without Istio's chains is not a capture meshlane can read.
     let empty = Netns::new("dnfe").expect("netns");
     let status = empty
