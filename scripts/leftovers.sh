@@ -6,7 +6,7 @@ left=0
 ns=$(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^ml-' || true)
 [ -n "$ns" ] && { echo "left network namespaces: $ns" >&2; left=1; }
 if mountpoint -q /sys/fs/bpf; then
-  pins=$(ls /sys/fs/bpf | grep -E '^meshlane' || true)
+  pins=$(find /sys/fs/bpf -mindepth 1 -maxdepth 1 -name 'meshlane*' -printf '%f ' 2>/dev/null)
   [ -n "$pins" ] && { echo "left bpffs pins: $pins" >&2; left=1; }
 fi
 for root in /sys/fs/cgroup/unified /sys/fs/cgroup /sys/fs/cgroup/memory; do

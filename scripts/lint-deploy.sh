@@ -580,8 +580,20 @@ step "IstioOperator schema rejects broken overlays, naming the field (negative c
 step "alert rules: promtool check rules and promtool test rules (istio-integration/alerts)" alert_rules
 step "Grafana dashboard: JSON, data source variable, exported meshlane_* names only, PromQL parses" dashboard_json
 step "hadolint docker/Dockerfile" hadolint_dockerfile
-step "shellcheck scripts/lint-deploy.sh istio-integration/check-capabilities.sh" \
-  shellcheck scripts/lint-deploy.sh istio-integration/check-capabilities.sh
+# Every shell script the repository tracks (git ls-files: new scripts are checked without
+# editing this list), .ci/run included.
+shell_scripts() {
+  { git ls-files '*.sh'; git ls-files | while read -r f; do
+      case "$f" in *.sh) ;; *) [ -f "$f" ] && head -c 32 "$f" | grep -qE '^#!.*(ba)?sh' && echo "$f" ;; esac
+    done; } | sort -u
+}
+shellcheck_all() {
+  local scripts
+  mapfile -t scripts < <(shell_scripts)
+  say "shellcheck: ${#scripts[@]} scripts"
+  shellcheck "${scripts[@]}"
+}
+step "shellcheck every tracked shell script" shellcheck_all
 step "$RENDERED matches a fresh render" rendered_current
 
 if [ "${#failed[@]}" -gt 0 ]; then

@@ -32,6 +32,7 @@ declare -A pkgs=(
   [python3]=python3
   [openssl]=openssl          # the mini-mesh's test CA and SPIFFE certificates (Istio's mTLS)
   [cc]=gcc
+  [shellcheck]=shellcheck    # scripts/check.sh lints every shell script
 )
 if [ "$mode" = build ]; then
   declare -A pkgs=([cc]=gcc)

@@ -11,15 +11,8 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 step() { printf '\n== %s\n' "$*" >&2; }
 
-step "format"
-cargo fmt --all --check
-cargo fmt --manifest-path fuzz/Cargo.toml --check
-
-step "lints (host crates, then the eBPF programs for their own target)"
-cargo clippy --workspace --all-targets --exclude meshlane-ebpf --locked -- -D warnings
-RUSTC_BOOTSTRAP=1 cargo clippy -p meshlane-ebpf --target bpfel-unknown-none -Z build-std=core \
-  --release --locked -- -D warnings
-cargo clippy --manifest-path fuzz/Cargo.toml --all-targets --locked --target-dir target -- -D warnings
+step "the unprivileged checks: format, lints, shellcheck, unit tests (scripts/check.sh)"
+./scripts/check.sh
 
 step "tests (unit + privileged, real kernel)"
 cargo test --locked

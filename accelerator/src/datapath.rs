@@ -48,7 +48,7 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/meshlane";
 pub const DEFAULT_MAX_SOCKETS: u32 = maps::SOCKS_MAX;
 /// What `--max-sockets` accepts: a handful of connections at the bottom (the start-up probe has
 /// its own copy, [`SCRATCH_MAX_SOCKETS`]); the top keeps the preallocated pairing and unread maps
-/// (DESIGN.md "Capacity") within a few hundred MB.
+/// (docs/DESIGN.md "Capacity") within a few hundred MB.
 pub const MAX_SOCKETS_RANGE: std::ops::RangeInclusive<u32> = 16..=1 << 20;
 /// The start-up probe's private copy holds a handful of sockets; it need not preallocate the
 /// node's full pairing map.
@@ -606,7 +606,7 @@ impl Datapath {
     }
 }
 
-/// How the read tracer (the unread budget's reads) is attached; DESIGN.md, "Kernel facts".
+/// How the read tracer (the unread budget's reads) is attached; docs/DESIGN.md, "Kernel facts".
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReadTracer {

@@ -1,7 +1,6 @@
 //! meshlane: a node daemon that short-circuits the local hops between each app and its Istio
 //! sidecar, and between two sidecars on one node, through a sockhash, without changing where any
-//! connection goes. The design (invariants, modes, kernel facts) is DESIGN.md at the repository
-//! root.
+//! connection goes. The design (invariants, modes, kernel facts) is docs/DESIGN.md.
 //!
 //! Data flows one way: `discovery` and `config` (the pod list) -> `model` -> `policy` ->
 //! `datapath` (the only module touching the kernel) -> `telemetry` (metrics, status API); `node`

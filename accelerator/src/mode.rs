@@ -1,5 +1,5 @@
 //! Which directions of the app <-> sidecar hops meshlane redirects, chosen per kernel from what
-//! the probe measured (DESIGN.md invariant 7, "the reader rule").
+//! the probe measured (docs/DESIGN.md invariant 7, "the reader rule").
 //!
 //! A socket in a sockhash reads through the kernel's `tcp_bpf` code. Bytes redirected *into* an
 //! app's socket change what the app observes (splice, MSG_WAITALL, SO_RCVLOWAT, ...), and on some

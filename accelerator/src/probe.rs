@@ -55,7 +55,7 @@ pub struct Report {
     /// No check failed: acceleration is safe on this kernel.
     pub ok: bool,
     pub checks: Vec<Check>,
-    /// What an app would notice in each mode on this kernel (DESIGN.md invariant 7).
+    /// What an app would notice in each mode on this kernel (docs/DESIGN.md invariant 7).
     pub modes: Vec<ModeReport>,
 }
 

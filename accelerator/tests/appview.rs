@@ -1,5 +1,5 @@
 //! Socket-API conformance: what an app observes through both accelerated hops, against plain
-//! TCP through the same pods (DESIGN.md invariant 7, the reader rule). Every behaviour of
+//! TCP through the same pods (docs/DESIGN.md invariant 7, the reader rule). Every behaviour of
 //! `meshlane::probe::appview` runs with the app as client (its socket is the outbound hop's app
 //! end) and as server (the inbound hop's app end), through the pods' uid-1337 relays, three ways:
 //! plain (pods unlisted), the default reader rule, and the two-way opt-in. The counters must show

@@ -406,7 +406,7 @@ fn epoll_edge_triggered_fionread_and_msg_peek_through_envoy() {
     if !minimesh::privileged_or_skip("envoy_epoll_fionread_peek") {
         return;
     }
-    // FIONREAD on an app socket in the sockhash is a kernel matter (DESIGN.md): the probe
+    // FIONREAD on an app socket in the sockhash is a kernel matter (docs/DESIGN.md): the probe
     // measures it, and this run through real Envoy must agree with the probe.
     let report = meshlane::probe::run(None);
     let fionread_differs = report

@@ -1,5 +1,5 @@
 //! Bytes that leave an app socket before sk_msg can see them must never be overtaken by later,
-//! redirected bytes (DESIGN.md invariant 2, first byte or never): data in a TCP Fast Open SYN,
+//! redirected bytes (docs/DESIGN.md invariant 2, first byte or never): data in a TCP Fast Open SYN,
 //! and a write that another thread started while connect() was still in progress.
 
 mod support;

@@ -361,7 +361,8 @@ fn blocking_read_at_end_of_stream_returns_zero_never_eagain() {
     assert_eq!(c.get("pairs_outbound"), 150 * RUNS);
 }
 
-/// The kernel hazard from PAIRING.md, characterised: tcp_bpf_recvmsg (Linux through at least
+/// The kernel hazard found while verifying pairing (docs/DESIGN.md, "What an app can notice"),
+/// characterised: tcp_bpf_recvmsg (Linux through at least
 /// 6.18 and the 7.2-cycle bpf tree) turns a wake-up that finds both queues empty into EAGAIN,
 /// even on a blocking socket. The wake-up that does it here is the reader's own FIN being
 /// ACKed (FIN_WAIT1 -> FIN_WAIT2) while it waits for the reply. meshlane cannot prevent it from

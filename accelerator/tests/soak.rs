@@ -160,7 +160,7 @@ fn short_connections(tally: &Tally, ns: &minimesh::Netns, dst: SocketAddrV4, see
                 out.bytes.len()
             ));
         }
-        // The reader rule's one documented difference for blocking readers (DESIGN.md "What an
+        // The reader rule's one documented difference for blocking readers (docs/DESIGN.md "What an
         // app can notice"): a read already waiting in tcp_bpf_recvmsg when the app's own FIN is
         // ACKed returns EAGAIN once; the retry gets every byte. Counted and reported.
         tally

@@ -1,4 +1,5 @@
 #!/bin/busybox sh
+# shellcheck shell=dash # busybox ash; dash is shellcheck's nearest dialect
 # PID 1 of a kernel-matrix guest (scripts/kernel-matrix/run.py packs it as /init).
 # Sets up what a node has (proc, sysfs, cgroup2, bpffs, loopback, the netfilter and veth
 # modules), then runs `meshlane probe --json` and each privileged test on its own, printing

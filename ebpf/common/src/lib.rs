@@ -53,7 +53,7 @@ pub const POLICY_INBOUND: u32 = 2;
 /// [`PodPolicy::flags`]: `include_outbound_cidrs` is a real list (absent means Istio's `*`).
 pub const POLICY_INCLUDE_CIDRS: u32 = 4;
 /// [`PodPolicy::flags`]: the opt-in "two-way" mode: also redirect sidecar -> app, into the app's
-/// socket. Without it (the default, the reader rule of DESIGN.md invariant 7) only directions the
+/// socket. Without it (the default, the reader rule of docs/DESIGN.md invariant 7) only directions the
 /// sidecar reads are redirected, the sidecar's sockets sit in [`maps::TARGETS`] (no programs,
 /// so their sends stay on plain TCP) and the app's socket never receives a redirected byte.
 pub const POLICY_INTO_APP: u32 = 8;
@@ -114,7 +114,7 @@ impl Cidr6 {
 /// What meshlane knows about one pod, keyed in the policy map by its network-namespace cookie.
 ///
 /// It mirrors the pod's istio-init capture rules so that sock_ops can predict, at connect time,
-/// which connections iptables will REDIRECT to the sidecar. Only those are stamped (PAIRING.md).
+/// which connections iptables will REDIRECT to the sidecar. Only those are stamped (docs/DESIGN.md, "Pairing under Istio's NAT").
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PodPolicy {
@@ -606,10 +606,15 @@ pub mod programs {
 #[cfg(feature = "user")]
 mod user {
     use super::*;
-    // SAFETY: plain-old-data, repr(C), no padding, every bit pattern valid.
+    // SAFETY: plain-old-data, repr(C), explicit padding fields (the size asserts above
+    // check there is no hidden padding), every bit pattern valid.
     unsafe impl aya::Pod for PodPolicy {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for PairKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for Waiter {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for SockState {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for PodStats {}
 }

@@ -23,7 +23,7 @@ pub static ML_POLICY: HashMap<u64, PodPolicy, { POLICY_MAX as usize }> = HashMap
 pub static ML_SOCKS: SockHash<u64, { SOCKS_MAX as usize }> = SockHash::new();
 
 /// Redirect targets that never send through meshlane: the sidecar's ends of the app hops under
-/// the reader rule (DESIGN.md invariant 7). No program is attached to this map, so the kernel
+/// the reader rule (docs/DESIGN.md invariant 7). No program is attached to this map, so the kernel
 /// gives its sockets only the receive side of `tcp_bpf` (they can read redirected bytes) and
 /// leaves their sends on the plain TCP path: no copy into an sk_msg, no verdict run.
 /// Writer: sock_ops (insert at establishment); the kernel removes a socket when it closes.

@@ -1,7 +1,7 @@
 //! The read tracer: what a paired socket's reader reads leaves its unread count, so sk_msg can
 //! tell a reader that keeps up from one that stopped (`UNREAD_BUDGET`).
 //!
-//! Two attachments, the daemon picks the first the kernel offers (DESIGN.md, "Kernel facts"):
+//! Two attachments, the daemon picks the first the kernel offers (docs/DESIGN.md, "Kernel facts"):
 //! - fexit on `tcp_bpf_recvmsg`: the `recvmsg` of sockets that are in a sockhash only, so it
 //!   never runs for a socket meshlane did not put there (every kernel with BTF and trampolines);
 //! - the raw tracepoint `sock_recv_length` (6.4+): fired after *every* `recvmsg()` on the node,

@@ -1,5 +1,5 @@
 //! sk_msg: redirect a paired socket's bytes to its peer's receive queue, or pass them to TCP.
-//! Under the reader rule (DESIGN.md invariant 7) this runs for app sockets and for the sidecar
+//! Under the reader rule (docs/DESIGN.md invariant 7) this runs for app sockets and for the sidecar
 //! hop's sockets (both ends sidecars): the sidecar's ends of app hops sit in a map without
 //! programs, so their sends never come here.
 //!
@@ -68,8 +68,8 @@ pub fn verdict(ctx: &SkMsgContext) -> u32 {
             inc(counter::SKIP_EARLY_DATA);
             return SK_PASS;
         }
-        // SAFETY: read-only view of a hash map value, copied out at once.
         let (partner, partner_sk) = if st.flags & SOCK_WAITING != 0 {
+            // SAFETY: read-only view of a hash map value, copied out at once.
             unsafe { ML_RENDEZVOUS.get(st.pair_key) }
                 .filter(|w| w.cookie == st.cookie)
                 .map_or((0, 0), |w| (w.partner, w.partner_sk))

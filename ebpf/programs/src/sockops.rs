@@ -1,5 +1,5 @@
 //! sock_ops: decide which sockets belong to a local hop, stamp the outbound app's handshake with
-//! a random token, and pair the two ends of each hop exactly (DESIGN.md invariant 1).
+//! a random token, and pair the two ends of each hop exactly (docs/DESIGN.md invariant 1).
 //!
 //! Outbound hop: the app connects to some service; istio-init's REDIRECT sends it to the sidecar's
 //! capture port. NAT runs after the packets are built, so at connect time we only *predict* capture
@@ -22,7 +22,7 @@
 //! socket, v4-mapped peer) and a true IPv6 socket are all seen through [`Ends`], whose addresses
 //! are [`Addr`]s (IPv4 v4-mapped), so the two ends of a hop compute the same key whatever family
 //! each of them uses; capture prediction follows the pod's iptables for IPv4 and its ip6tables
-//! for IPv6 (DESIGN.md, "Both families").
+//! for IPv6 (docs/DESIGN.md, "Both families").
 //!
 //! Sidecar hop: a sidecar connects to the IP of another listed pod on this node (its upstream;
 //! Istio never captures the proxy's own connections on the client side), and the server pod's
@@ -31,7 +31,7 @@
 //! sidecar's accepted end reads it, keyed by the server pod's namespace; the server's end must
 //! see the client's own address as its peer. Only addresses in [`ML_POD_IPS`] are stamped, so
 //! the option never leaves the node. Both ends are sidecars, so both directions are redirected
-//! (DESIGN.md invariant 7 protects app sockets, and no app socket is on this hop).
+//! (docs/DESIGN.md invariant 7 protects app sockets, and no app socket is on this hop).
 
 use core::ptr;
 
@@ -530,7 +530,7 @@ fn on_own_half_close(ctx: &SockOpsContext) {
 /// Put this end in the sockhash, then meet the other end at `key`. The second end to arrive
 /// writes the pair both ways, so whoever sees a peer knows both are already in the sockhash.
 ///
-/// Under the reader rule (the default; DESIGN.md invariant 7) the sidecar's end goes into
+/// Under the reader rule (the default; docs/DESIGN.md invariant 7) the sidecar's end goes into
 /// [`ML_TARGETS`], which has no program, so it only ever *receives* redirected bytes and its own
 /// sends stay on plain TCP; the app's end goes into [`ML_SOCKS`] so sk_msg sees what it sends,
 /// and never receives a redirected byte. With the pod's two-way opt-in both go into `ML_SOCKS`,
