@@ -17,6 +17,9 @@ use std::{
 
 use anyhow::Context as _;
 
+mod memory_guard;
+use memory_guard::MemoryGuard;
+
 use crate::{
     config,
     datapath::{self, Datapath, Origin},
@@ -47,6 +50,11 @@ pub struct RunOptions {
     /// Pair sidecars of accelerated pods on this node with each other (`POLICY_SIDECAR_HOP`).
     pub sidecar_hop: bool,
     pub endpoints: telemetry::Endpoints,
+    /// A pod whose memory groups have less room than this is memory-tight (no new pairs, its
+    /// redirected directions move to TCP); 0 turns the check off.
+    pub memory_headroom: u64,
+    /// The node's /proc, where each pod's processes (and so its memory groups) are found.
+    pub proc_root: PathBuf,
 }
 
 /// The names the sources go by in status and metrics.
@@ -113,9 +121,15 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
     };
     let mut next = Instant::now();
     let mut sweep = Sweep::default();
+    let mut memory = MemoryGuard::new(opts.memory_headroom, opts.proc_root.clone());
     while !stop.load(Ordering::Relaxed) {
         shared.beat();
         let woken = wake.wait(Duration::from_millis(50));
+        if check_memory(&shared, &mut memory) {
+            // The policy map follows at once; the fast path above already moved the
+            // directions of newly tight pods.
+            next = Instant::now();
+        }
         if woken || hup.swap(false, Ordering::Relaxed) || Instant::now() >= next {
             let started = Instant::now();
             reconcile(&shared, &mut sources);
@@ -140,6 +154,45 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         tracing::info!("stopping; nothing was attached by this daemon");
     }
     Ok(())
+}
+
+/// A pass of the memory guard over the accelerated pods. Newly tight pods are marked in the
+/// datapath at once (sk_msg moves their redirected directions to TCP at the next message); the
+/// reconcile that follows, asked for by the return value, writes every pod's flags from
+/// scratch, which is also how a released pod gets its hop bits back.
+fn check_memory(shared: &Shared, guard: &mut MemoryGuard) -> bool {
+    if guard.headroom == 0 {
+        return false;
+    }
+    let watched: Vec<memory_guard::Watched> = shared
+        .read()
+        .pods
+        .iter()
+        .filter(|p| p.accelerated())
+        .filter_map(|p| {
+            Some(memory_guard::Watched {
+                cookie: p.netns_cookie?,
+                name: p.name.clone(),
+                netns: p.netns.clone(),
+            })
+        })
+        .collect();
+    if !guard.maybe_run(&watched) {
+        return false;
+    }
+    let tight: BTreeMap<u64, String> = guard
+        .tight()
+        .iter()
+        .map(|(c, t)| (*c, t.describe(guard.headroom)))
+        .collect();
+    let cookies: Vec<u64> = tight.keys().copied().collect();
+    if let Some(dp) = shared.datapath().as_mut() {
+        if let Err(e) = dp.set_memory_tight(&cookies) {
+            tracing::error!(error = %e, "cannot mark memory-tight pods in the datapath");
+        }
+    }
+    shared.write().memory_tight = tight;
+    true
 }
 
 /// The periodic sweep of ends that will never pair ([`datapath::Datapath::sweep_unpaired`]).
@@ -524,6 +577,7 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
         Phase::Accelerating => None,
     };
     let mut desired = BTreeMap::new();
+    let memory_tight = shared.read().memory_tight.clone();
     // Each accelerated pod's addresses, for the sidecar hop.
     let mut addresses: Vec<(u64, Vec<std::net::IpAddr>)> = Vec::new();
     for (pod, pod_mode) in pods.iter().zip(&modes) {
@@ -576,7 +630,11 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
                         p.flags &=
                             !(meshlane_common::POLICY_OUTBOUND | meshlane_common::POLICY_INBOUND);
                     }
-                    if sidecar_hop {
+                    if let Some(why) = memory_tight.get(&cookie) {
+                        // No new pairs, and no sidecar of this node is stamped toward it.
+                        p.flags = policy::memory_tight(p.flags);
+                        st.notes.push(why.clone());
+                    } else if sidecar_hop {
                         p.flags |= meshlane_common::POLICY_SIDECAR_HOP;
                         addresses.push((cookie, pod_ips));
                     }
@@ -607,6 +665,16 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
     let mut errors = 0;
     if let Some(dp) = shared.datapath().as_mut() {
         errors = write_policies(dp, &desired, &mut statuses, &known);
+        // The control bit follows the tight pods still listed (the flags are already written).
+        let tight: Vec<u64> = memory_tight
+            .keys()
+            .filter(|c| desired.contains_key(c))
+            .copied()
+            .collect();
+        if let Err(e) = dp.set_memory_tight(&tight) {
+            tracing::error!(error = %e, "cannot update the memory-tight control bit");
+            errors += 1;
+        }
         let (unique, ambiguous) =
             policy::pod_addresses(addresses.iter().map(|(c, ips)| (*c, ips.as_slice())));
         for ip in ambiguous {

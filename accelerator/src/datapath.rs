@@ -36,7 +36,7 @@ use aya::{
 pub use fs::{cgroup2_root, ensure_bpffs};
 use meshlane_common::{
     counter, maps, programs, Addr, PodPolicy, PodStats, CONTROL_BUDGET, CONTROL_DRAIN,
-    CONTROL_FLAGS,
+    CONTROL_FLAGS, CONTROL_MEMORY_TIGHT,
 };
 
 /// The eBPF object, built from ebpf/programs by build.rs.
@@ -542,15 +542,36 @@ impl Datapath {
 
     /// Stops new redirects and pairs; each direction finishes on TCP (see `sk_msg.rs`).
     pub fn set_draining(&mut self, on: bool) -> Result<(), Error> {
+        self.set_control(CONTROL_DRAIN, on)
+    }
+
+    /// Marks pods whose memory groups have too little room (`POLICY_MEMORY_TIGHT`): each
+    /// listed pod that is in the policy map loses its hop bits (no new pairs) and gains the
+    /// flag, and the control bit makes sk_msg move the redirected directions whose reader may
+    /// be in such a pod to TCP at their next message. An empty list clears the control bit;
+    /// the pods' own flags are restored by the next policy write. Returns the pods marked.
+    pub fn set_memory_tight(&mut self, pods: &[u64]) -> Result<usize, Error> {
+        let mut marked = 0;
+        for cookie in pods {
+            let Ok(mut p) = self.policy.get(cookie, 0) else {
+                continue;
+            };
+            p.flags = crate::policy::memory_tight(p.flags);
+            self.policy
+                .insert(cookie, p, 0)
+                .map_err(|e| Error::Map(maps::POLICY, e.to_string()))?;
+            marked += 1;
+        }
+        self.set_control(CONTROL_MEMORY_TIGHT, !pods.is_empty())?;
+        Ok(marked)
+    }
+
+    fn set_control(&mut self, bit: u32, on: bool) -> Result<(), Error> {
         let flags = self
             .control
             .get(&CONTROL_FLAGS, 0)
             .map_err(|e| Error::Map(maps::CONTROL, e.to_string()))?;
-        let flags = if on {
-            flags | CONTROL_DRAIN
-        } else {
-            flags & !CONTROL_DRAIN
-        };
+        let flags = if on { flags | bit } else { flags & !bit };
         self.control
             .set(CONTROL_FLAGS, flags, 0)
             .map_err(|e| Error::Map(maps::CONTROL, e.to_string()))

@@ -137,6 +137,15 @@ enum Command {
         /// root-only). "off" disables it.
         #[arg(long, env = "MESHLANE_API_SOCKET", default_value = telemetry::api::DEFAULT_SOCKET)]
         api_socket: PathBuf,
+        /// Memory room a pod must keep for redirects into it (bytes, or with KiB, MiB, GiB). A
+        /// redirect charges the reading socket's memory cgroup from inside the writer's send,
+        /// where a refused charge is the writer's ENOMEM (plain TCP would drop and retransmit).
+        /// Every 250 ms the daemon reads the memory groups of each accelerated pod's processes
+        /// (v1: the TCP limit; v2: memory.max less what is used, counting inactive file pages
+        /// as room) and their ancestors: below this room the pod pairs nothing new and its
+        /// redirected directions move to TCP; above twice it, pairing resumes. 0: off.
+        #[arg(long, env = "MESHLANE_MEMORY_HEADROOM", default_value = "16MiB", value_parser = parse_size)]
+        memory_headroom: u64,
     },
     /// Remove every meshlane program, link, pin and map. Live connections keep working.
     ///
@@ -257,6 +266,26 @@ fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
         .map_err(|_| format!("{s:?}: expected ADDRESS:PORT like 0.0.0.0:9464, or off"))
 }
 
+/// A size in bytes: a number, optionally with KiB, MiB or GiB (K, M, G and KB, MB, GB are read
+/// as the same powers of two, as Kubernetes' own Ki, Mi, Gi).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a size like 16MiB, 512KiB or 1048576"))?;
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "K" | "Ki" | "KB" | "KiB" => 10,
+        "M" | "Mi" | "MB" | "MiB" => 20,
+        "G" | "Gi" | "GB" | "GiB" => 30,
+        u => return Err(format!("{s:?}: unknown unit {u:?} (use KiB, MiB or GiB)")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?}: too large"))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logs(&cli.log_format, &cli.log_level);
@@ -279,6 +308,7 @@ fn main() -> ExitCode {
             sidecar_hop,
             metrics_addr,
             api_socket,
+            memory_headroom,
         } => kube_options(&discovery, node_name, kube_api, &proc_root)
             .and_then(|k| {
                 if xds_server.is_some() && k.is_none() {
@@ -317,6 +347,8 @@ fn main() -> ExitCode {
                         metrics: metrics_addr.0,
                         api_socket: (api_socket.as_os_str() != "off").then_some(api_socket),
                     },
+                    memory_headroom,
+                    proc_root,
                 })
             }),
         Command::Detach { pin_dir } => detach(&pin_dir),

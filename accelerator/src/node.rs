@@ -1,4 +1,7 @@
-//! Facts read from the node itself: a network namespace's cookie and its addresses.
+//! Facts read from the node itself: a network namespace's cookie and its addresses, and the
+//! room a pod's memory groups leave ([`memory`]).
+
+pub mod memory;
 
 use std::{
     fs::File,

@@ -226,6 +226,17 @@ pub struct Diff {
     pub remove: Vec<u64>,
 }
 
+/// A pod's policy flags while one of its memory groups is tight: no hop is paired (the hop
+/// bits go; the capture facts stay, so the daemon can restore them unchanged) and sk_msg moves
+/// its redirected directions to TCP (docs/DESIGN.md, "Memory").
+pub fn memory_tight(flags: u32) -> u32 {
+    use meshlane_common::{
+        POLICY_INBOUND, POLICY_INTO_APP, POLICY_MEMORY_TIGHT, POLICY_OUTBOUND, POLICY_SIDECAR_HOP,
+    };
+    (flags & !(POLICY_OUTBOUND | POLICY_INBOUND | POLICY_INTO_APP | POLICY_SIDECAR_HOP))
+        | POLICY_MEMORY_TIGHT
+}
+
 pub fn diff(current: &BTreeMap<u64, PodPolicy>, desired: &BTreeMap<u64, PodPolicy>) -> Diff {
     let mut d = Diff::default();
     for (k, v) in desired {

@@ -249,6 +249,14 @@ fn bad_flags_are_refused_without_side_effects() {
             "{n}: {err}"
         );
     }
+    for size in ["lots", "16 furlongs", "-1MiB", "99999999999GiB"] {
+        let err = run_err(accel.run_command().arg(format!("--memory-headroom={size}")));
+        assert!(
+            err.contains("--memory-headroom")
+                && (err.contains("expected") || err.contains("unit") || err.contains("too large")),
+            "{size}: {err}"
+        );
+    }
     // The environment is checked as strictly as the flags.
     let err = run_err(accel.run_command().env("MESHLANE_RESYNC", "2h"));
     assert!(err.contains("--resync") && err.contains("2h"), "{err}");

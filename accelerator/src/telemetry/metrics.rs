@@ -238,6 +238,7 @@ impl prometheus_client::collector::Collector for Collector {
                 ("early_data", "skip_early_data"),
                 ("pair_rejected", "pair_rejected"),
                 ("over_budget", "pass_over_budget"),
+                ("memory_tight", "pass_memory_tight"),
                 ("owner_unknown", "connect_owner_unknown"),
             ]
             .map(|(reason, name)| (vec![("reason", reason)], c.get(name)));
@@ -516,6 +517,13 @@ impl prometheus_client::collector::Collector for Collector {
             "Sockets removed from the sockhash after waiting for a partner through two sweeps (a stamp no sidecar read): their reads are plain TCP again",
             Counter,
             &[(vec![], snap.unpaired_swept_total)],
+        )?;
+        family(
+            &mut enc,
+            "meshlane_memory_tight_pods",
+            "Accelerated pods whose memory groups have less room than --memory-headroom: no new pairs, their redirected directions moved to TCP",
+            Gauge,
+            &[(vec![], snap.memory_tight.len() as u64)],
         )?;
         family(
             &mut enc,

@@ -92,6 +92,9 @@ pub struct Snapshot {
     pub policy_errors_total: u64,
     /// Ends removed by the sweep after waiting for a partner through two sweeps.
     pub unpaired_swept_total: u64,
+    /// Accelerated pods whose memory groups have too little room, by namespace cookie, with
+    /// what the guard found (docs/DESIGN.md, "Memory").
+    pub memory_tight: BTreeMap<u64, String>,
 }
 
 pub struct Shared {
@@ -140,6 +143,7 @@ impl Shared {
                 reconciles_total: 0,
                 policy_errors_total: 0,
                 unpaired_swept_total: 0,
+                memory_tight: BTreeMap::new(),
             }),
             datapath: Mutex::new(None),
             heartbeat_ms: AtomicU64::new(unix_ms(SystemTime::now())),

@@ -77,6 +77,13 @@ pub const POLICY_IPV6: u32 = 128;
 /// [`PodPolicy::flags`]: `include_outbound_cidrs6` is a real list (absent means `*`). With
 /// none listed, no IPv6 destination is captured (an include list of IPv4 ranges only).
 pub const POLICY_INCLUDE_CIDRS6: u32 = 256;
+/// [`PodPolicy::flags`]: a memory group of the pod has less room than the daemon's headroom
+/// (`--memory-headroom`). A redirect charges the reader's memory group from inside the writer's
+/// `sendmsg`, and a charge that fails there is the writer's `ENOMEM` where plain TCP would drop
+/// and retransmit (docs/DESIGN.md, "Kernel facts"). So while this is set the daemon clears the
+/// pod's hop bits (no new pairs) and sk_msg moves the pod's redirected directions to TCP at
+/// their next message, with [`CONTROL_MEMORY_TIGHT`].
+pub const POLICY_MEMORY_TIGHT: u32 = 512;
 
 /// An IPv4 prefix, both fields in network byte order as the kernel stores addresses.
 #[repr(C)]
@@ -422,6 +429,12 @@ pub const CONTROL_DRAIN: u32 = 1;
 /// [`UNREAD_BUDGET`]. Without it (a kernel that offers neither attachment of the tracer, see
 /// [`programs::RECV_EXIT`]) the counts would only grow, so the budget is not applied.
 pub const CONTROL_BUDGET: u32 = 2;
+/// Control bit: some pod on the node has [`POLICY_MEMORY_TIGHT`]. sk_msg then looks up the
+/// writer's pod (whose sidecar or app reads an app hop) and moves the direction to TCP if it is
+/// tight; the sidecar hop's reader is in another pod, which sk_msg cannot name, so its
+/// directions all move. Unset, the check costs sk_msg nothing beyond the control word it
+/// already reads.
+pub const CONTROL_MEMORY_TIGHT: u32 = 4;
 
 /// Redirected bytes a receiver may leave unread before its peer's direction moves to TCP.
 /// Redirected bytes bypass the receiver's `SO_RCVBUF`, so without a budget a reader that stops
@@ -476,8 +489,11 @@ pub mod counter {
     pub const MSGS_SIDECAR: u32 = 28;
     /// `BYTES_SIDECAR + role - ROLE_SC_CLIENT`: bytes redirected on the sidecar hop.
     pub const BYTES_SIDECAR: u32 = 30;
+    /// A direction moved to TCP because its reader's pod was memory-tight
+    /// ([`super::POLICY_MEMORY_TIGHT`]).
+    pub const PASS_MEMORY_TIGHT: u32 = 32;
     /// Counters with a name (the rest of [`SLOTS`] is spare).
-    pub const COUNT: u32 = 32;
+    pub const COUNT: u32 = 33;
     /// Size of the counter array. Spare slots let a later build add counters without changing
     /// the pinned map's size, so an upgrade can adopt the pins instead of needing a detach.
     pub const SLOTS: u32 = 64;
@@ -516,6 +532,7 @@ pub mod counter {
         "msgs_redirected_sidecar_server_to_client",
         "bytes_redirected_sidecar_client_to_server",
         "bytes_redirected_sidecar_server_to_client",
+        "pass_memory_tight",
     ];
 
     /// The message and byte counters of the [`super::DIRECTIONS`] entry `dir`: the app hops'

@@ -15,13 +15,14 @@ use aya_ebpf::{
     programs::SkMsgContext,
 };
 use meshlane_common::{
-    counter, SockState, CONTROL_BUDGET, CONTROL_DRAIN, CONTROL_FLAGS, FOLD_BYTES, FOLD_EVERY,
-    SOCK_PEER_KNOWN, SOCK_READER_RULE, SOCK_TCP_PINNED, SOCK_WAITING, UNREAD_BUDGET,
+    counter, SockState, CONTROL_BUDGET, CONTROL_DRAIN, CONTROL_FLAGS, CONTROL_MEMORY_TIGHT,
+    FOLD_BYTES, FOLD_EVERY, POLICY_MEMORY_TIGHT, ROLE_SC_CLIENT, ROLE_SC_SERVER, SOCK_PEER_KNOWN,
+    SOCK_READER_RULE, SOCK_TCP_PINNED, SOCK_WAITING, UNREAD_BUDGET,
 };
 
 use crate::{
     counters::{atomic_add, fold, inc},
-    maps::{ML_CONTROL, ML_RENDEZVOUS, ML_SOCKS, ML_SOCK_STATE, ML_TARGETS, ML_UNREAD},
+    maps::{ML_CONTROL, ML_POLICY, ML_RENDEZVOUS, ML_SOCKS, ML_SOCK_STATE, ML_TARGETS, ML_UNREAD},
 };
 
 /// Byte offsets of `struct tcp_sock`'s `write_seq`, `snd_nxt` and `data_segs_out` on the running
@@ -51,6 +52,11 @@ pub fn verdict(ctx: &SkMsgContext) -> u32 {
     if flags & CONTROL_DRAIN != 0 {
         st.flags |= SOCK_TCP_PINNED;
         inc(counter::PASS_DRAINING);
+        return SK_PASS;
+    }
+    if flags & CONTROL_MEMORY_TIGHT != 0 && reader_memory_tight(st) {
+        st.flags |= SOCK_TCP_PINNED;
+        inc(counter::PASS_MEMORY_TIGHT);
         return SK_PASS;
     }
     // The peer is kept in the socket's own state: the second end of a pair got it at pairing,
@@ -114,6 +120,17 @@ pub fn verdict(ctx: &SkMsgContext) -> u32 {
         }
     }
     SK_PASS
+}
+
+/// Whether this socket's reader may be in a memory-tight pod ([`POLICY_MEMORY_TIGHT`]). On an
+/// app hop the reader is in the writer's own pod; on the sidecar hop it is in the other pod,
+/// which the socket does not record, so the answer is yes while any pod is tight.
+fn reader_memory_tight(st: &SockState) -> bool {
+    if st.role == ROLE_SC_CLIENT || st.role == ROLE_SC_SERVER {
+        return true;
+    }
+    // SAFETY: read-only view of a hash map value, read at once.
+    unsafe { ML_POLICY.get(st.netns) }.is_none_or(|p| p.flags & POLICY_MEMORY_TIGHT != 0)
 }
 
 /// Adds `bytes` to the reader's unread count; over [`UNREAD_BUDGET`] the writer's next bytes
