@@ -17,10 +17,11 @@
 #   docker buildx imagetools inspect rust:1.95-bookworm
 #   docker buildx imagetools inspect debian:bookworm-slim
 #
-# scripts/check-image-pins.sh refuses the release unless both are given as sha256 digests; the
-# release target also cannot resolve `name:tag@` with an empty digest, so bake fails on its own
-# too. scripts/lint-deploy.sh checks this file against docker/Dockerfile (platforms, args, the
-# release pins); no digest is written here: none could be looked up where this was written.
+# scripts/check-image-pins.sh refuses the release unless both are given as sha256 digests. Run
+# bare, the release target asks for `name:tag@` with an empty digest, which is not a valid image
+# reference, so the build should stop there too (not tried: no buildx where this was written;
+# the script is the gate). scripts/lint-deploy.sh checks this file against docker/Dockerfile
+# (platforms, args, the release pins); no digest is written here: none could be looked up.
 
 variable "IMAGE" {
   default = "meshlane"
