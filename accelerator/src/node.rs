@@ -17,7 +17,7 @@ const SO_NETNS_COOKIE: libc::c_int = 71;
 /// key sock_ops sees from `bpf_get_netns_cookie`. Read from a socket created inside it, on a
 /// short-lived thread so this process's own namespace never changes.
 pub fn netns_cookie(path: &Path) -> io::Result<u64> {
-    in_netns(path, socket_netns_cookie)
+    in_netns(&File::open(path)?, socket_netns_cookie)?
 }
 
 /// A pod's network namespace as the datapath needs it.
@@ -33,7 +33,7 @@ pub struct NetnsFacts {
 
 /// The cookie and the addresses of the network namespace at `path`, in one visit.
 pub fn netns_facts(path: &Path) -> io::Result<NetnsFacts> {
-    in_netns(path, || {
+    in_netns(&File::open(path)?, || {
         let cookie = socket_netns_cookie()?;
         let mut ips: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
             .map_err(io::Error::from)?
@@ -54,7 +54,7 @@ pub fn netns_facts(path: &Path) -> io::Result<NetnsFacts> {
         ips.sort();
         ips.dedup();
         Ok(NetnsFacts { cookie, ips })
-    })
+    })?
 }
 
 /// Whether another pod can reach this pod at `ip`: not loopback, link-local or unspecified.
@@ -70,18 +70,26 @@ fn is_unicast_link_local(ip: &Ipv6Addr) -> bool {
     ip.segments()[0] & 0xffc0 == 0xfe80
 }
 
-/// Runs `f` on a short-lived thread inside the network namespace at `path`.
-fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
-    let ns = File::open(path)?;
+/// The one way this crate enters a network namespace: runs `f` on a short-lived thread that
+/// joined `ns` first, so no thread of the daemon ever changes namespace for longer than one
+/// call (and a child process spawned by `f` starts there). The error is the thread's: the
+/// namespace could not be entered, or `f` panicked; `f`'s own result is returned as it is.
+pub fn in_netns<T: Send>(ns: &File, f: impl FnOnce() -> T + Send) -> io::Result<T> {
     std::thread::scope(|s| {
-        s.spawn(|| {
-            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(io::Error::from)?;
-            f()
+        s.spawn(|| -> io::Result<T> {
+            enter_netns(ns)?;
+            Ok(f())
         })
         .join()
-        .unwrap_or_else(|_| Err(io::Error::other("netns thread panicked")))
+        .unwrap_or_else(|_| Err(io::Error::other("the thread inside the namespace panicked")))
     })
+}
+
+/// Moves the calling thread into the network namespace `ns` (setns). Only for a thread made to
+/// live there (the probe's servers) or a child between fork and exec; everything else uses
+/// [`in_netns`].
+pub fn enter_netns(ns: &File) -> io::Result<()> {
+    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
 }
 
 #[allow(unsafe_code)]

@@ -118,27 +118,17 @@ pub fn fetch(
     admin: SocketAddrV4,
     timeout: Duration,
 ) -> Result<EnvoyFacts, Error> {
-    let bodies = std::thread::scope(|s| {
-        s.spawn(|| -> Result<Vec<String>, Error> {
-            nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
-                Error::Unreachable {
-                    addr: admin,
-                    source: io::Error::other(format!("setns: {e}")),
-                }
-            })?;
-            requests()
-                .iter()
-                .map(|(_, path)| get(admin, path, timeout))
-                .collect()
-        })
-        .join()
-        .unwrap_or_else(|_| {
-            Err(Error::Http {
-                path: "/config_dump".into(),
-                message: "admin client thread panicked".into(),
-            })
-        })
-    })?;
+    let bodies = crate::node::in_netns(netns, || -> Result<Vec<String>, Error> {
+        requests()
+            .iter()
+            .map(|(_, path)| get(admin, path, timeout))
+            .collect()
+    })
+    .map_err(|e| Error::Unreachable {
+        addr: admin,
+        source: e,
+    })
+    .and_then(|r| r)?;
     let [sl, dl, sc, dc, boot] = <[String; 5]>::try_from(bodies).map_err(|_| Error::Http {
         path: "/config_dump".into(),
         message: "wrong number of answers".into(),

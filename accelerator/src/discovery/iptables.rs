@@ -141,21 +141,15 @@ pub fn dump(netns: &std::fs::File, program: &str) -> io::Result<String> {
     Ok(out)
 }
 
-/// Runs `program args` with its stdout captured, in the network namespace `netns`: a
-/// short-lived thread enters it, and the child forked from that thread starts there.
+/// Runs `program args` with its stdout captured, in the network namespace `netns`: the child
+/// forked from a thread inside it starts there.
 pub(crate) fn run_in(netns: &std::fs::File, program: &str, args: &[&str]) -> io::Result<String> {
-    let output = std::thread::scope(|s| {
-        s.spawn(|| -> io::Result<std::process::Output> {
-            nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(io::Error::from)?;
-            Command::new(program)
-                .args(args)
-                .stdin(std::process::Stdio::null())
-                .output()
-        })
-        .join()
-        .unwrap_or_else(|_| Err(io::Error::other(format!("{program} thread panicked"))))
-    })?;
+    let output = crate::node::in_netns(netns, || {
+        Command::new(program)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+    })??;
     if !output.status.success() {
         return Err(io::Error::other(format!(
             "{program} {}: {}: {}",

@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use nix::sched::{setns, unshare, CloneFlags};
+use nix::sched::{unshare, CloneFlags};
 
 use super::sys;
 
@@ -63,7 +63,7 @@ impl ScratchNs {
     ) -> io::Result<std::thread::JoinHandle<io::Result<T>>> {
         let fd = self.fd.try_clone()?;
         Ok(std::thread::spawn(move || {
-            setns(&fd, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+            crate::node::enter_netns(&fd)?;
             if proxy {
                 sys::become_proxy(PROXY_UID, PROXY_GID)?;
             }
@@ -108,12 +108,7 @@ impl ScratchNs {
 #[allow(unsafe_code)]
 fn unsafe_pre_exec_setns(cmd: &mut Command, fd: File) -> &mut Command {
     // SAFETY: setns is async-signal-safe; the closure allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            setns(&fd, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-            Ok(())
-        })
-    }
+    unsafe { cmd.pre_exec(move || crate::node::enter_netns(&fd)) }
 }
 
 pub fn join<T>(h: std::thread::JoinHandle<io::Result<T>>) -> io::Result<T> {
