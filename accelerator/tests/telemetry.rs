@@ -207,6 +207,40 @@ fn status_and_metrics_match_the_kernel_counters_and_prometheus_scrapes_them() {
         .expect("sockhash usage");
     assert_eq!(socks["capacity"], 65536);
 
+    // --output json and yaml are the same document (stable names, parsed back).
+    let doc = |format: &str| -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_meshlane"))
+            .args(["status", "--output", format, "--api-socket"])
+            .arg(&accel.api_socket)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "status --output {format}");
+        match format {
+            "json" => serde_json::from_slice(&out.stdout).expect("status --output json is JSON"),
+            _ => serde_norway::from_slice(&out.stdout).expect("status --output yaml is YAML"),
+        }
+    };
+    let (json, yaml) = (doc("json"), doc("yaml"));
+    for d in [&json, &yaml] {
+        let keys: Vec<_> = d.as_object().unwrap().keys().cloned().collect();
+        let want: Vec<_> = st.as_object().unwrap().keys().cloned().collect();
+        assert_eq!(keys, want, "the documents carry the same fields as --json");
+        assert_eq!(d["state"], "accelerating");
+        assert_eq!(
+            d["counters"]["pairs_outbound"],
+            st["counters"]["pairs_outbound"]
+        );
+        let client = d["pods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "demo/client")
+            .unwrap_or_else(|| panic!("no demo/client in {d:#}"));
+        assert_eq!(client["counters"]["pairs_outbound"], N);
+        assert_eq!(client["state"], "accelerated");
+        assert!(d["last_reconcile_unix"].as_f64().unwrap() > 1.7e9, "{d:#}");
+    }
+
     // The human table says the same.
     let table = Command::new(env!("CARGO_BIN_EXE_meshlane"))
         .args(["status", "--api-socket"])
