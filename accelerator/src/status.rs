@@ -171,7 +171,7 @@ fn render(s: &pb::Status) -> String {
         let _ = writeln!(o, "maps: {}", maps.join(", "));
     }
     if let Some(c) = &s.counters {
-        let mut nonzero: Vec<_> = c.values.iter().filter(|(_, v)| **v > 0).collect();
+        let mut nonzero: Vec<_> = counters(c).into_iter().filter(|(_, v)| *v > 0).collect();
         nonzero.sort();
         let _ = writeln!(o, "counters (non-zero):");
         for (k, v) in nonzero {
@@ -199,7 +199,7 @@ struct StatusDoc<'a> {
     probe: Option<ProbeDoc<'a>>,
     sources: Vec<SourceDoc<'a>>,
     pods: Vec<PodDoc<'a>>,
-    counters: Option<BTreeMap<&'a str, u64>>,
+    counters: Option<BTreeMap<String, u64>>,
     maps: Vec<MapDoc<'a>>,
 }
 
@@ -235,6 +235,8 @@ struct PodDoc<'a> {
     netns_cookie: u64,
     state: &'static str,
     reason: &'a str,
+    /// The `reason` label of `meshlane_pods` (empty when accelerated).
+    reason_code: String,
     mode: &'a str,
     source: &'a str,
     uid: &'a str,
@@ -267,6 +269,47 @@ fn sorted(m: &std::collections::HashMap<String, u64>) -> BTreeMap<&str, u64> {
     m.iter().map(|(k, v)| (k.as_str(), *v)).collect()
 }
 
+/// The datapath's own name of an enum value (`COUNTER_NAME_PAIRS_OUTBOUND`: `pairs_outbound`);
+/// a value this build does not know keeps its number rather than vanish.
+fn enum_key(known: bool, str_name: &str, prefix: &str, raw: i32) -> String {
+    if known {
+        str_name.trim_start_matches(prefix).to_ascii_lowercase()
+    } else {
+        format!("unknown_{raw}")
+    }
+}
+
+fn counters(c: &pb::Counters) -> BTreeMap<String, u64> {
+    c.counters
+        .iter()
+        .map(|c| {
+            let name = pb::CounterName::try_from(c.name)
+                .ok()
+                .filter(|n| *n != pb::CounterName::Unspecified);
+            let key = enum_key(
+                name.is_some(),
+                name.map_or("", |n| n.as_str_name()),
+                "COUNTER_NAME_",
+                c.name,
+            );
+            (key, c.value)
+        })
+        .collect()
+}
+
+fn reason_code(p: &pb::Pod) -> String {
+    match pb::PodReason::try_from(p.reason_code) {
+        Ok(pb::PodReason::Unspecified) => String::new(),
+        Ok(r) => enum_key(true, r.as_str_name(), "POD_REASON_", p.reason_code),
+        Err(_) => enum_key(false, "", "", p.reason_code),
+    }
+}
+
+/// Seconds since the epoch, as the document has always carried them (0: never).
+fn unix(t: Option<&prost_types::Timestamp>) -> f64 {
+    t.map_or(0.0, |t| t.seconds as f64 + f64::from(t.nanos) / 1e9)
+}
+
 fn document(s: &pb::Status) -> StatusDoc<'_> {
     StatusDoc {
         version: &s.version,
@@ -275,7 +318,7 @@ fn document(s: &pb::Status) -> StatusDoc<'_> {
         pin_dir: &s.pin_dir,
         cgroup: &s.cgroup,
         origin: &s.origin,
-        last_reconcile_unix: s.last_reconcile_unix,
+        last_reconcile_unix: unix(s.last_reconcile_time.as_ref()),
         mode: &s.mode,
         mode_reason: &s.mode_reason,
         mode_differences: &s.mode_differences,
@@ -301,7 +344,7 @@ fn document(s: &pb::Status) -> StatusDoc<'_> {
                 healthy: x.healthy,
                 degraded: x.degraded,
                 last_error: &x.last_error,
-                last_success_unix: x.last_success_unix,
+                last_success_unix: unix(x.last_success_time.as_ref()),
                 errors_total: x.errors_total,
             })
             .collect(),
@@ -318,6 +361,7 @@ fn document(s: &pb::Status) -> StatusDoc<'_> {
                     "not_accelerated"
                 },
                 reason: &p.reason,
+                reason_code: reason_code(p),
                 mode: &p.mode,
                 source: &p.source,
                 uid: &p.uid,
@@ -336,7 +380,7 @@ fn document(s: &pb::Status) -> StatusDoc<'_> {
                 }),
             })
             .collect(),
-        counters: s.counters.as_ref().map(|c| sorted(&c.values)),
+        counters: s.counters.as_ref().map(counters),
         maps: s
             .maps
             .iter()
