@@ -277,6 +277,22 @@ fn a_bad_pod_list_is_refused_by_field_and_the_last_good_state_kept() {
             .unwrap_or(usize::MAX)
     };
     wait("the pod to be listed", &|| pods() == 1);
+    // status --pins as a YAML document, read with no daemon in the loop.
+    let out = meshlane()
+        .args(["status", "--pins", "--output", "yaml", "--pin-dir"])
+        .arg(&accel.pin_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_norway::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not YAML ({e}): {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(doc["pods"].as_array().map(Vec::len), Some(1), "{doc:#}");
+    assert_eq!(doc["pods"][0]["proxy_uid"], 1337, "{doc:#}");
+    assert!(doc["counters"]["pairs_outbound"].is_u64(), "{doc:#}");
 
     std::fs::write(
         &config,
