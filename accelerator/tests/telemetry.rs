@@ -106,6 +106,34 @@ fn health_and_reflection_answer(socket: &Path) {
                 "{dep} does not resolve"
             );
         }
+        // Clients before reflection v1 (grpcurl < 1.9) ask v1alpha.
+        use tonic_reflection::pb::v1alpha as alpha;
+        let request = alpha::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(
+                alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+            ),
+        };
+        let answer = alpha::server_reflection_client::ServerReflectionClient::new(channel.clone())
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .expect("v1alpha reflection stream")
+            .into_inner()
+            .message()
+            .await
+            .expect("v1alpha reflection answer")
+            .and_then(|r| r.message_response);
+        let Some(alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+            answer
+        else {
+            panic!("v1alpha ListServices answered {answer:?}");
+        };
+        assert!(
+            list.service
+                .iter()
+                .any(|s| s.name == "meshlane.v1.MeshlaneService"),
+            "{list:?}"
+        );
     });
 }
 
