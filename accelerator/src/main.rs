@@ -475,10 +475,12 @@ fn probe(output: Output, cgroup: Option<&std::path::Path>) -> ExitCode {
         }
         if !report.ok {
             // The document is for machines; say why on stderr for the human reading the logs.
-            eprintln!(
-                "meshlane probe: acceleration is NOT safe on this kernel: {}",
-                report.reasons()
-            );
+            let verdict = if report.judged_kernel() {
+                "acceleration is NOT safe on this kernel"
+            } else {
+                "could not run here"
+            };
+            eprintln!("meshlane probe: {verdict}: {}", report.reasons());
         }
     }
     if report.ok {

@@ -169,6 +169,8 @@ impl Report {
         }
         out.push_str(if self.ok {
             "result: the datapath is safe on this kernel\n"
+        } else if !self.judged_kernel() {
+            "result: the probe could not run here, so it says nothing about this kernel; meshlane will not accelerate\n"
         } else {
             "result: acceleration is NOT safe on this kernel; meshlane will not accelerate\n"
         });

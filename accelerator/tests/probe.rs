@@ -247,6 +247,19 @@ fn probe_fails_with_a_reason_when_a_capability_is_missing() {
     let c = check(&report, "privilege and cgroup");
     assert_eq!(c["status"], "fail");
     assert!(c["detail"].as_str().unwrap().contains("needs root"), "{c}");
+    // The table does not blame the kernel for it.
+    let out = Command::new(&exe)
+        .uid(65534)
+        .gid(65534)
+        .arg("probe")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text.contains("could not run here") && !text.contains("NOT safe"),
+        "{text}"
+    );
     // The same report as YAML, for scripts that prefer it.
     let out = Command::new(&exe)
         .uid(65534)
