@@ -141,6 +141,21 @@ if ! "$XDS_VENV/bin/python" -c 'import grpc, envoy.service.discovery.v3.ads_pb2_
   "$XDS_VENV/bin/pip" install --quiet --disable-pip-version-check grpcio xds-protos
 fi
 
+# buf, for scripts/lint-proto.sh (the meshlane.v1 API), from npm's @bufbuild/buf (the release
+# binary in a package). Its own prefix: lint-deploy.sh's npm tree is reinstalled whenever its
+# package list changes, and must not take buf with it.
+BUF_VERSION=1.75.0
+BUF_DIR=${MESHLANE_TOOLS_DIR:-/opt/meshlane-tools}/buf
+if [ "$("$BUF_DIR/node_modules/.bin/buf" --version 2>/dev/null)" != "$BUF_VERSION" ]; then
+  if ! command -v npm >/dev/null 2>&1; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+  fi
+  log "npm install @bufbuild/buf@$BUF_VERSION into $BUF_DIR"
+  mkdir -p "$BUF_DIR"
+  npm install --prefix "$BUF_DIR" --no-audit --no-fund --silent "@bufbuild/buf@$BUF_VERSION"
+fi
+
 if ! mountpoint -q /sys/fs/bpf; then
   log "mount bpffs at /sys/fs/bpf"
   mount -t bpf bpf /sys/fs/bpf

@@ -22,6 +22,9 @@ step "fuzz: every parser of outside input, mutated real documents (bolero; fuzz/
 BOLERO_RANDOM_TEST_TIME_MS="${MESHLANE_FUZZ_MS:-20000}" \
   cargo test --manifest-path fuzz/Cargo.toml --locked --target-dir target
 
+step "the meshlane.v1 API: buf lint, buf format, buf breaking against the baseline"
+./scripts/lint-proto.sh
+
 step "deployment: Dockerfile and bake file, Helm chart, rendered manifest, istioctl overlay, load test (real linters)"
 ./scripts/lint-deploy.sh
 

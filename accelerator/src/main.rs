@@ -2,10 +2,23 @@
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 mod status;
 use meshlane::{daemon, datapath, telemetry};
+
+/// What each exit status means, for scripts and init containers (also in the README).
+const EXIT_CODES: &str = "\
+Exit status:
+  0  success (probe: acceleration is safe on this kernel, warnings included)
+  1  error: the command could not do its job (no privilege, a bad pod list, no daemon on
+     --api-socket, a probe that could not start, ...)
+  2  usage: an unknown flag or a value that does not parse (the message names the flag)
+  3  probe: acceleration is NOT safe on this node (a check of the kernel failed; the daemon
+     would stay in pass-through)";
+
+/// `meshlane probe` found this node unsafe to accelerate (distinct from an error, 1).
+const EXIT_UNSAFE: u8 = 3;
 
 /// meshlane: kernel fast lane for Istio sidecar traffic.
 ///
@@ -16,12 +29,13 @@ use meshlane::{daemon, datapath, telemetry};
 #[command(
     name = "meshlane",
     version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("MESHLANE_GIT_REVISION"), ")"),
-    propagate_version = true
+    propagate_version = true,
+    after_help = EXIT_CODES
 )]
 struct Cli {
     /// Log format.
-    #[arg(long, global = true, env = "MESHLANE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
-    log_format: String,
+    #[arg(long, global = true, env = "MESHLANE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// Log filter (tracing EnvFilter syntax), e.g. "info" or "meshlane=debug". A filter that
     /// does not parse is refused (silently logging at another level would hide what was asked).
     #[arg(long, global = true, env = "MESHLANE_LOG", default_value = "info", value_parser = parse_log_filter)]
@@ -47,16 +61,9 @@ enum Command {
     Run {
         #[command(flatten)]
         dp: DatapathArgs,
-        /// Where pods come from besides --config. "local": find Envoy sidecars on this node
-        /// (processes named envoy, outside the host network namespace), read istio-init's
-        /// capture rules in their namespace and the sidecar's admin API; pods that look meshed
-        /// but cannot be accelerated are listed with the reason. "kubernetes": watch this node's
-        /// pods on the API server (--node-name) and read how Istio injected each one (istio-init
-        /// or istio-cni arguments, traffic.sidecar.istio.io annotations, meshlane.io/accelerate
-        /// opt-out); each pod's network namespace is found in --proc-root by its UID. "none":
-        /// only --config.
-        #[arg(long, env = "MESHLANE_DISCOVERY", default_value = "local", value_parser = ["local", "kubernetes", "none"])]
-        discovery: String,
+        /// Where pods come from besides --config.
+        #[arg(long, env = "MESHLANE_DISCOVERY", value_enum, default_value_t = Discovery::Local)]
+        discovery: Discovery,
         /// This node's name, for --discovery kubernetes (the downward API's spec.nodeName).
         #[arg(long, env = "NODE_NAME")]
         node_name: Option<String>,
@@ -95,11 +102,13 @@ enum Command {
         /// opts a discovered pod out.
         #[arg(long, env = "MESHLANE_CONFIG")]
         config: Option<PathBuf>,
-        /// How often the sources are read and the policy map reconciled.
+        /// How often the sources are read and the policy map reconciled (e.g. 500ms, 90s, 2m,
+        /// 1h; a bare number is seconds; 10ms to 1h).
         #[arg(long, env = "MESHLANE_RESYNC", default_value = "2s", value_parser = parse_duration)]
         resync: Duration,
         /// How often sockets that waited for a partner are checked; one still alone at the next
         /// check (a stamp no sidecar read) leaves the sockhash, so its reads are plain TCP.
+        /// Same units and range as --resync.
         #[arg(long, env = "MESHLANE_SWEEP", default_value = "10s", value_parser = parse_duration)]
         sweep: Duration,
         /// Detach everything on SIGTERM/SIGINT instead of leaving it pinned.
@@ -109,26 +118,18 @@ enum Command {
         /// Without it, a failed probe keeps the daemon up but accelerating nothing.
         #[arg(long, env = "MESHLANE_FORCE")]
         force: bool,
-        /// Which directions to redirect. "auto" (default): the reader rule (only app -> sidecar,
-        /// so the app's socket never receives a redirected byte) if the probe found apps see
-        /// exactly plain TCP under it on this kernel, otherwise app sockets are left alone and
-        /// only the sidecar <-> sidecar hop is redirected ("sidecar"; status names the behaviour
-        /// that decided it). "reader": the reader rule even where the probe lists app-visible
-        /// differences. "two-way": also sidecar -> app, into the app's socket (apps can tell:
-        /// splice, MSG_WAITALL, SO_RCVLOWAT, ...; refused where the probe finds it unsafe).
-        /// "sidecar": only the sidecar hop (needs --sidecar-hop on). "off": accelerate nothing. A pod's own mode wins (the pod list's
-        /// `mode`, the meshlane.io/mode pod annotation or namespace label), judged by the same
-        /// probe. README: "What an app can notice".
+        /// Which directions to redirect. A pod's own mode wins (the pod list's `mode`, the
+        /// meshlane.io/mode pod annotation or namespace label), judged by the same probe.
+        /// README: "What an app can notice".
         #[arg(long, env = "MESHLANE_MODE", value_enum, default_value = "auto")]
         mode: meshlane::mode::Choice,
         /// The sidecar hop: pair a sidecar's upstream connection to another accelerated pod on
         /// this node with that pod's sidecar (both directions: both ends are sidecars, no app
         /// socket is involved). Each pod's own addresses, read from its network namespace, tell
         /// which destinations are on this node; nothing is stamped toward any other address.
-        /// Applies to pods accelerated in any mode but off. "off": leave that hop on TCP (and
-        /// the "sidecar" mode, what "auto" gives where apps could tell, has nothing to do).
-        #[arg(long, env = "MESHLANE_SIDECAR_HOP", default_value = "on", value_parser = ["on", "off"])]
-        sidecar_hop: String,
+        /// Applies to pods accelerated in any mode but off.
+        #[arg(long, env = "MESHLANE_SIDECAR_HOP", value_enum, default_value_t = OnOff::On)]
+        sidecar_hop: OnOff,
         /// Address for Prometheus `/metrics`, `/healthz` (liveness) and `/readyz` (readiness:
         /// start-up decided, accelerating or in pass-through). "off" disables it.
         #[arg(long, env = "MESHLANE_METRICS_ADDR", default_value = "127.0.0.1:9464", value_parser = parse_metrics_addr)]
@@ -164,12 +165,14 @@ enum Command {
     /// Loads a private copy of the programs on this process's cgroup, acting only on a throw-away
     /// network namespace, and runs the quick subset of the hazard matrix there: both hops paired
     /// and byte-exact with the redirect proven by counters, end of stream, MSG_PEEK, FIONREAD,
-    /// ordering of tiny writes, the half-close EAGAIN quirk, survival across detach. Exits 1 when
-    /// a check fails (acceleration unsafe), 0 otherwise (warnings included). Leaves nothing.
+    /// ordering of tiny writes, the half-close EAGAIN quirk, survival across detach. Exits 3 when
+    /// a check of the kernel fails (acceleration unsafe), 1 when the probe cannot start (no
+    /// privilege, a --cgroup that is not cgroup v2), 0 otherwise (warnings included). Leaves
+    /// nothing.
+    #[command(after_help = EXIT_CODES)]
     Probe {
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: OutputArgs,
         /// cgroup v2 directory to attach the private copy to (default: this process's own).
         #[arg(long)]
         cgroup: Option<PathBuf>,
@@ -190,10 +193,86 @@ enum Command {
         /// bpffs directory of the pins (with --pins).
         #[arg(long, env = "MESHLANE_PIN_DIR", default_value = datapath::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: OutputArgs,
     },
+    /// Print a completion script for a shell.
+    ///
+    /// bash: `meshlane completions bash > /etc/bash_completion.d/meshlane`; zsh: into a
+    /// directory on $fpath as `_meshlane`; fish: `~/.config/fish/completions/meshlane.fish`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(clap::Args)]
+struct OutputArgs {
+    /// How to print the result: "table" for people; "json" and "yaml" are documents for
+    /// scripts, whose field names and values stay stable.
+    #[arg(long, short, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    /// Same as --output json (kept for existing scripts).
+    #[arg(long, conflicts_with = "output")]
+    json: bool,
+}
+
+impl OutputArgs {
+    fn get(&self) -> Output {
+        if self.json {
+            Output::Json
+        } else {
+            self.output
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Table,
+    Json,
+    Yaml,
+}
+
+/// A document as `--output json` or `yaml` prints it (ending with a newline).
+fn serialize<T: serde::Serialize>(doc: &T, output: Output) -> anyhow::Result<String> {
+    Ok(match output {
+        Output::Yaml => serde_norway::to_string(doc)?,
+        _ => serde_json::to_string_pretty(doc)? + "\n",
+    })
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines (coloured on a terminal).
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Discovery {
+    /// Find Envoy sidecars on this node (processes named envoy, outside the host network
+    /// namespace), read istio-init's capture rules in their namespace and the sidecar's admin
+    /// API; pods that look meshed but cannot be accelerated are listed with the reason.
+    Local,
+    /// Watch this node's pods on the API server (--node-name) and read how Istio injected each
+    /// one (istio-init or istio-cni arguments, traffic.sidecar.istio.io annotations,
+    /// meshlane.io/accelerate opt-out); each pod's network namespace is found in --proc-root by
+    /// its UID.
+    Kubernetes,
+    /// Only --config.
+    #[value(name = "none")]
+    Disabled,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    /// Pair the sidecar hop.
+    On,
+    /// Leave that hop on TCP (and the "sidecar" mode, what "auto" gives where apps could tell,
+    /// has nothing to do).
+    Off,
 }
 
 #[derive(clap::Args)]
@@ -229,20 +308,17 @@ fn parse_max_sockets(s: &str) -> Result<u32, String> {
         })
 }
 
+/// A duration in any of humantime's units, alone or combined ("500ms", "90s", "2m", "1h30m",
+/// "1h 30m"); a bare number is seconds, as before units were required.
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.trim().split_at(
-        s.trim()
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(s.trim().len()),
-    );
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a duration like 500ms, 2s, 1m"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" | "" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
+    let t = s.trim();
+    let d = if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        t.parse::<u64>()
+            .map(Duration::from_secs)
+            .map_err(|_| format!("{s:?}: too large; must be between 10ms and 1h"))?
+    } else {
+        humantime::parse_duration(t)
+            .map_err(|e| format!("{s:?}: expected a duration like 500ms, 90s, 2m or 1m30s ({e})"))?
     };
     // The loop adds it to the clock: an unbounded value would overflow there.
     if !(MIN_RESYNC..=MAX_RESYNC).contains(&d) {
@@ -288,7 +364,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logs(&cli.log_format, &cli.log_level);
+    init_logs(cli.log_format, &cli.log_level);
     let result = match cli.command {
         Command::Run {
             dp,
@@ -309,7 +385,7 @@ fn main() -> ExitCode {
             metrics_addr,
             api_socket,
             memory_headroom,
-        } => kube_options(&discovery, node_name, kube_api, &proc_root)
+        } => kube_options(discovery, node_name, kube_api, &proc_root)
             .and_then(|k| {
                 if xds_server.is_some() && k.is_none() {
                     anyhow::bail!(
@@ -326,7 +402,7 @@ fn main() -> ExitCode {
             .and_then(|(kubernetes, datapath)| {
                 daemon::run(daemon::RunOptions {
                     datapath,
-                    discovery: (discovery == "local").then(|| meshlane::discovery::Options {
+                    discovery: (discovery == Discovery::Local).then(|| meshlane::discovery::Options {
                         proc_root: proc_root.clone(),
                         ..Default::default()
                     }),
@@ -342,7 +418,7 @@ fn main() -> ExitCode {
                     detach_on_exit,
                     force,
                     mode,
-                    sidecar_hop: sidecar_hop == "on",
+                    sidecar_hop: sidecar_hop == OnOff::On,
                     endpoints: telemetry::Endpoints {
                         metrics: metrics_addr.0,
                         api_socket: (api_socket.as_os_str() != "off").then_some(api_socket),
@@ -355,13 +431,17 @@ fn main() -> ExitCode {
         Command::Status {
             pins: true,
             pin_dir,
-            json,
+            output,
             ..
-        } => pinned_status(&pin_dir, json),
+        } => pinned_status(&pin_dir, output.get()),
         Command::Status {
-            api_socket, json, ..
-        } => status::show(&api_socket, json),
-        Command::Probe { json, cgroup } => return probe(json, cgroup.as_deref()),
+            api_socket, output, ..
+        } => status::show(&api_socket, output.get()),
+        Command::Probe { output, cgroup } => return probe(output.get(), cgroup.as_deref()),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "meshlane", &mut std::io::stdout());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -373,13 +453,13 @@ fn main() -> ExitCode {
 }
 
 fn kube_options(
-    discovery: &str,
+    discovery: Discovery,
     node_name: Option<String>,
     kube_api: Option<String>,
     proc_root: &std::path::Path,
 ) -> anyhow::Result<Option<meshlane::discovery::kubernetes::Options>> {
     use meshlane::discovery::kubernetes::{Endpoint, Options};
-    if discovery != "kubernetes" {
+    if discovery != Discovery::Kubernetes {
         return Ok(None);
     }
     let node_name = node_name.filter(|n| !n.trim().is_empty()).ok_or_else(|| {
@@ -413,31 +493,53 @@ fn detach(pin_dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn probe(json: bool, cgroup: Option<&std::path::Path>) -> ExitCode {
+fn probe(output: Output, cgroup: Option<&std::path::Path>) -> ExitCode {
     let report = meshlane::probe::run(cgroup);
-    if json {
-        match serde_json::to_string_pretty(&report) {
-            Ok(j) => println!("{j}"),
-            Err(e) => eprintln!("meshlane: {e}"),
+    if output == Output::Table {
+        print!("{}", report.render());
+    } else {
+        match serialize(&report, output) {
+            Ok(doc) => print!("{doc}"),
+            Err(e) => {
+                eprintln!("meshlane: {e:#}");
+                return ExitCode::FAILURE;
+            }
         }
         if !report.ok {
-            // The JSON is for machines; say why on stderr for the human reading the logs.
-            eprintln!(
-                "meshlane probe: acceleration is NOT safe on this kernel: {}",
-                report.reasons()
-            );
+            // The document is for machines; say why on stderr for the human reading the logs.
+            let verdict = if report.judged_kernel() {
+                "acceleration is NOT safe on this kernel"
+            } else {
+                "could not run here"
+            };
+            eprintln!("meshlane probe: {verdict}: {}", report.reasons());
         }
-    } else {
-        print!("{}", report.render());
     }
     if report.ok {
         ExitCode::SUCCESS
+    } else if report.judged_kernel() {
+        ExitCode::from(EXIT_UNSAFE)
     } else {
         ExitCode::FAILURE
     }
 }
 
-fn pinned_status(pin_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
+/// `status --pins --output json|yaml`: what the pinned maps hold, without a daemon.
+#[derive(serde::Serialize)]
+struct PinnedDoc {
+    pods: Vec<PinnedPodDoc>,
+    counters: datapath::Counters,
+}
+
+#[derive(serde::Serialize)]
+struct PinnedPodDoc {
+    netns_cookie: u64,
+    proxy_uid: u32,
+    outbound_port: u16,
+    inbound_port: u16,
+}
+
+fn pinned_status(pin_dir: &std::path::Path, output: Output) -> anyhow::Result<()> {
     let counters = datapath::pinned_counters(pin_dir).map_err(|e| {
         anyhow::anyhow!(
             "no meshlane datapath at {} ({e}); is `meshlane run` started?",
@@ -445,15 +547,20 @@ fn pinned_status(pin_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
         )
     })?;
     let pods = datapath::pinned_pods(pin_dir)?;
-    if json {
-        let pods: Vec<_> = pods
-            .iter()
-            .map(|(cookie, p)| serde_json::json!({"netns_cookie": cookie, "proxy_uid": p.proxy_uid, "outbound_port": p.outbound_port, "inbound_port": p.inbound_port}))
-            .collect();
-        println!(
-            "{}",
-            serde_json::json!({"pods": pods, "counters": counters})
-        );
+    if output != Output::Table {
+        let doc = PinnedDoc {
+            pods: pods
+                .iter()
+                .map(|(cookie, p)| PinnedPodDoc {
+                    netns_cookie: *cookie,
+                    proxy_uid: p.proxy_uid,
+                    outbound_port: p.outbound_port,
+                    inbound_port: p.inbound_port,
+                })
+                .collect(),
+            counters,
+        };
+        print!("{}", serialize(&doc, output)?);
     } else {
         println!("pods: {}", pods.len());
         for (cookie, p) in &pods {
@@ -477,7 +584,7 @@ fn parse_log_filter(s: &str) -> Result<String, String> {
         .map_err(|e| format!("not a log filter ({e}); e.g. \"info\" or \"meshlane=debug,warn\""))
 }
 
-fn init_logs(format: &str, level: &str) {
+fn init_logs(format: LogFormat, level: &str) {
     // Checked by clap (parse_log_filter), so only the default could get here unparsed.
     let filter = tracing_subscriber::EnvFilter::try_new(level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -486,9 +593,50 @@ fn init_logs(format: &str, level: &str) {
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    if format == "json" {
+    if format == LogFormat::Json {
         builder.json().init();
     } else {
         builder.init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_any_unit_and_keep_the_old_forms() {
+        for (text, want) in [
+            ("2", Duration::from_secs(2)),
+            ("500ms", Duration::from_millis(500)),
+            ("2s", Duration::from_secs(2)),
+            ("90s", Duration::from_secs(90)),
+            ("2m", Duration::from_secs(120)),
+            ("1m30s", Duration::from_secs(90)),
+            ("1m 30s", Duration::from_secs(90)),
+            ("1h", Duration::from_secs(3600)),
+            ("10ms", Duration::from_millis(10)),
+            (" 5min ", Duration::from_secs(300)),
+        ] {
+            assert_eq!(parse_duration(text), Ok(want), "{text:?}");
+        }
+        for (text, says) in [
+            ("1h30m", "between 10ms and 1h"),
+            ("9ms", "between 10ms and 1h"),
+            ("0", "between 10ms and 1h"),
+            ("99999999999999999999", "between 10ms and 1h"),
+            ("18446744073709551615m", "expected a duration"),
+            ("5 parsecs", "expected a duration"),
+            ("", "expected a duration"),
+            ("-1s", "expected a duration"),
+        ] {
+            let err = parse_duration(text).expect_err(text);
+            assert!(err.contains(says) && err.contains(text), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        Cli::command().debug_assert();
     }
 }

@@ -66,14 +66,17 @@ impl Mode {
 /// What the operator asked for with `--mode`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Choice {
-    /// The widest mode the probe found identical to plain TCP for apps on this kernel; where
-    /// none is, app sockets are left alone and only the sidecar hop is redirected.
+    /// The reader rule if the probe found apps see exactly plain TCP under it on this kernel;
+    /// otherwise app sockets are left alone and only the sidecar hop is redirected (status
+    /// names the behaviour that decided it).
     Auto,
-    /// The reader rule even where the probe found app-visible differences (they are listed).
+    /// The reader rule (only app -> sidecar, so the app's socket never receives a redirected
+    /// byte) even where the probe found app-visible differences (they are listed).
     Reader,
-    /// Also redirect into the app's socket; refused where the probe finds it unsafe.
+    /// Also sidecar -> app, into the app's socket (apps can tell: splice, MSG_WAITALL,
+    /// SO_RCVLOWAT, ...); refused where the probe finds it unsafe.
     TwoWay,
-    /// Only the sidecar <-> sidecar hop; app sockets are left alone everywhere.
+    /// Only the sidecar <-> sidecar hop (needs --sidecar-hop on); app sockets are left alone.
     Sidecar,
     /// Accelerate nothing.
     Off,

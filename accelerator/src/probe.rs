@@ -123,6 +123,14 @@ impl Report {
     }
 
     /// The failed checks, as one sentence for logs.
+    /// Whether the checks reached the kernel: false when the probe could not even start (no
+    /// privilege, no cgroup, no network namespace), which says nothing about the kernel.
+    pub fn judged_kernel(&self) -> bool {
+        !self.checks.iter().any(|c| {
+            c.status == Status::Fail && [PREREQUISITES, SCRATCH_NAMESPACE].contains(&c.name)
+        })
+    }
+
     pub fn reasons(&self) -> String {
         self.checks
             .iter()
@@ -161,6 +169,8 @@ impl Report {
         }
         out.push_str(if self.ok {
             "result: the datapath is safe on this kernel\n"
+        } else if !self.judged_kernel() {
+            "result: the probe could not run here, so it says nothing about this kernel; meshlane will not accelerate\n"
         } else {
             "result: acceleration is NOT safe on this kernel; meshlane will not accelerate\n"
         });
@@ -214,6 +224,10 @@ impl Recorder {
 }
 
 /// The cgroup v2 directory this process is in (where the probe attaches its private copy).
+/// The checks whose failure is about where the probe runs, not about the kernel.
+const PREREQUISITES: &str = "privilege and cgroup";
+const SCRATCH_NAMESPACE: &str = "scratch namespace";
+
 pub fn own_cgroup() -> Result<PathBuf, String> {
     let root = datapath::cgroup2_root().map_err(|e| e.to_string())?;
     let me = std::fs::read_to_string("/proc/self/cgroup")
@@ -246,7 +260,7 @@ pub fn run(cgroup: Option<&Path>) -> Report {
 
 fn run_checks(r: &mut Recorder, cgroup: Option<&Path>) -> bool {
     let mut cg = PathBuf::new();
-    let prereq = r.record("privilege and cgroup", || {
+    let prereq = r.record(PREREQUISITES, || {
         if !nix::unistd::geteuid().is_root() {
             return Err(format!(
                 "running as uid {}; meshlane needs root (or CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)",
@@ -257,6 +271,13 @@ fn run_checks(r: &mut Recorder, cgroup: Option<&Path>) -> bool {
             Some(c) => c.to_path_buf(),
             None => own_cgroup()?,
         };
+        // A wrong --cgroup is the operator's mistake, not the kernel's: caught here, it does not
+        // reach "load and attach" and read as an unsafe kernel.
+        match nix::sys::statfs::statfs(&cg) {
+            Ok(fs) if fs.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC => {}
+            Ok(_) => return Err(datapath::Error::NotCgroup2(cg.clone()).to_string()),
+            Err(_) => return Err(datapath::Error::NoCgroup(cg.clone()).to_string()),
+        }
         Ok(Verdict::Pass(format!(
             "root; cgroup v2 at {}",
             cg.display()
@@ -279,7 +300,7 @@ fn run_checks(r: &mut Recorder, cgroup: Option<&Path>) -> bool {
     let ns = match ScratchNs::new() {
         Ok(ns) => ns,
         Err(e) => {
-            r.record("scratch namespace", || {
+            r.record(SCRATCH_NAMESPACE, || {
                 Err(format!("cannot create a network namespace: {e}"))
             });
             return false;
@@ -288,7 +309,7 @@ fn run_checks(r: &mut Recorder, cgroup: Option<&Path>) -> bool {
     let cookie = match ns.cookie() {
         Ok(c) => c,
         Err(e) => {
-            r.record("scratch namespace", || {
+            r.record(SCRATCH_NAMESPACE, || {
                 Err(format!("SO_NETNS_COOKIE (Linux 5.14+): {e}"))
             });
             return false;

@@ -83,8 +83,98 @@ fn help_explains_every_command() {
         missing.is_empty(),
         "run flags without an environment variable: {missing:?}"
     );
+    // Enumerated values are listed, each with what it does.
+    for value in ["local:", "kubernetes:", "none:", "two-way:", "json:"] {
+        assert!(text.contains(value), "run --help lacks {value}:\n{text}");
+    }
     let out = meshlane().args(["detach", "--help"]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("Live connections keep working"));
+    // The exit statuses are documented where scripts' authors look.
+    for args in [&["--help"][..], &["probe", "--help"]] {
+        let out = meshlane().args(args).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        for code in ["Exit status:", "1  error", "2  usage", "3  probe"] {
+            assert!(text.contains(code), "{args:?} lacks {code:?}:\n{text}");
+        }
+    }
+}
+
+#[test]
+fn completions_cover_the_commands_for_each_shell() {
+    let out = meshlane().args(["completions", "bash"]).output().unwrap();
+    assert!(out.status.success());
+    let bash = String::from_utf8_lossy(&out.stdout);
+    for word in [
+        "complete ",
+        "run",
+        "detach",
+        "probe",
+        "status",
+        "completions",
+        "--resync",
+        "--output",
+        "table json yaml",
+    ] {
+        assert!(bash.contains(word), "bash completion lacks {word:?}");
+    }
+    for (shell, marker) in [
+        ("zsh", "#compdef meshlane"),
+        ("fish", "complete -c meshlane"),
+    ] {
+        let out = meshlane().args(["completions", shell]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains(marker),
+            "{shell}: {text}"
+        );
+        assert!(text.contains("status"), "{shell}");
+    }
+    let out = meshlane().args(["completions", "cmd"]).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
+}
+
+/// Usage errors (exit 2, clap's) name the flag and what it takes; they are told apart from a
+/// command that failed (exit 1).
+#[test]
+fn usage_errors_exit_2_and_name_the_flag() {
+    for (args, says) in [
+        (&["run", "--discovery", "bogus"][..], "--discovery"),
+        (&["run", "--sidecar-hop", "maybe"], "--sidecar-hop"),
+        (&["--log-format", "xml", "detach"], "--log-format"),
+        (&["status", "--output", "csv"], "--output"),
+        (&["status", "--json", "--output", "yaml"], "--output"),
+        (&["run", "--resync", "1h30m"], "--resync"),
+        (&["run", "--sweep", "5 parsecs"], "--sweep"),
+    ] {
+        let out = meshlane().args(args).stdin(Stdio::null()).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    let out = meshlane()
+        .args(["run", "--discovery", "bogus"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("[possible values: local, kubernetes, none]"),
+        "{err}"
+    );
+    // A command that cannot do its job is an error, 1: no daemon on the socket.
+    let out = meshlane()
+        .args([
+            "status",
+            "--api-socket",
+            "/run/meshlane-no-such-dir/api.sock",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the meshlane daemon"));
 }
 
 #[test]
@@ -166,7 +256,8 @@ fn a_bad_pod_list_is_refused_by_field_and_the_last_good_state_kept() {
     let mut daemon = Daemon(
         accel
             .run_command()
-            .args(["--resync", "100ms"])
+            // Durations in any unit, combined too.
+            .args(["--resync", "100ms", "--sweep", "1m 30s"])
             .arg("--config")
             .arg(&config)
             .stderr(std::fs::File::create(&log).unwrap())
@@ -186,6 +277,22 @@ fn a_bad_pod_list_is_refused_by_field_and_the_last_good_state_kept() {
             .unwrap_or(usize::MAX)
     };
     wait("the pod to be listed", &|| pods() == 1);
+    // status --pins as a YAML document, read with no daemon in the loop.
+    let out = meshlane()
+        .args(["status", "--pins", "--output", "yaml", "--pin-dir"])
+        .arg(&accel.pin_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_norway::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not YAML ({e}): {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(doc["pods"].as_array().map(Vec::len), Some(1), "{doc:#}");
+    assert_eq!(doc["pods"][0]["proxy_uid"], 1337, "{doc:#}");
+    assert!(doc["counters"]["pairs_outbound"].is_u64(), "{doc:#}");
 
     std::fs::write(
         &config,
@@ -234,6 +341,8 @@ fn bad_flags_are_refused_without_side_effects() {
         "61m",
         "0ms",
         "2h",
+        "1h30m",
+        "5 parsecs",
     ] {
         let err = run_err(accel.run_command().args(["--resync", resync]));
         assert!(
@@ -260,6 +369,8 @@ fn bad_flags_are_refused_without_side_effects() {
     // The environment is checked as strictly as the flags.
     let err = run_err(accel.run_command().env("MESHLANE_RESYNC", "2h"));
     assert!(err.contains("--resync") && err.contains("2h"), "{err}");
+    let err = run_err(accel.run_command().env("MESHLANE_SWEEP", "1y"));
+    assert!(err.contains("--sweep") && err.contains("between"), "{err}");
     // A log filter that does not parse is refused, naming the flag, not run at another level.
     for filter in ["meshlane=nonsense", "[unclosed", "meshlane=debug,,=x"] {
         let err = run_err(accel.run_command().args(["--log-level", filter]));

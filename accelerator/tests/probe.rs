@@ -247,11 +247,64 @@ fn probe_fails_with_a_reason_when_a_capability_is_missing() {
     let c = check(&report, "privilege and cgroup");
     assert_eq!(c["status"], "fail");
     assert!(c["detail"].as_str().unwrap().contains("needs root"), "{c}");
+    // The table does not blame the kernel for it.
+    let out = Command::new(&exe)
+        .uid(65534)
+        .gid(65534)
+        .arg("probe")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text.contains("could not run here") && !text.contains("NOT safe"),
+        "{text}"
+    );
+    // The same report as YAML, for scripts that prefer it.
+    let out = Command::new(&exe)
+        .uid(65534)
+        .gid(65534)
+        .args(["probe", "--output", "yaml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let yaml: serde_json::Value = serde_norway::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "probe --output yaml printed no YAML ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    assert_eq!(yaml["ok"], false);
+    let verdicts = |r: &serde_json::Value| -> Vec<(String, String)> {
+        r["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| (c["name"].to_string(), c["status"].to_string()))
+            .collect()
+    };
+    assert_eq!(verdicts(&yaml), verdicts(&report));
     let _ = std::fs::remove_dir_all(&dir);
 
-    // Root, but bpf() denied by seccomp.
-    let (out, report) = probe_json(deny_bpf(&mut Command::new(env!("CARGO_BIN_EXE_meshlane"))));
+    // A --cgroup that is not a cgroup v2 directory is the caller's error (1), not the kernel's.
+    let out = Command::new(env!("CARGO_BIN_EXE_meshlane"))
+        .args(["probe", "--cgroup", "/proc", "--output", "json"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let c = check(&report, "privilege and cgroup");
+    assert!(
+        c["detail"]
+            .as_str()
+            .unwrap()
+            .contains("not a cgroup v2 directory"),
+        "{c}"
+    );
+
+    // Root, but bpf() denied by seccomp: the node cannot be accelerated, its own exit status (3).
+    let (out, report) = probe_json(deny_bpf(&mut Command::new(env!("CARGO_BIN_EXE_meshlane"))));
+    assert_eq!(out.status.code(), Some(3));
     let c = check(&report, "load and attach");
     assert_eq!(c["status"], "fail");
     assert!(

@@ -19,6 +19,124 @@ const APP_PORT: u16 = 8080;
 const N: u64 = 4;
 const SIZE: usize = 256 * 1024;
 
+fn health_and_reflection_answer(socket: &Path) {
+    use tonic_health::pb::{
+        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+    };
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let channel = meshlane::telemetry::api::connect(socket).await.unwrap();
+        let mut health = HealthClient::new(channel.clone());
+        for service in ["", "meshlane.v1.MeshlaneService"] {
+            let answer = health
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .unwrap_or_else(|e| panic!("health check of {service:?}: {e}"))
+                .into_inner();
+            assert_eq!(answer.status(), ServingStatus::Serving, "{service:?}");
+        }
+        let ask = |request: MessageRequest| {
+            let mut client = ServerReflectionClient::new(channel.clone());
+            async move {
+                let request = ServerReflectionRequest {
+                    host: String::new(),
+                    message_request: Some(request),
+                };
+                client
+                    .server_reflection_info(tokio_stream::iter([request]))
+                    .await
+                    .expect("reflection stream")
+                    .into_inner()
+                    .message()
+                    .await
+                    .expect("reflection answer")
+                    .and_then(|r| r.message_response)
+                    .expect("a reflection response")
+            }
+        };
+        let MessageResponse::ListServicesResponse(list) =
+            ask(MessageRequest::ListServices(String::new())).await
+        else {
+            panic!("ListServices answered with something else");
+        };
+        let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+        for want in [
+            "meshlane.v1.MeshlaneService",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+        ] {
+            assert!(names.contains(&want), "{want} not listed: {names:?}");
+        }
+        // What grpcurl does next: the file defining a method, then each file it imports.
+        let files = |answer: MessageResponse| -> Vec<prost_types::FileDescriptorProto> {
+            let MessageResponse::FileDescriptorResponse(files) = answer else {
+                panic!("asked for a file, answered with something else");
+            };
+            files
+                .file_descriptor_proto
+                .iter()
+                .map(|b| prost::Message::decode(b.as_slice()).expect("a FileDescriptorProto"))
+                .collect()
+        };
+        let api = files(
+            ask(MessageRequest::FileContainingSymbol(
+                "meshlane.v1.MeshlaneService.GetStatus".into(),
+            ))
+            .await,
+        );
+        let api = api
+            .iter()
+            .find(|f| f.name() == "meshlane/v1/meshlane.proto")
+            .unwrap_or_else(|| panic!("no meshlane.proto in {api:?}"));
+        assert_eq!(api.dependency, ["google/protobuf/timestamp.proto"]);
+        for dep in &api.dependency {
+            let got = files(ask(MessageRequest::FileByFilename(dep.clone())).await);
+            assert!(
+                got.iter().any(|f| f.name() == dep),
+                "{dep} does not resolve"
+            );
+        }
+        // Clients before reflection v1 (grpcurl < 1.9) ask v1alpha.
+        use tonic_reflection::pb::v1alpha as alpha;
+        let request = alpha::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(
+                alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+            ),
+        };
+        let answer = alpha::server_reflection_client::ServerReflectionClient::new(channel.clone())
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .expect("v1alpha reflection stream")
+            .into_inner()
+            .message()
+            .await
+            .expect("v1alpha reflection answer")
+            .and_then(|r| r.message_response);
+        let Some(alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+            answer
+        else {
+            panic!("v1alpha ListServices answered {answer:?}");
+        };
+        assert!(
+            list.service
+                .iter()
+                .any(|s| s.name == "meshlane.v1.MeshlaneService"),
+            "{list:?}"
+        );
+    });
+}
+
 /// A tool the test needs: under CI its absence fails the test; elsewhere the test skips.
 fn tool(name: &str) -> Option<PathBuf> {
     let found = std::env::var_os("PATH").and_then(|paths| {
@@ -206,6 +324,48 @@ fn status_and_metrics_match_the_kernel_counters_and_prometheus_scrapes_them() {
         .find(|m| m["name"] == "ML_SOCKS")
         .expect("sockhash usage");
     assert_eq!(socks["capacity"], 65536);
+
+    // --output json and yaml are the same document (stable names, parsed back).
+    let doc = |format: &str| -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_meshlane"))
+            .args(["status", "--output", format, "--api-socket"])
+            .arg(&accel.api_socket)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "status --output {format}");
+        match format {
+            "json" => serde_json::from_slice(&out.stdout).expect("status --output json is JSON"),
+            _ => serde_norway::from_slice(&out.stdout).expect("status --output yaml is YAML"),
+        }
+    };
+    let (json, yaml) = (doc("json"), doc("yaml"));
+    for d in [&json, &yaml] {
+        let keys: Vec<_> = d.as_object().unwrap().keys().cloned().collect();
+        let want: Vec<_> = st.as_object().unwrap().keys().cloned().collect();
+        assert_eq!(keys, want, "the documents carry the same fields as --json");
+        assert_eq!(d["state"], "accelerating");
+        assert_eq!(
+            d["counters"]["pairs_outbound"],
+            st["counters"]["pairs_outbound"]
+        );
+        let client = d["pods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "demo/client")
+            .unwrap_or_else(|| panic!("no demo/client in {d:#}"));
+        assert_eq!(client["counters"]["pairs_outbound"], N);
+        assert_eq!(client["state"], "accelerated");
+        assert!(d["last_reconcile_unix"].as_f64().unwrap() > 1.7e9, "{d:#}");
+    }
+
+    // Every reason has its code, the meshlane_pods label.
+    assert_eq!(gone["reason_code"], "netns_not_found", "{gone}");
+    assert_eq!(client["reason_code"], "", "{client}");
+
+    // Beside meshlane.v1, the socket serves grpc.health.v1 and reflection, so `grpcurl` needs
+    // no .proto file: asked here with tonic's own clients.
+    health_and_reflection_answer(&accel.api_socket);
 
     // The human table says the same.
     let table = Command::new(env!("CARGO_BIN_EXE_meshlane"))

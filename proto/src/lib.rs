@@ -4,3 +4,8 @@
 pub mod v1 {
     tonic::include_proto!("meshlane.v1");
 }
+
+/// `meshlane/v1/meshlane.proto` and its imports as an encoded `FileDescriptorSet`, for the
+/// daemon's gRPC reflection service.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("meshlane_v1_descriptor");

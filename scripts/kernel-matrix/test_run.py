@@ -71,11 +71,13 @@ class ParseConsole(unittest.TestCase):
         self.assertIsNone(o.probe)
         self.assertIn("meshlane probe gave no report", [w for _, w in run.failures(o, ["a::x"])])
 
-    def test_a_refusing_probe_must_exit_non_zero(self):
+    def test_a_refusing_probe_must_exit_3(self):
         refusing = dict(PROBE_OK, ok=False, checks=[{"name": "FIONREAD", "status": "fail"}])
-        self.assertEqual(run.failures(run.parse_console(console(probe=refusing, probe_rc=1)), []), [])
+        self.assertEqual(run.failures(run.parse_console(console(probe=refusing, probe_rc=3)), []), [])
         self.assertEqual(len(run.failures(run.parse_console(console(probe=refusing, probe_rc=0)), [])), 1)
-        self.assertEqual(run.probe_cell(run.parse_console(console(probe=refusing, probe_rc=1))), "refuses: FIONREAD")
+        # 1 is an error of the probe itself (it could not start), not a verdict on the kernel.
+        self.assertEqual(len(run.failures(run.parse_console(console(probe=refusing, probe_rc=1)), [])), 1)
+        self.assertEqual(run.probe_cell(run.parse_console(console(probe=refusing, probe_rc=3))), "refuses: FIONREAD")
 
 
 class Modes(unittest.TestCase):

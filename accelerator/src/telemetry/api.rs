@@ -3,7 +3,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     io,
-    path::{Path, PathBuf},
+    path::Path,
     sync::Arc,
     time::Duration,
 };
@@ -11,14 +11,14 @@ use std::{
 use hyper_util::rt::TokioIo;
 use meshlane_api::v1::{
     self as pb,
-    meshlane_client::MeshlaneClient,
-    meshlane_server::{Meshlane, MeshlaneServer},
+    meshlane_service_client::MeshlaneServiceClient,
+    meshlane_service_server::{MeshlaneService, MeshlaneServiceServer},
 };
 use meshlane_common::{PodStats, DIRECTIONS};
 use tokio::net::{UnixListener, UnixStream};
-use tonic::{Request, Response, Status};
+use tonic::{transport::Channel, Request, Response, Status};
 
-use super::state::{unix_secs, Phase, Shared, Snapshot};
+use super::state::{Phase, Shared, Snapshot};
 use crate::{datapath::Counters, probe};
 
 pub const DEFAULT_SOCKET: &str = "/run/meshlane/api.sock";
@@ -26,16 +26,18 @@ pub const DEFAULT_SOCKET: &str = "/run/meshlane/api.sock";
 struct Api(Arc<Shared>);
 
 #[tonic::async_trait]
-impl Meshlane for Api {
+impl MeshlaneService for Api {
     async fn get_status(
         &self,
         _: Request<pb::GetStatusRequest>,
-    ) -> Result<Response<pb::Status>, Status> {
+    ) -> Result<Response<pb::GetStatusResponse>, Status> {
         let shared = Arc::clone(&self.0);
         let status = tokio::task::spawn_blocking(move || build_status(&shared))
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
-        Ok(Response::new(status))
+        Ok(Response::new(pb::GetStatusResponse {
+            status: Some(status),
+        }))
     }
 
     async fn list_pods(
@@ -52,14 +54,16 @@ impl Meshlane for Api {
     async fn get_counters(
         &self,
         _: Request<pb::GetCountersRequest>,
-    ) -> Result<Response<pb::Counters>, Status> {
+    ) -> Result<Response<pb::GetCountersResponse>, Status> {
         let shared = Arc::clone(&self.0);
         let counters =
             tokio::task::spawn_blocking(move || shared.datapath().as_ref().map(|dp| dp.counters()))
                 .await
                 .map_err(|e| Status::internal(e.to_string()))?;
         match counters {
-            Some(Ok(c)) => Ok(Response::new(counters_pb(&c))),
+            Some(Ok(c)) => Ok(Response::new(pb::GetCountersResponse {
+                counters: Some(counters_pb(&c)),
+            })),
             Some(Err(e)) => Err(Status::internal(e.to_string())),
             None => Err(Status::unavailable(
                 "no datapath: the daemon is in pass-through or starting",
@@ -70,8 +74,10 @@ impl Meshlane for Api {
     async fn get_probe_report(
         &self,
         _: Request<pb::GetProbeReportRequest>,
-    ) -> Result<Response<pb::ProbeReport>, Status> {
-        Ok(Response::new(probe_pb(self.0.read().probe.as_ref())))
+    ) -> Result<Response<pb::GetProbeReportResponse>, Status> {
+        Ok(Response::new(pb::GetProbeReportResponse {
+            report: Some(probe_pb(self.0.read().probe.as_ref())),
+        }))
     }
 }
 
@@ -111,6 +117,7 @@ fn build_status(shared: &Shared) -> pb::Status {
                 }
                 .into(),
                 reason: p.reason.clone(),
+                reason_code: pod_reason(p.reason_code).into(),
                 proxy_uid: p.derived.map(|d| d.proxy_uid),
                 proxy_gid: p.derived.map(|d| d.proxy_gid),
                 outbound_port: p.derived.map(|d| d.outbound_port.into()),
@@ -155,7 +162,7 @@ fn build_status(shared: &Shared) -> pb::Status {
                 healthy: h.healthy,
                 degraded: h.degraded,
                 last_error: h.last_error.clone(),
-                last_success_unix: h.last_success.map(unix_secs).unwrap_or(0.0),
+                last_success_time: h.last_success.map(Into::into),
                 errors_total: h.errors_total,
             })
             .collect(),
@@ -167,14 +174,35 @@ fn build_status(shared: &Shared) -> pb::Status {
                 capacity: m.capacity,
             })
             .collect(),
-        last_reconcile_unix: snap.last_reconcile.map(unix_secs).unwrap_or(0.0),
+        last_reconcile_time: snap.last_reconcile.map(Into::into),
     }
 }
 
 fn counters_pb(c: &Counters) -> pb::Counters {
     pb::Counters {
-        values: c.0.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        counters: c
+            .0
+            .iter()
+            .map(|(name, v)| pb::Counter {
+                name: counter_name(name).into(),
+                value: *v,
+            })
+            .collect(),
     }
+}
+
+/// The proto enum of a datapath counter: its name in upper case after `COUNTER_NAME_` (the
+/// proto documents the rule; the tests hold every name to it).
+pub fn counter_name(name: &str) -> pb::CounterName {
+    pb::CounterName::from_str_name(&format!("COUNTER_NAME_{}", name.to_ascii_uppercase()))
+        .unwrap_or(pb::CounterName::Unspecified)
+}
+
+/// The proto enum of a pod's reason code (the `reason` label of `meshlane_pods`), by the same
+/// rule with `POD_REASON_`. Accelerated pods, with no code, get UNSPECIFIED.
+pub fn pod_reason(code: &str) -> pb::PodReason {
+    pb::PodReason::from_str_name(&format!("POD_REASON_{}", code.to_ascii_uppercase()))
+        .unwrap_or(pb::PodReason::Unspecified)
 }
 
 fn pod_counters_pb(s: &PodStats) -> pb::PodCounters {
@@ -254,13 +282,57 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
 
 pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-    // One service, so no router: serve it directly.
+    // grpc.health.v1 answers for the server ("") and for the meshlane service by name: both
+    // serve as long as this socket does. Whether the datapath accelerates is /readyz's and
+    // GetStatus's to say, not the API's health.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<MeshlaneServiceServer<Api>>().await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(meshlane_api::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    // v1alpha too: grpcurl before 1.9 and other older clients ask only for it.
+    let (v1, v1alpha) = match (reflection().build_v1(), reflection().build_v1alpha()) {
+        (Ok(v1), Ok(v1alpha)) => (Some(v1), Some(v1alpha)),
+        (Err(e), _) | (_, Err(e)) => {
+            // Only the descriptor sets compiled into this binary are read: a failure is a build
+            // defect, and the status API is still worth serving without reflection.
+            tracing::error!(error = %e, "gRPC reflection unavailable");
+            (None, None)
+        }
+    };
     if let Err(e) = tonic::transport::Server::builder()
-        .serve_with_incoming(MeshlaneServer::new(Api(shared)), incoming)
+        .add_service(health_service)
+        .add_optional_service(v1)
+        .add_optional_service(v1alpha)
+        .add_service(MeshlaneServiceServer::new(Api(shared)))
+        .serve_with_incoming(incoming)
         .await
     {
         tracing::error!(error = %e, "status API server stopped");
     }
+}
+
+/// A channel to the API at `socket` (the URI is a placeholder: the connector always dials the
+/// unix socket). Public for the tests' health and reflection clients.
+pub async fn connect(socket: &Path) -> anyhow::Result<Channel> {
+    let path = socket.to_path_buf();
+    let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+        let path = path.clone();
+        async move { Ok::<_, io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+    });
+    tonic::transport::Endpoint::from_static("http://meshlane.local")
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10))
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach the meshlane daemon at {} ({e}); is `meshlane run` started, with this --api-socket?",
+                socket.display()
+            )
+        })
 }
 
 /// `GetStatus` from the daemon at `socket` (for `meshlane status`).
@@ -268,29 +340,71 @@ pub fn fetch_status(socket: &Path) -> anyhow::Result<pb::Status> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let socket: PathBuf = socket.to_path_buf();
     rt.block_on(async move {
-        let path = socket.clone();
-        let connector = tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move { Ok::<_, io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-        });
-        // The URI is a placeholder: the connector always dials the unix socket.
-        let channel = tonic::transport::Endpoint::from_static("http://meshlane.local")
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(10))
-            .connect_with_connector(connector)
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot reach the meshlane daemon at {} ({e}); is `meshlane run` started, with this --api-socket?",
-                    socket.display()
-                )
-            })?;
-        let status = MeshlaneClient::new(channel)
+        let channel = connect(socket).await?;
+        MeshlaneServiceClient::new(channel)
             .get_status(pb::GetStatusRequest {})
             .await?
-            .into_inner();
-        Ok(status)
+            .into_inner()
+            .status
+            .ok_or_else(|| anyhow::anyhow!("the daemon answered GetStatus without a status"))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_counter_has_its_proto_enum_value() {
+        for (i, name) in meshlane_common::counter::NAMES.iter().enumerate() {
+            let e = counter_name(name);
+            assert_eq!(e as usize, i + 1, "{name}: {e:?}");
+        }
+        assert_eq!(
+            counter_name("no_such_counter"),
+            pb::CounterName::Unspecified
+        );
+    }
+
+    #[test]
+    fn every_pod_reason_code_has_its_proto_enum_value() {
+        use crate::discovery::Reason;
+        let discovery = [
+            Reason::NoSidecar,
+            Reason::NotCaptured,
+            Reason::Tproxy,
+            Reason::NetnsNotFound,
+            Reason::BadCapture,
+            Reason::AdminUnreachable,
+            Reason::BadAdminConfig,
+            Reason::Policy,
+            Reason::OptedOut,
+            Reason::BadResource,
+            Reason::UserNamespace,
+            Reason::Pending,
+        ]
+        .map(Reason::as_str);
+        // The daemon's own codes (daemon.rs).
+        let daemon = [
+            "mode_off",
+            "netns_not_found",
+            "invalid_policy",
+            "policy_write_failed",
+            "policy_map_unreadable",
+            "pass_through",
+            "starting",
+        ];
+        for code in discovery.into_iter().chain(daemon) {
+            let e = pod_reason(code);
+            assert_ne!(e, pb::PodReason::Unspecified, "{code}");
+            // The metric label reads back from the enum, so a client can join the two.
+            let back = e
+                .as_str_name()
+                .trim_start_matches("POD_REASON_")
+                .to_ascii_lowercase();
+            assert_eq!(back, code);
+        }
+        assert_eq!(pod_reason(""), pb::PodReason::Unspecified);
+    }
 }
