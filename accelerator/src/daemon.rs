@@ -25,7 +25,7 @@ use crate::{
     datapath::{self, Datapath, Origin},
     discovery::{self, kubernetes, xds, Discoverer, Discovery},
     mode, node, policy, probe,
-    telemetry::{self, Phase, PodStatus, Shared},
+    telemetry::{self, Decline, Phase, PodStatus, Shared},
 };
 
 pub struct RunOptions {
@@ -572,8 +572,11 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
         }
     }
     let pass_reason = match &shared.read().phase {
-        Phase::PassThrough(r) => Some(("pass_through", format!("daemon in pass-through: {r}"))),
-        Phase::Starting => Some(("starting", "daemon starting".to_string())),
+        Phase::PassThrough(r) => Some((
+            Decline::PassThrough.as_str(),
+            format!("daemon in pass-through: {r}"),
+        )),
+        Phase::Starting => Some((Decline::Starting.as_str(), "daemon starting".to_string())),
         Phase::Accelerating => None,
     };
     let mut desired = BTreeMap::new();
@@ -602,7 +605,10 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
         // A pod whose own mode is off or refused says so; one that follows the node's mode off
         // gets the pass-through reason below (it names the node's decision).
         if pod_mode.mode == mode::Mode::Off && (pass_reason.is_none() || pod.mode.is_some()) {
-            st.decline("mode_off", format!("redirect mode off: {}", pod_mode.why));
+            st.decline(
+                Decline::ModeOff.as_str(),
+                format!("redirect mode off: {}", pod_mode.why),
+            );
         }
         let mut pod_ips = Vec::new();
         match node::netns_facts(&pod.netns) {
@@ -615,7 +621,10 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
             }
             Err(e) => {
                 tracing::warn!(pod = %pod.name, netns = %pod.netns.display(), error = %e, "netns not found; pod not accelerated");
-                st.decline("netns_not_found", format!("netns not found: {e}"));
+                st.decline(
+                    discovery::Reason::NetnsNotFound.as_str(),
+                    format!("netns not found: {e}"),
+                );
             }
         }
         if let (Some(cookie), true) = (st.netns_cookie, st.accelerated()) {
@@ -642,7 +651,10 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
                 }
                 Err(e) => {
                     tracing::error!(pod = %st.name, error = %e, "pod not accelerated");
-                    st.decline("invalid_policy", format!("invalid policy: {e}"));
+                    st.decline(
+                        Decline::InvalidPolicy.as_str(),
+                        format!("invalid policy: {e}"),
+                    );
                 }
             }
         }
@@ -711,7 +723,7 @@ fn write_policies(
             tracing::error!(error = %e, "cannot read the policy map");
             for st in statuses.iter_mut().filter(|s| s.accelerated()) {
                 st.decline(
-                    "policy_map_unreadable",
+                    Decline::PolicyMapUnreadable.as_str(),
                     format!("policy map unreadable: {e}"),
                 );
             }
@@ -738,8 +750,10 @@ fn write_policies(
                 errors += 1;
                 tracing::error!(pod, netns_cookie = cookie, error = %e, "policy write failed");
                 if let Some((_, i)) = desired.get(cookie) {
-                    statuses[*i]
-                        .decline("policy_write_failed", format!("policy write failed: {e}"));
+                    statuses[*i].decline(
+                        Decline::PolicyWriteFailed.as_str(),
+                        format!("policy write failed: {e}"),
+                    );
                 }
             }
         }

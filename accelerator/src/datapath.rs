@@ -169,11 +169,28 @@ pub enum Origin {
 pub struct Counters(pub BTreeMap<&'static str, u64>);
 
 impl Counters {
+    /// By index (`meshlane_common::counter`): what the daemon's own code uses, so a wrong name
+    /// does not compile.
+    pub fn at(&self, index: u32) -> u64 {
+        counter::NAMES
+            .get(index as usize)
+            .and_then(|n| self.0.get(n))
+            .copied()
+            .unwrap_or(0)
+    }
+    /// By name, for tests and reports. A name no counter has is a bug that would read 0
+    /// forever: debug builds (the tests) panic on it.
     pub fn get(&self, name: &str) -> u64 {
+        debug_assert!(
+            counter::NAMES.contains(&name),
+            "no counter is named {name:?} (meshlane_common::counter::NAMES)"
+        );
         self.0.get(name).copied().unwrap_or(0)
     }
     pub fn pairs(&self) -> u64 {
-        self.get("pairs_outbound") + self.get("pairs_inbound") + self.get("pairs_sidecar")
+        self.at(counter::PAIRS_OUTBOUND)
+            + self.at(counter::PAIRS_INBOUND)
+            + self.at(counter::PAIRS_SIDECAR)
     }
     pub fn redirected_bytes(&self) -> u64 {
         self.0

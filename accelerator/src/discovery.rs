@@ -86,6 +86,22 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason, for the checks that each has its label and its API enum value.
+    pub const ALL: [Reason; 12] = [
+        Reason::NoSidecar,
+        Reason::NotCaptured,
+        Reason::UserNamespace,
+        Reason::Tproxy,
+        Reason::NetnsNotFound,
+        Reason::BadCapture,
+        Reason::AdminUnreachable,
+        Reason::BadAdminConfig,
+        Reason::Policy,
+        Reason::OptedOut,
+        Reason::BadResource,
+        Reason::Pending,
+    ];
+
     /// A stable label for logs and metrics.
     pub fn as_str(self) -> &'static str {
         match self {

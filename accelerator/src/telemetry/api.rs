@@ -369,32 +369,15 @@ mod tests {
 
     #[test]
     fn every_pod_reason_code_has_its_proto_enum_value() {
-        use crate::discovery::Reason;
-        let discovery = [
-            Reason::NoSidecar,
-            Reason::NotCaptured,
-            Reason::Tproxy,
-            Reason::NetnsNotFound,
-            Reason::BadCapture,
-            Reason::AdminUnreachable,
-            Reason::BadAdminConfig,
-            Reason::Policy,
-            Reason::OptedOut,
-            Reason::BadResource,
-            Reason::UserNamespace,
-            Reason::Pending,
-        ]
-        .map(Reason::as_str);
-        // The daemon's own codes (daemon.rs).
-        let daemon = [
-            "mode_off",
-            "netns_not_found",
-            "invalid_policy",
-            "policy_write_failed",
-            "policy_map_unreadable",
-            "pass_through",
-            "starting",
-        ];
+        use crate::{discovery::Reason, telemetry::Decline};
+        let discovery = Reason::ALL.map(Reason::as_str);
+        let daemon = Decline::ALL.map(Decline::as_str);
+        // One label, one meaning: no code is written by both vocabularies.
+        let mut all: Vec<&str> = discovery.iter().chain(&daemon).copied().collect();
+        all.sort_unstable();
+        let n = all.len();
+        all.dedup();
+        assert_eq!(all.len(), n, "a reason code used twice: {all:?}");
         for code in discovery.into_iter().chain(daemon) {
             let e = pod_reason(code);
             assert_ne!(e, pb::PodReason::Unspecified, "{code}");

@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeMap, fmt, sync::Arc};
 
-use meshlane_common::{DIRECTIONS, HOPS};
+use meshlane_common::{counter, DIRECTIONS, HOPS};
 use prometheus_client::{
     encoding::{DescriptorEncoder, EncodeMetric},
     metrics::{
@@ -144,18 +144,13 @@ impl prometheus_client::collector::Collector for Collector {
                 1,
             )],
         )?;
-        let phase = match &snap.phase {
-            Phase::Starting => "starting",
-            Phase::Accelerating => "accelerating",
-            Phase::PassThrough(_) => "pass_through",
-        };
+        let phase = snap.phase.name();
         family(
             &mut enc,
             "meshlane_datapath_state",
             "1 for the daemon's current state: starting, accelerating, or pass_through (nothing attached, all traffic on plain TCP)",
             Gauge,
-            &["starting", "accelerating", "pass_through"]
-                .map(|s| (vec![("state", s)], u64::from(s == phase))),
+            &Phase::NAMES.map(|s| (vec![("state", s)], u64::from(s == phase))),
         )?;
 
         // Pods by state and reason.
@@ -205,13 +200,19 @@ impl prometheus_client::collector::Collector for Collector {
                 Counter,
                 &HOPS
                     .iter()
-                    .map(|h| (vec![("hop", *h)], c.get(&format!("pairs_{h}"))))
+                    .enumerate()
+                    .map(|(i, h)| (vec![("hop", *h)], c.at(counter::pairs(i as u32))))
                     .collect::<Vec<_>>(),
             )?;
-            let by_dir = |prefix: &str| -> Vec<(Labels, u64)> {
+            // (messages, bytes) counters of each direction, by the programs' own table.
+            let by_dir = |bytes: bool| -> Vec<(Labels, u64)> {
                 DIRECTIONS
                     .iter()
-                    .map(|d| (vec![("direction", *d)], c.get(&format!("{prefix}_{d}"))))
+                    .enumerate()
+                    .map(|(i, d)| {
+                        let (m, b) = counter::redirected(i as u32);
+                        (vec![("direction", *d)], c.at(if bytes { b } else { m }))
+                    })
                     .collect()
             };
             family(
@@ -219,29 +220,29 @@ impl prometheus_client::collector::Collector for Collector {
                 "meshlane_redirected_bytes",
                 "Bytes handed socket to socket, by direction (added every 32 messages or 256 KiB per connection, and when it closes)",
                 Counter,
-                &by_dir("bytes_redirected"),
+                &by_dir(true),
             )?;
             family(
                 &mut enc,
                 "meshlane_redirected_messages",
                 "sendmsg calls handed socket to socket, by direction (added every 32 messages or 256 KiB per connection, and when it closes)",
                 Counter,
-                &by_dir("msgs_redirected"),
+                &by_dir(false),
             )?;
             let pass = [
-                ("untracked", "pass_untracked"),
-                ("no_peer", "pass_no_peer"),
-                ("tcp_pinned", "pass_tcp_pinned"),
-                ("peer_gone", "pass_peer_gone"),
-                ("draining", "pass_draining"),
-                ("not_captured", "connect_not_captured"),
-                ("early_data", "skip_early_data"),
-                ("pair_rejected", "pair_rejected"),
-                ("over_budget", "pass_over_budget"),
-                ("memory_tight", "pass_memory_tight"),
-                ("owner_unknown", "connect_owner_unknown"),
+                ("untracked", counter::PASS_UNTRACKED),
+                ("no_peer", counter::PASS_NO_PEER),
+                ("tcp_pinned", counter::PASS_TCP_PINNED),
+                ("peer_gone", counter::PASS_PEER_GONE),
+                ("draining", counter::PASS_DRAINING),
+                ("not_captured", counter::CONNECT_NOT_CAPTURED),
+                ("early_data", counter::SKIP_EARLY_DATA),
+                ("pair_rejected", counter::PAIR_REJECTED),
+                ("over_budget", counter::PASS_OVER_BUDGET),
+                ("memory_tight", counter::PASS_MEMORY_TIGHT),
+                ("owner_unknown", counter::CONNECT_OWNER_UNKNOWN),
             ]
-            .map(|(reason, name)| (vec![("reason", reason)], c.get(name)));
+            .map(|(reason, i)| (vec![("reason", reason)], c.at(i)));
             family(
                 &mut enc,
                 "meshlane_passthrough",
@@ -254,8 +255,12 @@ impl prometheus_client::collector::Collector for Collector {
                 "meshlane_stamps",
                 "Pairing tokens on the handshake's last ACK: written by app sockets, found or missing at the sidecar",
                 Counter,
-                &[("written", "stamps_written"), ("found", "stamps_found"), ("missing", "stamps_missing")]
-                    .map(|(r, n)| (vec![("result", r)], c.get(n))),
+                &[
+                    ("written", counter::STAMPS_WRITTEN),
+                    ("found", counter::STAMPS_FOUND),
+                    ("missing", counter::STAMPS_MISSING),
+                ]
+                .map(|(r, i)| (vec![("result", r)], c.at(i))),
             )?;
             family(
                 &mut enc,
@@ -263,18 +268,18 @@ impl prometheus_client::collector::Collector for Collector {
                 "Hops left on plain TCP because a map was full, by map",
                 Counter,
                 &[
-                    ("socks", "sockhash_full"),
-                    ("rendezvous", "rendezvous_full"),
-                    ("unread", "unread_full"),
+                    ("socks", counter::SOCKHASH_FULL),
+                    ("rendezvous", counter::RENDEZVOUS_FULL),
+                    ("unread", counter::PEERS_FULL),
                 ]
-                .map(|(m, n)| (vec![("map", m)], c.get(n))),
+                .map(|(m, i)| (vec![("map", m)], c.at(i))),
             )?;
             family(
                 &mut enc,
                 "meshlane_app_unpaired_at_half_close",
                 "App sockets that left the sockhash at their own half-close (reader rule): their later reads are plain TCP",
                 Counter,
-                &[(vec![], c.get("app_unpaired_at_half_close"))],
+                &[(vec![], c.at(counter::APP_UNPAIRED_AT_HALF_CLOSE))],
             )?;
         }
 

@@ -10,7 +10,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
 
-pub use state::{Phase, PodStatus, Shared, SourceHealth};
+pub use state::{Decline, Phase, PodStatus, Shared, SourceHealth};
 
 /// Where to serve; `None` turns a server off.
 #[derive(Clone, Debug)]

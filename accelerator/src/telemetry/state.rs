@@ -27,6 +27,60 @@ pub enum Phase {
     PassThrough(String),
 }
 
+impl Phase {
+    /// The `state` labels of `meshlane_datapath_state`, in order.
+    pub const NAMES: [&'static str; 3] = ["starting", "accelerating", "pass_through"];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Starting => Phase::NAMES[0],
+            Phase::Accelerating => Phase::NAMES[1],
+            Phase::PassThrough(_) => Phase::NAMES[2],
+        }
+    }
+}
+
+/// The daemon's own reasons for not accelerating a listed pod. Discovery's are
+/// [`crate::discovery::Reason`]; both share the `reason` label of `meshlane_pods` and the API's
+/// `PodReason`, so a code is written once, here or there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decline {
+    /// The pod's redirect mode is off.
+    ModeOff,
+    /// The policy derived for it does not fit the datapath.
+    InvalidPolicy,
+    /// Writing its policy map entry failed.
+    PolicyWriteFailed,
+    /// The policy map could not be read.
+    PolicyMapUnreadable,
+    /// The daemon is in pass-through.
+    PassThrough,
+    /// The daemon is still starting.
+    Starting,
+}
+
+impl Decline {
+    pub const ALL: [Decline; 6] = [
+        Decline::ModeOff,
+        Decline::InvalidPolicy,
+        Decline::PolicyWriteFailed,
+        Decline::PolicyMapUnreadable,
+        Decline::PassThrough,
+        Decline::Starting,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decline::ModeOff => "mode_off",
+            Decline::InvalidPolicy => "invalid_policy",
+            Decline::PolicyWriteFailed => "policy_write_failed",
+            Decline::PolicyMapUnreadable => "policy_map_unreadable",
+            Decline::PassThrough => "pass_through",
+            Decline::Starting => "starting",
+        }
+    }
+}
+
 /// One pod the daemon was told about, and what became of it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodStatus {
