@@ -15,6 +15,17 @@ use crate::measure::Percentiles;
 
 /// How long one reply may take before the workload fails.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes echoed per connect cycle. Not one byte: the server sidecar's `tls_inspector` holds a
+/// connection until it has seen enough bytes to rule out TLS.
+pub const CONNECT_ECHO_BYTES: usize = 64;
+/// What the HTTP workload GETs from nginx (a 1 KiB file).
+const HTTP_PATH: &str = "/1k";
+
+/// The request line of every HTTP request (`minimesh::nginx::get` writes it as is): the part
+/// of a request every HTTP/1.1 hop forwards unchanged, whatever headers Envoy adds.
+pub fn http_request_line() -> String {
+    format!("GET {HTTP_PATH} HTTP/1.1\r\n")
+}
 
 /// What one workload does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -71,6 +82,10 @@ pub struct Measured {
     /// Reads of a blocking socket that returned EAGAIN and were retried (a socket in a sockhash
     /// can do that; plain TCP never does): reported per scenario, never hidden.
     pub eagain_retries: u64,
+    /// Every timed request's latency in ns, sorted (for the CDF plot; results.json keeps the
+    /// plotted quantiles, not these).
+    #[serde(skip)]
+    pub samples_ns: Vec<u64>,
 }
 
 /// EAGAIN retries of the load generators' blocking reads, process-wide; `run` reports the
@@ -177,12 +192,15 @@ fn closed_loop(w: &Workload, ns: &Netns, t: Targets) -> Result<Measured> {
         Ok((all, t0.elapsed()))
     })?;
     let n = samples.len() as u64;
+    let mut samples_ns = samples;
+    samples_ns.sort_unstable();
     Ok(Measured {
-        latency: Percentiles::of(samples),
+        latency: Percentiles::of(samples_ns.clone()),
         throughput: n as f64 / wall.as_secs_f64(),
         requests: n,
         wall_s: wall.as_secs_f64(),
         eagain_retries: 0,
+        samples_ns,
     })
 }
 
@@ -223,10 +241,10 @@ impl Client {
                 ensure!(buf == msg, "echo returned different bytes");
             }
             Client::Http(conn, host) => {
-                let r = minimesh::nginx::get(conn, host, "/1k")?;
+                let r = minimesh::nginx::get(conn, host, HTTP_PATH)?;
                 ensure!(
                     r.status == 200 && r.body.len() == 1024,
-                    "GET /1k: {} with {} bytes",
+                    "GET {HTTP_PATH}: {} with {} bytes",
                     r.status,
                     r.body.len()
                 );
@@ -239,9 +257,8 @@ impl Client {
     }
 }
 
-/// connect() latency over `count` cycles of connect, 64 bytes echoed, close (only connect()
-/// timed); throughput is whole cycles per second. Not one byte: the server sidecar's
-/// `tls_inspector` holds a connection until it has seen enough bytes to rule out TLS.
+/// connect() latency over `count` cycles of connect, [`CONNECT_ECHO_BYTES`] echoed, close (only
+/// connect() timed); throughput is whole cycles per second.
 fn connects(w: &Workload, ns: &Netns, dst: SocketAddrV4) -> Result<Measured> {
     ns.run(|| -> Result<Measured> {
         let mut samples = Vec::with_capacity(w.count);
@@ -251,8 +268,8 @@ fn connects(w: &Workload, ns: &Netns, dst: SocketAddrV4) -> Result<Measured> {
             let mut s = TcpStream::connect_timeout(&dst.into(), Duration::from_secs(5))?;
             samples.push(t.elapsed().as_nanos() as u64);
             s.set_read_timeout(Some(READ_TIMEOUT))?;
-            s.write_all(&[b'x'; 64])?;
-            let mut b = [0u8; 64];
+            s.write_all(&[b'x'; CONNECT_ECHO_BYTES])?;
+            let mut b = [0u8; CONNECT_ECHO_BYTES];
             read_exact_patient(&mut s, &mut b)?;
         }
         let wall = t0.elapsed();
@@ -262,6 +279,7 @@ fn connects(w: &Workload, ns: &Netns, dst: SocketAddrV4) -> Result<Measured> {
             requests: w.count as u64,
             wall_s: wall.as_secs_f64(),
             eagain_retries: 0,
+            samples_ns: Vec::new(),
         })
     })?
 }
@@ -308,6 +326,7 @@ fn bulk(w: &Workload, ns: &Netns, dst: SocketAddrV4) -> Result<Measured> {
         requests: writes as u64,
         wall_s: wall.as_secs_f64(),
         eagain_retries: 0,
+        samples_ns: Vec::new(),
     })
 }
 
