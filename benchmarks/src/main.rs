@@ -7,6 +7,7 @@
 //! comparison (thread-per-connection sidecar stand-ins, datapath loaded in-process).
 
 mod daemon;
+mod hdrlog;
 mod measure;
 mod progstats;
 mod proof;

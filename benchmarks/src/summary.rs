@@ -456,6 +456,10 @@ impl Report {
         std::fs::write(out.join("latency.svg"), self.latency_svg())?;
         std::fs::write(out.join("ratio.svg"), self.ratio_svg())?;
         std::fs::write(out.join("cdf.svg"), self.cdf_svg())?;
+        std::fs::write(
+            out.join("latency.hlog"),
+            crate::hdrlog::write(&self.rows, self.provenance.started_unix)?,
+        )?;
         Ok(())
     }
 

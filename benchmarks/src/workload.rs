@@ -82,6 +82,9 @@ pub struct Measured {
     /// Reads of a blocking socket that returned EAGAIN and were retried (a socket in a sockhash
     /// can do that; plain TCP never does): reported per scenario, never hidden.
     pub eagain_retries: u64,
+    /// When the workload started, seconds since the Unix epoch (the HdrHistogram log's
+    /// interval start).
+    pub start_unix_s: f64,
     /// Every timed request's latency in ns, sorted (for the CDF plot; results.json keeps the
     /// plotted quantiles, not these).
     #[serde(skip)]
@@ -122,12 +125,16 @@ fn connect(ns: &Netns, dst: impl Into<SocketAddr>) -> Result<TcpStream> {
 /// Runs one workload from the client namespace.
 pub fn run(w: &Workload, ns: &Netns, t: Targets) -> Result<Measured> {
     let before = EAGAIN_RETRIES.load(std::sync::atomic::Ordering::Relaxed);
+    let start_unix_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
     let mut m = match w.kind {
         Kind::TcpPingPong | Kind::Http | Kind::Grpc => closed_loop(w, ns, t),
         Kind::Connect => connects(w, ns, t.echo),
         Kind::Bulk => bulk(w, ns, t.echo),
     }?;
     m.eagain_retries = EAGAIN_RETRIES.load(std::sync::atomic::Ordering::Relaxed) - before;
+    m.start_unix_s = start_unix_s;
     Ok(m)
 }
 
@@ -200,6 +207,7 @@ fn closed_loop(w: &Workload, ns: &Netns, t: Targets) -> Result<Measured> {
         requests: n,
         wall_s: wall.as_secs_f64(),
         eagain_retries: 0,
+        start_unix_s: 0.0,
         samples_ns,
     })
 }
@@ -279,6 +287,7 @@ fn connects(w: &Workload, ns: &Netns, dst: SocketAddrV4) -> Result<Measured> {
             requests: w.count as u64,
             wall_s: wall.as_secs_f64(),
             eagain_retries: 0,
+            start_unix_s: 0.0,
             samples_ns: Vec::new(),
         })
     })?
@@ -326,6 +335,7 @@ fn bulk(w: &Workload, ns: &Netns, dst: SocketAddrV4) -> Result<Measured> {
         requests: writes as u64,
         wall_s: wall.as_secs_f64(),
         eagain_retries: 0,
+        start_unix_s: 0.0,
         samples_ns: Vec::new(),
     })
 }
