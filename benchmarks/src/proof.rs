@@ -157,6 +157,7 @@ mod tests {
             conns: 1,
             count: 100,
             family: Family::Ipv4,
+            open_loop: None,
         }
     }
 

@@ -34,7 +34,7 @@ use crate::{
     proof,
     provenance::Provenance,
     summary,
-    workload::{self, Kind, Measured, Targets, Workload},
+    workload::{self, Kind, Measured, OpenLoop, Targets, Workload},
     Args,
 };
 
@@ -105,6 +105,7 @@ pub fn workloads(scale: f64) -> Vec<Workload> {
             conns,
             count,
             family,
+            open_loop: None,
         })
     };
     use workload::Family::{DualStack, Ipv4, Ipv6};
@@ -128,7 +129,87 @@ pub fn workloads(scale: f64) -> Vec<Workload> {
     let bulk = ((64 << 20) as f64 * scale).max((2 << 20) as f64) as usize;
     add("bulk 64KiB writes", Kind::Bulk, 64 << 10, 1, bulk, Ipv4);
     add("bulk 1MiB writes", Kind::Bulk, 1 << 20, 1, bulk, Ipv4);
+    // Open loop at a share of B's capacity (measured before the rounds), as fortio runs: the
+    // latency a service sees at a given load, which closed-loop ping-pong (always at capacity
+    // for its connection count) cannot show.
+    for base in OPEN_LOOP_BASES {
+        let b = v
+            .iter()
+            .find(|w| w.name == base)
+            .expect("open-loop base")
+            .clone();
+        for fraction in OPEN_LOOP_SHARES {
+            v.push(Workload {
+                name: format!("{base} @{:.0}% of B", fraction * 100.0),
+                open_loop: Some(OpenLoop {
+                    base: base.to_string(),
+                    fraction,
+                    rate: 0.0,
+                }),
+                ..b.clone()
+            });
+        }
+    }
     v
+}
+
+/// The closed-loop workloads whose B capacity the open-loop runs take a share of.
+const OPEN_LOOP_BASES: [&str; 2] = ["tcp 64B x16", "http 1KiB x16"];
+const OPEN_LOOP_SHARES: [f64; 2] = [0.5, 0.9];
+
+/// Measures B's throughput in each open-loop workload's base (closed loop, unrecorded, the
+/// daemon not running) and sets the open-loop rates from it, the same for A, B and C.
+fn calibrate(matrix: &mut [Workload], mesh: &mut EnvoyPods) -> Result<()> {
+    let mut capacity = Vec::new();
+    for base in OPEN_LOOP_BASES {
+        let Some(w) = matrix
+            .iter()
+            .find(|w| w.name == base && w.open_loop.is_none())
+        else {
+            continue;
+        };
+        mesh.restart_client_envoy()?;
+        let apps = Apps::start(&mesh.server.ns, mesh.server.ip)?;
+        let t = targets(
+            mesh.server.ip,
+            mesh.server.ip6.context("dual-stack server pod")?,
+        );
+        let m = workload::run(w, &mesh.client.ns, t)
+            .with_context(|| format!("measuring B's capacity in {base}"))?;
+        drop(apps);
+        eprintln!(
+            "[bench] B's capacity in {base}: {:.0} requests/s",
+            m.throughput
+        );
+        capacity.push((base.to_string(), m.throughput));
+    }
+    for w in matrix.iter_mut() {
+        if let Some(o) = &mut w.open_loop {
+            let cap = capacity
+                .iter()
+                .find(|(b, _)| *b == o.base)
+                .map(|c| c.1)
+                .context("open-loop base not measured")?;
+            o.rate = cap * o.fraction;
+        }
+    }
+    Ok(())
+}
+
+/// Where a scenario's servers are.
+fn targets(server_ip: std::net::Ipv4Addr, server_ip6: std::net::Ipv6Addr) -> Targets {
+    Targets {
+        echo: SocketAddrV4::new(server_ip, ECHO),
+        echo_dual_stack: std::net::SocketAddrV6::new(
+            server_ip.to_ipv6_mapped(),
+            ECHO_DUAL_STACK,
+            0,
+            0,
+        ),
+        echo_ipv6: std::net::SocketAddrV6::new(server_ip6, ECHO_IPV6, 0, 0),
+        http: SocketAddrV4::new(server_ip, HTTP),
+        grpc: SocketAddrV4::new(server_ip, GRPC),
+    }
 }
 
 /// The apps of one scenario round, fresh each time.
@@ -160,7 +241,7 @@ pub fn suite(args: &Args, stop: &AtomicBool) -> Result<()> {
     }
     let scale = if args.smoke { 0.02 } else { args.scale };
     let rounds = if args.smoke { 1 } else { args.rounds };
-    let matrix = workloads(scale);
+    let mut matrix = workloads(scale);
     let started = Instant::now();
     let provenance = Provenance::collect();
     // Restored when this returns, also on errors and Ctrl-C.
@@ -203,6 +284,7 @@ pub fn suite(args: &Args, stop: &AtomicBool) -> Result<()> {
     };
     let _log = RemoveOnDrop(spec.log.clone());
     daemon::ensure_detached(&spec.pin_dir, &spec.cgroup)?;
+    calibrate(&mut matrix, &mut mesh)?;
 
     let mut rows: Vec<Row> = Vec::new();
     let mut prog_rounds: Vec<RoundProgCost> = Vec::new();
@@ -287,18 +369,7 @@ fn scenario_round(
         ),
     };
     let apps = Apps::start(server_ns, server_ip)?;
-    let targets = Targets {
-        echo: SocketAddrV4::new(server_ip, ECHO),
-        echo_dual_stack: std::net::SocketAddrV6::new(
-            server_ip.to_ipv6_mapped(),
-            ECHO_DUAL_STACK,
-            0,
-            0,
-        ),
-        echo_ipv6: std::net::SocketAddrV6::new(server_ip6, ECHO_IPV6, 0, 0),
-        http: SocketAddrV4::new(server_ip, HTTP),
-        grpc: SocketAddrV4::new(server_ip, GRPC),
-    };
+    let targets = targets(server_ip, server_ip6);
     let (daemon, progs) = match scenario {
         "C" => {
             let before = progstats::meshlane_ids()?;

@@ -295,6 +295,19 @@ impl Report {
                 .collect::<Vec<_>>()
                 .join(", "),
         );
+        for s in &self.summaries {
+            if let Some(o) = &s.workload.open_loop {
+                let _ = writeln!(
+                    t,
+                    "- open loop: {} sends {:.0} requests/s ({:.0}% of B's {:.0} requests/s in {}, closed loop, measured before the rounds); latency from each request's scheduled time",
+                    s.workload.name,
+                    o.rate,
+                    o.fraction * 100.0,
+                    o.rate / o.fraction,
+                    o.base
+                );
+            }
+        }
         for r in self.rows.iter().filter(|r| !r.accelerated) {
             let _ = writeln!(
                 t,

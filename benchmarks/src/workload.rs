@@ -53,6 +53,29 @@ pub struct Workload {
     pub count: usize,
     /// tcp ping-pong only: which sockets the apps use.
     pub family: Family,
+    /// Open loop: requests sent on a fixed schedule instead of each after the previous reply.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub open_loop: Option<OpenLoop>,
+}
+
+/// A fixed-rate run at a share of B's capacity in a closed-loop workload of the same shape.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OpenLoop {
+    /// The closed-loop workload whose B throughput is the capacity.
+    pub base: String,
+    /// The share of that capacity to send.
+    pub fraction: f64,
+    /// Requests per second over all connections (set once B's capacity is measured).
+    pub rate: f64,
+}
+
+/// When connection `conn` of `conns` sends its `j`-th request, from the common start, for
+/// `rate` requests per second in all: each connection sends every `conns / rate` seconds, the
+/// connections spread evenly over one such interval, so the load arrives at a steady rate
+/// rather than in bursts of `conns`.
+pub fn scheduled(rate: f64, conns: usize, conn: usize, j: usize) -> Duration {
+    let interval = conns as f64 / rate;
+    Duration::from_secs_f64(interval * (j as f64 + conn as f64 / conns as f64))
 }
 
 /// The apps' sockets in a tcp ping-pong workload.
@@ -129,7 +152,7 @@ pub fn run(w: &Workload, ns: &Netns, t: Targets) -> Result<Measured> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());
     let mut m = match w.kind {
-        Kind::TcpPingPong | Kind::Http | Kind::Grpc => closed_loop(w, ns, t),
+        Kind::TcpPingPong | Kind::Http | Kind::Grpc => load(w, ns, t),
         Kind::Connect => connects(w, ns, t.echo),
         Kind::Bulk => bulk(w, ns, t.echo),
     }?;
@@ -154,8 +177,19 @@ fn warmup(w: &Workload) -> usize {
 }
 
 /// `conns` connections opened first, then all of them run `count` requests each (after a 10%
-/// warm-up), started together.
-fn closed_loop(w: &Workload, ns: &Netns, t: Targets) -> Result<Measured> {
+/// warm-up), started together. Closed loop: each request is sent when the previous reply came.
+/// Open loop ([`Workload::open_loop`]): each is sent at its [`scheduled`] time and its latency
+/// counts from that time, not from when it could be sent, so a request held up behind a slow
+/// one carries the wait (as fortio and wrk2 measure; timing from the send would hide it).
+fn load(w: &Workload, ns: &Netns, t: Targets) -> Result<Measured> {
+    let rate = w.open_loop.as_ref().map(|o| o.rate);
+    if let Some(r) = rate {
+        ensure!(
+            r > 0.0,
+            "{}: open-loop rate {r} (B's capacity not measured)",
+            w.name
+        );
+    }
     let warm = warmup(w);
     let mut clients = Vec::with_capacity(w.conns);
     for _ in 0..w.conns {
@@ -165,17 +199,28 @@ fn closed_loop(w: &Workload, ns: &Netns, t: Targets) -> Result<Measured> {
     let (samples, wall) = std::thread::scope(|s| -> Result<(Vec<u64>, Duration)> {
         let handles: Vec<_> = clients
             .into_iter()
-            .map(|mut c| {
+            .enumerate()
+            .map(|(conn, mut c)| {
                 let barrier = &barrier;
                 s.spawn(move || -> Result<Vec<u64>> {
                     let warmed = (0..warm).try_for_each(|_| c.request());
                     // Reach the barrier even after a failure (a sidecar killed by Ctrl-C), or
                     // every other thread and the caller would wait for this one forever.
                     barrier.wait();
+                    let start = Instant::now();
                     warmed?;
                     let mut v = Vec::with_capacity(w.count);
-                    for _ in 0..w.count {
-                        let t0 = Instant::now();
+                    for j in 0..w.count {
+                        let t0 = match rate {
+                            Some(r) => {
+                                let due = start + scheduled(r, w.conns, conn, j);
+                                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                                    std::thread::sleep(wait);
+                                }
+                                due
+                            }
+                            None => Instant::now(),
+                        };
                         c.request()?;
                         v.push(t0.elapsed().as_nanos() as u64);
                     }
@@ -372,4 +417,26 @@ pub fn cpu_us(pids: &[u32]) -> u64 {
             Some(ticks * 1_000_000 / hz)
         })
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_spreads_connections_over_one_interval() {
+        // 1000 requests/s on 4 connections: each sends every 4 ms, 1 ms apart from the next.
+        let at = |conn, j| scheduled(1000.0, 4, conn, j).as_secs_f64();
+        assert!((at(0, 0) - 0.0).abs() < 1e-12);
+        assert!((at(1, 0) - 0.001).abs() < 1e-12);
+        assert!((at(3, 0) - 0.003).abs() < 1e-12);
+        assert!((at(0, 1) - 0.004).abs() < 1e-12);
+        assert!((at(2, 10) - 0.042).abs() < 1e-12);
+        // Over all connections: the requests scheduled before 1 s are the rate.
+        let before_1s = (0..4)
+            .flat_map(|c| (0..1000).map(move |j| at(c, j)))
+            .filter(|t| *t < 1.0)
+            .count();
+        assert_eq!(before_1s, 1000);
+    }
 }
