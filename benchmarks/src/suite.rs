@@ -12,8 +12,10 @@
 //! is 200 and `meshlane status` shows both pods accelerated; each C workload must show, in the
 //! daemon's counters, every direction its mode redirects carrying the workload's bytes, no
 //! message left on TCP without a peer or pinned, and the mode's pairs (`proof.rs`), or its
-//! numbers are discarded and counted as rejected, with the reasons. B rounds run with the daemon stopped (SIGTERM with `--detach-on-exit`) and are
-//! checked to have no pins and no sock_ops program on the cgroup.
+//! numbers are discarded and counted as rejected, with the reasons. B rounds run with the
+//! daemon stopped (SIGTERM with `--detach-on-exit`) and are checked to have no pins and no
+//! sock_ops program on the cgroup. Before the rounds, B's capacity is measured for the
+//! open-loop rows' rates.
 //!
 //! With `kernel.bpf_stats_enabled` on for the whole run, each C workload also records what the
 //! daemon's own BPF programs cost in the kernel during it (`progstats.rs`).
