@@ -154,6 +154,31 @@ impl Daemon {
             .unwrap_or(0))
     }
 
+    /// What `meshlane status` says of each benchmark pod (state and reason), for errors.
+    fn pods_described(&self) -> String {
+        let st = self.status().ok().flatten().unwrap_or_default();
+        let pods = st["pods"].as_array().cloned().unwrap_or_default();
+        self.spec
+            .cookies
+            .iter()
+            .map(|cookie| {
+                match pods
+                    .iter()
+                    .find(|p| p["netns_cookie"].as_u64() == Some(*cookie))
+                {
+                    Some(p) => format!(
+                        "{} {} {}",
+                        p["name"].as_str().unwrap_or("?"),
+                        p["state"],
+                        p["reason"].as_str().unwrap_or("")
+                    ),
+                    None => format!("netns cookie {cookie} not listed"),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
     /// The node counters from `/metrics`. sock_ops acts only on the benchmark's cgroup, so they
     /// count the benchmark's own connections.
     pub fn counters(&self) -> Result<Counters> {
@@ -172,6 +197,8 @@ impl Daemon {
             }),
             pass_no_peer: sum("meshlane_passthrough_total{reason=\"no_peer\"}"),
             pass_tcp_pinned: sum("meshlane_passthrough_total{reason=\"tcp_pinned\"}"),
+            pass_other: PASS_OTHER
+                .map(|r| sum(&format!("meshlane_passthrough_total{{reason=\"{r}\"}}"))),
         })
     }
 
@@ -195,9 +222,9 @@ impl Daemon {
             }
             ensure!(
                 Instant::now() < deadline,
-                "after {READY_TIMEOUT:?} the daemon had not found the restarted sidecar \
-                 (benchmark pods accelerated: {})",
-                self.accelerated_pods().unwrap_or(0)
+                "after {READY_TIMEOUT:?} the daemon had not accelerated the restarted sidecar's \
+                 pod again: {}",
+                self.pods_described()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -266,6 +293,29 @@ pub struct Counters {
     pub pass_no_peer: u64,
     /// Messages of sockets pinned to TCP earlier (`passthrough{reason="tcp_pinned"}`).
     pub pass_tcp_pinned: u64,
+    /// The other `passthrough` reasons, in [`PASS_OTHER`] order (written as an object): not
+    /// part of the rule, kept to tell why a direction was pinned.
+    #[serde(serialize_with = "by_pass_reason")]
+    pub pass_other: [u64; PASS_OTHER.len()],
+}
+
+/// `meshlane_passthrough_total` reasons besides `no_peer` and `tcp_pinned`.
+pub const PASS_OTHER: [&str; 8] = [
+    "untracked",
+    "peer_gone",
+    "draining",
+    "not_captured",
+    "early_data",
+    "pair_rejected",
+    "over_budget",
+    "owner_unknown",
+];
+
+fn by_pass_reason<S: serde::Serializer>(
+    v: &[u64; PASS_OTHER.len()],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_map(PASS_OTHER.iter().zip(v))
 }
 
 fn by_direction<S: serde::Serializer>(
@@ -288,6 +338,7 @@ impl Counters {
             }),
             pass_no_peer: d(self.pass_no_peer, before.pass_no_peer),
             pass_tcp_pinned: d(self.pass_tcp_pinned, before.pass_tcp_pinned),
+            pass_other: std::array::from_fn(|i| d(self.pass_other[i], before.pass_other[i])),
         }
     }
 

@@ -19,7 +19,7 @@
 use meshlane_common::DIRECTIONS;
 
 use crate::{
-    daemon::Counters,
+    daemon::{Counters, PASS_OTHER},
     workload::{self, Kind, Workload},
 };
 
@@ -138,8 +138,20 @@ pub fn failures(e: &Expect, c: &Counters) -> Vec<String> {
     if c.pass_no_peer > 0 {
         why.push(format!("{} messages without a peer", c.pass_no_peer));
     }
-    if c.pass_tcp_pinned > 0 {
-        why.push(format!("{} messages pinned to TCP", c.pass_tcp_pinned));
+    if c.pass_tcp_pinned > 0 || c.pass_no_peer > 0 {
+        // Which other passthrough reasons moved tells why sockets were pinned.
+        let other: Vec<String> = PASS_OTHER
+            .iter()
+            .zip(c.pass_other)
+            .filter(|(_, n)| *n > 0)
+            .map(|(r, n)| format!("{r} {n}"))
+            .collect();
+        if c.pass_tcp_pinned > 0 {
+            why.push(format!("{} messages pinned to TCP", c.pass_tcp_pinned));
+        }
+        if !other.is_empty() {
+            why.push(format!("other passthrough: {}", other.join(", ")));
+        }
     }
     why
 }
@@ -229,6 +241,10 @@ mod tests {
         pinned.pass_tcp_pinned = 2;
         pinned.pass_no_peer = 1;
         assert_eq!(failures(&e, &pinned).len(), 2);
+        // The reason they were pinned is named, when the counters show one.
+        pinned.pass_other[6] = 3;
+        let why = failures(&e, &pinned);
+        assert_eq!(why.last().unwrap(), "other passthrough: over_budget 3");
 
         // An app hop paired: not the sidecar mode.
         let mut app = c;

@@ -439,9 +439,12 @@ fn scenario_round(
             // Local discovery finds Envoys in /proc: a pass while the old one was gone dropped
             // the pod, so wait until the daemon has it again before reading the counters and
             // running the next workload.
+            // If it does not, the next workloads fail the proof (no sidecar pair, no bytes) and
+            // are discarded with that reason: never counted as C, and the run goes on.
             if let Some(d) = &daemon {
-                d.wait_rediscovered()
-                    .with_context(|| format!("after {} in round {}", w.name, round + 1))?;
+                if let Err(e) = d.wait_rediscovered() {
+                    eprintln!("[bench] round {} C after {}: {e:#}", round + 1, w.name);
+                }
             }
         }
         let conns = match w.kind {
