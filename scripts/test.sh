@@ -35,6 +35,9 @@ step "benchmark smoke run (tiny counts, A/B/C through real Envoy and the daemon;
 cargo build --locked -p meshlane -p meshlane-benchmarks
 "${CARGO_TARGET_DIR:-target}/debug/meshlane-bench" --smoke --out "${CARGO_TARGET_DIR:-target}/bench-smoke"
 
+step "benchmark tables in the READMEs: regenerated from the committed results.json files, must match"
+"${CARGO_TARGET_DIR:-target}/debug/meshlane-bench" --check-readme
+
 step "kernel matrix: the datapath tests and the probe on 6.1, 6.12 and 7.x under QEMU, and natively"
 python3 -m unittest discover -s scripts/kernel-matrix
 ./scripts/kernel-matrix/run.py --check-readme

@@ -11,6 +11,7 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context, Result};
+use meshlane_common::DIRECTIONS;
 
 /// How long start-up may take (programs loaded, both pods discovered and accelerated).
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -153,23 +154,80 @@ impl Daemon {
             .unwrap_or(0))
     }
 
+    /// What `meshlane status` says of each benchmark pod (state and reason), for errors.
+    fn pods_described(&self) -> String {
+        let st = self.status().ok().flatten().unwrap_or_default();
+        let pods = st["pods"].as_array().cloned().unwrap_or_default();
+        self.spec
+            .cookies
+            .iter()
+            .map(|cookie| {
+                match pods
+                    .iter()
+                    .find(|p| p["netns_cookie"].as_u64() == Some(*cookie))
+                {
+                    Some(p) => format!(
+                        "{} {} {}",
+                        p["name"].as_str().unwrap_or("?"),
+                        p["state"],
+                        p["reason"].as_str().unwrap_or("")
+                    ),
+                    None => format!("netns cookie {cookie} not listed"),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
     /// The node counters from `/metrics`. sock_ops acts only on the benchmark's cgroup, so they
     /// count the benchmark's own connections.
     pub fn counters(&self) -> Result<Counters> {
         let (code, body) = http_get(self.spec.metrics_port, "/metrics")?;
         ensure!(code == 200, "/metrics answered {code}");
-        let sum = |prefix: &str| -> u64 {
-            body.lines()
-                .filter(|l| l.starts_with(prefix))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum::<f64>() as u64
-        };
+        let sum = |prefix: &str| metric_sum(&body, prefix);
         Ok(Counters {
             pairs_outbound: sum("meshlane_pairs_total{hop=\"outbound\"}"),
             pairs_inbound: sum("meshlane_pairs_total{hop=\"inbound\"}"),
             pairs_sidecar: sum("meshlane_pairs_total{hop=\"sidecar\"}"),
             redirected_bytes: sum("meshlane_redirected_bytes_total{"),
+            bytes_by_direction: DIRECTIONS.map(|d| {
+                sum(&format!(
+                    "meshlane_redirected_bytes_total{{direction=\"{d}\"}}"
+                ))
+            }),
+            pass_no_peer: sum("meshlane_passthrough_total{reason=\"no_peer\"}"),
+            pass_tcp_pinned: sum("meshlane_passthrough_total{reason=\"tcp_pinned\"}"),
+            pass_other: PASS_OTHER
+                .map(|r| sum(&format!("meshlane_passthrough_total{{reason=\"{r}\"}}"))),
         })
+    }
+
+    /// After a sidecar of a benchmark pod was restarted: returns once two discovery passes have
+    /// ended (the first may have begun while the old Envoy was gone, and dropped the pod) and
+    /// `meshlane status` shows both pods accelerated again; fails after [`READY_TIMEOUT`].
+    pub fn wait_rediscovered(&self) -> Result<()> {
+        let passes = || -> Result<u64> {
+            let (code, body) = http_get(self.spec.metrics_port, "/metrics")?;
+            ensure!(code == 200, "/metrics answered {code}");
+            Ok(metric_sum(
+                &body,
+                "meshlane_discovery_pass_duration_seconds_count",
+            ))
+        };
+        let first = passes()?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if passes()? >= first + 2 && self.accelerated_pods()? == 2 {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "after {READY_TIMEOUT:?} the daemon had not accelerated the restarted sidecar's \
+                 pod again: {}",
+                self.pods_described()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -211,25 +269,85 @@ impl Drop for Daemon {
     }
 }
 
-/// Node counters of one moment.
+/// The sum of the samples of every series whose line starts with `prefix` (name and labels).
+fn metric_sum(body: &str, prefix: &str) -> u64 {
+    body.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Node counters of one moment (or, from [`Counters::since`], what moved over a workload).
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct Counters {
     pub pairs_outbound: u64,
     pub pairs_inbound: u64,
     pub pairs_sidecar: u64,
+    /// All directions together.
     pub redirected_bytes: u64,
+    /// `meshlane_redirected_bytes_total` by direction, in [`DIRECTIONS`] order (written as an
+    /// object keyed by direction).
+    #[serde(serialize_with = "by_direction")]
+    pub bytes_by_direction: [u64; DIRECTIONS.len()],
+    /// Messages left on TCP because the socket's pair had no partner (`passthrough{reason="no_peer"}`).
+    pub pass_no_peer: u64,
+    /// Messages of sockets pinned to TCP earlier (`passthrough{reason="tcp_pinned"}`).
+    pub pass_tcp_pinned: u64,
+    /// The other `passthrough` reasons, in [`PASS_OTHER`] order (written as an object): not
+    /// part of the rule, kept to tell why a direction was pinned.
+    #[serde(serialize_with = "by_pass_reason")]
+    pub pass_other: [u64; PASS_OTHER.len()],
+}
+
+/// `meshlane_passthrough_total` reasons besides `no_peer` and `tcp_pinned`.
+pub const PASS_OTHER: [&str; 8] = [
+    "untracked",
+    "peer_gone",
+    "draining",
+    "not_captured",
+    "early_data",
+    "pair_rejected",
+    "over_budget",
+    "owner_unknown",
+];
+
+fn by_pass_reason<S: serde::Serializer>(
+    v: &[u64; PASS_OTHER.len()],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_map(PASS_OTHER.iter().zip(v))
+}
+
+fn by_direction<S: serde::Serializer>(
+    v: &[u64; DIRECTIONS.len()],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_map(DIRECTIONS.iter().zip(v))
 }
 
 impl Counters {
     pub fn since(&self, before: &Counters) -> Counters {
+        let d = |a: u64, b: u64| a.saturating_sub(b);
         Counters {
-            pairs_outbound: self.pairs_outbound.saturating_sub(before.pairs_outbound),
-            pairs_inbound: self.pairs_inbound.saturating_sub(before.pairs_inbound),
-            pairs_sidecar: self.pairs_sidecar.saturating_sub(before.pairs_sidecar),
-            redirected_bytes: self
-                .redirected_bytes
-                .saturating_sub(before.redirected_bytes),
+            pairs_outbound: d(self.pairs_outbound, before.pairs_outbound),
+            pairs_inbound: d(self.pairs_inbound, before.pairs_inbound),
+            pairs_sidecar: d(self.pairs_sidecar, before.pairs_sidecar),
+            redirected_bytes: d(self.redirected_bytes, before.redirected_bytes),
+            bytes_by_direction: std::array::from_fn(|i| {
+                d(self.bytes_by_direction[i], before.bytes_by_direction[i])
+            }),
+            pass_no_peer: d(self.pass_no_peer, before.pass_no_peer),
+            pass_tcp_pinned: d(self.pass_tcp_pinned, before.pass_tcp_pinned),
+            pass_other: std::array::from_fn(|i| d(self.pass_other[i], before.pass_other[i])),
         }
+    }
+
+    /// Bytes redirected in `direction` (one of [`DIRECTIONS`]).
+    pub fn bytes(&self, direction: &str) -> u64 {
+        DIRECTIONS
+            .iter()
+            .position(|d| *d == direction)
+            .map_or(0, |i| self.bytes_by_direction[i])
     }
 }
 

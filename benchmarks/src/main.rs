@@ -7,9 +7,12 @@
 //! comparison (thread-per-connection sidecar stand-ins, datapath loaded in-process).
 
 mod daemon;
+mod hdrlog;
 mod measure;
 mod progstats;
+mod proof;
 mod provenance;
+mod readme;
 mod relay;
 mod report;
 mod suite;
@@ -72,6 +75,20 @@ pub struct Args {
     /// does by default), or plaintext ("off").
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     pub mtls: String,
+    /// envoy suite: worker threads of both sidecars in B and C (Envoy's `--concurrency`). 2 is
+    /// Istio's default for sidecars (`proxy.istio.io/config` concurrency), what users run.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub concurrency: u32,
+    /// Rewrite the generated tables of the READMEs (`--readme`) from the results.json files
+    /// their markers name, then exit (no root, no benchmark run).
+    #[arg(long, conflicts_with = "check_readme")]
+    pub update_readme: bool,
+    /// Fail if a generated table of the READMEs differs from what its results.json gives (CI).
+    #[arg(long)]
+    pub check_readme: bool,
+    /// The READMEs with generated tables, for --update-readme and --check-readme.
+    #[arg(long, default_values = ["README.md", "benchmarks/README.md"])]
+    pub readme: Vec<PathBuf>,
 }
 
 impl Args {
@@ -95,6 +112,9 @@ impl Args {
 
 fn main() -> Result<()> {
     let mut args = Args::parse();
+    if args.update_readme || args.check_readme {
+        return readme::run(&args.readme, args.update_readme);
+    }
     if args.smoke {
         args.rounds = args.rounds.min(2);
         args.pingpongs = 200;

@@ -82,6 +82,15 @@ pub fn connects(ns: &Netns, dst: SocketAddrV4, n: usize) -> Result<Percentiles> 
     })?
 }
 
+/// EAGAIN retries of [`read_exact_patient`], process-wide; the relay suite reports the difference
+/// over each scenario round (one runs at a time), so a retry is never silent.
+static EAGAIN_RETRIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// EAGAIN retries so far (see [`EAGAIN_RETRIES`]).
+pub fn eagain_retries() -> u64 {
+    EAGAIN_RETRIES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// read_exact that waits out a spurious EAGAIN on a blocking socket (a kernel quirk of sockets in
 /// a sockmap; see the README) instead of failing the benchmark, but not a real read timeout
 /// (which is also EAGAIN): a reply that never comes fails after 10 s instead of hanging.
@@ -92,7 +101,9 @@ fn read_exact_patient(s: &mut TcpStream, mut buf: &mut [u8]) -> std::io::Result<
             Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => buf = &mut buf[n..],
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                EAGAIN_RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             Err(e) => return Err(e),
         }
     }

@@ -46,6 +46,9 @@ pub struct Round {
     pub connect: measure::Percentiles,
     pub pairs: u64,
     pub redirected_bytes: u64,
+    /// Blocking reads of the ping-pong and connect cycles that returned EAGAIN and were retried
+    /// (a socket in a sockhash can do that; plain TCP never does).
+    pub eagain_retries: u64,
     /// meshlane rounds: what each program cost during the ping-pong (per round trip) and
     /// during the connect cycles (per connect+exchange+close), as the kernel measured it.
     pub pingpong_progs: Vec<ProgCost>,
@@ -81,10 +84,12 @@ pub fn run(args: &Args, stop: &AtomicBool) -> Result<Vec<Round>> {
             };
             let snap = || progs.as_ref().map(Programs::snapshot).transpose();
             let s0 = snap()?;
+            let eagain0 = measure::eagain_retries();
             let rtt = measure::pingpong(&mesh.client.ns, dst, 64, args.pingpongs)?;
             let s1 = snap()?;
             let connect = measure::connects(&mesh.client.ns, dst, args.connects)?;
             let s2 = snap()?;
+            let eagain_retries = measure::eagain_retries() - eagain0;
             let (pingpong_progs, connect_progs) = match (&progs, s0, s1, s2) {
                 (Some(p), Some(s0), Some(s1), Some(s2)) => (p.cost(&s0, &s1), p.cost(&s1, &s2)),
                 _ => (Vec::new(), Vec::new()),
@@ -115,6 +120,7 @@ pub fn run(args: &Args, stop: &AtomicBool) -> Result<Vec<Round>> {
                 connect,
                 pairs,
                 redirected_bytes,
+                eagain_retries,
                 pingpong_progs,
                 connect_progs,
             });

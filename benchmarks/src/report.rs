@@ -66,7 +66,20 @@ fn table(args: &Args, results: &[Round]) -> String {
     );
     let _ = writeln!(
         t,
-        "median over rounds [min..max]; ratio = meshlane / plain (below 1 is faster)\n"
+        "median over rounds [min..max]; ratio = meshlane / plain (below 1 is faster)\n\
+         EAGAIN retries of the blocking reads (plain TCP never returns one): {}\n",
+        SCENARIOS
+            .iter()
+            .map(|sc| format!(
+                "{sc} {}",
+                results
+                    .iter()
+                    .filter(|r| r.scenario == *sc)
+                    .map(|r| r.eagain_retries)
+                    .sum::<u64>()
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let _ = writeln!(t, "| metric | plain | meshlane | ratio |");
     let _ = writeln!(t, "|---|---|---|---|");

@@ -9,10 +9,13 @@
 //!
 //! Each scenario round starts fresh apps (so no pooled upstream connection of Envoy outlives a
 //! round) and opens fresh connections. C rounds start the real daemon and wait until `/readyz`
-//! is 200 and `meshlane status` shows both pods accelerated; each C workload must move the
-//! pair counters by at least its connection count, or its numbers are discarded and counted as
-//! rejected. B rounds run with the daemon stopped (SIGTERM with `--detach-on-exit`) and are
-//! checked to have no pins and no sock_ops program on the cgroup.
+//! is 200 and `meshlane status` shows both pods accelerated; each C workload must show, in the
+//! daemon's counters, every direction its mode redirects carrying the workload's bytes, no
+//! message left on TCP without a peer or pinned, and the mode's pairs (`proof.rs`), or its
+//! numbers are discarded and counted as rejected, with the reasons. B rounds run with the
+//! daemon stopped (SIGTERM with `--detach-on-exit`) and are checked to have no pins and no
+//! sock_ops program on the cgroup. Before the rounds, B's capacity is measured for the
+//! open-loop rows' rates.
 //!
 //! With `kernel.bpf_stats_enabled` on for the whole run, each C workload also records what the
 //! daemon's own BPF programs cost in the kernel during it (`progstats.rs`).
@@ -21,7 +24,7 @@ use std::{
     net::SocketAddrV4,
     path::PathBuf,
     sync::atomic::{AtomicBool, Ordering},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
@@ -30,9 +33,10 @@ use minimesh::{grpc::GrpcServer, BarePods, Cgroup, EchoServer, EnvoyPods, Nginx,
 use crate::{
     daemon::{self, Counters, Daemon, DaemonSpec},
     progstats::{self, ProgCost, Programs, StatsEnabled},
+    proof,
     provenance::Provenance,
     summary,
-    workload::{self, Kind, Measured, Targets, Workload},
+    workload::{self, Kind, Measured, OpenLoop, Targets, Workload},
     Args,
 };
 
@@ -56,8 +60,12 @@ pub struct Row {
     pub cpu_us_per_req: f64,
     /// C only: what the daemon's counters moved by during this workload.
     pub counters: Option<Counters>,
-    /// C only: false when the counters show the workload was not accelerated (row discarded).
+    /// C only: false when the counters show the workload was not accelerated as its mode
+    /// claims (row discarded; `proof.rs`).
     pub accelerated: bool,
+    /// C only: why the row was discarded.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub proof_failures: Vec<String>,
     /// C only: runs and time of each of the daemon's BPF programs during this workload (kernel
     /// bpf_stats); empty when the round's programs could not be told apart from another copy's.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -99,6 +107,7 @@ pub fn workloads(scale: f64) -> Vec<Workload> {
             conns,
             count,
             family,
+            open_loop: None,
         })
     };
     use workload::Family::{DualStack, Ipv4, Ipv6};
@@ -122,7 +131,87 @@ pub fn workloads(scale: f64) -> Vec<Workload> {
     let bulk = ((64 << 20) as f64 * scale).max((2 << 20) as f64) as usize;
     add("bulk 64KiB writes", Kind::Bulk, 64 << 10, 1, bulk, Ipv4);
     add("bulk 1MiB writes", Kind::Bulk, 1 << 20, 1, bulk, Ipv4);
+    // Open loop at a share of B's capacity (measured before the rounds), as fortio runs: the
+    // latency a service sees at a given load, which closed-loop ping-pong (always at capacity
+    // for its connection count) cannot show.
+    for base in OPEN_LOOP_BASES {
+        let b = v
+            .iter()
+            .find(|w| w.name == base)
+            .expect("open-loop base")
+            .clone();
+        for fraction in OPEN_LOOP_SHARES {
+            v.push(Workload {
+                name: format!("{base} @{:.0}% of B", fraction * 100.0),
+                open_loop: Some(OpenLoop {
+                    base: base.to_string(),
+                    fraction,
+                    rate: 0.0,
+                }),
+                ..b.clone()
+            });
+        }
+    }
     v
+}
+
+/// The closed-loop workloads whose B capacity the open-loop runs take a share of.
+const OPEN_LOOP_BASES: [&str; 2] = ["tcp 64B x16", "http 1KiB x16"];
+const OPEN_LOOP_SHARES: [f64; 2] = [0.5, 0.9];
+
+/// Measures B's throughput in each open-loop workload's base (closed loop, unrecorded, the
+/// daemon not running) and sets the open-loop rates from it, the same for A, B and C.
+fn calibrate(matrix: &mut [Workload], mesh: &mut EnvoyPods) -> Result<()> {
+    let mut capacity = Vec::new();
+    for base in OPEN_LOOP_BASES {
+        let Some(w) = matrix
+            .iter()
+            .find(|w| w.name == base && w.open_loop.is_none())
+        else {
+            continue;
+        };
+        mesh.restart_client_envoy()?;
+        let apps = Apps::start(&mesh.server.ns, mesh.server.ip)?;
+        let t = targets(
+            mesh.server.ip,
+            mesh.server.ip6.context("dual-stack server pod")?,
+        );
+        let m = workload::run(w, &mesh.client.ns, t)
+            .with_context(|| format!("measuring B's capacity in {base}"))?;
+        drop(apps);
+        eprintln!(
+            "[bench] B's capacity in {base}: {:.0} requests/s",
+            m.throughput
+        );
+        capacity.push((base.to_string(), m.throughput));
+    }
+    for w in matrix.iter_mut() {
+        if let Some(o) = &mut w.open_loop {
+            let cap = capacity
+                .iter()
+                .find(|(b, _)| *b == o.base)
+                .map(|c| c.1)
+                .context("open-loop base not measured")?;
+            o.rate = cap * o.fraction;
+        }
+    }
+    Ok(())
+}
+
+/// Where a scenario's servers are.
+fn targets(server_ip: std::net::Ipv4Addr, server_ip6: std::net::Ipv6Addr) -> Targets {
+    Targets {
+        echo: SocketAddrV4::new(server_ip, ECHO),
+        echo_dual_stack: std::net::SocketAddrV6::new(
+            server_ip.to_ipv6_mapped(),
+            ECHO_DUAL_STACK,
+            0,
+            0,
+        ),
+        echo_ipv6: std::net::SocketAddrV6::new(server_ip6, ECHO_IPV6, 0, 0),
+        http: SocketAddrV4::new(server_ip, HTTP),
+        grpc: SocketAddrV4::new(server_ip, GRPC),
+    }
 }
 
 /// The apps of one scenario round, fresh each time.
@@ -154,7 +243,7 @@ pub fn suite(args: &Args, stop: &AtomicBool) -> Result<()> {
     }
     let scale = if args.smoke { 0.02 } else { args.scale };
     let rounds = if args.smoke { 1 } else { args.rounds };
-    let matrix = workloads(scale);
+    let mut matrix = workloads(scale);
     let started = Instant::now();
     let provenance = Provenance::collect();
     // Restored when this returns, also on errors and Ctrl-C.
@@ -179,6 +268,10 @@ pub fn suite(args: &Args, stop: &AtomicBool) -> Result<()> {
     // rows' Service has an IPv6 endpoint, every other workload is IPv4 between the sidecars.
     let mut mesh = EnvoyPods::dual_stack(212, &services, args.mtls == "on", &[ECHO_IPV6])
         .context("Envoy pods")?;
+    if mesh.client_envoy.config().concurrency != args.concurrency {
+        mesh.set_concurrency(args.concurrency)
+            .context("Envoy --concurrency")?;
+    }
     let id = std::process::id();
     let spec = DaemonSpec {
         bin: args.meshlane_bin()?,
@@ -193,6 +286,7 @@ pub fn suite(args: &Args, stop: &AtomicBool) -> Result<()> {
     };
     let _log = RemoveOnDrop(spec.log.clone());
     daemon::ensure_detached(&spec.pin_dir, &spec.cgroup)?;
+    calibrate(&mut matrix, &mut mesh)?;
 
     let mut rows: Vec<Row> = Vec::new();
     let mut prog_rounds: Vec<RoundProgCost> = Vec::new();
@@ -268,28 +362,16 @@ fn scenario_round(
         // scenario would carry C's HTTP on B's unpaired connections, or B's on C's paired ones.
         mesh.restart_client_envoy()?;
     }
-    let (client_ns, server_ns, server_ip, server_ip6) = match scenario {
-        "A" => (&bare.client, &bare.server, bare.server_ip, bare.server_ip6),
+    let (server_ns, server_ip, server_ip6) = match scenario {
+        "A" => (&bare.server, bare.server_ip, bare.server_ip6),
         _ => (
-            &mesh.client.ns,
             &mesh.server.ns,
             mesh.server.ip,
             mesh.server.ip6.context("dual-stack server pod")?,
         ),
     };
     let apps = Apps::start(server_ns, server_ip)?;
-    let targets = Targets {
-        echo: SocketAddrV4::new(server_ip, ECHO),
-        echo_dual_stack: std::net::SocketAddrV6::new(
-            server_ip.to_ipv6_mapped(),
-            ECHO_DUAL_STACK,
-            0,
-            0,
-        ),
-        echo_ipv6: std::net::SocketAddrV6::new(server_ip6, ECHO_IPV6, 0, 0),
-        http: SocketAddrV4::new(server_ip, HTTP),
-        grpc: SocketAddrV4::new(server_ip, GRPC),
-    };
+    let targets = targets(server_ip, server_ip6);
     let (daemon, progs) = match scenario {
         "C" => {
             let before = progstats::meshlane_ids()?;
@@ -316,10 +398,12 @@ fn scenario_round(
     // daemon's start-up probe, whose network namespaces the kernel tears down in the
     // background). Measured before this existed: A's and C's first workload (tcp 64B x1) was
     // slower than the identical dual-stack one later in the round.
-    workload::run(&warmup(matrix), client_ns, targets)
+    workload::run(&warmup(matrix), client_ns(scenario, bare, mesh), targets)
         .with_context(|| format!("warm-up in scenario {scenario}, round {}", round + 1))?;
     let ready = progs.as_ref().map(Programs::snapshot).transpose()?;
     let mut pids = vec![std::process::id(), apps.nginx.pid()];
+    // Where the client Envoy's pid is in `pids` (it changes when the Envoy is restarted).
+    let client_envoy_at = pids.len();
     if scenario != "A" {
         pids.extend([mesh.client_envoy.pid(), mesh.server_envoy.pid()]);
     }
@@ -327,11 +411,7 @@ fn scenario_round(
         pids.push(d.pid());
     }
     let mut rows = Vec::new();
-    // Sidecar pairs made so far in this round: a later HTTP workload may reuse them (pooled).
-    let mut round_sidecar_pairs = 0;
     let mode = daemon.as_ref().map(|d| d.mode().to_string());
-    // Whether C pairs the app hops (reader, two-way) or only the sidecar hop (sidecar).
-    let app_hops = mode.as_deref().is_some_and(|m| m != "sidecar");
     for w in matrix {
         if stop.load(Ordering::Relaxed) {
             break;
@@ -341,40 +421,60 @@ fn scenario_round(
         // Taken after the /metrics read and before the next, so their connections' sock_ops
         // and connect4 runs are not the workload's.
         let prog0 = progs.as_ref().map(Programs::snapshot).transpose()?;
-        let measured = workload::run(w, client_ns, targets)
+        let measured = workload::run(w, client_ns(scenario, bare, mesh), targets)
             .with_context(|| format!("{} in scenario {scenario}, round {}", w.name, round + 1))?;
         let prog = match (&progs, prog0) {
             (Some(p), Some(p0)) => p.cost(&p0, &p.snapshot()?),
             _ => Vec::new(),
         };
         let cpu = workload::cpu_us(&pids).saturating_sub(cpu0);
-        let counters = match (&daemon, before) {
-            (Some(d), Some(b)) => Some(d.counters()?.since(&b)),
-            _ => None,
-        };
+        // HTTP and gRPC leave the client Envoy's pooled upstream connections open, and a socket
+        // adds what it redirected to the counters only every 32 messages or 256 KiB, or when it
+        // closes: restarting the client Envoy closes them, so the counters read next hold every
+        // byte of this workload (proof.rs), and the next workload opens its own pool instead of
+        // riding on connections paired, or not, before it. The same in B and C.
+        if scenario != "A" && matches!(w.kind, Kind::Http | Kind::Grpc) {
+            mesh.restart_client_envoy()?;
+            pids[client_envoy_at] = mesh.client_envoy.pid();
+            // Local discovery finds Envoys in /proc: a pass while the old one was gone dropped
+            // the pod, so wait until the daemon has it again before reading the counters and
+            // running the next workload.
+            // If it does not, the next workloads fail the proof (no sidecar pair, no bytes) and
+            // are discarded with that reason: never counted as C, and the run goes on.
+            if let Some(d) = &daemon {
+                if let Err(e) = d.wait_rediscovered() {
+                    eprintln!("[bench] round {} C after {}: {e:#}", round + 1, w.name);
+                }
+            }
+        }
         let conns = match w.kind {
             Kind::Connect => w.count,
             _ => w.conns,
         } as u64;
-        // Where the mode pairs app hops, every connection the client opened must have been
-        // paired with its sidecar; where it does not (the sidecar mode), none may have been.
-        // Bytes must have been redirected; with the sidecar hop on, the client Envoy's upstream
-        // connections (pooled for HTTP, so fewer than the client's) must have paired too, or
-        // already been paired in an earlier workload of this round. Otherwise this is not a C
-        // measurement of the mode it claims.
-        let sidecar_ok = |c: &daemon::Counters| {
-            spec.sidecar_hop == "off" || c.pairs_sidecar > 0 || round_sidecar_pairs > 0
-        };
-        let app_hops_ok = |c: &daemon::Counters| {
-            if app_hops {
-                c.pairs_outbound >= conns
-            } else {
-                c.pairs_outbound == 0 && c.pairs_inbound == 0
+        // Whether this is a C measurement of the mode it claims, direction by direction
+        // (proof.rs).
+        let (counters, proof_failures) = match (&daemon, before) {
+            (Some(d), Some(b)) => {
+                let expect = proof::Expect {
+                    mode: d.mode(),
+                    sidecar_hop: spec.sidecar_hop == "on",
+                    conns,
+                    min_bytes: proof::min_bytes(w, workload::requests_sent(w, &measured)),
+                };
+                let (c, why) = settled_counters(d, &b, &expect)?;
+                (Some(c), why)
             }
+            _ => (None, Vec::new()),
         };
-        let accelerated =
-            counters.is_none_or(|c| app_hops_ok(&c) && c.redirected_bytes > 0 && sidecar_ok(&c));
-        round_sidecar_pairs += counters.map_or(0, |c| c.pairs_sidecar);
+        let accelerated = proof_failures.is_empty();
+        if !accelerated {
+            eprintln!(
+                "[bench] round {} {scenario} {}: not counted as C: {}",
+                round + 1,
+                w.name,
+                proof_failures.join("; ")
+            );
+        }
         rows.push(Row {
             scenario,
             round,
@@ -383,6 +483,7 @@ fn scenario_round(
             measured,
             counters,
             accelerated,
+            proof_failures,
             prog,
             mode: mode.clone(),
         });
@@ -399,6 +500,39 @@ fn scenario_round(
     }
     drop(apps);
     Ok((rows, prog_round))
+}
+
+/// Where a scenario's client app runs (a function, not a binding: the client Envoy is restarted
+/// between workloads, which needs `mesh` mutably).
+fn client_ns<'a>(scenario: &str, bare: &'a BarePods, mesh: &'a EnvoyPods) -> &'a minimesh::Netns {
+    match scenario {
+        "A" => &bare.client,
+        _ => &mesh.client.ns,
+    }
+}
+
+/// How long a C workload's counters may take to show its last bytes. A socket adds what it
+/// redirected to the counters every 32 messages or 256 KiB, and when it closes; the sidecars
+/// close their ends of the workload's connections a little after the client closed its own.
+const SETTLE: Duration = Duration::from_secs(2);
+
+/// The counters moved since `before`, and why they do not prove `expect` (empty: they do).
+/// While they do not, they are read again until [`SETTLE`] has passed, so that connections the
+/// sidecars are still closing add their last bytes; a row is never judged on a timing.
+fn settled_counters(
+    d: &Daemon,
+    before: &Counters,
+    expect: &proof::Expect,
+) -> Result<(Counters, Vec<String>)> {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let c = d.counters()?.since(before);
+        let why = proof::failures(expect, &c);
+        if why.is_empty() || Instant::now() >= deadline {
+            return Ok((c, why));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 struct RemoveOnDrop(PathBuf);

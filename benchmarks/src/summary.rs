@@ -84,12 +84,86 @@ pub struct Report {
     pub sidecar_hop: String,
     /// Istio's mTLS between the sidecars in B and C.
     pub mtls: String,
+    /// Both sidecars' `--concurrency`.
+    pub envoy_concurrency: u32,
     pub rows: Vec<Row>,
     pub summaries: Vec<WorkloadSummary>,
     /// Per C round, the daemon's programs from ready to stop.
     pub prog_rounds: Vec<RoundProgCost>,
     /// The machine, builds and command of this run.
     pub provenance: Provenance,
+    /// Latency CDFs of [`CDF_WORKLOADS`] per scenario (cdf.svg; kept in results.json to re-plot).
+    pub cdfs: Vec<Cdf>,
+}
+
+/// The workloads whose latency distribution is plotted as a CDF.
+pub const CDF_WORKLOADS: [&str; 2] = ["tcp 64B x1", "http 1KiB x16"];
+
+/// One scenario's latency distribution in one workload, every accepted round's samples pooled.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Cdf {
+    pub workload: String,
+    pub scenario: &'static str,
+    pub samples: usize,
+    /// (quantile, latency in us), quantiles from 0 to 0.999.
+    pub points: Vec<(f64, f64)>,
+}
+
+/// The quantiles a CDF keeps: every half percent up to 99%, then 99.5% and 99.9% (beyond that a
+/// few samples decide the curve).
+fn cdf_quantiles() -> Vec<f64> {
+    let mut q: Vec<f64> = (0..=198).map(|i| f64::from(i) / 200.0).collect();
+    q.extend([0.995, 0.999]);
+    q
+}
+
+/// The value at quantile `q` of sorted `v` (the nearest rank, as [`crate::measure::Percentiles`]).
+fn quantile(sorted: &[u64], q: f64) -> Option<u64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    Some(sorted[i.min(sorted.len() - 1)])
+}
+
+/// The CDF of `samples_ns` (sorted or not), in us.
+pub fn cdf_of(workload: &str, scenario: &'static str, mut samples_ns: Vec<u64>) -> Cdf {
+    samples_ns.sort_unstable();
+    Cdf {
+        workload: workload.to_string(),
+        scenario,
+        samples: samples_ns.len(),
+        points: cdf_quantiles()
+            .into_iter()
+            .filter_map(|q| Some((q, quantile(&samples_ns, q)? as f64 / 1000.0)))
+            .collect(),
+    }
+}
+
+/// A tick step of 1, 2 or 5 times a power of ten giving about four ticks up to `max`, and the
+/// axis end (the first tick at or above `max`).
+fn axis(max: f64) -> (f64, f64) {
+    if !max.is_finite() || max <= 0.0 {
+        return (1.0, 1.0);
+    }
+    let raw = max / 4.0;
+    let mag = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * mag)
+        .find(|s| *s >= raw)
+        .unwrap_or(10.0 * mag);
+    (step, (max / step).ceil() * step)
+}
+
+/// A tick label without float noise.
+fn tick(v: f64) -> String {
+    let r = (v * 1000.0).round() / 1000.0;
+    if r.fract() == 0.0 {
+        format!("{r:.0}")
+    } else {
+        format!("{r}")
+    }
 }
 
 fn spread(mut v: Vec<f64>) -> Spread {
@@ -157,7 +231,22 @@ impl Report {
                 }
             })
             .collect();
+        let cdfs = CDF_WORKLOADS
+            .iter()
+            .flat_map(|name| {
+                let rows = &rows;
+                SCENARIOS.iter().map(move |sc| {
+                    let pooled: Vec<u64> = rows
+                        .iter()
+                        .filter(|r| r.workload == *name && r.scenario == *sc && r.accelerated)
+                        .flat_map(|r| r.measured.samples_ns.iter().copied())
+                        .collect();
+                    cdf_of(name, sc, pooled)
+                })
+            })
+            .collect();
         Report {
+            cdfs,
             rounds,
             scale,
             smoke: args.smoke,
@@ -167,6 +256,7 @@ impl Report {
             },
             sidecar_hop: args.sidecar_hop.clone(),
             mtls: args.mtls.clone(),
+            envoy_concurrency: args.concurrency,
             rows,
             summaries,
             prog_rounds,
@@ -180,11 +270,12 @@ impl Report {
         let rejected = self.rows.iter().filter(|r| !r.accelerated).count();
         let _ = writeln!(
             t,
-            "Envoy mini-mesh: A = no mesh, B = Envoy sidecars (iptables capture; mTLS between them: {}), C = B + meshlane daemon (--mode {}, --sidecar-hop {})\n\
+            "Envoy mini-mesh: A = no mesh, B = Envoy sidecars (iptables capture; --concurrency {}; mTLS between them: {}), C = B + meshlane daemon (--mode {}, --sidecar-hop {})\n\
              {} interleaved rounds per scenario (scale {}){}; median over rounds [min..max]\n\
              latency in us; C/B below 1 means meshlane is faster; tax removed = (B - C) / (B - A)\n\
-             C workloads discarded because the daemon's counters did not show what the mode redirects: {rejected}\n\
+             C workloads discarded because the daemon's counters did not show every direction the mode redirects carrying the workload's bytes, or showed messages left on TCP (no peer, pinned): {rejected}\n\
              EAGAIN retries of the load generators' blocking reads (plain TCP never returns one): {}\n",
+            self.envoy_concurrency,
             self.mtls,
             self.mode,
             self.sidecar_hop,
@@ -204,6 +295,32 @@ impl Report {
                 .collect::<Vec<_>>()
                 .join(", "),
         );
+        for s in &self.summaries {
+            if let Some(o) = &s.workload.open_loop {
+                let _ = writeln!(
+                    t,
+                    "- open loop: {} sends {:.0} requests/s ({:.0}% of B's {:.0} requests/s in {}, closed loop, measured before the rounds); latency from each request's scheduled time",
+                    s.workload.name,
+                    o.rate,
+                    o.fraction * 100.0,
+                    o.rate / o.fraction,
+                    o.base
+                );
+            }
+        }
+        for r in self.rows.iter().filter(|r| !r.accelerated) {
+            let _ = writeln!(
+                t,
+                "- discarded: round {} {} {}: {}",
+                r.round + 1,
+                r.scenario,
+                r.workload,
+                r.proof_failures.join("; ")
+            );
+        }
+        if rejected > 0 {
+            t.push('\n');
+        }
         let _ = writeln!(
             t,
             "| workload | A p50 | B p50 | C p50 | C/B p50 | tax removed p50 | A p99 | B p99 | C p99 | C/B p99 | tax removed p99 |"
@@ -320,6 +437,7 @@ impl Report {
             "mode": self.mode,
             "sidecar_hop": self.sidecar_hop,
             "mtls": self.mtls,
+            "envoy_concurrency": self.envoy_concurrency,
             "provenance": self.provenance,
             "scenarios": {"A": "no mesh", "B": "Envoy sidecars, iptables capture", "C": "B + meshlane daemon (local discovery)"},
             "summary": self.summaries.iter().map(|s| serde_json::json!({
@@ -334,6 +452,7 @@ impl Report {
             })).collect::<Vec<_>>(),
             "rows": self.rows,
             "c_rounds_bpf_prog": self.prog_rounds,
+            "cdf": self.cdfs,
         });
         // NaN (an empty scenario) is not JSON: serde_json writes null.
         std::fs::write(
@@ -341,7 +460,7 @@ impl Report {
             serde_json::to_string_pretty(&json)?,
         )?;
         let md = format!(
-            "{}\n\n{}\nTail percentiles:\n{}\n![latency](latency.svg)\n\n![ratio per size](ratio.svg)\n",
+            "{}\n\n{}\nTail percentiles:\n{}\n![latency](latency.svg)\n\n![latency CDF](cdf.svg)\n\n![ratio per size](ratio.svg)\n",
             self.provenance.line(),
             self.table(),
             self.tails()
@@ -349,10 +468,17 @@ impl Report {
         std::fs::write(out.join("results.md"), md)?;
         std::fs::write(out.join("latency.svg"), self.latency_svg())?;
         std::fs::write(out.join("ratio.svg"), self.ratio_svg())?;
+        std::fs::write(out.join("cdf.svg"), self.cdf_svg())?;
+        std::fs::write(
+            out.join("latency.hlog"),
+            crate::hdrlog::write(&self.rows, self.provenance.started_unix)?,
+        )?;
         Ok(())
     }
 
-    /// Grouped bars: for each latency workload, p50 and p99 of A, B, C (log scale).
+    /// One panel per latency workload, each on its own linear scale from 0 (a shared log scale
+    /// hid the B/C gap): bars for the median p50 and p99 over rounds of A, B and C, whiskers
+    /// from the rounds' min to max.
     fn latency_svg(&self) -> String {
         let ws: Vec<&WorkloadSummary> = self
             .summaries
@@ -360,68 +486,203 @@ impl Report {
             .filter(|s| s.workload.kind != Kind::Bulk)
             .collect();
         let colors = ["#7f7f7f", "#d62728", "#2ca02c"];
-        let (w, h, left, bottom, top) = (90.0 * ws.len() as f64 + 80.0, 420.0, 60.0, 110.0, 40.0);
-        let plot_h = h - bottom - top;
-        let max = ws
-            .iter()
-            .flat_map(|s| (0..3).map(move |k| s.get(k, 2).median))
-            .filter(|x| x.is_finite())
-            .fold(10.0_f64, f64::max);
-        let (lo, hi) = (1.0_f64.log10(), max.log10().ceil());
-        let y = |v: f64| top + plot_h * (1.0 - (v.max(1.0).log10() - lo) / (hi - lo));
+        let cols = 4;
+        let (pw, ph) = (250.0, 200.0);
+        let (pl, pt, pb) = (48.0, 26.0, 22.0);
+        let rows = ws.len().div_ceil(cols).max(1);
+        // The legend takes three lines under the title; the panels start below it.
+        let head = 80.0;
+        let (w, h) = (pw * cols as f64 + 20.0, ph * rows as f64 + head);
         let mut s = svg_head(
             w,
             h,
-            "Latency per scenario: bar = p50, tick = p99 (us, log scale)",
+            "Latency (us, linear, each panel its own scale): bar = median over rounds, whisker = min..max; left group p50, right group p99",
         );
-        let mut e = 0;
-        while (e as f64) <= hi {
-            let v = 10f64.powi(e);
-            let _ = writeln!(
-                s,
-                r##"<line x1="{left}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end" font-size="11">{v}</text>"##,
-                w - 10.0,
-                left - 4.0,
-                y(v) + 4.0,
-                y = y(v)
-            );
-            e += 1;
-        }
-        for (i, ws) in ws.iter().enumerate() {
-            let x0 = left + 10.0 + 90.0 * i as f64;
-            for k in 0..3 {
-                let (p50, p99) = (ws.get(k, 0).median, ws.get(k, 2).median);
-                if !p50.is_finite() {
-                    continue;
-                }
-                let x = x0 + 22.0 * k as f64;
-                let _ = writeln!(
-                    s,
-                    r#"<rect x="{x:.1}" y="{:.1}" width="18" height="{:.1}" fill="{}"><title>{} {}: p50 {p50:.1} us, p99 {p99:.1} us</title></rect><line x1="{x:.1}" x2="{:.1}" y1="{:.1}" y2="{:.1}" stroke="black" stroke-width="2"/>"#,
-                    y(p50),
-                    (h - bottom) - y(p50),
-                    colors[k],
-                    ws.workload.name,
-                    SCENARIOS[k],
-                    x + 18.0,
-                    y(p99),
-                    y(p99),
-                );
-            }
-            let _ = writeln!(
-                s,
-                r#"<text transform="translate({:.1},{:.1}) rotate(-40)" font-size="11" text-anchor="end">{}</text>"#,
-                x0 + 40.0,
-                h - bottom + 14.0,
-                ws.workload.name
-            );
-        }
         legend(
             &mut s,
             w,
             &["A no mesh", "B Envoy", "C Envoy + meshlane"],
             &colors,
         );
+        for (i, ws) in ws.iter().enumerate() {
+            let (x0, y0) = (10.0 + pw * (i % cols) as f64, head + ph * (i / cols) as f64);
+            let plot_h = ph - pt - pb;
+            let top = (0..3)
+                .flat_map(|k| [ws.get(k, 0).max, ws.get(k, 2).max])
+                .filter(|x| x.is_finite())
+                .fold(0.0_f64, f64::max);
+            let (step, hi) = axis(top);
+            let y = |v: f64| y0 + pt + plot_h * (1.0 - v / hi);
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{:.1}" font-size="12" font-weight="bold">{}</text>"#,
+                x0 + pl,
+                y0 + 14.0,
+                ws.workload.name
+            );
+            let mut v = 0.0;
+            while v <= hi + step / 2.0 {
+                let _ = writeln!(
+                    s,
+                    r##"<line x1="{:.1}" x2="{:.1}" y1="{yv:.1}" y2="{yv:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end" font-size="10">{}</text>"##,
+                    x0 + pl,
+                    x0 + pw - 10.0,
+                    x0 + pl - 3.0,
+                    y(v) + 3.0,
+                    tick(v),
+                    yv = y(v)
+                );
+                v += step;
+            }
+            for (g, (metric, label)) in [(0, "p50"), (2, "p99")].into_iter().enumerate() {
+                let gx = x0 + pl + 10.0 + 95.0 * g as f64;
+                let _ = writeln!(
+                    s,
+                    r#"<text x="{:.1}" y="{:.1}" font-size="10" text-anchor="middle">{label}</text>"#,
+                    gx + 40.0,
+                    y0 + ph - 6.0
+                );
+                for k in 0..3 {
+                    let sp = ws.get(k, metric);
+                    if !sp.median.is_finite() {
+                        continue;
+                    }
+                    let x = gx + 27.0 * k as f64;
+                    let _ = writeln!(
+                        s,
+                        r#"<rect x="{x:.1}" y="{:.1}" width="22" height="{:.1}" fill="{}"><title>{} {} {label}: median {:.1} us [{:.1}..{:.1}]</title></rect><line x1="{:.1}" x2="{:.1}" y1="{:.1}" y2="{:.1}" stroke="black"/><line x1="{:.1}" x2="{:.1}" y1="{:.1}" y2="{:.1}" stroke="black"/><line x1="{:.1}" x2="{:.1}" y1="{:.1}" y2="{:.1}" stroke="black"/>"#,
+                        y(sp.median),
+                        y(0.0) - y(sp.median),
+                        colors[k],
+                        ws.workload.name,
+                        SCENARIOS[k],
+                        sp.median,
+                        sp.min,
+                        sp.max,
+                        x + 11.0,
+                        x + 11.0,
+                        y(sp.min),
+                        y(sp.max),
+                        x + 6.0,
+                        x + 16.0,
+                        y(sp.min),
+                        y(sp.min),
+                        x + 6.0,
+                        x + 16.0,
+                        y(sp.max),
+                        y(sp.max),
+                    );
+                }
+            }
+        }
+        s.push_str("</svg>\n");
+        s
+    }
+
+    /// Latency CDFs of B and C for [`CDF_WORKLOADS`], every accepted round's samples pooled,
+    /// linear axes, up to the largest p99.9.
+    fn cdf_svg(&self) -> String {
+        let colors = [("B", "#d62728"), ("C", "#2ca02c")];
+        let (pw, ph) = (420.0, 300.0);
+        let (pl, pt, pb) = (50.0, 30.0, 40.0);
+        let w = pw * CDF_WORKLOADS.len() as f64 + 20.0;
+        let h = ph + 50.0;
+        let mut s = svg_head(
+            w,
+            h,
+            "Latency CDF, B vs C, all accepted rounds pooled (us, linear; x axis up to the larger p99)",
+        );
+        legend(
+            &mut s,
+            w,
+            &["B Envoy", "C Envoy + meshlane"],
+            &["#d62728", "#2ca02c"],
+        );
+        for (i, name) in CDF_WORKLOADS.iter().enumerate() {
+            let x0 = 10.0 + pw * i as f64;
+            let y0 = 45.0;
+            let curves: Vec<(&str, &str, &Cdf)> = colors
+                .iter()
+                .filter_map(|(sc, c)| {
+                    let cdf = self
+                        .cdfs
+                        .iter()
+                        .find(|d| d.workload == *name && d.scenario == *sc)?;
+                    Some((*sc, *c, cdf))
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{:.1}" font-size="12" font-weight="bold">{name}</text>"#,
+                x0 + pl,
+                y0 + 14.0
+            );
+            // The x axis ends at the larger p99: a few slow requests (this VM's scheduler) would
+            // otherwise squeeze the body of both curves into the left edge. Beyond it a curve
+            // runs along the right edge up to p99.9; the tables have the tails.
+            let top = curves
+                .iter()
+                .filter_map(|(_, _, c)| c.points.iter().find(|p| p.0 >= 0.99).map(|p| p.1))
+                .fold(0.0_f64, f64::max);
+            if top <= 0.0 {
+                let _ = writeln!(
+                    s,
+                    r#"<text x="{:.1}" y="{:.1}" font-size="11">no samples</text>"#,
+                    x0 + pl,
+                    y0 + 40.0
+                );
+                continue;
+            }
+            let (step, hi) = axis(top);
+            let plot_w = pw - pl - 20.0;
+            let plot_h = ph - pt - pb;
+            let x = |v: f64| x0 + pl + plot_w * v / hi;
+            let y = |q: f64| y0 + pt + plot_h * (1.0 - q);
+            let mut v = 0.0;
+            while v <= hi + step / 2.0 {
+                let _ = writeln!(
+                    s,
+                    r##"<line x1="{xv:.1}" x2="{xv:.1}" y1="{:.1}" y2="{:.1}" stroke="#eee"/><text x="{xv:.1}" y="{:.1}" text-anchor="middle" font-size="10">{}</text>"##,
+                    y(0.0),
+                    y(1.0),
+                    y(0.0) + 14.0,
+                    tick(v),
+                    xv = x(v)
+                );
+                v += step;
+            }
+            // No label at 1: it would print over 0.99's.
+            for q in [0.0, 0.25, 0.5, 0.75, 0.9, 0.99] {
+                let _ = writeln!(
+                    s,
+                    r##"<line x1="{:.1}" x2="{:.1}" y1="{yq:.1}" y2="{yq:.1}" stroke="#eee"/><text x="{:.1}" y="{:.1}" text-anchor="end" font-size="10">{q}</text>"##,
+                    x(0.0),
+                    x(hi),
+                    x(0.0) - 3.0,
+                    y(q) + 3.0,
+                    yq = y(q)
+                );
+            }
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">latency (us)</text>"#,
+                x(hi / 2.0),
+                y(0.0) + 28.0
+            );
+            for (sc, c, cdf) in curves {
+                let pts: Vec<String> = cdf
+                    .points
+                    .iter()
+                    .map(|(q, v)| format!("{:.1},{:.1}", x(v.min(hi)), y(*q)))
+                    .collect();
+                let _ = writeln!(
+                    s,
+                    r#"<polyline fill="none" stroke="{c}" stroke-width="2" points="{}"><title>{sc}: {} samples</title></polyline>"#,
+                    pts.join(" "),
+                    cdf.samples
+                );
+            }
+        }
         s.push_str("</svg>\n");
         s
     }
@@ -566,5 +827,44 @@ fn legend(s: &mut String, w: f64, names: &[&str], colors: &[&str]) {
             w - 155.0,
             y + 9.0
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn axis_steps_are_1_2_5_and_cover_the_max() {
+        assert_eq!(axis(100.0), (50.0, 100.0));
+        assert_eq!(axis(130.0), (50.0, 150.0));
+        assert_eq!(axis(7.3), (2.0, 8.0));
+        assert_eq!(axis(3241.0), (1000.0, 4000.0));
+        assert_eq!(axis(0.0), (1.0, 1.0));
+        for max in [0.37, 1.0, 9.99, 123.4, 98765.0] {
+            let (step, hi) = axis(max);
+            assert!(hi >= max && hi - step < max, "{max}: {step} {hi}");
+            assert!(hi / step <= 5.0, "{max}: too many ticks");
+        }
+        assert_eq!(tick(0.30000000000000004), "0.3");
+        assert_eq!(tick(200.0), "200");
+    }
+
+    #[test]
+    fn cdf_quantiles_are_nearest_ranks_in_us() {
+        // 1..=1000 us: the quantile q is the sample at rank round(999 q).
+        let samples: Vec<u64> = (1..=1000).rev().map(|us| us * 1000).collect();
+        let c = cdf_of("w", "B", samples);
+        assert_eq!(c.samples, 1000);
+        assert_eq!(c.points.first(), Some(&(0.0, 1.0)));
+        assert_eq!(c.points.last(), Some(&(0.999, 999.0)));
+        let median = c.points.iter().find(|p| p.0 == 0.5).unwrap();
+        assert_eq!(median.1, 501.0);
+        // Monotone in both coordinates.
+        assert!(c
+            .points
+            .windows(2)
+            .all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1));
+        assert!(cdf_of("w", "C", Vec::new()).points.is_empty());
     }
 }

@@ -15,6 +15,17 @@ use crate::measure::Percentiles;
 
 /// How long one reply may take before the workload fails.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes echoed per connect cycle. Not one byte: the server sidecar's `tls_inspector` holds a
+/// connection until it has seen enough bytes to rule out TLS.
+pub const CONNECT_ECHO_BYTES: usize = 64;
+/// What the HTTP workload GETs from nginx (a 1 KiB file).
+const HTTP_PATH: &str = "/1k";
+
+/// The request line of every HTTP request (`minimesh::nginx::get` writes it as is): the part
+/// of a request every HTTP/1.1 hop forwards unchanged, whatever headers Envoy adds.
+pub fn http_request_line() -> String {
+    format!("GET {HTTP_PATH} HTTP/1.1\r\n")
+}
 
 /// What one workload does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -42,6 +53,29 @@ pub struct Workload {
     pub count: usize,
     /// tcp ping-pong only: which sockets the apps use.
     pub family: Family,
+    /// Open loop: requests sent on a fixed schedule instead of each after the previous reply.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub open_loop: Option<OpenLoop>,
+}
+
+/// A fixed-rate run at a share of B's capacity in a closed-loop workload of the same shape.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OpenLoop {
+    /// The closed-loop workload whose B throughput is the capacity.
+    pub base: String,
+    /// The share of that capacity to send.
+    pub fraction: f64,
+    /// Requests per second over all connections (set once B's capacity is measured).
+    pub rate: f64,
+}
+
+/// When connection `conn` of `conns` sends its `j`-th request, from the common start, for
+/// `rate` requests per second in all: each connection sends every `conns / rate` seconds, the
+/// connections spread evenly over one such interval, so the load arrives at a steady rate
+/// rather than in bursts of `conns`.
+pub fn scheduled(rate: f64, conns: usize, conn: usize, j: usize) -> Duration {
+    let interval = conns as f64 / rate;
+    Duration::from_secs_f64(interval * (j as f64 + conn as f64 / conns as f64))
 }
 
 /// The apps' sockets in a tcp ping-pong workload.
@@ -71,6 +105,13 @@ pub struct Measured {
     /// Reads of a blocking socket that returned EAGAIN and were retried (a socket in a sockhash
     /// can do that; plain TCP never does): reported per scenario, never hidden.
     pub eagain_retries: u64,
+    /// When the workload started, seconds since the Unix epoch (the HdrHistogram log's
+    /// interval start).
+    pub start_unix_s: f64,
+    /// Every timed request's latency in ns, sorted (for the CDF plot; results.json keeps the
+    /// plotted quantiles, not these).
+    #[serde(skip)]
+    pub samples_ns: Vec<u64>,
 }
 
 /// EAGAIN retries of the load generators' blocking reads, process-wide; `run` reports the
@@ -107,12 +148,16 @@ fn connect(ns: &Netns, dst: impl Into<SocketAddr>) -> Result<TcpStream> {
 /// Runs one workload from the client namespace.
 pub fn run(w: &Workload, ns: &Netns, t: Targets) -> Result<Measured> {
     let before = EAGAIN_RETRIES.load(std::sync::atomic::Ordering::Relaxed);
+    let start_unix_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
     let mut m = match w.kind {
-        Kind::TcpPingPong | Kind::Http | Kind::Grpc => closed_loop(w, ns, t),
+        Kind::TcpPingPong | Kind::Http | Kind::Grpc => load(w, ns, t),
         Kind::Connect => connects(w, ns, t.echo),
         Kind::Bulk => bulk(w, ns, t.echo),
     }?;
     m.eagain_retries = EAGAIN_RETRIES.load(std::sync::atomic::Ordering::Relaxed) - before;
+    m.start_unix_s = start_unix_s;
     Ok(m)
 }
 
@@ -132,8 +177,19 @@ fn warmup(w: &Workload) -> usize {
 }
 
 /// `conns` connections opened first, then all of them run `count` requests each (after a 10%
-/// warm-up), started together.
-fn closed_loop(w: &Workload, ns: &Netns, t: Targets) -> Result<Measured> {
+/// warm-up), started together. Closed loop: each request is sent when the previous reply came.
+/// Open loop ([`Workload::open_loop`]): each is sent at its [`scheduled`] time and its latency
+/// counts from that time, not from when it could be sent, so a request held up behind a slow
+/// one carries the wait (as fortio and wrk2 measure; timing from the send would hide it).
+fn load(w: &Workload, ns: &Netns, t: Targets) -> Result<Measured> {
+    let rate = w.open_loop.as_ref().map(|o| o.rate);
+    if let Some(r) = rate {
+        ensure!(
+            r > 0.0,
+            "{}: open-loop rate {r} (B's capacity not measured)",
+            w.name
+        );
+    }
     let warm = warmup(w);
     let mut clients = Vec::with_capacity(w.conns);
     for _ in 0..w.conns {
@@ -143,17 +199,28 @@ fn closed_loop(w: &Workload, ns: &Netns, t: Targets) -> Result<Measured> {
     let (samples, wall) = std::thread::scope(|s| -> Result<(Vec<u64>, Duration)> {
         let handles: Vec<_> = clients
             .into_iter()
-            .map(|mut c| {
+            .enumerate()
+            .map(|(conn, mut c)| {
                 let barrier = &barrier;
                 s.spawn(move || -> Result<Vec<u64>> {
                     let warmed = (0..warm).try_for_each(|_| c.request());
                     // Reach the barrier even after a failure (a sidecar killed by Ctrl-C), or
                     // every other thread and the caller would wait for this one forever.
                     barrier.wait();
+                    let start = Instant::now();
                     warmed?;
                     let mut v = Vec::with_capacity(w.count);
-                    for _ in 0..w.count {
-                        let t0 = Instant::now();
+                    for j in 0..w.count {
+                        let t0 = match rate {
+                            Some(r) => {
+                                let due = start + scheduled(r, w.conns, conn, j);
+                                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                                    std::thread::sleep(wait);
+                                }
+                                due
+                            }
+                            None => Instant::now(),
+                        };
                         c.request()?;
                         v.push(t0.elapsed().as_nanos() as u64);
                     }
@@ -177,12 +244,16 @@ fn closed_loop(w: &Workload, ns: &Netns, t: Targets) -> Result<Measured> {
         Ok((all, t0.elapsed()))
     })?;
     let n = samples.len() as u64;
+    let mut samples_ns = samples;
+    samples_ns.sort_unstable();
     Ok(Measured {
-        latency: Percentiles::of(samples),
+        latency: Percentiles::of(samples_ns.clone()),
         throughput: n as f64 / wall.as_secs_f64(),
         requests: n,
         wall_s: wall.as_secs_f64(),
         eagain_retries: 0,
+        start_unix_s: 0.0,
+        samples_ns,
     })
 }
 
@@ -223,10 +294,10 @@ impl Client {
                 ensure!(buf == msg, "echo returned different bytes");
             }
             Client::Http(conn, host) => {
-                let r = minimesh::nginx::get(conn, host, "/1k")?;
+                let r = minimesh::nginx::get(conn, host, HTTP_PATH)?;
                 ensure!(
                     r.status == 200 && r.body.len() == 1024,
-                    "GET /1k: {} with {} bytes",
+                    "GET {HTTP_PATH}: {} with {} bytes",
                     r.status,
                     r.body.len()
                 );
@@ -239,9 +310,8 @@ impl Client {
     }
 }
 
-/// connect() latency over `count` cycles of connect, 64 bytes echoed, close (only connect()
-/// timed); throughput is whole cycles per second. Not one byte: the server sidecar's
-/// `tls_inspector` holds a connection until it has seen enough bytes to rule out TLS.
+/// connect() latency over `count` cycles of connect, [`CONNECT_ECHO_BYTES`] echoed, close (only
+/// connect() timed); throughput is whole cycles per second.
 fn connects(w: &Workload, ns: &Netns, dst: SocketAddrV4) -> Result<Measured> {
     ns.run(|| -> Result<Measured> {
         let mut samples = Vec::with_capacity(w.count);
@@ -251,8 +321,8 @@ fn connects(w: &Workload, ns: &Netns, dst: SocketAddrV4) -> Result<Measured> {
             let mut s = TcpStream::connect_timeout(&dst.into(), Duration::from_secs(5))?;
             samples.push(t.elapsed().as_nanos() as u64);
             s.set_read_timeout(Some(READ_TIMEOUT))?;
-            s.write_all(&[b'x'; 64])?;
-            let mut b = [0u8; 64];
+            s.write_all(&[b'x'; CONNECT_ECHO_BYTES])?;
+            let mut b = [0u8; CONNECT_ECHO_BYTES];
             read_exact_patient(&mut s, &mut b)?;
         }
         let wall = t0.elapsed();
@@ -262,6 +332,8 @@ fn connects(w: &Workload, ns: &Netns, dst: SocketAddrV4) -> Result<Measured> {
             requests: w.count as u64,
             wall_s: wall.as_secs_f64(),
             eagain_retries: 0,
+            start_unix_s: 0.0,
+            samples_ns: Vec::new(),
         })
     })?
 }
@@ -308,6 +380,8 @@ fn bulk(w: &Workload, ns: &Netns, dst: SocketAddrV4) -> Result<Measured> {
         requests: writes as u64,
         wall_s: wall.as_secs_f64(),
         eagain_retries: 0,
+        start_unix_s: 0.0,
+        samples_ns: Vec::new(),
     })
 }
 
@@ -343,4 +417,26 @@ pub fn cpu_us(pids: &[u32]) -> u64 {
             Some(ticks * 1_000_000 / hz)
         })
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_spreads_connections_over_one_interval() {
+        // 1000 requests/s on 4 connections: each sends every 4 ms, 1 ms apart from the next.
+        let at = |conn, j| scheduled(1000.0, 4, conn, j).as_secs_f64();
+        assert!((at(0, 0) - 0.0).abs() < 1e-12);
+        assert!((at(1, 0) - 0.001).abs() < 1e-12);
+        assert!((at(3, 0) - 0.003).abs() < 1e-12);
+        assert!((at(0, 1) - 0.004).abs() < 1e-12);
+        assert!((at(2, 10) - 0.042).abs() < 1e-12);
+        // Over all connections: the requests scheduled before 1 s are the rate.
+        let before_1s = (0..4)
+            .flat_map(|c| (0..1000).map(move |j| at(c, j)))
+            .filter(|t| *t < 1.0)
+            .count();
+        assert_eq!(before_1s, 1000);
+    }
 }

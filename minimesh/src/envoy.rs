@@ -1314,6 +1314,25 @@ impl EnvoyPods {
         Ok(())
     }
 
+    /// Restarts both sidecars with `workers` worker threads (`--concurrency`; Istio's sidecar
+    /// default is 2, [`EnvoyConfig`]'s 1), the rest of their bootstrap unchanged.
+    pub fn set_concurrency(&mut self, workers: u32) -> Result<()> {
+        for (envoy, ns, what) in [
+            (&mut self.client_envoy, &self.client.ns, "client sidecar"),
+            (&mut self.server_envoy, &self.server.ns, "server sidecar"),
+        ] {
+            let cfg = EnvoyConfig {
+                concurrency: workers,
+                ..envoy.config().clone()
+            };
+            cfg.check()?;
+            // The new Envoy binds the same ports: the old one must be gone first.
+            stop_child(&mut envoy.child, STOP_GRACE);
+            *envoy = Envoy::spawn(ns, &cfg).context(what)?;
+        }
+        Ok(())
+    }
+
     /// Whether the sidecars speak mTLS to each other.
     pub fn mtls(&self) -> bool {
         self.ca.is_some()
