@@ -60,8 +60,6 @@ pub struct RunOptions {
 /// The names the sources go by in status and metrics.
 const CONFIG_SOURCE: &str = "config";
 const LOCAL_SOURCE: &str = "local";
-const KUBE_SOURCE: &str = "kubernetes";
-const XDS_SOURCE: &str = "xds";
 /// How long local discovery trusts a namespace's reading while its sidecar processes stay the
 /// same (a changed sidecar is read again at once).
 const DISCOVERY_REFRESH: Duration = Duration::from_secs(30);
@@ -88,29 +86,23 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
 
     // Sources that learn of changes by themselves (the watch, xDS streams) wake the loop at once.
     let wake = kubernetes::Wake::default();
-    let kube = opts
-        .kubernetes
-        .clone()
-        .map(|o| kubernetes::Source::start(o, wake.clone()))
-        .transpose()
-        .context("start the Kubernetes watcher")?;
+    let primary: Option<Box<dyn discovery::Source>> = match (&opts.kubernetes, &opts.discovery) {
+        (Some(k), _) => {
+            let watch = kubernetes::Source::start(k.clone(), wake.clone())
+                .context("start the Kubernetes watcher")?;
+            let xds = opts
+                .xds_server
+                .clone()
+                .map(|server| xds::Pool::new(server, wake.clone()))
+                .transpose()
+                .context("start the xDS runtime")?;
+            Some(Box::new(kubernetes::KubeSource::new(watch, xds)))
+        }
+        (None, Some(o)) => Some(Box::new(Discoverer::new(o.clone(), DISCOVERY_REFRESH))),
+        (None, None) => None,
+    };
     let mut sources = Sources {
-        primary: if kube.is_some() {
-            KUBE_SOURCE
-        } else {
-            LOCAL_SOURCE
-        },
-        kube,
-        discoverer: opts
-            .discovery
-            .clone()
-            .map(|o| Discoverer::new(o, DISCOVERY_REFRESH)),
-        xds: opts
-            .xds_server
-            .clone()
-            .map(|server| xds::Pool::new(server, wake.clone()))
-            .transpose()
-            .context("start the xDS runtime")?,
+        primary,
         namespaces: opts.namespaces.clone(),
         config: opts.config.clone(),
         last_good: None,
@@ -331,12 +323,8 @@ fn log_probe(report: &probe::Report) {
 
 /// Where pods come from, and what the daemon remembers between passes.
 struct Sources {
-    /// What discovered pods are attributed to in status.
-    primary: &'static str,
-    kube: Option<kubernetes::Source>,
-    /// One ADS stream per Kubernetes-discovered pod (--xds-server).
-    xds: Option<xds::Pool>,
-    discoverer: Option<Discoverer>,
+    /// Where pods come from besides the pod list file: local or Kubernetes discovery, or none.
+    primary: Option<Box<dyn discovery::Source>>,
     namespaces: discovery::NamespaceFilter,
     config: Option<PathBuf>,
     /// The last pod list file that parsed; kept while a bad one is refused.
@@ -358,37 +346,28 @@ impl Sources {
     /// a restarted daemon removes nothing before it knows.
     fn read(&mut self, shared: &Shared) -> Option<Discovery> {
         let mut d = Discovery::default();
-        if let Some(k) = &self.kube {
-            let snap = k.snapshot();
-            match (&snap.error, snap.synced) {
-                (Some(e), _) if snap.throttled => source_degraded(shared, KUBE_SOURCE, e.clone()),
-                (Some(e), _) => source_failed(shared, KUBE_SOURCE, e.clone()),
-                (None, true) => source_ok(shared, KUBE_SOURCE),
-                (None, false) => {
-                    let mut s = shared.write();
-                    let h = s.sources.entry(KUBE_SOURCE.to_string()).or_default();
-                    h.healthy = false;
-                    h.last_error = "waiting for the first pod and namespace lists".into();
-                }
-            }
-            if !snap.synced {
-                return None;
-            }
-            d = snap.discovery;
-            self.identities = snap.identities;
-            self.cross_check_xds(shared, &mut d);
-        }
-        if let Some(disc) = &mut self.discoverer {
+        if let Some(source) = &mut self.primary {
             let started = Instant::now();
-            d = disc.pass();
+            let reading = source.read();
             shared
                 .timings
                 .discovery
                 .observe(started.elapsed().as_secs_f64());
-            match d.skipped.iter().find(|s| s.name == "(node)") {
-                Some(s) => source_failed(shared, LOCAL_SOURCE, s.detail.clone()),
-                None => source_ok(shared, LOCAL_SOURCE),
+            for (name, health) in reading.health {
+                match health {
+                    discovery::Health::Ok => source_ok(shared, name),
+                    discovery::Health::Failed(e) => source_failed(shared, name, e),
+                    discovery::Health::Degraded(e) => source_degraded(shared, name, e),
+                    discovery::Health::Waiting(e) => {
+                        let mut s = shared.write();
+                        let h = s.sources.entry(name.to_string()).or_default();
+                        h.healthy = false;
+                        h.last_error = e;
+                    }
+                }
             }
+            d = reading.discovery?;
+            self.identities = reading.identities;
         }
         // The operator's namespace choice applies to discovered pods; the pod list file, the
         // operator's explicit word, is folded in after it and wins.
@@ -411,50 +390,9 @@ impl Sources {
         Some(d)
     }
 
-    /// Holds each pod against what its sidecar's own Listeners (xDS) say: a TPROXY sidecar is
-    /// declined, differing ports are noted (the capture rules win: they decide where traffic
-    /// goes). Pods xDS has not answered for yet pass as they are.
-    fn cross_check_xds(&mut self, shared: &Shared, d: &mut Discovery) {
-        let Some(pool) = &mut self.xds else { return };
-        let wanted: BTreeMap<String, String> = d
-            .pods
-            .iter()
-            .filter_map(|p| {
-                let (_, ips) = self.identities.get(&p.name)?;
-                let ip = ips.iter().find(|i| i.is_ipv4()).or(ips.first())?;
-                Some((p.name.clone(), xds::istio_node_id(&p.name, *ip)?))
-            })
-            .collect();
-        pool.sync(&wanted);
-        match pool.health() {
-            Ok(()) => source_ok(shared, XDS_SOURCE),
-            Err(e) => source_failed(shared, XDS_SOURCE, e),
-        }
-        let mut kept = Vec::with_capacity(d.pods.len());
-        for pod in std::mem::take(&mut d.pods) {
-            let Some(cap) = pool.status(&pod.name).and_then(|s| s.capture) else {
-                kept.push(pod);
-                continue;
-            };
-            match xds::cross_check(&pod, &cap) {
-                xds::Verdict::Agree => kept.push(pod),
-                xds::Verdict::Tproxy => d.skipped.push(discovery::Skipped {
-                    derived: Some((&pod).into()),
-                    name: pod.name.clone(),
-                    netns: pod.netns.clone(),
-                    reason: discovery::Reason::Tproxy,
-                    detail: "xDS: the sidecar's virtualInbound listener is transparent (TPROXY interception)".into(),
-                }),
-                xds::Verdict::Differ(m) => {
-                    d.notes.push(discovery::Note {
-                        pod: pod.name.clone(),
-                        message: m,
-                    });
-                    kept.push(pod);
-                }
-            }
-        }
-        d.pods = kept;
+    /// What discovered pods are attributed to in status.
+    fn primary_name(&self) -> &'static str {
+        self.primary.as_ref().map_or(LOCAL_SOURCE, |s| s.name())
     }
 
     /// Fills in the pod's UID and IPs, when the Kubernetes source knows the name.
@@ -508,7 +446,7 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
             .collect()
     };
     let mut statuses = Vec::with_capacity(found.pods.len() + found.skipped.len());
-    for sk in found.skipped.iter().filter(|s| s.name != "(node)") {
+    for sk in &found.skipped {
         sources.log_once(
             &sk.name,
             format!("{}: {}", sk.reason, sk.detail),
@@ -525,7 +463,7 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
             source: if opted_out_by_file.contains(&sk.name) {
                 CONFIG_SOURCE.into()
             } else {
-                sources.primary.into()
+                sources.primary_name().into()
             },
             derived: sk.derived,
             uid: String::new(),
@@ -593,7 +531,7 @@ fn reconcile(shared: &Shared, sources: &mut Sources) {
             source: if from_file.contains(&pod.name) {
                 CONFIG_SOURCE.into()
             } else {
-                sources.primary.into()
+                sources.primary_name().into()
             },
             derived: Some(pod.into()),
             uid: String::new(),

@@ -23,9 +23,11 @@ pub mod kubernetes;
 mod local;
 pub mod nftables;
 pub mod procfs;
+pub mod source;
 pub mod xds;
 
 pub use local::{discover, Discoverer, Options};
+pub use source::{Health, Reading, Source};
 
 use std::{collections::BTreeMap, path::PathBuf};
 

@@ -129,7 +129,7 @@ fn envoy_pods_are_found_as_their_bootstrap_says() {
     }
 
     let started = std::time::Instant::now();
-    let d = discovery::discover(&discovery::Options::default());
+    let d = discovery::discover(&discovery::Options::default()).unwrap();
     eprintln!(
         "discovery pass: {:?} for {} pods, {} skipped on the node",
         started.elapsed(),
@@ -212,7 +212,7 @@ fn non_default_capture_is_learned_from_the_node() {
     install_istio_capture(&ns, &capture).expect("capture rules");
     let envoy = custom_envoy(&ns, &capture);
 
-    let d = discovery::discover(&discovery::Options::default());
+    let d = discovery::discover(&discovery::Options::default()).unwrap();
     let (found, skipped) = mine(&d, &[&ns]);
     assert!(skipped.is_empty(), "{skipped:#?}");
     assert_eq!(found.len(), 1, "{d:#?}");
@@ -235,7 +235,7 @@ fn iptables_wins_when_the_admin_api_disagrees() {
         },
     )
     .expect("Envoy");
-    let d = discovery::discover(&discovery::Options::default());
+    let d = discovery::discover(&discovery::Options::default()).unwrap();
     let (found, skipped) = mine(&d, &[&ns]);
     assert!(skipped.is_empty(), "{skipped:#?}");
     assert_eq!(found.len(), 1, "{d:#?}");
@@ -272,7 +272,7 @@ fn envoy_without_capture_rules_is_not_a_pod() {
     // Like an ingress gateway: Envoy as uid 1337 in its own namespace, no istio-init.
     let ns = Netns::new("dgw").expect("netns");
     let _envoy = Envoy::spawn(&ns, &EnvoyConfig::default()).expect("Envoy");
-    let d = discovery::discover(&discovery::Options::default());
+    let d = discovery::discover(&discovery::Options::default()).unwrap();
     let (found, skipped) = mine(&d, &[&ns]);
     assert!(found.is_empty(), "{found:#?}");
     assert_eq!(skipped.len(), 1, "{skipped:#?}");
@@ -307,7 +307,7 @@ fn legacy_backend_capture_is_read_too() {
         "the nft backend must not show the legacy rules, or this tests nothing"
     );
     let envoy = Envoy::spawn(&ns, &EnvoyConfig::default()).expect("Envoy");
-    let d = discovery::discover(&discovery::Options::default());
+    let d = discovery::discover(&discovery::Options::default()).unwrap();
     let (found, skipped) = mine(&d, &[&ns]);
     assert!(skipped.is_empty(), "{skipped:#?}");
     assert_eq!(found.len(), 1, "{found:#?}");
@@ -341,7 +341,7 @@ fn nftables_capture_is_read_like_iptables() {
     assert!(status.success(), "nft add table: {status}");
     let _envoy2 = Envoy::spawn(&empty, &EnvoyConfig::default()).expect("Envoy");
 
-    let d = discovery::discover(&discovery::Options::default());
+    let d = discovery::discover(&discovery::Options::default()).unwrap();
     let (found, skipped) = mine(&d, &[&ns, &empty]);
     assert_eq!(found.len(), 1, "{d:#?}");
     let mut pod = found[0].clone();
@@ -386,7 +386,7 @@ fn unreachable_admin_api_is_a_named_reason() {
         &ns,
         "-A OUTPUT -o lo -p tcp --dport 15000 -j REJECT --reject-with tcp-reset",
     );
-    let d = discovery::discover(&opts);
+    let d = discovery::discover(&opts).unwrap();
     let (found, skipped) = mine(&d, &[&ns]);
     assert!(found.is_empty(), "{found:#?}");
     assert_eq!(skipped.len(), 1, "{skipped:#?}");
@@ -422,7 +422,7 @@ fn tproxy_pod_is_skipped_with_its_reason() {
         "-t mangle -A ISTIO_TPROXY ! -d 127.0.0.1/32 -p tcp -j TPROXY --tproxy-mark 1337/0xffffffff --on-port 15006",
     );
     let _envoy = Envoy::spawn(&ns, &EnvoyConfig::default()).expect("Envoy");
-    let d = discovery::discover(&discovery::Options::default());
+    let d = discovery::discover(&discovery::Options::default()).unwrap();
     let (found, skipped) = mine(&d, &[&ns]);
     assert!(found.is_empty(), "{found:#?}");
     assert_eq!(skipped.len(), 1, "{skipped:#?}");
@@ -451,7 +451,7 @@ fn dual_stack_capture_is_read_from_ip6tables_too() {
     install_istio_capture(&ns, &capture).expect("capture rules");
     minimesh::capture::install_istio_capture6(&ns, &capture).expect("IPv6 capture rules");
     let _envoy = Envoy::spawn(&ns, &EnvoyConfig::for_capture(&capture)).expect("Envoy");
-    let d = discovery::discover(&discovery::Options::default());
+    let d = discovery::discover(&discovery::Options::default()).unwrap();
     let (found, skipped) = mine(&d, &[&ns]);
     assert!(skipped.is_empty(), "{skipped:#?}");
     assert_eq!(found.len(), 1, "{d:#?}");
@@ -486,7 +486,7 @@ fn dual_stack_capture_is_read_from_ip6tables_too() {
         .status()
         .expect("run ip6tables");
     assert!(status.success());
-    let d = discovery::discover(&discovery::Options::default());
+    let d = discovery::discover(&discovery::Options::default()).unwrap();
     let (found, _) = mine(&d, &[&ns]);
     assert_eq!(found.len(), 1, "{d:#?}");
     assert!(!found[0].capture_ipv6, "{:#?}", found[0]);
@@ -502,7 +502,7 @@ fn dual_stack_capture_is_read_from_ip6tables_too() {
 
     // An IPv4-only pod (no ip6tables capture) is simply IPv4-only, without a note.
     let (_envoy4, ns4) = one_pod("dv4");
-    let d = discovery::discover(&discovery::Options::default());
+    let d = discovery::discover(&discovery::Options::default()).unwrap();
     let (found, _) = mine(&d, &[&ns4]);
     assert!(!found[0].capture_ipv6);
     assert!(!d
@@ -533,25 +533,25 @@ fn cached_readings_are_refreshed_when_the_sidecar_changes() {
             .map(|p| p.exclude_outbound_ports.clone())
             .collect()
     };
-    assert_eq!(ports(&disc.pass()), vec![Vec::<u16>::new()]);
+    assert_eq!(ports(&disc.pass().unwrap()), vec![Vec::<u16>::new()]);
     iptables(
         &ns,
         "-t nat -I ISTIO_OUTPUT 1 -p tcp --dport 9000 -j RETURN",
     );
     // Within `refresh` and with the same sidecar, the cached reading stands ...
-    assert_eq!(ports(&disc.pass()), vec![Vec::<u16>::new()]);
+    assert_eq!(ports(&disc.pass().unwrap()), vec![Vec::<u16>::new()]);
     // ... while a fresh pass sees the new exclusion.
     assert_eq!(
-        ports(&discovery::discover(&discovery::Options::default())),
+        ports(&discovery::discover(&discovery::Options::default()).unwrap()),
         vec![vec![9000]]
     );
     // A restarted sidecar (new pid) is read afresh.
     drop(envoy);
     let envoy = Envoy::spawn(&ns, &EnvoyConfig::default()).expect("Envoy again");
-    assert_eq!(ports(&disc.pass()), vec![vec![9000]]);
+    assert_eq!(ports(&disc.pass().unwrap()), vec![vec![9000]]);
     // A sidecar that is gone leaves a namespace with rules and no proxy.
     drop(envoy);
-    let d = disc.pass();
+    let d = disc.pass().unwrap();
     let (found, skipped) = mine(&d, &[&ns]);
     assert!(found.is_empty(), "{found:#?}");
     assert_eq!(
@@ -575,7 +575,9 @@ fn the_pod_list_file_wins_over_discovery() {
         ns_b.path().display()
     );
     let list = meshlane::config::parse_all(Path::new("pods.toml"), &text).expect("pod list");
-    let d = discovery::discover(&discovery::Options::default()).with_pod_list(list);
+    let d = discovery::discover(&discovery::Options::default())
+        .unwrap()
+        .with_pod_list(list);
     let (found, skipped) = mine(&d, &[&ns_a, &ns_b]);
     assert_eq!(found.len(), 1, "{found:#?}");
     assert_eq!(found[0].name, "file/a");
@@ -603,7 +605,7 @@ fn discovered_pods_are_accelerated_end_to_end() {
     let dst = pods.service_addr(ECHO);
     let _echo = EchoServer::spawn(&pods.server.ns, dst).expect("echo server");
 
-    let d = discovery::discover(&discovery::Options::default());
+    let d = discovery::discover(&discovery::Options::default()).unwrap();
     let (found, _) = mine(&d, &[&pods.client.ns, &pods.server.ns]);
     assert_eq!(found.len(), 2, "{d:#?}");
     for pod in &found {

@@ -22,7 +22,9 @@ use k8s_openapi::api::core::v1::{Container, Pod as ApiPod};
 use super::{Reason, Skipped};
 use crate::model::{Cidr, OutboundRanges, Pod};
 
+mod source;
 mod watch;
+pub use source::KubeSource;
 pub use watch::{Endpoint, Options, Snapshot, Source, Wake};
 
 /// Pod annotation (and namespace label) that opts out: `"false"`.

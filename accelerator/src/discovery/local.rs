@@ -47,7 +47,7 @@ impl Default for Options {
 }
 
 /// One pass over the node (see the module docs), reading every namespace afresh.
-pub fn discover(opts: &Options) -> Discovery {
+pub fn discover(opts: &Options) -> Result<Discovery, String> {
     Discoverer::new(opts.clone(), Duration::ZERO).pass()
 }
 
@@ -87,23 +87,13 @@ impl Discoverer {
         }
     }
 
-    /// One pass; namespaces no longer on the node are forgotten.
-    pub fn pass(&mut self) -> Discovery {
+    /// One pass; namespaces no longer on the node are forgotten. An error: the node's /proc
+    /// could not be read at all, so nothing is known.
+    pub fn pass(&mut self) -> Result<Discovery, String> {
         let opts = &self.opts;
         let mut out = Discovery::default();
-        let scan = match procfs::scan(&opts.proc_root, &opts.proxy_names) {
-            Ok(s) => s,
-            Err(e) => {
-                out.skipped.push(Skipped {
-                    name: "(node)".into(),
-                    netns: opts.proc_root.clone(),
-                    reason: Reason::NetnsNotFound,
-                    detail: format!("cannot read {}: {e}", opts.proc_root.display()),
-                    derived: None,
-                });
-                return out;
-            }
-        };
+        let scan = procfs::scan(&opts.proc_root, &opts.proxy_names)
+            .map_err(|e| format!("cannot read {}: {e}", opts.proc_root.display()))?;
         let host = procfs::netns_inode(&opts.host_netns).ok();
         let named = procfs::named_namespaces(&opts.netns_dir);
         let mut proxies: BTreeMap<u64, Vec<procfs::Process>> = BTreeMap::new();
@@ -164,7 +154,7 @@ impl Discoverer {
             seen.insert(key, (at, outcome));
         }
         self.cache = seen;
-        out
+        Ok(out)
     }
 }
 
@@ -556,6 +546,27 @@ fn pick_owner(kind: &str, process: u32, exempted: &[u32], notes: &mut Vec<String
                 "the proxy runs as {kind} {process} but iptables exempts {kind} {exempted:?}; using {first}"
             ));
             *first
+        }
+    }
+}
+
+/// The local source: a pass over the node.
+impl super::Source for Discoverer {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    fn read(&mut self) -> super::Reading {
+        match self.pass() {
+            Ok(d) => super::Reading {
+                discovery: Some(d),
+                health: vec![("local", super::Health::Ok)],
+                ..Default::default()
+            },
+            Err(e) => super::Reading {
+                health: vec![("local", super::Health::Failed(e))],
+                ..Default::default()
+            },
         }
     }
 }

@@ -502,6 +502,57 @@ impl Pool {
     }
 }
 
+/// Holds each pod against what its sidecar's own Listeners say: a TPROXY sidecar is declined,
+/// differing ports are noted (the capture rules win: they decide where traffic goes). Pods
+/// xDS has not answered for yet pass as they are. `identities` (pod name -> UID and IPs) name
+/// each pod's sidecar as istiod knows it. Returns the xDS streams' health.
+pub fn check_pods(
+    pool: &mut Pool,
+    d: &mut super::Discovery,
+    identities: &std::collections::BTreeMap<String, (String, Vec<std::net::IpAddr>)>,
+) -> super::Health {
+    let wanted: std::collections::BTreeMap<String, String> = d
+        .pods
+        .iter()
+        .filter_map(|p| {
+            let (_, ips) = identities.get(&p.name)?;
+            let ip = ips.iter().find(|i| i.is_ipv4()).or(ips.first())?;
+            Some((p.name.clone(), istio_node_id(&p.name, *ip)?))
+        })
+        .collect();
+    pool.sync(&wanted);
+    let health = match pool.health() {
+        Ok(()) => super::Health::Ok,
+        Err(e) => super::Health::Failed(e),
+    };
+    let mut kept = Vec::with_capacity(d.pods.len());
+    for pod in std::mem::take(&mut d.pods) {
+        let Some(cap) = pool.status(&pod.name).and_then(|s| s.capture) else {
+            kept.push(pod);
+            continue;
+        };
+        match cross_check(&pod, &cap) {
+            Verdict::Agree => kept.push(pod),
+            Verdict::Tproxy => d.skipped.push(super::Skipped {
+                derived: Some((&pod).into()),
+                name: pod.name.clone(),
+                netns: pod.netns.clone(),
+                reason: super::Reason::Tproxy,
+                detail: "xDS: the sidecar's virtualInbound listener is transparent (TPROXY interception)".into(),
+            }),
+            Verdict::Differ(m) => {
+                d.notes.push(super::Note {
+                    pod: pod.name.clone(),
+                    message: m,
+                });
+                kept.push(pod);
+            }
+        }
+    }
+    d.pods = kept;
+    health
+}
+
 #[cfg(test)]
 mod tests {
     use envoy_types::pb::{

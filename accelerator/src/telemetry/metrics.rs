@@ -27,7 +27,7 @@ pub fn registry(shared: Arc<Shared>) -> Registry {
     );
     r.register(
         "meshlane_discovery_pass_duration_seconds",
-        "Time one pass of local discovery took (every proxy namespace's rules and admin API, cached ones skipped)",
+        "Time one read of the discovery source took (local: every proxy namespace's rules and admin API, cached ones skipped; kubernetes: mapping the watched pods and the xDS cross-check)",
         shared.timings.discovery.clone(),
     );
     r.register_collector(Box::new(Collector(shared)));

@@ -166,7 +166,7 @@ pub struct Shared {
 pub struct Timings {
     /// One reconcile: sources read, policies written, status updated.
     pub reconcile: Histogram,
-    /// One pass of local discovery over the node's namespaces.
+    /// One read of the discovery source (`discovery::Source::read`).
     pub discovery: Histogram,
 }
 
