@@ -5,7 +5,7 @@ use super::*;
 use crate::nginx::{self, Nginx};
 use crate::EchoServer;
 use std::io::{BufReader, Read, Write};
-use std::net::{IpAddr, Shutdown, TcpListener};
+use std::net::{IpAddr, Shutdown, TcpListener, TcpStream};
 use std::sync::mpsc;
 
 const IO_TIMEOUT: Duration = Duration::from_secs(10);

@@ -4,7 +4,7 @@
 //! `openssl` command line. Test material only: the keys are world-readable so the uid-1337 Envoy
 //! can read them, and the CA lives as long as its [`TestCa`].
 
-use crate::envoy::TempDir;
+use crate::process::TempDir;
 use anyhow::{ensure, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;

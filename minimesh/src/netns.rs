@@ -139,7 +139,24 @@ impl Drop for Netns {
 pub fn enter_netns_current_thread(path: &Path) -> Result<()> {
     let file =
         std::fs::File::open(path).with_context(|| format!("opening netns {}", path.display()))?;
-    nix::sched::setns(&file, CloneFlags::CLONE_NEWNET)
-        .with_context(|| format!("setns(CLONE_NEWNET) into {}", path.display()))?;
-    Ok(())
+    enter(&file).with_context(|| format!("into {}", path.display()))
+}
+
+/// The one `setns` of this crate outside a forked child ([`crate::process`] has that one).
+fn enter(netns: &std::fs::File) -> Result<()> {
+    nix::sched::setns(netns, CloneFlags::CLONE_NEWNET).context("setns(CLONE_NEWNET)")
+}
+
+/// Runs `f` on a thread that entered the network namespace `netns` first.
+pub(crate) fn in_netns<T: Send>(netns: &std::fs::File, f: impl FnOnce() -> T + Send) -> Result<T> {
+    std::thread::scope(|s| {
+        let handle = s.spawn(|| -> Result<T> {
+            enter(netns)?;
+            Ok(f())
+        });
+        match handle.join() {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
 }
