@@ -153,7 +153,8 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
 /// reconcile that follows, asked for by the return value, writes every pod's flags from
 /// scratch, which is also how a released pod gets its hop bits back.
 fn check_memory(shared: &Shared, guard: &mut MemoryGuard) -> bool {
-    if guard.headroom == 0 {
+    // Checked before the pod list is copied out of the snapshot: most loop turns do nothing.
+    if !guard.due() {
         return false;
     }
     let watched: Vec<memory_guard::Watched> = shared
@@ -169,7 +170,7 @@ fn check_memory(shared: &Shared, guard: &mut MemoryGuard) -> bool {
             })
         })
         .collect();
-    if !guard.maybe_run(&watched) {
+    if !guard.run(&watched) {
         return false;
     }
     let tight: BTreeMap<u64, String> = guard

@@ -89,15 +89,15 @@ impl TcpLimitedMemcg {
     }
 
     fn usage(&self) -> u64 {
-        std::fs::read_to_string(self.path.join("memory.kmem.tcp.usage_in_bytes"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
+        self.number("memory.kmem.tcp.usage_in_bytes")
     }
 
     fn failcnt(&self) -> u64 {
-        std::fs::read_to_string(self.path.join("memory.kmem.tcp.failcnt"))
+        self.number("memory.kmem.tcp.failcnt")
+    }
+
+    fn number(&self, file: &str) -> u64 {
+        std::fs::read_to_string(self.path.join(file))
             .unwrap()
             .trim()
             .parse()

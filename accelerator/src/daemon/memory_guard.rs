@@ -88,11 +88,13 @@ impl MemoryGuard {
         &self.tight
     }
 
-    /// One pass when one is due: returns whether the set of tight pods changed.
-    pub fn maybe_run(&mut self, pods: &[Watched]) -> bool {
-        if self.headroom == 0 || self.last.is_some_and(|t| t.elapsed() < EVERY) {
-            return false;
-        }
+    /// Whether a pass is due (the daemon's loop turns every 50 ms; a pass every [`EVERY`]).
+    pub fn due(&self) -> bool {
+        self.headroom != 0 && self.last.is_none_or(|t| t.elapsed() >= EVERY)
+    }
+
+    /// One pass: returns whether the set of tight pods changed.
+    pub fn run(&mut self, pods: &[Watched]) -> bool {
         self.last = Some(Instant::now());
         let mounts = match &self.mounts {
             Some(m) => m.clone(),
