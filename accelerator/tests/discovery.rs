@@ -408,6 +408,52 @@ fn unreachable_admin_api_is_a_named_reason() {
     );
 }
 
+/// A sidecar whose admin API does not answer yet (what a restarted Envoy looks like for its
+/// first moments) is read again within seconds, not after the whole refresh: a long refresh
+/// once left a restarted benchmark sidecar unaccelerated for 30 s after it was ready.
+#[test]
+fn a_sidecar_not_ready_yet_is_read_again_soon() {
+    let Some(_serial) = Accel::cgroup_only("discovery_not_ready") else {
+        return;
+    };
+    let (_envoy, ns) = one_pod("dnready");
+    let opts = discovery::Options {
+        admin_timeout: Duration::from_millis(500),
+        ..discovery::Options::default()
+    };
+    let mut disc = discovery::Discoverer::new(opts, Duration::from_secs(600));
+    let block = "OUTPUT -o lo -p tcp --dport 15000 -j REJECT --reject-with tcp-reset";
+    iptables(&ns, &format!("-A {block}"));
+    let reasons = |d: &Discovery| -> (usize, Vec<Reason>) {
+        let (found, skipped) = mine(d, &[&ns]);
+        (found.len(), skipped.iter().map(|s| s.reason).collect())
+    };
+    assert_eq!(
+        reasons(&disc.pass().unwrap()),
+        (0, vec![Reason::AdminUnreachable])
+    );
+    // The admin API answers from now on. Straight away the reading still stands (no admin
+    // request per pass for a sidecar that is starting) ...
+    iptables(&ns, &format!("-D {block}"));
+    assert_eq!(
+        reasons(&disc.pass().unwrap()),
+        (0, vec![Reason::AdminUnreachable])
+    );
+    // ... and after the first retry interval (1 s) the pod is found, 600 s refresh or not.
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(reasons(&disc.pass().unwrap()), (1, vec![]));
+    // A ready pod's reading is kept for the refresh again: a change in its rules is not seen.
+    iptables(
+        &ns,
+        "-t nat -I ISTIO_OUTPUT 1 -p tcp --dport 9000 -j RETURN",
+    );
+    std::thread::sleep(Duration::from_millis(1200));
+    let d = disc.pass().unwrap();
+    let (found, _) = mine(&d, &[&ns]);
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert!(found[0].exclude_outbound_ports.is_empty(), "{found:#?}");
+}
+
 #[test]
 fn tproxy_pod_is_skipped_with_its_reason() {
     let Some(_serial) = Accel::cgroup_only("discovery_tproxy") else {

@@ -63,19 +63,52 @@ enum Outcome {
     Nothing,
 }
 
+impl Outcome {
+    /// Whether this is what a sidecar looks like while it starts: its admin API not answering
+    /// yet, answering before its listeners arrived, or its pod's rules not (fully) written.
+    /// Such a reading is not kept for the whole refresh: a restarted sidecar was otherwise left
+    /// unaccelerated for that long after it became ready (seen in the benchmark, 30 s).
+    fn not_ready(&self) -> bool {
+        matches!(
+            self,
+            Outcome::Skipped(Skipped {
+                reason: Reason::AdminUnreachable
+                    | Reason::BadAdminConfig
+                    | Reason::NotCaptured
+                    | Reason::BadCapture,
+                ..
+            })
+        )
+    }
+}
+
 /// Identifies a namespace and the proxies in it: a new proxy process (a restarted sidecar)
 /// makes a new key, so it is read afresh.
 type Key = (u64, Vec<u32>);
 
+/// A namespace's last reading, trusted for `valid` from `at`.
+#[derive(Clone, Debug)]
+struct Cached {
+    at: Instant,
+    valid: Duration,
+    outcome: Outcome,
+}
+
+/// How soon a "not ready" reading ([`Outcome::not_ready`]) is read again; each further one in
+/// a row waits twice as long, up to the refresh, so a sidecar that never becomes ready costs
+/// no more than a ready one.
+const NOT_READY_RETRY: Duration = Duration::from_secs(1);
+
 /// Discovery for a daemon that resyncs often: `/proc` is walked every pass (cheap), but a
 /// namespace's rules and admin API are read again only when its proxy processes change or its
 /// last reading is older than `refresh` (one `iptables-save` pair and five admin requests per
-/// namespace, about 10 ms each here).
+/// namespace, about 10 ms each here). A reading of a sidecar that is not ready yet is retried
+/// after [`NOT_READY_RETRY`], backing off.
 #[derive(Debug)]
 pub struct Discoverer {
     opts: Options,
     refresh: Duration,
-    cache: BTreeMap<Key, (Instant, Outcome)>,
+    cache: BTreeMap<Key, Cached>,
 }
 
 impl Discoverer {
@@ -129,12 +162,30 @@ impl Discoverer {
             }
             let procs = proxies.get(&ino).map(Vec::as_slice).unwrap_or_default();
             let key: Key = (ino, procs.iter().map(|p| p.pid).collect());
-            let outcome = match self.cache.get(&key) {
-                Some((at, o)) if now.duration_since(*at) < self.refresh => o.clone(),
-                _ if procs.is_empty() => bare_namespace(opts, path),
-                _ => isolated(&path, || proxy_namespace(opts, path.clone(), procs)),
+            let last = self.cache.get(&key);
+            let entry = match last {
+                Some(c) if now.duration_since(c.at) < c.valid => c.clone(),
+                _ => {
+                    let outcome = if procs.is_empty() {
+                        bare_namespace(opts, path)
+                    } else {
+                        isolated(&path, || proxy_namespace(opts, path.clone(), procs))
+                    };
+                    let valid = if outcome.not_ready() {
+                        last.filter(|c| c.outcome.not_ready())
+                            .map_or(NOT_READY_RETRY, |c| c.valid.saturating_mul(2))
+                            .min(self.refresh)
+                    } else {
+                        self.refresh
+                    };
+                    Cached {
+                        at: now,
+                        valid,
+                        outcome,
+                    }
+                }
             };
-            match &outcome {
+            match &entry.outcome {
                 Outcome::Pod { pod, notes } => {
                     out.notes.extend(notes.iter().map(|m| Note {
                         pod: pod.name.clone(),
@@ -145,13 +196,7 @@ impl Discoverer {
                 Outcome::Skipped(s) => out.skipped.push(s.clone()),
                 Outcome::Nothing => {}
             }
-            let at = self.cache.get(&key).map_or(now, |(at, _)| *at);
-            let at = if now.duration_since(at) < self.refresh {
-                at
-            } else {
-                now
-            };
-            seen.insert(key, (at, outcome));
+            seen.insert(key, entry);
         }
         self.cache = seen;
         Ok(out)
