@@ -13,7 +13,9 @@
 //! `workloads` (optional, default: every workload of the first run) and `labels` (optional) too.
 //! Kinds: `runs` (C/B p50 and p99 per run and their median, C/B throughput's median), `modes`
 //! (per run: B / C p50, C/B p50, p99 and throughput), `latency` (one run: A, B, C p50 and p99
-//! with min..max, C/B, tax removed) and `throughput` (one run: throughput and CPU per request).
+//! with min..max, C/B, tax removed), `throughput` (one run: throughput and CPU per request) and
+//! `cost` (one run: each BPF program's ns per run in C, as the kernel's bpf_stats measured it,
+//! with min..max over rounds and runs per request; issue 13 wants it beside the latency).
 //! Only summary fields every results.json has had are read (workload name, per scenario the
 //! median/min/max of each metric, `tax_removed`), so old runs regenerate too; a workload a run
 //! lacks is shown as "-".
@@ -87,7 +89,7 @@ fn parse_spec(line: &str) -> Result<Spec> {
         labels: list("labels"),
     };
     ensure!(!spec.runs.is_empty(), "bench-table marker without runs=");
-    if matches!(spec.kind.as_str(), "latency" | "throughput") {
+    if matches!(spec.kind.as_str(), "latency" | "throughput" | "cost") {
         ensure!(
             spec.runs.len() == 1,
             "kind={} takes one run, not {}",
@@ -199,6 +201,38 @@ fn pct(x: Option<f64>) -> String {
         Some(x) if x.is_finite() => format!("{:.0}%", 100.0 * x),
         _ => "n/a".into(),
     }
+}
+
+/// The programs of a `cost` table: their `kind` in results.json and their column heading.
+const PROGRAMS: [(&str, &str); 4] = [
+    ("sock_ops", "sock_ops ns/run [min..max] (runs/req)"),
+    ("sk_msg", "sk_msg ns/run [min..max] (runs/req)"),
+    ("connect", "connect hooks ns/run [min..max] (runs/req)"),
+    ("recv", "read tracer ns/run [min..max] (runs/req)"),
+];
+
+/// One program's cost cell: "-" where it was not attached (no round measured it) or the run
+/// predates the cost record.
+fn program_cost(w: &Value, kind: &str) -> String {
+    let Some(p) = w["c_bpf_prog"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["kind"].as_str() == Some(kind)))
+    else {
+        return "-".into();
+    };
+    if p["rounds"].as_u64().unwrap_or(0) == 0 {
+        return "-".into();
+    }
+    let ns = ["median", "min", "max"].map(|k| p["ns_per_run"][k].as_f64().unwrap_or(f64::NAN));
+    let per_req = p["runs_per_req"]["median"].as_f64().unwrap_or(f64::NAN);
+    let per_req = if !per_req.is_finite() {
+        "-".to_string()
+    } else if per_req >= 100.0 {
+        format!("{per_req:.0}")
+    } else {
+        format!("{per_req:.2}")
+    };
+    format!("{:.0} [{:.0}..{:.0}] ({per_req})", ns[0], ns[1], ns[2])
 }
 
 /// The Markdown table of `spec` from `runs` (in the spec's order).
@@ -321,7 +355,20 @@ fn render(spec: &Spec, runs: &[Run]) -> Result<String> {
                 );
             }
         }
-        other => bail!("unknown bench-table kind {other:?} (runs, modes, latency, throughput)"),
+        "cost" => {
+            let _ = writeln!(t, "| workload | {} |", PROGRAMS.map(|p| p.1).join(" | "));
+            let _ = writeln!(t, "|---|---|---|---|---|");
+            for name in &names {
+                let w = runs[0]
+                    .workload(name)
+                    .with_context(|| format!("no workload {name:?} in the run"))?;
+                let cells = PROGRAMS.map(|(kind, _)| program_cost(w, kind));
+                let _ = writeln!(t, "| {name} | {} |", cells.join(" | "));
+            }
+        }
+        other => {
+            bail!("unknown bench-table kind {other:?} (runs, modes, latency, throughput, cost)")
+        }
     }
     Ok(t)
 }
@@ -433,6 +480,31 @@ mod tests {
             })
             .collect();
         Run::parse(&serde_json::json!({ "summary": summary }).to_string()).unwrap()
+    }
+
+    #[test]
+    fn cost_table_shows_each_program_or_a_dash() {
+        let prog = |kind: &str, rounds: u64, ns: f64, per: f64| {
+            serde_json::json!({"kind": kind, "rounds": rounds,
+                "ns_per_run": {"median": ns, "min": ns - 10.0, "max": ns + 10.0},
+                "runs_per_req": {"median": per, "min": per, "max": per}})
+        };
+        let summary = serde_json::json!({"summary": [
+            {"workload": {"name": "tcp 64B x1", "kind": "TcpPingPong"},
+             "c_bpf_prog": [prog("sock_ops", 7, 887.4, 0.0068), prog("sk_msg", 7, 478.0, 2.0),
+                            prog("connect", 0, f64::NAN, f64::NAN), prog("recv", 7, 136.2, 12.0)]},
+            {"workload": {"name": "old", "kind": "TcpPingPong"}},
+        ]});
+        let run = Run::parse(&summary.to_string()).unwrap();
+        let spec = parse_spec("<!-- bench-table:begin kind=cost runs=\"1\" -->").unwrap();
+        let t = render(&spec, &[run]).unwrap();
+        let rows: Vec<&str> = t.lines().collect();
+        assert_eq!(
+            rows[2],
+            "| tcp 64B x1 | 887 [877..897] (0.01) | 478 [468..488] (2.00) | - | 136 [126..146] (12.00) |"
+        );
+        assert_eq!(rows[3], "| old | - | - | - | - |");
+        assert!(parse_spec("<!-- bench-table:begin kind=cost runs=\"a|b\" -->").is_err());
     }
 
     #[test]
