@@ -31,6 +31,21 @@ pub struct DaemonSpec {
     pub mode: String,
     /// `meshlane run --sidecar-hop`.
     pub sidecar_hop: String,
+    /// A benchmark pod the daemon is told to leave alone (name, netns path), through a pod list
+    /// file with `accelerate = false`: the server pod, standing in for one on another node.
+    pub opted_out: Option<(String, PathBuf)>,
+}
+
+impl DaemonSpec {
+    /// How many benchmark pods the daemon must show accelerated.
+    fn expected_pods(&self) -> usize {
+        self.cookies.len() - usize::from(self.opted_out.is_some())
+    }
+
+    /// The pod list file of [`DaemonSpec::opted_out`], next to the log.
+    fn pod_list(&self) -> PathBuf {
+        self.log.with_extension("pods.toml")
+    }
 }
 
 /// A running daemon; SIGTERM (then SIGKILL), wait and a belt-and-braces detach on drop.
@@ -48,8 +63,18 @@ impl Daemon {
     pub fn start(spec: &DaemonSpec) -> Result<Daemon> {
         let log = std::fs::File::create(&spec.log)
             .with_context(|| format!("creating {}", spec.log.display()))?;
-        let child = Command::new(&spec.bin)
-            .arg("run")
+        let mut cmd = Command::new(&spec.bin);
+        cmd.arg("run");
+        if let Some((name, netns)) = &spec.opted_out {
+            let list = format!(
+                "[[pod]]\nname = {name:?}\nnetns = {:?}\naccelerate = false\n",
+                netns.display().to_string()
+            );
+            std::fs::write(spec.pod_list(), list)
+                .with_context(|| format!("writing {}", spec.pod_list().display()))?;
+            cmd.arg("--config").arg(spec.pod_list());
+        }
+        let child = cmd
             .arg("--pin-dir")
             .arg(&spec.pin_dir)
             .arg("--cgroup")
@@ -94,7 +119,7 @@ impl Daemon {
                     mode != "off",
                     "meshlane run decided mode off (see `meshlane status`): C would accelerate nothing"
                 );
-                if self.accelerated_pods()? == 2 {
+                if self.accelerated_pods()? == self.spec.expected_pods() {
                     return Ok(mode);
                 }
             }
@@ -217,7 +242,7 @@ impl Daemon {
         let first = passes()?;
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            if passes()? >= first + 2 && self.accelerated_pods()? == 2 {
+            if passes()? >= first + 2 && self.accelerated_pods()? == self.spec.expected_pods() {
                 return Ok(());
             }
             ensure!(
@@ -263,6 +288,9 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.terminate();
         let _ = std::fs::remove_file(&self.spec.api_socket);
+        if self.spec.opted_out.is_some() {
+            let _ = std::fs::remove_file(self.spec.pod_list());
+        }
         if let Err(e) = meshlane::datapath::detach(&self.spec.pin_dir) {
             eprintln!("cleanup: detach {}: {e:#}", self.spec.pin_dir.display());
         }

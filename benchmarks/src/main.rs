@@ -67,8 +67,10 @@ pub struct Args {
     pub mode: String,
     /// The sidecar hop in C (envoy suite: the daemon's `--sidecar-hop`; relay suite: relay ->
     /// relay). "on": the client sidecar -> server sidecar hop is redirected too (both pods are
-    /// on this node); "off": only the app hops, which is what C gets when the server pod is on
-    /// another node.
+    /// on this node); "off": what C gets when the server pod is on another node: the app hops
+    /// only under "reader" and "two-way"; under "auto"/"sidecar", which pair no app hop, the
+    /// daemon runs with the server pod opted out and nothing may pair, so C measures what the
+    /// attached programs cost traffic meshlane leaves alone.
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     pub sidecar_hop: String,
     /// envoy suite: Istio's mutual TLS between the two sidecars in B and C ("on", what Istio

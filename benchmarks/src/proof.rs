@@ -125,7 +125,22 @@ pub fn failures(e: &Expect, c: &Counters) -> Vec<String> {
     if e.sidecar_hop && c.pairs_sidecar == 0 {
         why.push("no sidecar pair".to_string());
     }
-    for d in redirected_directions(e.mode, e.sidecar_hop) {
+    if !e.sidecar_hop && c.pairs_sidecar > 0 {
+        why.push(format!(
+            "{} sidecar pairs with the sidecar hop off",
+            c.pairs_sidecar
+        ));
+    }
+    let directions = redirected_directions(e.mode, e.sidecar_hop);
+    if directions.is_empty() && c.redirected_bytes > 0 {
+        // The server pod "on another node" in the sidecar mode: a measurement of what meshlane
+        // costs the traffic it leaves alone, so nothing may have been redirected.
+        why.push(format!(
+            "{} bytes redirected where the mode redirects nothing",
+            c.redirected_bytes
+        ));
+    }
+    for d in directions {
         let need = match flow(d) {
             Flow::Request => e.min_bytes.0,
             Flow::Reply => e.min_bytes.1,
@@ -217,6 +232,33 @@ mod tests {
             conns: 1,
             min_bytes: need,
         }
+    }
+
+    #[test]
+    fn nothing_may_pair_or_move_with_the_server_pod_off_the_node() {
+        let e = Expect {
+            sidecar_hop: false,
+            ..sidecar_expect((10, 10))
+        };
+        assert!(redirected_directions(e.mode, e.sidecar_hop).is_empty());
+        let quiet = Counters::default();
+        assert!(failures(&e, &quiet).is_empty());
+        let paired = Counters {
+            pairs_sidecar: 1,
+            ..Counters::default()
+        };
+        assert_eq!(
+            failures(&e, &paired),
+            ["1 sidecar pairs with the sidecar hop off"]
+        );
+        let moved = Counters {
+            redirected_bytes: 64,
+            ..Counters::default()
+        };
+        assert_eq!(
+            failures(&e, &moved),
+            ["64 bytes redirected where the mode redirects nothing"]
+        );
     }
 
     #[test]
