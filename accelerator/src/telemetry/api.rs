@@ -335,20 +335,15 @@ pub async fn connect(socket: &Path) -> anyhow::Result<Channel> {
         })
 }
 
-/// `GetStatus` from the daemon at `socket` (for `meshlane status`).
-pub fn fetch_status(socket: &Path) -> anyhow::Result<pb::Status> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        let channel = connect(socket).await?;
-        MeshlaneServiceClient::new(channel)
-            .get_status(pb::GetStatusRequest {})
-            .await?
-            .into_inner()
-            .status
-            .ok_or_else(|| anyhow::anyhow!("the daemon answered GetStatus without a status"))
-    })
+/// `GetStatus` from the daemon at `socket` (for `meshlane status`, on main's runtime).
+pub async fn fetch_status(socket: &Path) -> anyhow::Result<pb::Status> {
+    let channel = connect(socket).await?;
+    MeshlaneServiceClient::new(channel)
+        .get_status(pb::GetStatusRequest {})
+        .await?
+        .into_inner()
+        .status
+        .ok_or_else(|| anyhow::anyhow!("the daemon answered GetStatus without a status"))
 }
 
 #[cfg(test)]
