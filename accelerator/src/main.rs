@@ -400,7 +400,7 @@ fn main() -> ExitCode {
                 Ok((kubernetes, datapath))
             })
             .and_then(|(kubernetes, datapath)| {
-                daemon::run(daemon::RunOptions {
+                on_runtime(daemon::run(daemon::RunOptions {
                     datapath,
                     discovery: (discovery == Discovery::Local).then(|| meshlane::discovery::Options {
                         proc_root: proc_root.clone(),
@@ -425,7 +425,7 @@ fn main() -> ExitCode {
                     },
                     memory_headroom,
                     proc_root,
-                })
+                }))
             }),
         Command::Detach { pin_dir } => detach(&pin_dir),
         Command::Status {
