@@ -4,26 +4,32 @@
 //! accelerate stays visible and says why. On SIGTERM or SIGINT the daemon exits and leaves the
 //! datapath pinned: accelerated connections keep flowing until the next daemon adopts the pins,
 //! or `meshlane detach` removes them.
+//!
+//! All of it runs on main's one runtime, so the daemon has no threads of its own to size or to
+//! stop: the servers, the Kubernetes watch and the xDS streams are tasks beside the reconcile
+//! loop (`daemon/event_loop.rs`), which sleeps until a source, a signal or a timer wants a pass
+//! and runs its blocking passes on the runtime's blocking pool.
 
 use std::{
     collections::BTreeMap,
     path::PathBuf,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::Context as _;
-
+mod event_loop;
 mod memory_guard;
+mod signals;
+mod sweep;
+use event_loop::off_the_workers;
 use memory_guard::MemoryGuard;
+use signals::Signals;
+use sweep::Sweep;
 
 use crate::{
     config,
     datapath::{self, Datapath, Origin},
-    discovery::{self, kubernetes, xds, Discoverer, Discovery},
+    discovery::{self, kubernetes, xds, Discoverer, Discovery, Wake},
     mode, node, policy, probe,
     telemetry::{self, Decline, Phase, PodStatus, Shared},
 };
@@ -64,14 +70,8 @@ const LOCAL_SOURCE: &str = "local";
 /// same (a changed sidecar is read again at once).
 const DISCOVERY_REFRESH: Duration = Duration::from_secs(30);
 
-pub fn run(opts: RunOptions) -> anyhow::Result<()> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let hup = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, Arc::clone(&stop)).context("install signal handler")?;
-    }
-    signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hup))
-        .context("install SIGHUP handler")?;
+pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    let mut signals = Signals::install()?;
 
     // Configuration errors (privilege, cgroup, bpffs, ports) end the daemon with one clear
     // sentence; only the kernel's behaviour is left to the probe.
@@ -80,64 +80,60 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         opts.datapath.pin_dir.clone(),
         opts.datapath.cgroup.clone(),
     ));
-    let _servers = telemetry::start(&opts.endpoints, Arc::clone(&shared))?;
+    let _servers = telemetry::start(&opts.endpoints, Arc::clone(&shared)).await?;
 
-    let deferred = start_datapath(&opts, &shared);
+    // The probe runs traffic through a scratch namespace for seconds: off the workers, so the
+    // servers answer meanwhile (`starting`).
+    let opts = Arc::new(opts);
+    let deferred = {
+        let (opts, shared) = (Arc::clone(&opts), Arc::clone(&shared));
+        off_the_workers(move || start_datapath(&opts, &shared)).await?
+    };
 
     // Sources that learn of changes by themselves (the watch, xDS streams) wake the loop at once.
-    let wake = kubernetes::Wake::default();
+    let wake = Wake::default();
+    let runtime = tokio::runtime::Handle::current();
     let primary: Option<Box<dyn discovery::Source>> = match (&opts.kubernetes, &opts.discovery) {
         (Some(k), _) => {
-            let watch = kubernetes::Source::start(k.clone(), wake.clone())
-                .context("start the Kubernetes watcher")?;
+            let watch = kubernetes::Source::start(k.clone(), wake.clone(), &runtime);
             let xds = opts
                 .xds_server
                 .clone()
-                .map(|server| xds::Pool::new(server, wake.clone()))
-                .transpose()
-                .context("start the xDS runtime")?;
+                .map(|server| xds::Pool::new(server, wake.clone(), runtime.clone()));
             Some(Box::new(kubernetes::KubeSource::new(watch, xds)))
         }
         (None, Some(o)) => Some(Box::new(Discoverer::new(o.clone(), DISCOVERY_REFRESH))),
         (None, None) => None,
     };
-    let mut sources = Sources {
-        primary,
-        namespaces: opts.namespaces.clone(),
-        config: opts.config.clone(),
-        last_good: None,
-        identities: BTreeMap::new(),
-        logged: BTreeMap::new(),
-        deferred,
-        sidecar_hop: opts.sidecar_hop,
+    let passes = event_loop::Passes {
+        sources: Sources {
+            primary,
+            namespaces: opts.namespaces.clone(),
+            config: opts.config.clone(),
+            last_good: None,
+            identities: BTreeMap::new(),
+            logged: BTreeMap::new(),
+            deferred,
+            sidecar_hop: opts.sidecar_hop,
+        },
+        memory: MemoryGuard::new(opts.memory_headroom, opts.proc_root.clone()),
+        sweep: Sweep::new(opts.sweep),
+        resync: opts.resync,
+        next_reconcile: Instant::now(),
     };
-    let mut next = Instant::now();
-    let mut sweep = Sweep::default();
-    let mut memory = MemoryGuard::new(opts.memory_headroom, opts.proc_root.clone());
-    while !stop.load(Ordering::Relaxed) {
-        shared.beat();
-        let woken = wake.wait(Duration::from_millis(50));
-        if check_memory(&shared, &mut memory) {
-            // The policy map follows at once; the fast path above already moved the
-            // directions of newly tight pods.
-            next = Instant::now();
-        }
-        if woken || hup.swap(false, Ordering::Relaxed) || Instant::now() >= next {
-            let started = Instant::now();
-            reconcile(&shared, &mut sources);
-            shared
-                .timings
-                .reconcile
-                .observe(started.elapsed().as_secs_f64());
-            next = Instant::now() + opts.resync;
-        }
-        sweep.maybe_run(&shared, opts.sweep);
-    }
+    event_loop::run(Arc::clone(&shared), passes, wake, &mut signals).await?;
 
+    let (detach_on_exit, pin_dir) = (opts.detach_on_exit, opts.datapath.pin_dir.clone());
+    off_the_workers(move || stop(&shared, detach_on_exit, &pin_dir)).await?
+}
+
+/// What the daemon leaves behind: the datapath pinned (accelerated connections keep flowing
+/// until the next daemon adopts it), or detached with `--detach-on-exit`.
+fn stop(shared: &Shared, detach_on_exit: bool, pin_dir: &std::path::Path) -> anyhow::Result<()> {
     let had_datapath = shared.datapath().take().is_some();
-    if opts.detach_on_exit && had_datapath {
+    if detach_on_exit && had_datapath {
         tracing::info!("stopping: detaching the datapath (--detach-on-exit)");
-        datapath::detach(&opts.datapath.pin_dir)?;
+        datapath::detach(pin_dir)?;
     } else if had_datapath {
         tracing::info!(
             "stopping; the datapath stays pinned and accelerated connections keep flowing"
@@ -148,10 +144,10 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A pass of the memory guard over the accelerated pods. Newly tight pods are marked in the
-/// datapath at once (sk_msg moves their redirected directions to TCP at the next message); the
-/// reconcile that follows, asked for by the return value, writes every pod's flags from
-/// scratch, which is also how a released pod gets its hop bits back.
+/// A pass of the memory guard over the accelerated pods, when one is due. Newly tight pods are
+/// marked in the datapath at once (sk_msg moves their redirected directions to TCP at the next
+/// message); the reconcile that follows, asked for by the return value, writes every pod's
+/// flags from scratch, which is also how a released pod gets its hop bits back.
 fn check_memory(shared: &Shared, guard: &mut MemoryGuard) -> bool {
     // Checked before the pod list is copied out of the snapshot: most loop turns do nothing.
     if !guard.due() {
@@ -186,41 +182,6 @@ fn check_memory(shared: &Shared, guard: &mut MemoryGuard) -> bool {
     }
     shared.write().memory_tight = tight;
     true
-}
-
-/// The periodic sweep of ends that will never pair ([`datapath::Datapath::sweep_unpaired`]).
-#[derive(Default)]
-struct Sweep {
-    last: Option<Instant>,
-    waiting: std::collections::BTreeSet<(meshlane_common::PairKey, u64)>,
-}
-
-impl Sweep {
-    fn maybe_run(&mut self, shared: &Shared, every: Duration) {
-        if self.last.is_some_and(|t| t.elapsed() < every) {
-            return;
-        }
-        self.last = Some(Instant::now());
-        let result = match shared.datapath().as_ref() {
-            Some(dp) => dp.sweep_unpaired(&self.waiting),
-            None => return,
-        };
-        match result {
-            Ok((waiting, removed)) => {
-                self.waiting = waiting;
-                if removed > 0 {
-                    tracing::info!(
-                        removed,
-                        "sweep: sockets that waited for a partner through two sweeps left the sockhash (stamped connections no sidecar read)"
-                    );
-                    shared.write().unpaired_swept_total += removed as u64;
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "sweep of unpaired sockets failed; retried at the next")
-            }
-        }
-    }
 }
 
 /// Probe, then load or adopt. Any failure leaves the daemon in pass-through with the reason:

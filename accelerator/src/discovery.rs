@@ -24,10 +24,12 @@ mod local;
 pub mod nftables;
 pub mod procfs;
 pub mod source;
+mod wake;
 pub mod xds;
 
 pub use local::{discover, Discoverer, Options};
 pub use source::{Health, Reading, Source};
+pub use wake::Wake;
 
 use std::{collections::BTreeMap, path::PathBuf};
 

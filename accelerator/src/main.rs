@@ -400,7 +400,7 @@ fn main() -> ExitCode {
                 Ok((kubernetes, datapath))
             })
             .and_then(|(kubernetes, datapath)| {
-                daemon::run(daemon::RunOptions {
+                on_runtime(daemon::run(daemon::RunOptions {
                     datapath,
                     discovery: (discovery == Discovery::Local).then(|| meshlane::discovery::Options {
                         proc_root: proc_root.clone(),
@@ -425,7 +425,7 @@ fn main() -> ExitCode {
                     },
                     memory_headroom,
                     proc_root,
-                })
+                }))
             }),
         Command::Detach { pin_dir } => detach(&pin_dir),
         Command::Status {
@@ -436,7 +436,7 @@ fn main() -> ExitCode {
         } => pinned_status(&pin_dir, output.get()),
         Command::Status {
             api_socket, output, ..
-        } => status::show(&api_socket, output.get()),
+        } => on_runtime(status::show(&api_socket, output.get())),
         Command::Probe { output, cgroup } => return probe(output.get(), cgroup.as_deref()),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "meshlane", &mut std::io::stdout());
@@ -450,6 +450,28 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Worker threads of the one runtime: the daemon's tasks (servers, watch, xDS streams, its
+/// loop) mostly wait on sockets and timers; their blocking work goes to the runtime's blocking
+/// pool (tokio's default size: a slow DNS lookup of one xDS stream must not hold up a pass).
+const WORKERS: usize = 2;
+/// How long an exit waits for blocking work still running (a scrape reading the maps).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
+/// Runs `work` on the process's one tokio runtime (as ztunnel and linkerd2-proxy do): every
+/// async part of the daemon is a task on it, so none owns threads of its own. Built only for
+/// the commands that need it (`run`, `status`).
+fn on_runtime(work: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(WORKERS)
+        .thread_name("meshlane-rt")
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the tokio runtime: {e}"))?;
+    let result = rt.block_on(work);
+    rt.shutdown_timeout(SHUTDOWN_GRACE);
+    result
 }
 
 fn kube_options(

@@ -8,8 +8,8 @@ use serde::Serialize;
 
 use crate::Output;
 
-pub fn show(socket: &Path, output: Output) -> anyhow::Result<()> {
-    let s = api::fetch_status(socket)?;
+pub async fn show(socket: &Path, output: Output) -> anyhow::Result<()> {
+    let s = api::fetch_status(socket).await?;
     match output {
         Output::Table => print!("{}", render(&s)),
         _ => print!("{}", crate::serialize(&document(&s), output)?),

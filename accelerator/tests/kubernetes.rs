@@ -19,8 +19,8 @@ use std::{
 
 use meshlane::{
     discovery::{
-        kubernetes::{self, Endpoint, Mapped, NamespaceFacts, Source, Wake},
-        Reason,
+        kubernetes::{self, Endpoint, Mapped, NamespaceFacts, Source},
+        Reason, Wake,
     },
     model::{Cidr, OutboundRanges},
 };
@@ -1119,10 +1119,37 @@ impl Drop for TempDir {
     }
 }
 
+/// The runtime the watcher runs on, and the wake it rings on every change: the test's thread
+/// waits on it instead of polling.
+struct Events {
+    rt: tokio::runtime::Runtime,
+    wake: Wake,
+}
+
+impl Events {
+    fn new() -> Events {
+        Events {
+            rt: tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap(),
+            wake: Wake::default(),
+        }
+    }
+
+    /// Until the watcher rings, at most `timeout`.
+    fn wait(&self, timeout: Duration) {
+        self.rt.block_on(async {
+            let _ = tokio::time::timeout(timeout, self.wake.notified()).await;
+        });
+    }
+}
+
 fn wait_for(
     what: &str,
     source: &Source,
-    wake: &Wake,
+    events: &Events,
     ok: impl Fn(&kubernetes::Snapshot) -> bool,
 ) -> kubernetes::Snapshot {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -1135,7 +1162,7 @@ fn wait_for(
             Instant::now() < deadline,
             "timed out waiting for {what}: {snap:#?}"
         );
-        wake.wait(Duration::from_millis(100));
+        events.wait(Duration::from_millis(100));
     }
 }
 
@@ -1184,7 +1211,7 @@ fn watcher_against_the_api_protocol() {
             namespace("kube-system", json!({})),
         ],
     );
-    let wake = Wake::default();
+    let events = Events::new();
     let source = Source::start(
         kubernetes::Options {
             endpoint: Endpoint::Url(server.addr.clone()),
@@ -1192,12 +1219,12 @@ fn watcher_against_the_api_protocol() {
             proc_root: proc_root.clone(),
             host_netns: proc_root.join("1/ns/net"),
         },
-        wake.clone(),
-    )
-    .expect("start");
+        events.wake.clone(),
+        events.rt.handle(),
+    );
 
     // The initial lists.
-    let snap = wait_for("the first lists", &source, &wake, |s| s.synced);
+    let snap = wait_for("the first lists", &source, &events, |s| s.synced);
     assert!(snap.error.is_none(), "{:?}", snap.error);
     assert!(
         has_pod(&snap, "bookinfo/reviews-v1-5b5d6494f4-abcde"),
@@ -1272,7 +1299,7 @@ fn watcher_against_the_api_protocol() {
         server.pod_event("MODIFIED", v);
         let deadline = t + Duration::from_secs(5);
         loop {
-            wake.wait(Duration::from_millis(20));
+            events.wait(Duration::from_millis(20));
             let snap = source.snapshot();
             let seen = if out {
                 reason_of(&snap, name) == Some(Reason::OptedOut)
@@ -1303,7 +1330,7 @@ fn watcher_against_the_api_protocol() {
         "MODIFIED",
         namespace("shop", json!({"meshlane.io/accelerate": "false"})),
     );
-    wait_for("the namespace opt-out", &source, &wake, |s| {
+    wait_for("the namespace opt-out", &source, &events, |s| {
         reason_of(s, "shop/details-v1-65599dcf68-q8h2k") == Some(Reason::OptedOut)
     });
 
@@ -1311,11 +1338,11 @@ fn watcher_against_the_api_protocol() {
     let mut extra = fixture("native-sidecar.json");
     extra["metadata"]["name"] = json!("ratings-v1-7d9c8f5c6b-new01");
     server.pod_event("ADDED", extra.clone());
-    wait_for("ADDED", &source, &wake, |s| {
+    wait_for("ADDED", &source, &events, |s| {
         reason_of(s, "bookinfo/ratings-v1-7d9c8f5c6b-new01").is_some()
     });
     server.pod_event("DELETED", extra);
-    wait_for("DELETED", &source, &wake, |s| {
+    wait_for("DELETED", &source, &events, |s| {
         reason_of(s, "bookinfo/ratings-v1-7d9c8f5c6b-new01").is_none()
     });
 
@@ -1327,7 +1354,7 @@ fn watcher_against_the_api_protocol() {
         .count();
     server.silently_remove(&native);
     server.gone();
-    let snap = wait_for("the relist after 410", &source, &wake, |s| {
+    let snap = wait_for("the relist after 410", &source, &events, |s| {
         reason_of(s, "bookinfo/ratings-v1-7d9c8f5c6b-xyz12").is_none()
     });
     assert!(
@@ -1344,7 +1371,7 @@ fn watcher_against_the_api_protocol() {
 
     // An outage: the error is reported and the last good state kept; then it recovers.
     server.set_broken(true);
-    let snap = wait_for("the outage to be reported", &source, &wake, |s| {
+    let snap = wait_for("the outage to be reported", &source, &events, |s| {
         s.error.is_some()
     });
     assert!(
@@ -1353,7 +1380,7 @@ fn watcher_against_the_api_protocol() {
     );
     assert!(snap.synced);
     server.set_broken(false);
-    wait_for("recovery", &source, &wake, |s| s.error.is_none());
+    wait_for("recovery", &source, &events, |s| s.error.is_none());
 }
 
 fn wait_for_watch(server: &ApiServer) {

@@ -88,9 +88,15 @@ impl MemoryGuard {
         &self.tight
     }
 
-    /// Whether a pass is due (the daemon's loop turns every 50 ms; a pass every [`EVERY`]).
+    /// Whether a pass is due: every [`EVERY`] unless the guard is off.
     pub fn due(&self) -> bool {
         self.headroom != 0 && self.last.is_none_or(|t| t.elapsed() >= EVERY)
+    }
+
+    /// When the next pass is due (at once before the first); None when the guard is off. The
+    /// daemon's loop sleeps until then.
+    pub fn next_due(&self) -> Option<Instant> {
+        (self.headroom != 0).then(|| self.last.map_or_else(Instant::now, |t| t + EVERY))
     }
 
     /// One pass: returns whether the set of tight pods changed.

@@ -13,7 +13,8 @@
 //! [`map`] turns one API pod into a pod of the model or a [`Declined`] reason; a resource that
 //! does not decode, or a bad annotation or argument, is declined with the field named, never a
 //! panic and never a failure of the whole source. [`Source`] (`kubernetes/watch.rs`) runs the
-//! watchers on a thread of its own and wakes the daemon ([`Wake`]) on every change.
+//! watchers as a task on the daemon's runtime and wakes the daemon
+//! ([`crate::discovery::Wake`]) on every change.
 
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 
@@ -25,7 +26,7 @@ use crate::model::{Cidr, OutboundRanges, Pod};
 mod source;
 mod watch;
 pub use source::KubeSource;
-pub use watch::{Endpoint, Options, Snapshot, Source, Wake};
+pub use watch::{Endpoint, Options, Snapshot, Source};
 
 /// Pod annotation (and namespace label) that opts out: `"false"`.
 pub const OPT_OUT: &str = "meshlane.io/accelerate";

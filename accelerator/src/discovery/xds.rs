@@ -27,7 +27,7 @@ use prost::Message as _;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::kubernetes::Wake;
+use super::Wake;
 
 /// The resource type this client subscribes to.
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
@@ -436,28 +436,23 @@ pub fn cross_check(pod: &crate::model::Pod, cap: &Capture) -> Verdict {
     }
 }
 
-/// One ADS stream per pod, each with the pod's own identity, on a small runtime of its own.
+/// One ADS stream per pod, each with the pod's own identity, each a task on the daemon's runtime.
 pub struct Pool {
     server: String,
     wake: Wake,
-    rt: tokio::runtime::Runtime,
+    runtime: tokio::runtime::Handle,
     clients: std::collections::BTreeMap<String, (String, Client)>,
 }
 
 impl Pool {
-    /// Streams for the daemon's pods; a capture change wakes `wake`.
-    pub fn new(server: String, wake: Wake) -> std::io::Result<Pool> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("meshlane-xds")
-            .enable_all()
-            .build()?;
-        Ok(Pool {
+    /// Streams for the daemon's pods, spawned on `runtime`; a capture change wakes `wake`.
+    pub fn new(server: String, wake: Wake, runtime: tokio::runtime::Handle) -> Pool {
+        Pool {
             server,
             wake,
-            rt,
+            runtime,
             clients: std::collections::BTreeMap::new(),
-        })
+        }
     }
 
     /// Keeps exactly one stream per wanted pod (name -> node id): new pods get one, a pod
@@ -469,7 +464,8 @@ impl Pool {
             if self.clients.contains_key(pod) {
                 continue;
             }
-            let _guard = self.rt.enter();
+            // Called from the daemon's blocking pass: spawn on the runtime by its handle.
+            let _guard = self.runtime.enter();
             let client = Client::spawn_waking(
                 Config {
                     server: self.server.clone(),

@@ -32,7 +32,7 @@ impl MeshlaneService for Api {
         _: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::GetStatusResponse>, Status> {
         let shared = Arc::clone(&self.0);
-        let status = tokio::task::spawn_blocking(move || build_status(&shared))
+        let status = super::read_maps(move || build_status(&shared))
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(pb::GetStatusResponse {
@@ -45,7 +45,7 @@ impl MeshlaneService for Api {
         _: Request<pb::ListPodsRequest>,
     ) -> Result<Response<pb::ListPodsResponse>, Status> {
         let shared = Arc::clone(&self.0);
-        let pods = tokio::task::spawn_blocking(move || build_status(&shared).pods)
+        let pods = super::read_maps(move || build_status(&shared).pods)
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(pb::ListPodsResponse { pods }))
@@ -56,10 +56,9 @@ impl MeshlaneService for Api {
         _: Request<pb::GetCountersRequest>,
     ) -> Result<Response<pb::GetCountersResponse>, Status> {
         let shared = Arc::clone(&self.0);
-        let counters =
-            tokio::task::spawn_blocking(move || shared.datapath().as_ref().map(|dp| dp.counters()))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?;
+        let counters = super::read_maps(move || shared.datapath().as_ref().map(|dp| dp.counters()))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
         match counters {
             Some(Ok(c)) => Ok(Response::new(pb::GetCountersResponse {
                 counters: Some(counters_pb(&c)),
@@ -335,20 +334,15 @@ pub async fn connect(socket: &Path) -> anyhow::Result<Channel> {
         })
 }
 
-/// `GetStatus` from the daemon at `socket` (for `meshlane status`).
-pub fn fetch_status(socket: &Path) -> anyhow::Result<pb::Status> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        let channel = connect(socket).await?;
-        MeshlaneServiceClient::new(channel)
-            .get_status(pb::GetStatusRequest {})
-            .await?
-            .into_inner()
-            .status
-            .ok_or_else(|| anyhow::anyhow!("the daemon answered GetStatus without a status"))
-    })
+/// `GetStatus` from the daemon at `socket` (for `meshlane status`, on main's runtime).
+pub async fn fetch_status(socket: &Path) -> anyhow::Result<pb::Status> {
+    let channel = connect(socket).await?;
+    MeshlaneServiceClient::new(channel)
+        .get_status(pb::GetStatusRequest {})
+        .await?
+        .into_inner()
+        .status
+        .ok_or_else(|| anyhow::anyhow!("the daemon answered GetStatus without a status"))
 }
 
 #[cfg(test)]

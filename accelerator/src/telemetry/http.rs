@@ -62,7 +62,7 @@ async fn route<B>(
         "/metrics" => {
             // Reading the maps makes syscalls: keep them off the async workers.
             let registry = Arc::clone(registry);
-            match tokio::task::spawn_blocking(move || metrics::render(&registry)).await {
+            match super::read_maps(move || metrics::render(&registry)).await {
                 Ok(Ok(body)) if wants_openmetrics(req) => reply(StatusCode::OK, OPENMETRICS, body),
                 Ok(Ok(body)) => reply(
                     StatusCode::OK,

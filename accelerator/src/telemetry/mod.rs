@@ -6,11 +6,37 @@ pub mod http;
 pub mod metrics;
 pub mod state;
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, LazyLock},
+};
 
 use anyhow::Context as _;
 
 pub use state::{Decline, Phase, PodStatus, Shared, SourceHealth};
+
+/// Map reads for scrapes and status calls (syscalls, and the datapath lock the reconcile loop
+/// also takes) run on the runtime's blocking pool, at most this many at once, as when the
+/// servers had a runtime of their own: a flood of scrapes queues here instead of filling the
+/// pool the daemon's passes and the xDS streams' lookups use.
+const READERS: usize = 2;
+
+/// Runs `read` on the blocking pool, within [`READERS`].
+async fn read_maps<T: Send + 'static>(
+    read: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    static PERMITS: LazyLock<Arc<tokio::sync::Semaphore>> =
+        LazyLock::new(|| Arc::new(tokio::sync::Semaphore::new(READERS)));
+    // Never closed, so never an error; the permit goes with the read, so a caller that gives
+    // up does not let another read start before this one ends.
+    let permit = Arc::clone(&*PERMITS).acquire_owned().await.ok();
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        read()
+    })
+    .await
+}
 
 /// Where to serve; `None` turns a server off.
 #[derive(Clone, Debug)]
@@ -21,46 +47,43 @@ pub struct Endpoints {
 
 /// Running servers; dropping this stops them and removes the API socket.
 pub struct Servers {
-    runtime: Option<tokio::runtime::Runtime>,
+    tasks: Vec<tokio::task::AbortHandle>,
     api_socket: Option<PathBuf>,
 }
 
 /// Binds both endpoints now (so a port clash is a start-up error that names it), then serves
-/// them on a small runtime of their own, away from the reconcile loop.
-pub fn start(endpoints: &Endpoints, shared: Arc<Shared>) -> anyhow::Result<Servers> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .max_blocking_threads(2)
-        .thread_name("meshlane-telemetry")
-        .enable_all()
-        .build()
-        .context("start the telemetry runtime")?;
+/// them as tasks on the current runtime. They only read [`Shared`], and their map reads go to
+/// the blocking pool (`read_maps`), so a slow read never holds a worker.
+pub async fn start(endpoints: &Endpoints, shared: Arc<Shared>) -> anyhow::Result<Servers> {
+    // Built first: a failure to bind the second endpoint stops the first again.
+    let mut servers = Servers {
+        tasks: Vec::new(),
+        api_socket: None,
+    };
     if let Some(addr) = endpoints.metrics {
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind(addr))
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
             .with_context(|| format!("--metrics-addr {addr}: cannot listen"))?;
         let local = listener.local_addr().ok();
-        runtime.spawn(http::serve(listener, Arc::clone(&shared)));
+        let task = tokio::spawn(http::serve(listener, Arc::clone(&shared)));
+        servers.tasks.push(task.abort_handle());
         tracing::info!(addr = ?local, "serving /metrics, /healthz and /readyz");
     }
     if let Some(path) = &endpoints.api_socket {
-        let listener = {
-            let _guard = runtime.enter();
-            api::bind(path).with_context(|| format!("--api-socket {}", path.display()))?
-        };
-        runtime.spawn(api::serve(listener, Arc::clone(&shared)));
+        let listener =
+            api::bind(path).with_context(|| format!("--api-socket {}", path.display()))?;
+        servers.api_socket = Some(path.clone());
+        let task = tokio::spawn(api::serve(listener, Arc::clone(&shared)));
+        servers.tasks.push(task.abort_handle());
         tracing::info!(socket = %path.display(), "serving the meshlane.v1 status API");
     }
-    Ok(Servers {
-        runtime: Some(runtime),
-        api_socket: endpoints.api_socket.clone(),
-    })
+    Ok(servers)
 }
 
 impl Drop for Servers {
     fn drop(&mut self) {
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
+        for task in &self.tasks {
+            task.abort();
         }
         if let Some(path) = &self.api_socket {
             let _ = std::fs::remove_file(path);

@@ -1,11 +1,11 @@
-//! The Kubernetes source's watchers: pods of this node and namespaces, followed with kube-rs on a
-//! runtime of their own, kept as last seen, and read by the daemon as a [`Snapshot`] mapped
-//! with [`super::map`].
+//! The Kubernetes source's watchers: pods of this node and namespaces, followed with kube-rs as
+//! one task on the daemon's runtime, kept as last seen, and read by the daemon as a
+//! [`Snapshot`] mapped with [`super::map`].
 
 use std::{
     collections::BTreeMap,
     path::PathBuf,
-    sync::{Arc, Condvar, Mutex},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -18,31 +18,7 @@ use kube::{
 };
 
 use super::*;
-use crate::discovery::{procfs, Discovery, Note};
-
-// === impl Wake ===
-
-/// Wakes the daemon loop when a source changed: a flag and a condition variable.
-#[derive(Clone, Debug, Default)]
-pub struct Wake(Arc<(Mutex<bool>, Condvar)>);
-
-impl Wake {
-    pub fn notify(&self) {
-        let (flag, cv) = &*self.0;
-        *flag.lock().unwrap_or_else(|e| e.into_inner()) = true;
-        cv.notify_all();
-    }
-
-    /// Waits up to `timeout`; true (and the flag cleared) when notified meanwhile.
-    pub fn wait(&self, timeout: Duration) -> bool {
-        let (flag, cv) = &*self.0;
-        let guard = flag.lock().unwrap_or_else(|e| e.into_inner());
-        let (mut guard, _) = cv
-            .wait_timeout_while(guard, timeout, |set| !*set)
-            .unwrap_or_else(|e| e.into_inner());
-        std::mem::replace(&mut *guard, false)
-    }
-}
+use crate::discovery::{procfs, Discovery, Note, Wake};
 
 // === impl Source ===
 
@@ -97,26 +73,24 @@ pub struct Snapshot {
     pub identities: BTreeMap<String, (String, Vec<IpAddr>)>,
 }
 
-/// The running watchers (a thread with its own tokio runtime). Dropping it stops nothing: the
-/// daemon owns it for its lifetime.
+/// The running watchers (a task on the runtime given to [`Source::start`]); dropping it stops
+/// them.
 pub struct Source {
     opts: Options,
     state: Arc<Mutex<State>>,
+    task: tokio::task::AbortHandle,
 }
 
 impl Source {
-    /// Starts watching; never fails for an unreachable API server (that is reported by
-    /// [`Source::snapshot`] and retried with backoff).
-    pub fn start(opts: Options, wake: Wake) -> std::io::Result<Source> {
+    /// Starts watching on `runtime` (the daemon's one runtime: the watch is all waiting on the
+    /// network, so it needs no thread of its own). Never fails for an unreachable API server:
+    /// that is reported by [`Source::snapshot`] and retried with backoff.
+    pub fn start(opts: Options, wake: Wake, runtime: &tokio::runtime::Handle) -> Source {
         let state = Arc::new(Mutex::new(State::default()));
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let (st, o) = (Arc::clone(&state), opts.clone());
-        std::thread::Builder::new()
-            .name("kube-watch".into())
-            .spawn(move || rt.block_on(watch_all(o, st, wake)))?;
-        Ok(Source { opts, state })
+        let task = runtime
+            .spawn(watch_all(opts.clone(), Arc::clone(&state), wake))
+            .abort_handle();
+        Source { opts, state, task }
     }
 
     /// The current pods, each with its network namespace found on the node.
@@ -207,6 +181,12 @@ impl Source {
             discovery: d,
             identities,
         }
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
