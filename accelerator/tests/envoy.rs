@@ -8,7 +8,7 @@
 mod support;
 
 use std::{
-    io::{BufReader, ErrorKind, Read, Write},
+    io::{ErrorKind, Read, Write},
     net::{Shutdown, TcpListener, TcpStream},
     os::fd::AsRawFd,
     time::Duration,
@@ -184,15 +184,15 @@ fn tcp_streams(pods: &EnvoyPods) {
 fn http_keepalive(pods: &EnvoyPods) {
     let dst = pods.service_addr(WEB);
     let _nginx = Nginx::spawn(&pods.server.ns, dst).unwrap();
-    let mut conn = BufReader::new(connect(&pods.client.ns, dst).unwrap());
+    let mut conn = http_conn(&pods.client.ns, dst, "web").unwrap();
     for i in 0..300 {
-        let r = nginx::get(&mut conn, "web", "/1k").unwrap();
+        let r = conn.get("/1k").unwrap();
         assert_eq!(r.status, 200, "request {i}");
         assert_same(&format!("/1k #{i}"), &r.body, &nginx::body("1k"));
     }
     // nginx serves these with sendfile(): the server app's side of the hop uses it.
     for name in ["64k", "16m"] {
-        let r = nginx::get(&mut conn, "web", &format!("/{name}")).unwrap();
+        let r = conn.get(&format!("/{name}")).unwrap();
         assert_same(name, &r.body, &nginx::body(name));
     }
 }

@@ -13,7 +13,7 @@
 mod support;
 
 use std::{
-    io::{BufReader, Read, Write},
+    io::{Read, Write},
     net::{Shutdown, SocketAddrV4, TcpStream},
     path::{Path, PathBuf},
     process::Stdio,
@@ -176,15 +176,14 @@ fn short_connections(tally: &Tally, ns: &minimesh::Netns, dst: SocketAddrV4, see
 fn http(tally: &Tally, ns: &minimesh::Netns, dst: SocketAddrV4) {
     let (small, large) = (nginx::body("1k"), nginx::body("64k"));
     tally.worker("http", |_| {
-        let s = connect(ns, dst).map_err(|e| format!("connect: {e}"))?;
-        let mut conn = BufReader::new(s);
+        let mut conn = http_conn(ns, dst, "web").map_err(|e| format!("connect: {e}"))?;
         for k in 0..50 {
             let (path, want) = if k % 10 == 9 {
                 ("/64k", &large)
             } else {
                 ("/1k", &small)
             };
-            let r = nginx::get(&mut conn, "web", path).map_err(|e| format!("{e:#}"))?;
+            let r = conn.get(path).map_err(|e| format!("{e:#}"))?;
             if r.status != 200 || r.body != *want {
                 return Err(format!(
                     "GET {path}: {} with {} bytes",

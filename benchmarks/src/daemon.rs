@@ -3,8 +3,6 @@
 //! and `--detach-on-exit` so that a B round runs with nothing loaded.
 
 use std::{
-    io::{Read, Write},
-    net::TcpStream,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -403,23 +401,8 @@ pub fn free_port() -> Result<u16> {
         .port())
 }
 
+/// `GET path` on the daemon's metrics port: (status, body).
 fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(
-        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-        Duration::from_secs(2),
-    )?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw)?;
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("not an HTTP answer")?;
-    Ok((code, body.to_string()))
+    let r = httpc::Client::new(Duration::from_secs(5)).get(([127, 0, 0, 1], port), path)?;
+    Ok((r.status, r.text()))
 }

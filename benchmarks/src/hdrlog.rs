@@ -14,7 +14,7 @@ use hdrhistogram::{
     Histogram,
 };
 
-use crate::suite::Row;
+use crate::results::suite::Row;
 
 /// The tag of one row: spaces become `_` (a tag may not hold spaces or commas).
 fn tag(r: &Row) -> String {

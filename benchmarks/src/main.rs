@@ -15,6 +15,7 @@ mod provenance;
 mod readme;
 mod relay;
 mod report;
+mod results;
 mod suite;
 mod summary;
 mod workload;

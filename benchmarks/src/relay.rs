@@ -21,11 +21,11 @@ use minimesh::{CaptureConfig, Cgroup, EchoServer, TwoPods};
 
 use crate::{
     measure,
-    progstats::{self, ProgCost, Programs, StatsEnabled},
-    report, Args,
+    progstats::{self, Programs, StatsEnabled},
+    report,
+    results::relay::{Round, SCENARIOS},
+    Args,
 };
-
-pub const SCENARIOS: [&str; 2] = ["plain", "meshlane"];
 
 /// Runs the suite and prints/writes its results (nothing when interrupted).
 pub fn suite(args: &Args, stop: &AtomicBool) -> Result<()> {
@@ -35,24 +35,6 @@ pub fn suite(args: &Args, stop: &AtomicBool) -> Result<()> {
     }
     report::print(args, &results);
     report::write(args, &results)
-}
-
-/// One scenario's measurements in one round.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Round {
-    pub scenario: &'static str,
-    pub round: usize,
-    pub rtt: measure::Percentiles,
-    pub connect: measure::Percentiles,
-    pub pairs: u64,
-    pub redirected_bytes: u64,
-    /// Blocking reads of the ping-pong and connect cycles that returned EAGAIN and were retried
-    /// (a socket in a sockhash can do that; plain TCP never does).
-    pub eagain_retries: u64,
-    /// meshlane rounds: what each program cost during the ping-pong (per round trip) and
-    /// during the connect cycles (per connect+exchange+close), as the kernel measured it.
-    pub pingpong_progs: Vec<ProgCost>,
-    pub connect_progs: Vec<ProgCost>,
 }
 
 pub fn run(args: &Args, stop: &AtomicBool) -> Result<Vec<Round>> {

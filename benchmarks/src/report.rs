@@ -7,7 +7,7 @@ use anyhow::Result;
 
 use crate::{
     progstats::{ProgCost, KINDS},
-    relay::{Round, SCENARIOS},
+    results::relay::{Round, SCENARIOS},
     Args,
 };
 

@@ -10,7 +10,7 @@ use crate::{
     progstats::KINDS,
     provenance::Provenance,
     report::Spread,
-    suite::{RoundProgCost, Row, SCENARIOS},
+    results::suite::{RoundProgCost, Row, SCENARIOS},
     workload::{self, Kind, Workload},
     Args,
 };

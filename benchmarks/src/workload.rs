@@ -13,6 +13,9 @@ use minimesh::{grpc::GrpcClient, Netns};
 
 use crate::measure::Percentiles;
 
+// The HTTP workload's request loop: hand written, not the workspace's `httpc` (see the module).
+mod http1;
+
 /// How long one reply may take before the workload fails.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes echoed per connect cycle. Not one byte: the server sidecar's `tls_inspector` holds a
@@ -21,7 +24,7 @@ pub const CONNECT_ECHO_BYTES: usize = 64;
 /// What the HTTP workload GETs from nginx (a 1 KiB file).
 const HTTP_PATH: &str = "/1k";
 
-/// The request line of every HTTP request (`minimesh::nginx::get` writes it as is): the part
+/// The request line of every HTTP request ([`http1::get`] writes it as is): the part
 /// of a request every HTTP/1.1 hop forwards unchanged, whatever headers Envoy adds.
 pub fn http_request_line() -> String {
     format!("GET {HTTP_PATH} HTTP/1.1\r\n")
@@ -294,7 +297,7 @@ impl Client {
                 ensure!(buf == msg, "echo returned different bytes");
             }
             Client::Http(conn, host) => {
-                let r = minimesh::nginx::get(conn, host, HTTP_PATH)?;
+                let r = http1::get(conn, host, HTTP_PATH)?;
                 ensure!(
                     r.status == 200 && r.body.len() == 1024,
                     "GET {HTTP_PATH}: {} with {} bytes",

@@ -47,7 +47,6 @@ use crate::mtls::MtlsFiles;
 mod bootstrap;
 pub use bootstrap::{EnvoyConfig, OutboundService, Protocol};
 
-use crate::http::http_get;
 use crate::netns::in_netns;
 use crate::process::{enter_netns_on_exec, stop_child, tail, TempDir};
 use crate::{veth_link, CaptureConfig, Netns, Pod};
@@ -246,7 +245,7 @@ impl Envoy {
                 bail!("envoy exited during start-up ({status})");
             }
             let last = in_netns(&self.netns, || {
-                http_get(self.admin, "/ready", Duration::from_millis(500))
+                httpc::Client::new(Duration::from_millis(500)).get(self.admin, "/ready")
             })?;
             match last {
                 Ok(r) if r.status == 200 && r.body.starts_with(b"LIVE") => return Ok(()),
@@ -256,7 +255,9 @@ impl Envoy {
                     String::from_utf8_lossy(&r.body).trim()
                 ),
                 Err(e) if Instant::now() >= deadline => {
-                    return Err(e.context(format!("no /ready after {READY_TIMEOUT:?}")))
+                    return Err(
+                        anyhow::Error::new(e).context(format!("no /ready after {READY_TIMEOUT:?}"))
+                    )
                 }
                 _ => std::thread::sleep(Duration::from_millis(20)),
             }
@@ -265,9 +266,11 @@ impl Envoy {
 
     /// `GET path` on the admin interface (from inside the pod); the body of a 200 answer.
     pub fn admin(&self, path: &str) -> Result<String> {
-        let r = in_netns(&self.netns, || http_get(self.admin, path, ADMIN_TIMEOUT))?
-            .with_context(|| format!("Envoy admin in {}", self.ns_name))?;
-        let body = String::from_utf8_lossy(&r.body).into_owned();
+        let r = in_netns(&self.netns, || {
+            httpc::Client::new(ADMIN_TIMEOUT).get(self.admin, path)
+        })?
+        .with_context(|| format!("Envoy admin in {}", self.ns_name))?;
+        let body = r.text();
         ensure!(
             r.status == 200,
             "Envoy admin {path} in {}: {} {}",

@@ -4,7 +4,7 @@
 use super::*;
 use crate::nginx::{self, Nginx};
 use crate::EchoServer;
-use std::io::{BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown, TcpListener, TcpStream};
 use std::sync::mpsc;
 
@@ -17,6 +17,11 @@ fn connect_in(ns: &Netns, dst: SocketAddrV4) -> Result<TcpStream> {
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.set_write_timeout(Some(IO_TIMEOUT))?;
     Ok(s)
+}
+
+/// Keep-alive HTTP to nginx through the sidecars, from inside `ns`.
+fn http_in(ns: &Netns, dst: SocketAddrV4, host: &str) -> Result<httpc::Conn> {
+    Ok(httpc::Client::new(IO_TIMEOUT).keep_alive(connect_in(ns, dst)?, host)?)
 }
 
 fn payload(len: usize) -> Vec<u8> {
@@ -280,16 +285,15 @@ fn http_keepalive_through_both_envoys_to_nginx() -> Result<()> {
         SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 80),
     )?;
     let addr = pods.service_addr(80);
-    let mut conn = BufReader::new(connect_in(&pods.client.ns, addr)?);
-    let host = addr.to_string();
+    let mut conn = http_in(&pods.client.ns, addr, &addr.to_string())?;
     let small = nginx::body("1k");
     for i in 0..200 {
-        let r = nginx::get(&mut conn, &host, "/1k").with_context(|| format!("request {i}"))?;
+        let r = conn.get("/1k").with_context(|| format!("request {i}"))?;
         assert_eq!(r.status, 200, "request {i}: {r:?}");
         assert!(r.body == small, "request {i}: body differs");
     }
     for name in ["/64k", "/16m"] {
-        let r = nginx::get(&mut conn, &host, name)?;
+        let r = conn.get(name)?;
         assert_eq!(r.status, 200, "{name}");
         assert!(r.body == nginx::body(name), "{name}: body differs");
     }
@@ -329,8 +333,8 @@ fn drop_leaves_nothing() -> Result<()> {
         SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 80),
     )?;
     // Traffic first, so open connections are part of what goes away.
-    let mut conn = BufReader::new(connect_in(&pods.client.ns, pods.service_addr(80))?);
-    let r = nginx::get(&mut conn, "web", "/1k")?;
+    let mut conn = http_in(&pods.client.ns, pods.service_addr(80), "web")?;
+    let r = conn.get("/1k")?;
     assert_eq!(r.status, 200);
 
     let pids = [
@@ -420,8 +424,8 @@ fn mtls_between_both_envoys() -> Result<()> {
         &pods.server.ns,
         SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 80),
     )?;
-    let mut conn = std::io::BufReader::new(connect_in(&pods.client.ns, pods.service_addr(80))?);
-    let r = crate::nginx::get(&mut conn, "web", "/1k")?;
+    let mut conn = http_in(&pods.client.ns, pods.service_addr(80), "web")?;
+    let r = conn.get("/1k")?;
     assert_eq!(r.status, 200);
     assert_eq!(s.stat("listener.0.0.0.0_15006.ssl.handshake")?, 2);
     Ok(())

@@ -29,7 +29,6 @@ pub mod creds;
 pub mod envoy;
 mod exec;
 pub mod grpc;
-pub mod http;
 pub mod mtls;
 pub mod netns;
 pub mod nginx;

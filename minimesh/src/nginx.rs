@@ -1,5 +1,5 @@
-//! nginx as the app in a pod, serving fixed bodies over keep-alive HTTP/1.1 (the client is
-//! [`crate::http`]).
+//! nginx as the app in a pod, serving fixed bodies over keep-alive HTTP/1.1 (the tests' client
+//! is the workspace's `httpc`; the benchmark's measured loop has its own).
 //!
 //! [`Nginx::spawn`] runs the distro's `nginx` binary (installed by `scripts/setup.sh`) with a
 //! generated configuration, as a child process inside the pod's network namespace. Everything it
@@ -12,7 +12,6 @@
 //! | `/64k` | [`body("64k")`](body), 65536 bytes |
 //! | `/16m` | [`body("16m")`](body), 16 MiB |
 
-pub use crate::http::{get, read_response, Response};
 use crate::netns::in_netns;
 use crate::process::{enter_netns_on_exec, stop_child, tail, TempDir};
 use crate::Netns;

@@ -18,7 +18,7 @@ use serde_json::Value;
 use super::clip;
 
 mod http;
-pub use http::{get, read_response};
+pub use http::{client, get, MAX_BODY};
 
 /// What one sidecar's configuration says.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -256,23 +256,19 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// A plain HTTP/1.1 GET on 127.0.0.1:port: (status code, body).
+/// A GET on 127.0.0.1:port (the daemon's metrics port, Prometheus): (status code, body).
 pub fn http_get(port: u16, path: &str) -> io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw)?;
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| io::Error::other(format!("not an HTTP answer: {head:?}")))?;
-    Ok((code, body.to_string()))
+    let r = httpc::Client::new(Duration::from_secs(10))
+        .get(([127, 0, 0, 1], port), path)
+        .map_err(io::Error::other)?;
+    Ok((r.status, r.text()))
+}
+
+/// Keep-alive HTTP from inside `ns` to `dst` (`host` in the Host header), 30 s per request.
+pub fn http_conn(ns: &Netns, dst: SocketAddrV4, host: &str) -> io::Result<httpc::Conn> {
+    httpc::Client::new(Duration::from_secs(30))
+        .keep_alive(connect(ns, dst)?, host)
+        .map_err(io::Error::other)
 }
 
 /// Polls `ok` every 50 ms for up to 60 s. Generous on purpose: many waits follow a daemon's

@@ -1,9 +1,15 @@
-//! The small HTTP/1.1 client the tests, the benchmarks and the Envoy admin calls use.
+//! The HTTP workload's own HTTP/1.1 keep-alive client: one `GET` written in one syscall, then a
+//! blocking read of the answer on the same connection, timed by the caller per request.
+//!
+//! Everything else in the workspace speaks HTTP through `httpc` (hyper). This loop stays hand
+//! written because it is the measured load, not a control-plane call: its per-request cost is
+//! part of every latency sample, so it must stay as small and as fixed as the TCP ping-pong's
+//! write/read pair (no runtime, no task wake-ups, no buffering policy of a library that may
+//! change between versions), and results must stay comparable with earlier runs.
 
 use anyhow::{ensure, Context, Result};
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, SocketAddrV4, TcpStream};
-use std::time::Duration;
+use std::io::{BufRead, Write};
+use std::net::TcpStream;
 
 /// A parsed HTTP/1.x response.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,15 +117,4 @@ pub fn get(conn: &mut std::io::BufReader<TcpStream>, host: &str, path: &str) -> 
         .write_all(request.as_bytes())
         .with_context(|| format!("sending GET {path}"))?;
     read_response(conn).with_context(|| format!("GET {path}"))
-}
-
-/// One `GET path` over a fresh HTTP/1.1 connection with `Connection: close`.
-pub(crate) fn http_get(addr: SocketAddrV4, path: &str, timeout: Duration) -> Result<Response> {
-    let mut stream = TcpStream::connect_timeout(&SocketAddr::V4(addr), timeout)
-        .with_context(|| format!("connecting to {addr}"))?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes())?;
-    read_response(&mut BufReader::new(stream)).with_context(|| format!("GET http://{addr}{path}"))
 }
