@@ -9,7 +9,26 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 
-step() { printf '\n== %s\n' "$*" >&2; }
+# Each step's header says how much disk is left: a full disk fails a build with an error far from
+# its cause (CI once died in the kernel matrix's static build with "No space left on device").
+target_dir="${CARGO_TARGET_DIR:-target}"
+step() {
+  printf '\n== %s\n' "$*" >&2
+  df -h --output=avail,target . 2>/dev/null | tail -n 1 | awk '{print "   (disk: " $1 " free on " $2 ")"}' >&2 || true
+}
+
+# A clean build of everything here (the workspace, fuzz, the kernel matrix's static build) is about
+# 18 GB with incremental state and full debug info. CI builds each thing once, so it keeps neither:
+# about half the disk. Backtraces still carry file and line.
+if [ "${CI:-}" = true ]; then
+  export CARGO_INCREMENTAL=0
+  export CARGO_PROFILE_DEV_DEBUG=line-tables-only
+fi
+avail_kib=$(df -Pk . | awk 'NR == 2 {print $4}')
+if [ "${avail_kib:-0}" -lt $((20 * 1024 * 1024)) ]; then
+  printf 'test.sh: warning: only %s GiB free here; a clean run needs about 10 GiB in CI mode, 18 otherwise\n' \
+    "$((avail_kib / 1024 / 1024))" >&2
+fi
 
 step "the unprivileged checks: format, lints, shellcheck, unit tests (scripts/check.sh)"
 ./scripts/check.sh
@@ -33,10 +52,10 @@ istio-integration/check-capabilities.sh target/debug/meshlane
 
 step "benchmark smoke run (tiny counts, A/B/C through real Envoy and the daemon; measures nothing)"
 cargo build --locked -p meshlane -p meshlane-benchmarks
-"${CARGO_TARGET_DIR:-target}/debug/meshlane-bench" --smoke --out "${CARGO_TARGET_DIR:-target}/bench-smoke"
+"$target_dir/debug/meshlane-bench" --smoke --out "$target_dir/bench-smoke"
 
 step "benchmark tables in the READMEs: regenerated from the committed results.json files, must match"
-"${CARGO_TARGET_DIR:-target}/debug/meshlane-bench" --check-readme
+"$target_dir/debug/meshlane-bench" --check-readme
 
 step "kernel matrix: the datapath tests and the probe on 6.1, 6.12 and 7.x under QEMU, and natively"
 python3 -m unittest discover -s scripts/kernel-matrix
