@@ -64,10 +64,7 @@ impl Daemon {
         let mut cmd = Command::new(&spec.bin);
         cmd.arg("run");
         if let Some((name, netns)) = &spec.opted_out {
-            let list = format!(
-                "[[pod]]\nname = {name:?}\nnetns = {:?}\naccelerate = false\n",
-                netns.display().to_string()
-            );
+            let list = pod_list(name, netns)?;
             std::fs::write(spec.pod_list(), list)
                 .with_context(|| format!("writing {}", spec.pod_list().display()))?;
             cmd.arg("--config").arg(spec.pod_list());
@@ -405,4 +402,48 @@ pub fn free_port() -> Result<u16> {
 fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
     let r = httpc::Client::new(Duration::from_secs(5)).get(([127, 0, 0, 1], port), path)?;
     Ok((r.status, r.text()))
+}
+
+/// The daemon's pod list (`meshlane run --config`) naming one pod it must leave alone.
+fn pod_list(name: &str, netns: &std::path::Path) -> Result<String> {
+    #[derive(serde::Serialize)]
+    struct Pod<'a> {
+        name: &'a str,
+        netns: &'a str,
+        accelerate: bool,
+    }
+    #[derive(serde::Serialize)]
+    struct List<'a> {
+        pod: [Pod<'a>; 1],
+    }
+    let netns = netns
+        .to_str()
+        .with_context(|| format!("non-UTF-8 netns path {}", netns.display()))?;
+    let list = List {
+        pod: [Pod {
+            name,
+            netns,
+            accelerate: false,
+        }],
+    };
+    toml::to_string(&list).context("writing the pod list as TOML")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::pod_list;
+
+    #[test]
+    fn the_pod_list_reads_back_as_one_opted_out_pod() {
+        // A quote and a backslash: Rust's Debug quoting is not TOML's, a serializer's is.
+        let netns = Path::new("/run/netns/bench \"server\"\\1");
+        let text = pod_list("server \"x\"", netns).unwrap();
+        let list = meshlane::config::parse_all(Path::new("pods.toml"), &text).unwrap();
+        assert!(list.pods.is_empty(), "{text}");
+        assert_eq!(list.opted_out.len(), 1, "{text}");
+        assert_eq!(list.opted_out[0].name, "server \"x\"");
+        assert_eq!(list.opted_out[0].netns, netns);
+    }
 }
