@@ -8,6 +8,7 @@
 
 mod btf;
 mod fs;
+mod read_hints;
 mod sys;
 mod upgrade;
 
@@ -38,6 +39,7 @@ use meshlane_common::{
     counter, maps, programs, Addr, PodPolicy, PodStats, CONTROL_BUDGET, CONTROL_DRAIN,
     CONTROL_FLAGS, CONTROL_MEMORY_TIGHT,
 };
+pub use read_hints::ReadHints;
 
 /// The eBPF object, built from ebpf/programs by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshlane-ebpf"));
@@ -294,6 +296,7 @@ impl Datapath {
             .pin(opts.pin_dir.join(PIN_LINK_SOCK_OPS))
             .map_err(|e| Error::Kernel(format!("pin sock_ops link: {e}")))?;
         tracing::info!(pin_dir = %opts.pin_dir.display(), cgroup = %opts.cgroup.display(), "datapath loaded and attached");
+        read_hints::enable_fresh(&opts.pin_dir)?;
         let mut dp = Self::open_pins(opts)?;
         dp.origin = Origin::Loaded;
         Ok(dp)
@@ -321,13 +324,42 @@ impl Datapath {
     fn adopt(opts: &Options) -> Result<Datapath, Error> {
         check_layout(&opts.pin_dir)?;
         warn_capacity(opts);
+        // Hints another build's sock_ops did not keep must not be trusted (read_hints.rs); an
+        // earlier build's pins have no hint maps yet (the upgrade makes them), nor the bit.
+        let dir = &opts.pin_dir;
+        let hints_were_on =
+            dir.join(maps::READ_HINTS).exists() && read_hints::enabled(dir).unwrap_or(false);
+        if hints_were_on {
+            read_hints::disable(dir)?;
+        }
         // A failed replacement leaves the other build's programs running (or some replaced, on
         // the same maps, which both builds read alike: the layouts are equal): still a working
         // datapath, so it is adopted as it is and the error said, instead of giving up on it.
-        let replaced = upgrade::replace_changed(opts).unwrap_or_else(|e| {
-            tracing::error!(error = %e, "cannot replace the programs of the build that made these pins; running them as they are");
-            Vec::new()
-        });
+        let replaced = match upgrade::replace_changed(opts) {
+            Ok(replaced) => {
+                let hints = if hints_were_on && replaced.is_empty() {
+                    // This build kept them all along.
+                    read_hints::enable_fresh(dir).map(|()| None)
+                } else {
+                    read_hints::seed_and_enable(dir).map(Some)
+                };
+                match hints {
+                    Ok(Some(seeded)) => tracing::info!(
+                        seeded_slots = seeded,
+                        "read hints rebuilt for the sockets another build joined"
+                    ),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "read hints stay off: the read tracer looks up every read")
+                    }
+                }
+                replaced
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot replace the programs of the build that made these pins; running them as they are");
+                Vec::new()
+            }
+        };
         let mut dp = Self::open_pins(opts)?;
         if !replaced.is_empty() {
             for r in &replaced {
@@ -594,6 +626,20 @@ impl Datapath {
             .map_err(|e| Error::Map(maps::CONTROL, e.to_string()))
     }
 
+    /// The read tracer's hints against the unread entries they must cover (walks every slot:
+    /// for tests and diagnosis, not for each scrape).
+    pub fn read_hints(&self) -> Result<ReadHints, Error> {
+        read_hints::read(&self.opts.pin_dir)
+    }
+
+    /// Whether the read tracer trusts its hints, so reads of sockets meshlane never paired cost
+    /// it two array loads instead of a hash lookup (`CONTROL_READ_HINTS`).
+    pub fn read_hints_enabled(&self) -> bool {
+        self.control
+            .get(&CONTROL_FLAGS, 0)
+            .is_ok_and(|f| f & meshlane_common::CONTROL_READ_HINTS != 0)
+    }
+
     /// Whether the unread budget is enforced (the read tracer is attached).
     pub fn budget_enforced(&self) -> bool {
         self.control
@@ -684,7 +730,7 @@ fn load_and_attach(
     let cgroup_fd = stdfs::File::open(cgroup).map_err(|_| Error::NoCgroup(cgroup.to_path_buf()))?;
     let (mut ebpf, owner_in_sockops) = load_object(None, max_sockets)?;
     if let Some(dir) = pin_dir {
-        for name in maps::ALL {
+        for name in maps::ALL.into_iter().chain(maps::ADDED) {
             let map = ebpf
                 .map(name)
                 .ok_or_else(|| Error::Map(name, "missing from the object".into()))?;
@@ -791,7 +837,8 @@ fn load_with(
             l.map_max_entries(name, entries);
         }
         if let Some(dir) = pinned_maps {
-            for name in maps::ALL {
+            // An earlier build's pins lack the ADDED maps: the loader makes and pins them.
+            for name in maps::ALL.into_iter().chain(maps::ADDED) {
                 l.map_pin_path(name, dir.join(name));
             }
         }
@@ -1133,6 +1180,11 @@ pub fn pinned_counters(pin_dir: &Path) -> Result<Counters, Error> {
     read_counters(&typed(pin_dir, maps::COUNTERS)?)
 }
 
+/// The read tracer's hints of a pinned datapath, against the unread entries they must cover.
+pub fn pinned_read_hints(pin_dir: &Path) -> Result<ReadHints, Error> {
+    read_hints::read(pin_dir)
+}
+
 /// Pods of a pinned datapath, by namespace cookie.
 pub fn pinned_pods(pin_dir: &Path) -> Result<BTreeMap<u64, PodPolicy>, Error> {
     let policy: HashMap<MapData, u64, PodPolicy> = typed(pin_dir, maps::POLICY)?;
@@ -1292,7 +1344,7 @@ pub fn detach(pin_dir: &Path) -> Result<DetachReport, Error> {
 
 fn remove_pins(dir: &Path) -> Result<Vec<String>, Error> {
     let mut removed = Vec::new();
-    for name in pin_names().chain(OPTIONAL_PINS) {
+    for name in pin_names().chain(OPTIONAL_PINS).chain(maps::ADDED) {
         let p = dir.join(name);
         match stdfs::remove_file(&p) {
             Ok(()) => removed.push(name.to_string()),

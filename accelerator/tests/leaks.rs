@@ -503,3 +503,144 @@ fn max_sockets_sizes_new_maps_and_adopted_pins_keep_theirs() {
     assert!(d.terminate().success());
     let _ = std::fs::remove_file(&log);
 }
+
+/// The pinned unread counts (socket address -> redirected bytes not read yet).
+fn unread_counts(accel: &Accel) -> Vec<(u64, i64)> {
+    use aya::maps::{HashMap, Map, MapData};
+    let pin = MapData::from_pin(accel.pin_dir.join(meshlane_common::maps::UNREAD)).unwrap();
+    let unread: HashMap<MapData, u64, i64> = HashMap::try_from(Map::HashMap(pin)).unwrap();
+    unread.iter().filter_map(Result::ok).collect()
+}
+
+/// The read tracer skips a socket whose read-hint slot is empty (docs/DESIGN.md, "The read
+/// tracer"). So every socket that may receive redirected bytes must be counted in its slot while
+/// it is open, its reads must still be counted, and nothing may stay counted once it closed: a
+/// count left behind costs lookups on the whole node for good; a missing one makes the tracer
+/// skip real reads, and a reader that keeps up looks stopped and is moved to TCP.
+#[test]
+fn read_hints_count_every_receiving_socket_while_it_lives() {
+    let Some(mut accel) = Accel::new("leaks_read_hints") else {
+        return;
+    };
+    let mesh = TwoPods::new(151, CaptureConfig::default(), CaptureConfig::default()).unwrap();
+    let dst = SocketAddrV4::new(mesh.server.ip, 8080);
+    let _echo = EchoServer::spawn(&mesh.server.ns, dst).unwrap();
+    accel.add_pod(&mesh.client.ns, &mesh.client.capture);
+    accel.add_pod(&mesh.server.ns, &mesh.server.capture);
+    let fresh = accel.dp().read_hints().unwrap();
+    assert!(fresh.enabled, "a fresh load trusts its hints: {fresh:?}");
+    assert_eq!((fresh.entries, fresh.counted), (0, 0), "{fresh:?}");
+
+    // Ping-pong past FOLD_EVERY messages, so each sidecar end is charged what it was sent.
+    const N: usize = 10;
+    const ROUNDS: u64 = 2 * meshlane_common::FOLD_EVERY as u64;
+    let mut open = Vec::new();
+    for i in 0..N {
+        let mut s = connect(&mesh.client.ns, dst).unwrap();
+        for r in 0..ROUNDS {
+            let data = pattern(i as u64 * ROUNDS + r, 300);
+            s.write_all(&data).unwrap();
+            let mut back = vec![0u8; data.len()];
+            s.read_exact(&mut back).unwrap();
+            assert_same(&format!("connection {i} round {r}"), &back, &data);
+        }
+        open.push(s);
+    }
+    let c = accel.counters();
+    assert_accelerated("read_hints", &c);
+    assert_eq!(c.get("pairs_outbound"), N as u64, "{c:?}");
+
+    // Each hop's sidecar end receives redirected bytes: two entries per connection, each
+    // counted exactly once in its slot.
+    let hints = accel.dp().read_hints().unwrap();
+    assert!(hints.enabled, "{hints:?}");
+    assert_eq!(hints.entries, 2 * N as u64, "{hints:?}");
+    assert_eq!(hints.counted, hints.entries as i64, "{hints:?}");
+    assert_eq!(hints.uncovered, 0, "{hints:?}");
+    assert_eq!(
+        hints.seeded, 0,
+        "nothing to seed on a fresh load: {hints:?}"
+    );
+    // Everything sent was read back, so what the tracer counted as read covers what sk_msg
+    // charged: a skipped read would leave a charge standing.
+    let counts = unread_counts(&accel);
+    assert!(
+        counts.iter().all(|(_, unread)| *unread <= 0),
+        "reads of paired sockets went uncounted: {counts:?}"
+    );
+
+    for s in &open {
+        s.shutdown(Shutdown::Write).unwrap();
+    }
+    for mut s in open {
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let h = accel.dp().read_hints().unwrap();
+        if h.entries == 0 && h.counted == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "counts left after every connection closed: {h:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Pins adopted from another build may hold unread entries its sock_ops never counted in the
+/// read hints (an earlier build had no hints at all). The adopting daemon must not let the
+/// tracer trust the hints until every such entry is covered: it marks their slots, then turns
+/// the hints on. A daemon restarting on its own build's pins keeps them as they are.
+#[test]
+fn adopted_pins_get_hints_for_entries_another_build_made() {
+    use aya::maps::{Array, HashMap, Map, MapData};
+    use meshlane_common::{maps, CONTROL_FLAGS, CONTROL_READ_HINTS};
+    let Some(mut accel) = Accel::new("read_hints_adopted") else {
+        return;
+    };
+    // Stand in for another build: entries made without a count, and the hints bit off.
+    let pin = MapData::from_pin(accel.pin_dir.join(maps::UNREAD)).unwrap();
+    let mut unread: HashMap<MapData, u64, i64> = HashMap::try_from(Map::HashMap(pin)).unwrap();
+    // Kernel-like addresses, a socket's size apart, as a slab hands them out.
+    let keys: Vec<u64> = (0..200).map(|i| 0xffff_8880_1000_0000 + i * 2368).collect();
+    for k in &keys {
+        unread.insert(k, 0, 0).unwrap();
+    }
+    let pin = MapData::from_pin(accel.pin_dir.join(maps::CONTROL)).unwrap();
+    let mut control: Array<MapData, u32> = Array::try_from(Map::Array(pin)).unwrap();
+    let flags = control.get(&CONTROL_FLAGS, 0).unwrap();
+    control
+        .set(CONTROL_FLAGS, flags & !CONTROL_READ_HINTS, 0)
+        .unwrap();
+    let before = accel.dp().read_hints().unwrap();
+    assert!(!before.enabled, "{before:?}");
+    assert_eq!(
+        before.uncovered,
+        keys.len() as u64,
+        "the stand-in's entries are uncounted: {before:?}"
+    );
+
+    // A daemon adopts the pins.
+    accel.dp = None;
+    accel.dp = Some(meshlane::datapath::Datapath::open(&accel.options()).expect("adopt"));
+    let after = accel.dp().read_hints().unwrap();
+    assert!(after.enabled, "{after:?}");
+    assert_eq!(after.uncovered, 0, "every entry covered: {after:?}");
+    assert!(
+        after.seeded > 0 && after.seeded as usize <= keys.len(),
+        "{after:?}"
+    );
+    assert_eq!(after.counted, 0, "seeds are not counts: {after:?}");
+
+    // Its own build's pins, hints on: adopted as they are, nothing seeded again.
+    accel.dp = None;
+    accel.dp = Some(meshlane::datapath::Datapath::open(&accel.options()).expect("adopt"));
+    let again = accel.dp().read_hints().unwrap();
+    assert_eq!(again, after);
+    for k in &keys {
+        unread.remove(k).unwrap();
+    }
+}

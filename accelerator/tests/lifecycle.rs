@@ -392,6 +392,11 @@ fn an_upgrade_replaces_changed_programs_in_place_under_traffic() {
                         eprintln!("{l}");
                     }
                     assert_eq!(link_prog_tag(&sock_ops_link), build_tag);
+                    let hints = datapath::pinned_read_hints(&accel.pin_dir).unwrap();
+                    assert!(
+                        hints.enabled && hints.uncovered == 0,
+                        "after the upgrade the read hints cover every unread entry: {hints:?}"
+                    );
                     assert!(
                         fresh_pairs(2),
                         "a connection after the upgrade was not paired"
@@ -404,6 +409,11 @@ fn an_upgrade_replaces_changed_programs_in_place_under_traffic() {
                         log_text().contains("origin=Adopted")
                     });
                     assert!(!log_text().contains("replaced in place"), "{}", log_text());
+                    let hints = datapath::pinned_read_hints(&accel.pin_dir).unwrap();
+                    assert!(
+                        hints.enabled && hints.uncovered == 0,
+                        "a restart keeps the read hints on: {hints:?}"
+                    );
                     assert!(
                         fresh_pairs(3),
                         "a connection after the restart was not paired"

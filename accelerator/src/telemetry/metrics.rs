@@ -125,7 +125,7 @@ impl prometheus_client::collector::Collector for Collector {
                 dp.map_usage().unwrap_or_default(),
                 dp.budget_enforced()
                     .then_some(meshlane_common::UNREAD_BUDGET as u64),
-                dp.read_tracer(),
+                dp.read_tracer().map(|t| (t, dp.read_hints_enabled())),
                 dp.program_stats().unwrap_or_default(),
             ),
             None => (None, BTreeMap::new(), Vec::new(), None, None, Vec::new()),
@@ -345,13 +345,20 @@ impl prometheus_client::collector::Collector for Collector {
             Gauge,
             &[(vec![], budget.unwrap_or(0))],
         )?;
-        if let Some(tracer) = tracer {
+        if let Some((tracer, hints)) = tracer {
             family(
                 &mut enc,
                 "meshlane_read_tracer",
                 "1 for how reads are counted for the unread budget: fexit (tcp_bpf_recvmsg, sockets in a sockhash only) or tracepoint (sock_recv_length, every read on the node)",
                 Gauge,
                 &[(vec![("attachment", tracer.as_str())], 1)],
+            )?;
+            family(
+                &mut enc,
+                "meshlane_read_hints",
+                "1 when the read tracer skips sockets meshlane never paired with two array loads; 0 while it looks every read up (after adopting another build's pins, until their entries are covered)",
+                Gauge,
+                &[(vec![], u64::from(hints))],
             )?;
         }
         let runs: Vec<_> = progs

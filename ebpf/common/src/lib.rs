@@ -337,6 +337,10 @@ pub const SOCK_IN_MAP: u8 = 8;
 pub const SOCK_READER_RULE: u8 = 16;
 /// [`SockState::flags`]: `peer` holds the paired socket's cookie.
 pub const SOCK_PEER_KNOWN: u8 = 32;
+/// [`SockState::flags`]: this socket's entry in [`maps::UNREAD`] is counted in
+/// [`maps::READ_HINTS`], so removing the entry takes the count back. A socket an older build
+/// joined has no such count, and must not take one back.
+pub const SOCK_READ_HINTED: u8 = 64;
 
 /// Per-socket state in socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`), freed with the socket.
 /// sk_msg may not call `bpf_get_socket_cookie`, so the cookie is kept here by sock_ops.
@@ -350,7 +354,10 @@ pub struct SockState {
     pub netns: u64,
     pub role: u8,
     pub flags: u8,
-    pub _pad: [u8; 2],
+    /// This socket's slot in [`maps::READ_HINTS`] ([`read_hint_slot`]), kept from its join so
+    /// its close takes back the count it added ([`SOCK_READ_HINTED`]). Was padding: sockets an
+    /// earlier build joined hold 0 here and lack the flag.
+    pub read_hint: u16,
     /// Messages redirected but not yet added to the pod's [`PodStats`] (see [`FOLD_EVERY`]).
     pub unfolded_msgs: u32,
     /// The peer's cookie ([`SOCK_PEER_KNOWN`]): set at pairing for the second end, and by
@@ -435,6 +442,34 @@ pub const CONTROL_BUDGET: u32 = 2;
 /// directions all move. Unset, the check costs sk_msg nothing beyond the control word it
 /// already reads.
 pub const CONTROL_MEMORY_TIGHT: u32 = 4;
+/// Control bit: [`maps::READ_HINTS`] and [`maps::READ_SEEDS`] cover every entry of
+/// [`maps::UNREAD`], so the read tracer may skip a socket whose slot is empty in both without
+/// looking it up. Set at a fresh load; an adoption clears it until this build's sock_ops runs
+/// and the seeds cover what other builds' programs joined (docs/DESIGN.md, "The read tracer").
+pub const CONTROL_READ_HINTS: u32 = 8;
+
+/// log2 of the slots of [`maps::READ_HINTS`] and [`maps::READ_SEEDS`].
+pub const READ_HINT_BITS: u32 = 14;
+/// Slots of [`maps::READ_HINTS`] and [`maps::READ_SEEDS`]: 16384, so a node with a few thousand
+/// receiving sockets leaves most slots empty (an unpaired socket's read then stops at its slot).
+pub const READ_HINT_SLOTS: u32 = 1 << READ_HINT_BITS;
+
+/// The slot of a receiving socket's kernel address in [`maps::READ_HINTS`]: its low 32 bits (the
+/// high ones are the same for every socket), mixed by a full-avalanche integer hash (xorshift and
+/// multiply twice), top bits kept. Slab addresses are a fixed object size apart; a plain
+/// multiplicative hash left a third of them sharing slots (the unit test in
+/// `datapath/read_hints.rs`).
+#[inline(always)]
+pub fn read_hint_slot(sk: u64) -> u16 {
+    let mut x = sk as u32;
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^= x >> 16;
+    (x >> (32 - READ_HINT_BITS)) as u16
+}
+const _: () = assert!(READ_HINT_BITS <= 16);
 
 /// Redirected bytes a receiver may leave unread before its peer's direction moves to TCP.
 /// Redirected bytes bypass the receiver's `SO_RCVBUF`, so without a budget a reader that stops
@@ -573,10 +608,26 @@ pub mod maps {
     /// This node's pod addresses ([`super::Addr`]) -> the pod's network-namespace cookie:
     /// where a sidecar's connection may meet another sidecar (the sidecar hop).
     pub const POD_IPS: &str = "ML_POD_IPS";
+    /// How many entries of [`UNREAD`] fall in each slot of [`super::read_hint_slot`]: written
+    /// by sock_ops (atomically, +1 before an entry is made, -1 after it is removed), read by the
+    /// read tracer, which skips a socket whose slot is 0 instead of looking it up. Only ever too
+    /// high, never too low, while [`super::CONTROL_READ_HINTS`] is set.
+    pub const READ_HINTS: &str = "ML_READ_HINTS";
+    /// Slots the daemon marked after adopting another build's pins: that build's programs made
+    /// entries in [`UNREAD`] without counting them in [`READ_HINTS`]. Written by the daemon only,
+    /// never cleared while the pins live.
+    pub const READ_SEEDS: &str = "ML_READ_SEEDS";
+    /// The maps every complete datapath has pinned.
     pub const ALL: [&str; 11] = [
         POLICY, SOCKS, RENDEZVOUS, SOCK_STATE, COUNTERS, CONTROL, POD_STATS, UNREAD, OWNERS,
         TARGETS, POD_IPS,
     ];
+    /// Maps later builds added: a complete datapath an earlier build pinned lacks them, and
+    /// adopting it makes them (empty) beside the others.
+    /// One 8-byte value per CPU that sock_ops writes a socket's address to and reads back: the
+    /// verifier allows no arithmetic on a pointer, and a value read from a map is a number.
+    pub const SCRATCH: &str = "ML_SCRATCH";
+    pub const ADDED: [&str; 3] = [READ_HINTS, READ_SEEDS, SCRATCH];
     pub const POLICY_MAX: u32 = 4096;
     /// Room for two addresses per pod (a dual-stack pod has one of each family).
     pub const POD_IPS_MAX: u32 = 2 * POLICY_MAX;

@@ -86,3 +86,14 @@ pub fn atomic_add(p: *mut i64, n: i64) {
         )
     };
 }
+
+/// [`atomic_add`] for a 4-byte value (BPF_ATOMIC | BPF_ADD on a word).
+#[inline(always)]
+pub fn atomic_add32(p: *mut i32, n: i32) {
+    // SAFETY: `p` points at a live, 4-byte aligned map value.
+    unsafe {
+        core::intrinsics::atomic_xadd::<i32, i32, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            p, n,
+        )
+    };
+}

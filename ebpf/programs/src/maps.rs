@@ -7,7 +7,7 @@ use aya_ebpf::{
 use meshlane_common::{
     counter::SLOTS,
     maps::{OWNERS_MAX, PEERS_MAX, POD_IPS_MAX, POLICY_MAX, RENDEZVOUS_MAX, SOCKS_MAX},
-    Addr, PairKey, PodPolicy, PodStats, SockState, Waiter,
+    Addr, PairKey, PodPolicy, PodStats, SockState, Waiter, READ_HINT_SLOTS,
 };
 
 /// Pods meshlane accelerates. Key: network-namespace cookie. Value: [`PodPolicy`].
@@ -70,6 +70,28 @@ pub static ML_POD_STATS: PerCpuHashMap<u64, PodStats, { POLICY_MAX as usize }> =
 /// the closed socket fails, which moves it to TCP anyway (fail open).
 #[btf_map]
 pub static ML_UNREAD: HashMap<u64, i64, { PEERS_MAX as usize }> = HashMap::new();
+
+/// How many [`ML_UNREAD`] entries fall in each slot of `read_hint_slot(sk)`, so the read tracer
+/// can skip a socket whose slot is empty with one array load (the verifier inlines it) instead of
+/// a hash lookup: where the tracer is the node-wide tracepoint, that lookup was most of what
+/// every read of every process paid. Writer: sock_ops, atomically: +1 before it makes an
+/// entry, -1 after it removed one it counted ([`meshlane_common::SOCK_READ_HINTED`]), so a
+/// count is never below the entries in its slot. Reader: the read tracer, while the daemon
+/// sets [`meshlane_common::CONTROL_READ_HINTS`].
+#[btf_map]
+pub static ML_READ_HINTS: Array<i32, { READ_HINT_SLOTS as usize }> = Array::new();
+
+/// Slots the daemon marked (1) for [`ML_UNREAD`] entries another build's programs made without
+/// counting them in [`ML_READ_HINTS`] (found when it adopted their pins). Writer: the daemon.
+/// Reader: the read tracer, beside [`ML_READ_HINTS`].
+#[btf_map]
+pub static ML_READ_SEEDS: Array<u8, { READ_HINT_SLOTS as usize }> = Array::new();
+
+/// sock_ops' per-CPU scratch value ([`meshlane_common::maps::SCRATCH`]): a socket's kernel
+/// address goes in as a pointer and comes out as a number, to hash it for [`ML_READ_HINTS`].
+/// Writer and reader: sock_ops, within one run (runs on a CPU do not interleave).
+#[btf_map]
+pub static ML_SCRATCH: PerCpuArray<u64, 1> = PerCpuArray::new();
 
 /// Who called connect() on a socket of a listed pod: `bpf_get_current_uid_gid()` (gid << 32 |
 /// uid) as the connect hook saw it. Key: socket cookie. Writer: the connect hook. Reader and

@@ -50,20 +50,20 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use meshlane_common::{
-    counter, hop, is_v4_mapped, partner_role, v4_mapped, Addr, Cidr4, Cidr6, PairKey, PodPolicy,
-    SockState, Waiter, CONTROL_DRAIN, CONTROL_FLAGS, MAX_CIDRS, MAX_CIDRS6, MAX_PORTS,
-    POLICY_INBOUND, POLICY_INBOUND_CAPTURED, POLICY_INBOUND_PORTS_LISTED, POLICY_INCLUDE_CIDRS,
-    POLICY_INCLUDE_CIDRS6, POLICY_INTO_APP, POLICY_IPV6, POLICY_OUTBOUND, POLICY_SIDECAR_HOP,
-    ROLE_IN_APP, ROLE_IN_PROXY, ROLE_OUT_APP, ROLE_OUT_PROXY, ROLE_SC_CLIENT, ROLE_SC_SERVER,
-    SOCK_IN_MAP, SOCK_PEER_KNOWN, SOCK_READER_RULE, SOCK_STAMP_PENDING, SOCK_WAITING, TCP_OPT_EXID,
-    TCP_OPT_KIND, TCP_OPT_LEN,
+    counter, hop, is_v4_mapped, partner_role, read_hint_slot, v4_mapped, Addr, Cidr4, Cidr6,
+    PairKey, PodPolicy, SockState, Waiter, CONTROL_DRAIN, CONTROL_FLAGS, MAX_CIDRS, MAX_CIDRS6,
+    MAX_PORTS, POLICY_INBOUND, POLICY_INBOUND_CAPTURED, POLICY_INBOUND_PORTS_LISTED,
+    POLICY_INCLUDE_CIDRS, POLICY_INCLUDE_CIDRS6, POLICY_INTO_APP, POLICY_IPV6, POLICY_OUTBOUND,
+    POLICY_SIDECAR_HOP, ROLE_IN_APP, ROLE_IN_PROXY, ROLE_OUT_APP, ROLE_OUT_PROXY, ROLE_SC_CLIENT,
+    ROLE_SC_SERVER, SOCK_IN_MAP, SOCK_PEER_KNOWN, SOCK_READER_RULE, SOCK_READ_HINTED,
+    SOCK_STAMP_PENDING, SOCK_WAITING, TCP_OPT_EXID, TCP_OPT_KIND, TCP_OPT_LEN,
 };
 
 use crate::{
-    counters::{fold, inc, opaque, pod},
+    counters::{atomic_add32, fold, inc, opaque, pod},
     maps::{
-        ML_CONTROL, ML_OWNERS, ML_POD_IPS, ML_POLICY, ML_RENDEZVOUS, ML_SOCKS, ML_SOCK_STATE,
-        ML_TARGETS, ML_UNREAD,
+        ML_CONTROL, ML_OWNERS, ML_POD_IPS, ML_POLICY, ML_READ_HINTS, ML_RENDEZVOUS, ML_SCRATCH,
+        ML_SOCKS, ML_SOCK_STATE, ML_TARGETS, ML_UNREAD,
     },
 };
 
@@ -200,6 +200,11 @@ fn on_connect(ctx: &SockOpsContext, e: &Ends, netns: u64, policy: &PodPolicy) {
                 // the stack.
                 unsafe { bpf_map_delete_elem(map, ptr::from_ref(&key).cast()) };
             }
+        }
+        if st.flags & SOCK_READ_HINTED != 0 {
+            // Its entry normally went at the disconnect's close; a counted one must not be
+            // forgotten here, or its read-hint slot would count it for good.
+            unread_remove(st, sk_addr(ctx));
         }
         *st = SockState::default();
         // A stamp still pending would make every packet ask for header space. The state
@@ -485,7 +490,7 @@ fn on_state(ctx: &SockOpsContext) {
     fold(st);
     if st.flags & SOCK_READER_RULE == 0 {
         // It may have received redirected bytes (reader-rule app ends never do).
-        let _ = ML_UNREAD.remove(sk_addr(ctx));
+        unread_remove(st, sk_addr(ctx));
     }
     if st.flags & SOCK_WAITING != 0 {
         // The first end owns the pair's entry. The kernel removes a closing socket from its
@@ -554,7 +559,7 @@ fn join(
     // place before a peer can redirect to it.
     let receives = sidecar_end || !reader_rule;
     let sk = sk_addr(ctx);
-    if receives && ML_UNREAD.insert(sk, 0, BPF_ANY as u64).is_err() {
+    if receives && !unread_insert(st, sk) {
         inc(counter::PEERS_FULL);
         return false;
     }
@@ -571,7 +576,7 @@ fn join(
         // Nothing of this socket may stay behind: it never joined, so no state callback of
         // ours will come to clean up.
         if receives {
-            let _ = ML_UNREAD.remove(sk);
+            unread_remove(st, sk);
         }
         inc(counter::SOCKHASH_FULL);
         return false;
@@ -657,7 +662,7 @@ fn join(
             // stack.
             unsafe { bpf_map_delete_elem(map, ptr::from_ref(&sock_key).cast()) };
             if receives {
-                let _ = ML_UNREAD.remove(sk);
+                unread_remove(st, sk);
             }
             st.flags &= !(SOCK_IN_MAP | SOCK_READER_RULE);
             inc(counter::RENDEZVOUS_FULL);
@@ -665,6 +670,63 @@ fn join(
         }
     }
     true
+}
+
+/// Makes `sk`'s entry in [`ML_UNREAD`], counted in its read-hint slot first, so the read tracer
+/// never skips a socket that has an entry. False (and nothing left behind) when the map is full
+/// or the address cannot be hashed.
+fn unread_insert(st: &mut SockState, sk: u64) -> bool {
+    let Some(slot) = address(sk).map(read_hint_slot) else {
+        return false;
+    };
+    read_hint(slot, 1);
+    if ML_UNREAD.insert(sk, 0, BPF_ANY as u64).is_err() {
+        read_hint(slot, -1);
+        return false;
+    }
+    st.read_hint = slot;
+    st.flags |= SOCK_READ_HINTED;
+    true
+}
+
+/// Removes `sk`'s entry from [`ML_UNREAD`], then its count, if this socket's entry was counted
+/// (one another build made was not, and taking a count for it could hide a counted one).
+fn unread_remove(st: &mut SockState, sk: u64) {
+    if ML_UNREAD.remove(sk).is_ok() && st.flags & SOCK_READ_HINTED != 0 {
+        read_hint(st.read_hint, -1);
+    }
+    st.flags &= !SOCK_READ_HINTED;
+}
+
+fn read_hint(slot: u16, n: i32) {
+    if let Some(count) = ML_READ_HINTS.get_ptr_mut(u32::from(slot)) {
+        atomic_add32(count, n);
+    }
+}
+
+/// `sk`, the context's socket pointer, as a number: the verifier refuses arithmetic on a
+/// pointer, but a value read back from a map is a plain number (the loader is privileged, so it
+/// may store a pointer there).
+fn address(sk: u64) -> Option<u64> {
+    let scratch = ML_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot of a live per-CPU array value.
+    let n = unsafe {
+        ptr::write_volatile(scratch, sk);
+        ptr::read_volatile(scratch)
+    };
+    // A sock_ops run from softirq on this CPU may have written the slot in between (runs stay
+    // on their CPU, but may nest): then it is not our address, and the caller does without.
+    // The check compares a copy the compiler cannot see through: told `n == sk`, it would use
+    // the pointer for `n` from there on, which is exactly what the verifier refuses.
+    let copy = opaque64(n);
+    (copy == sk).then_some(n)
+}
+
+/// `x`, hidden from the optimiser (see `counters::opaque`).
+#[inline(always)]
+fn opaque64(x: u64) -> u64 {
+    // SAFETY: reads a live local.
+    unsafe { ptr::read_volatile(&x) }
 }
 
 /// 64 random bits for one connection's token (never 0, which no key uses).
