@@ -63,6 +63,26 @@ fn closing_after_the_pod_was_removed_leaves_every_map_empty() {
     // The pods go away while their connections live; then the connections close.
     accel.remove_pod(&mesh.client.ns);
     accel.remove_pod(&mesh.server.ns);
+    close_all_then(
+        open,
+        &mut accel,
+        "entries left after every connection closed",
+        |a| {
+            let left = per_socket_entries(a);
+            (left.iter().all(|(_, e)| *e == 0), format!("{left:?}"))
+        },
+    );
+}
+
+/// Half-closes every connection, reads each to its end, then waits until `done` says the maps
+/// are clean: each socket's state callback at close runs when its TCP state machine reaches
+/// CLOSE (after the FIN exchange, in softirq), so wait for it rather than sleep a fixed time.
+fn close_all_then(
+    open: Vec<std::net::TcpStream>,
+    accel: &mut Accel,
+    what: &str,
+    mut done: impl FnMut(&mut Accel) -> (bool, String),
+) {
     for s in &open {
         s.shutdown(Shutdown::Write).unwrap();
     }
@@ -70,19 +90,13 @@ fn closing_after_the_pod_was_removed_leaves_every_map_empty() {
         let mut rest = Vec::new();
         s.read_to_end(&mut rest).unwrap();
     }
-
-    // Each socket's state callback at close runs when its TCP state machine reaches CLOSE
-    // (after the FIN exchange, in softirq), so wait for it rather than sleep a fixed time.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let left = per_socket_entries(&mut accel);
-        if left.iter().all(|(_, e)| *e == 0) {
-            break;
+        let (ok, state) = done(accel);
+        if ok {
+            return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "entries left after every connection closed: {left:?}"
-        );
+        assert!(Instant::now() < deadline, "{what}: {state}");
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -569,25 +583,15 @@ fn read_hints_count_every_receiving_socket_while_it_lives() {
         "reads of paired sockets went uncounted: {counts:?}"
     );
 
-    for s in &open {
-        s.shutdown(Shutdown::Write).unwrap();
-    }
-    for mut s in open {
-        let mut rest = Vec::new();
-        s.read_to_end(&mut rest).unwrap();
-    }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let h = accel.dp().read_hints().unwrap();
-        if h.entries == 0 && h.counted == 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "counts left after every connection closed: {h:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    close_all_then(
+        open,
+        &mut accel,
+        "counts left after every connection closed",
+        |a| {
+            let h = a.dp().read_hints().unwrap();
+            (h.entries == 0 && h.counted == 0, format!("{h:?}"))
+        },
+    );
 }
 
 /// Pins adopted from another build may hold unread entries its sock_ops never counted in the

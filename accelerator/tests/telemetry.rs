@@ -509,6 +509,10 @@ fn status_and_metrics_match_the_kernel_counters_and_prometheus_scrapes_them() {
         assert_eq!(sample(&body, series), Some(want as f64), "{series} in\n{body}");
     }
     assert_eq!(first_sample(&body, "meshlane_probe_ok"), Some(1.0));
+    // A fresh load trusts its read hints, wherever a read tracer is attached.
+    if body.contains("meshlane_read_tracer{") {
+        assert_eq!(sample(&body, "meshlane_read_hints"), Some(1.0), "{body}");
+    }
     // The build's git revision, as the binary's --version says it ("meshlane 0.1.0 (rev)").
     let version = std::process::Command::new(env!("CARGO_BIN_EXE_meshlane"))
         .arg("--version")

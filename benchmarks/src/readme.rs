@@ -225,6 +225,10 @@ fn program_cost(w: &Value, kind: &str) -> String {
     }
     let ns = ["median", "min", "max"].map(|k| p["ns_per_run"][k].as_f64().unwrap_or(f64::NAN));
     let per_req = p["runs_per_req"]["median"].as_f64().unwrap_or(f64::NAN);
+    if !ns[0].is_finite() {
+        // Attached, and never ran during the workload (sk_msg with nothing in a sockhash).
+        return "not run (0)".into();
+    }
     let per_req = if !per_req.is_finite() {
         "-".to_string()
     } else if per_req >= 100.0 {
@@ -504,6 +508,15 @@ mod tests {
             "| tcp 64B x1 | 887 [877..897] (0.01) | 478 [468..488] (2.00) | - | 136 [126..146] (12.00) |"
         );
         assert_eq!(rows[3], "| old | - | - | - | - |");
+        let idle = serde_json::json!({"summary": [
+            {"workload": {"name": "remote", "kind": "TcpPingPong"},
+             "c_bpf_prog": [prog("sk_msg", 7, f64::NAN, 0.0)]},
+        ]});
+        let t = render(&spec, &[Run::parse(&idle.to_string()).unwrap()]).unwrap();
+        assert_eq!(
+            t.lines().nth(2),
+            Some("| remote | - | not run (0) | - | - |")
+        );
         assert!(parse_spec("<!-- bench-table:begin kind=cost runs=\"a|b\" -->").is_err());
     }
 
