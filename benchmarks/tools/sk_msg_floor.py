@@ -18,7 +18,12 @@ interleaved over rounds in a rotating order:
                    state, never from addresses)
   storage+map      the same with the peer at a sockmap index read from the state
 
-usage (root): benchmarks/tools/sk_msg_floor.py [--rounds 7] [--messages 20000]
+usage (root): benchmarks/tools/sk_msg_floor.py [--rounds 7] [--messages 20000] [--evict MIB]
+                [--variants a,b] [--meshlane target/release/meshlane]
+
+With --meshlane it also runs meshlane's own sk_msg (a throwaway daemon's pins, its state written
+as sock_ops writes it for a paired app socket under the reader rule). With --evict it writes that
+much memory before each message, so every variant runs on cold caches.
 
 Prints ns per run (kernel bpf_stats, run_time_ns / run_cnt of each variant's program) per
 round, then the median and range, and checks each redirecting variant really redirected (the
@@ -156,9 +161,15 @@ def cookie(s: socket.socket) -> int:
     return struct.unpack("Q", s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
 
 
-def ping_pong(c: socket.socket, s: socket.socket, messages: int) -> None:
+def ping_pong(c: socket.socket, s: socket.socket, messages: int, evict: bytearray | None) -> None:
     msg = b"m" * 64
-    for _ in range(messages):
+    sweep = None
+    if evict:
+        addr = ctypes.addressof((ctypes.c_char * len(evict)).from_buffer(evict))
+        sweep = lambda i: ctypes.memset(addr, i & 0xFF, len(evict))  # noqa: E731
+    for i in range(messages):
+        if sweep:
+            sweep(i)  # what other processes do to the caches between two messages of a socket
         c.sendall(msg)
         got = 0
         while got < len(msg):
@@ -208,7 +219,8 @@ def meshlane_setup(pins: dict[str, int]):
     return pins["prog_sk_msg"], put
 
 
-def run_variant(variant: str, fds: dict[str, int], messages: int, entries: int) -> float:
+def run_variant(variant: str, fds: dict[str, int], messages: int, entries: int,
+                evict: bytearray | None) -> float:
     """One fresh connection through `variant`; ns per run of its program."""
     owned: list[int] = []
     try:
@@ -224,7 +236,7 @@ def run_variant(variant: str, fds: dict[str, int], messages: int, entries: int) 
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 put(c, s)
                 segs0, (runs0, ns0) = data_segs_out(c), prog_stats(prog)
-                ping_pong(c, s, messages)
+                ping_pong(c, s, messages, evict)
                 runs1, ns1 = prog_stats(prog)
                 segs = data_segs_out(c) - segs0
         if runs1 - runs0 < messages:
@@ -242,10 +254,11 @@ def run_variant(variant: str, fds: dict[str, int], messages: int, entries: int) 
 
 def measure(args, fds: dict[str, int], variants: list[str]) -> dict[str, list[float]]:
     res: dict[str, list[float]] = {v: [] for v in variants}
+    evict = bytearray(args.evict << 20) if args.evict else None
     for r in range(args.rounds):
         order = variants[r % len(variants):] + variants[:r % len(variants)]
         for v in order:
-            res[v].append(run_variant(v, fds, args.messages, args.entries))
+            res[v].append(run_variant(v, fds, args.messages, args.entries, evict))
             print(f"round {r + 1} {v:>14}: {res[v][-1]:6.1f} ns/run", flush=True)
     return res
 
@@ -258,6 +271,9 @@ def main() -> int:
                     help="max entries of each socket map (meshlane's SOCKS_MAX: 65536)")
     ap.add_argument("--meshlane", metavar="BINARY",
                     help="also measure meshlane's own sk_msg, from a daemon this tool starts")
+    ap.add_argument("--evict", type=int, default=0, metavar="MIB",
+                    help="before each message, write MIB MiB of memory (cold caches, as when "
+                    "other processes run between two messages of a socket); use fewer messages")
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help=f"comma-separated, of: {', '.join(VARIANTS)}")
     args = ap.parse_args()
@@ -286,8 +302,9 @@ def main() -> int:
             os.close(fd)
         os.close(btf)
     print(f"\n{os.uname().release}, {os.cpu_count()} CPUs, {args.rounds} rounds x "
-          f"{args.messages} messages of 64 B, maps of {args.entries} entries, median ns/run "
-          "[min..max]")
+          f"{args.messages} messages of 64 B, maps of {args.entries} entries, "
+          + (f"{args.evict} MiB written before each message, " if args.evict else "")
+          + "median ns/run [min..max]")
     for v, ns in res.items():
         print(f"{v:>14}: {statistics.median(ns):6.1f} [{min(ns):.1f}..{max(ns):.1f}]")
     return 0
